@@ -1,0 +1,1 @@
+"""Device profiles: TOML files describing how to run on a device. Torch-free."""

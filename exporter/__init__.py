@@ -1,0 +1,1 @@
+"""ONNX export and the portfolio package (needs the build extra)."""
