@@ -1,0 +1,127 @@
+"""Checkpoints as data: the architecture (zoo name + per-layer shapes) and tensors, never pickled objects.
+
+A checkpoint is a dict saved by ``torch.save`` and read with ``torch.load(weights_only=True)``:
+``{"format": "edgeshift-checkpoint", "version": 1, "arch": {...}, "state_dict": {...}, "masks": {...}, "meta": {...}}``.
+``arch["layers"]`` records every Conv2d / Linear / BatchNorm2d (and BNs fused away) so a pruned model is rebuilt
+at its own widths.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.atomic import atomic_path
+from runtime.errors import EdgeshiftError, InputFileError, require_file
+
+FORMAT = "edgeshift-checkpoint"
+VERSION = 1
+
+
+def _layer_spec(m: nn.Module) -> dict | None:
+    if isinstance(m, nn.Conv2d):
+        return {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
+                "stride": list(m.stride), "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
+                "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None}
+    if isinstance(m, nn.Linear):
+        return {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    if isinstance(m, nn.BatchNorm2d):
+        return {"type": "BatchNorm2d", "features": m.num_features, "eps": m.eps, "momentum": m.momentum}
+    return None
+
+
+def _build_layer(spec: dict) -> nn.Module:
+    kind = spec["type"]
+    if kind == "Conv2d":
+        padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+        return nn.Conv2d(spec["in"], spec["out"], tuple(spec["kernel"]), tuple(spec["stride"]), padding,
+                         tuple(spec["dilation"]), spec["groups"], spec["bias"])
+    if kind == "Linear":
+        return nn.Linear(spec["in"], spec["out"], spec["bias"])
+    if kind == "BatchNorm2d":
+        return nn.BatchNorm2d(spec["features"], eps=spec["eps"], momentum=spec["momentum"])
+    if kind == "Identity":
+        return nn.Identity()
+    raise EdgeshiftError(f"checkpoint names an unsupported layer type {kind!r}")
+
+
+def architecture_of(model: nn.Module) -> dict:
+    """The data needed to rebuild ``model``: its zoo recipe plus the shape of every layer."""
+    arch = getattr(model, "edgeshift_arch", None)
+    if arch is None:
+        raise EdgeshiftError("model was not built by the edgeshift zoo (pruner.models.get); cannot record it")
+    reference = dict(_reference_model(arch).named_modules())
+    layers = {}
+    for name, m in model.named_modules():
+        spec = _layer_spec(m)
+        if spec is not None:
+            layers[name] = spec
+        elif isinstance(m, nn.Identity) and isinstance(reference.get(name), nn.BatchNorm2d):
+            layers[name] = {"type": "Identity"}
+    return {**arch, "layers": layers}
+
+
+def _reference_model(arch: dict) -> nn.Module:
+    from .models import registry
+
+    return registry.get(arch["name"], num_classes=arch["num_classes"], input_size=arch["input_size"],
+                        **arch.get("kwargs", {}))
+
+
+def build_from_architecture(arch: dict) -> nn.Module:
+    """Rebuild the (possibly pruned and fused) module structure recorded by ``architecture_of``."""
+    model = _reference_model(arch)
+    known = dict(model.named_modules())
+    for name, spec in arch.get("layers", {}).items():
+        if name not in known:
+            raise EdgeshiftError(f"checkpoint names layer {name!r}, which architecture {arch['name']!r} does not have")
+        model.set_submodule(name, _build_layer(spec))
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, masks: dict | None = None,
+                    meta: dict | None = None) -> Path:
+    """Write ``model`` (and optional masks / metadata) atomically to ``path``."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": architecture_of(model),
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "masks": {k: v.detach().to(torch.bool).clone() for k, v in (masks or {}).items()},
+        "meta": dict(meta or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load the raw checkpoint dict with ``weights_only=True``; errors name the file and the problem."""
+    require_file(path, "checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputFileError(f"{path} is not a readable edgeshift checkpoint ({first[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputFileError(f"{path} is not an edgeshift checkpoint (expected a dict with format={FORMAT!r}); "
+                             "create one with pruner.save_checkpoint or `edgeshift train`")
+    if payload.get("version") != VERSION:
+        raise InputFileError(f"{path} has checkpoint version {payload.get('version')}; this edgeshift reads {VERSION}")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored at ``path``; returns (model in eval mode, the raw checkpoint dict)."""
+    payload = read_checkpoint(path)
+    model = build_from_architecture(payload["arch"])
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise InputFileError(f"{path}: tensors do not match architecture {payload['arch']['name']!r}: {detail[:240]}") \
+            from None
+    model.eval()
+    return model, payload
