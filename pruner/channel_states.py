@@ -1,0 +1,182 @@
+"""Which channels of every tensor in a model are the same constant for every input.
+
+An abstract interpretation over the fx graph: each tensor gets one float per channel (dim 1), ``nan`` when the
+channel depends on the input, otherwise the exact value the channel holds at every position for every input.
+It is a proof, not a measurement: a channel is marked constant only by reasoning on the weights (a conv output
+channel whose every used input channel is constant zero, or constant with no padding, is its bias plus those
+constants times the weights). Unknown operations make their outputs ``nan``, which is always safe.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+# Modules applied channel-wise and element by element: f(constant channel) is a constant channel.
+ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU,
+                       nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.BatchNorm2d, nn.BatchNorm1d)
+ELEMENTWISE_FUNCTIONS = {F.relu, F.relu6, torch.relu, F.hardtanh, F.hardswish, F.silu, F.gelu, torch.sigmoid,
+                         torch.tanh, F.dropout}
+ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
+SHAPE_KEEPING_POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+ADD = {operator.add, operator.iadd, torch.add}
+MUL = {operator.mul, operator.imul, torch.mul}
+
+
+def _shape(node) -> tuple | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _unknown(node) -> np.ndarray | None:
+    shape = _shape(node)
+    if shape is None or len(shape) < 2:
+        return None
+    return np.full(shape[1], np.nan)
+
+
+@torch.no_grad()
+def _apply_elementwise(fn, values: np.ndarray, ndim: int) -> np.ndarray:
+    t = torch.tensor(values, dtype=torch.float32).reshape((1, -1) + (1,) * (ndim - 2))
+    return fn(t).reshape(-1).double().numpy()
+
+
+def used_weights(layer: nn.Module) -> np.ndarray:
+    """Bool [out, in_per_group]: whether any weight linking output o and input i is nonzero."""
+    w = layer.weight.detach()
+    return (w.reshape(w.shape[0], w.shape[1], -1).abs().sum(-1) != 0).numpy()  # a sum of |w| is 0 iff all are
+
+
+def _layer_output(layer: nn.Module, inp: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """Per-output-channel constant of a Conv2d/Linear given its per-input-channel constants."""
+    out_ch = layer.weight.shape[0]
+    in_per_group = layer.weight.shape[1]
+    groups = getattr(layer, "groups", 1)
+    per_group_out = out_ch // groups
+    group_of_out = np.arange(out_ch) // per_group_out
+    in_idx = group_of_out[:, None] * in_per_group + np.arange(in_per_group)[None, :]  # [out, in_per_group]
+    x = inp[in_idx]
+    unknown = np.isnan(x) & used
+    nonzero_const = ~np.isnan(x) & (x != 0) & used
+    padded = isinstance(layer, nn.Conv2d) and (
+        isinstance(layer.padding, str) and layer.padding != "valid" or
+        not isinstance(layer.padding, str) and any(p != 0 for p in layer.padding))
+    blocked = unknown.any(1) | (padded & nonzero_const.any(1))
+    const = layer.bias.detach().double().numpy().copy() if layer.bias is not None else np.zeros(out_ch)
+    contributing = nonzero_const & ~blocked[:, None]
+    if contributing.any():  # constants times weights, summed only where needed (rare, and costly)
+        w_sum = layer.weight.detach().reshape(out_ch, in_per_group, -1).sum(-1).double().numpy()
+        const += np.where(contributing, np.nan_to_num(x) * w_sum, 0.0).sum(1)
+    return np.where(blocked, np.nan, const)
+
+
+def _flatten_states(values: np.ndarray, shape: tuple) -> np.ndarray:
+    spatial = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    return np.repeat(values, spatial)
+
+
+class _FastMetaShapeProp(ShapeProp):
+    """ShapeProp that, on meta tensors, stands in ``relu`` for elementwise activations.
+
+    Some activations (hardtanh / ReLU6) have slow Python decompositions on meta tensors; any elementwise op gives
+    the same shapes and the same channel coupling in the autograd graph.
+    """
+
+    def call_module(self, target, args, kwargs):
+        m = self.fetch_attr(target)
+        x = args[0] if args else None
+        if isinstance(m, ELEMENTWISE_MODULES) and not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) \
+                and isinstance(x, torch.Tensor) and x.is_meta:
+            return torch.relu(x)
+        return super().call_module(target, args, kwargs)
+
+
+class ShapeRecordingModule(nn.Module):
+    """Runs an fx graph through ShapeProp: one forward both records node shapes and serves as a trace."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x):
+        return _FastMetaShapeProp(self.gm).propagate(x)
+
+
+def channel_states(model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, np.ndarray],
+                   example_inputs: torch.Tensor | None = None) -> dict[nn.Module, list[np.ndarray]]:
+    """For each Conv2d/Linear, the per-input-channel constants it sees (one array per call site).
+
+    ``used`` maps each layer to ``used_weights(layer)``. Node shapes come from a previous ShapeProp run over
+    ``gm`` unless ``example_inputs`` is given, in which case it is run here.
+    """
+    if example_inputs is not None:
+        ShapeProp(gm).propagate(example_inputs)
+    mods = dict(model.named_modules())
+    states: dict[fx.Node, np.ndarray | float | None] = {}
+    layer_inputs: dict[nn.Module, list[np.ndarray]] = {}
+
+    def state(arg):
+        if isinstance(arg, fx.Node):
+            return states.get(arg)
+        if isinstance(arg, (int, float)):
+            return float(arg)
+        return None
+
+    for node in gm.graph.nodes:
+        out = _unknown(node)
+        shape_in = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        x = state(node.args[0]) if node.args else None
+        if node.op == "call_module":
+            m = mods[node.target]
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(x, np.ndarray):
+                layer_inputs.setdefault(m, []).append(x)
+                if isinstance(m, nn.Conv2d) or (shape_in is not None and len(shape_in) == 2):
+                    out = _layer_output(m, x, used[m])
+            elif isinstance(m, ELEMENTWISE_MODULES) and isinstance(x, np.ndarray):
+                out = _apply_elementwise(m, x, len(shape_in))
+            elif isinstance(m, SHAPE_KEEPING_POOLS) and isinstance(x, np.ndarray):
+                out = x.copy()
+            elif isinstance(m, nn.AvgPool2d) and isinstance(x, np.ndarray):
+                exact = m.padding == 0 or not m.count_include_pad
+                out = x.copy() if exact else np.where(x == 0, 0.0, np.nan)
+            elif isinstance(m, nn.Flatten) and isinstance(x, np.ndarray) and m.start_dim == 1:
+                out = _flatten_states(x, shape_in)
+        elif node.op in ("call_function", "call_method"):
+            fn = node.target
+            if (fn in ADD or fn in ("add", "add_")) and len(node.args) == 2:
+                a, b = state(node.args[0]), state(node.args[1])
+                if a is not None and b is not None and _shape(node) is not None and \
+                        np.shape(a) in ((), np.shape(out)) and np.shape(b) in ((), np.shape(out)):
+                    out = np.asarray(a) + np.asarray(b) * np.ones_like(out)
+            elif (fn in MUL or fn in ("mul", "mul_")) and len(node.args) == 2:
+                a, b = state(node.args[0]), state(node.args[1])
+                if isinstance(a, np.ndarray) and isinstance(b, float) and a.shape == np.shape(out):
+                    out = a * b
+            elif (fn in ELEMENTWISE_FUNCTIONS or fn in ELEMENTWISE_METHODS) and isinstance(x, np.ndarray):
+                f = getattr(torch.Tensor, fn) if isinstance(fn, str) else fn
+                out = _apply_elementwise(lambda t: f(t), x, len(shape_in))
+            elif fn in (torch.flatten, "flatten", "view", "reshape") and isinstance(x, np.ndarray):
+                shape_out = _shape(node)
+                if shape_out is not None and len(shape_out) == 2 and shape_in[0] == shape_out[0]:
+                    out = _flatten_states(x, shape_in)
+            elif fn in (F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d) and isinstance(x, np.ndarray):
+                out = x.copy()
+            elif fn == "mean" and isinstance(x, np.ndarray):
+                dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+                if all(d not in (0, 1) and d is not None for d in dims) and _shape(node) is not None \
+                        and len(_shape(node)) >= 2:
+                    out = x.copy()
+            elif fn == torch.cat:
+                parts = [state(a) for a in node.args[0]]
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                if dim == 1 and all(isinstance(p, np.ndarray) for p in parts):
+                    out = np.concatenate(parts)
+        if out is not None and _shape(node) is not None and np.shape(out) != (_shape(node)[1],):
+            out = _unknown(node)
+        states[node] = out
+    return layer_inputs

@@ -1,0 +1,26 @@
+"""Library side of ``edgeshift prune``: checkpoint in, pruned checkpoint out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .models.registry import input_shape
+from .structured import PruneReport, prune_zero_channels
+
+
+def example_inputs_for(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Seeded random inputs shaped like the model's recorded input."""
+    return torch.randn(input_shape(model, batch), generator=torch.Generator().manual_seed(seed))
+
+
+def prune_checkpoint(checkpoint: Path, out: Path, *, mode: str = "exact", batch: int = 2,
+                     seed: int = 0) -> PruneReport:
+    model, payload = load_checkpoint(checkpoint)
+    pruned, report = prune_zero_channels(model, example_inputs_for(model, batch, seed), mode=mode)
+    meta = dict(payload.get("meta", {}))
+    meta["prune_report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
+    meta["pruned_from"] = str(checkpoint)
+    save_checkpoint(pruned, out, meta=meta)
+    return report
