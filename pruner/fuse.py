@@ -59,6 +59,8 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model  # nothing to fuse: no need to trace
     for conv_name, bn_name in conv_bn_pairs(model):
         fold_bn_into_conv(model.get_submodule(conv_name), model.get_submodule(bn_name))
         model.set_submodule(bn_name, nn.Identity())

@@ -2,7 +2,11 @@
 ...) import torch inside their bodies, so this module imports on a device without torch."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from .cli_util import handle_errors
 
 app = typer.Typer(
     name="edgeshift",
@@ -18,10 +22,23 @@ def _root() -> None:
     """Prune a CNN into exact, smaller ONNX variants; run and switch them on edge devices."""
 
 
+@app.command("inspect")
+def inspect(
+    portfolio: Path = typer.Argument(..., help="A portfolio file (.zip)."),
+    verify: bool = typer.Option(True, help="Inflate every variant and check its sha256."),
+) -> None:
+    """Show a portfolio's manifest as a table (torch-free)."""
+    from .inspect_cmd import print_portfolio
+
+    handle_errors(print_portfolio)(portfolio, verify)
+
+
 def _register() -> None:
+    from exporter import cli as exporter_cli
     from pruner import cli as pruner_cli
 
     pruner_cli.register(app)
+    exporter_cli.register(app)
 
 
 _register()

@@ -1,0 +1,48 @@
+"""Build-side portfolio commands (need the ``build`` extra). Only typer is imported at module level."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from runtime.cli_util import handle_errors
+
+
+def export(
+    sources: List[Path] = typer.Argument(..., help="Checkpoint files and/or run directories (level_<k>/...)."),
+    out: Path = typer.Option(..., "-o", "--out", help="The portfolio file to write (.zip)."),
+    data: Optional[str] = typer.Option(None, help="Test data for accuracy: 'generated', an ImageFolder root or "
+                                                  "a CIFAR-10 python folder. Without it accuracy is not measured."),
+    test_samples: int = typer.Option(1000, help="Test samples used for accuracy (a stratified subset)."),
+    prune: bool = typer.Option(True, help="Prune each source exactly on the way (sparse checkpoints shrink)."),
+    threads: int = typer.Option(1, help="ONNX Runtime threads for the latency measurement."),
+    iterations: int = typer.Option(100, help="Timed batch-1 calls per variant (after 10 warm-up calls)."),
+    memory: bool = typer.Option(True, help="Measure each session's peak memory in a fresh process."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing portfolio."),
+) -> None:
+    """Export variants to ONNX, profile them, drop dominated ones and pack one DEFLATE portfolio."""
+    from exporter.export_cmd import export_portfolio
+
+    path = export_portfolio(sources, out, data=data, test_samples=test_samples, prune=prune, threads=threads,
+                            latency_iterations=iterations, measure_memory=memory, force=force)
+    from runtime.inspect_cmd import print_portfolio
+
+    print_portfolio(path)
+    typer.echo(f"wrote {path}")
+
+
+def report(
+    portfolio: Path = typer.Argument(..., help="A portfolio file."),
+    out_dir: Path = typer.Option(Path("."), "-o", "--out-dir", help="Folder for the .md and .png."),
+) -> None:
+    """Write a Pareto chart (PNG) and a Markdown table of a portfolio."""
+    from exporter.report import write_report
+
+    md, png = write_report(portfolio, out_dir)
+    typer.echo(f"wrote {md} and {png}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(handle_errors(export))
+    app.command("report")(handle_errors(report))

@@ -1,0 +1,100 @@
+"""Library side of ``edgeshift export``: checkpoints or run directories in, one portfolio out."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import EdgeshiftError, InputFileError
+
+LEVEL_RE = re.compile(r"^level_(\d+)$")
+
+
+@dataclass
+class Source:
+    name: str  # variant name
+    checkpoint: Path
+    recipe: str
+
+
+def discover_sources(paths: list[Path]) -> list[Source]:
+    """Checkpoint files as given; a run directory contributes each finished ``level_<k>/checkpoint.pt``."""
+    found: list[Source] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            found.append(Source(re.sub(r"[^A-Za-z0-9._-]", "_", p.stem), p, "checkpoint"))
+        elif p.is_dir():
+            levels = sorted((int(m.group(1)), d) for d in p.iterdir()
+                            if d.is_dir() and (m := LEVEL_RE.match(d.name)))
+            finished = [(k, d) for k, d in levels if (d / "metrics.json").is_file() and (d / "checkpoint.pt").is_file()]
+            if not finished:
+                raise InputFileError(f"{p} holds no finished levels (expected {p}/level_<k>/checkpoint.pt "
+                                     "with metrics.json, as written by `edgeshift imp`)")
+            for k, d in finished:
+                method = json.loads((d / "metrics.json").read_text()).get("method", "imp")
+                found.append(Source(f"level{k}", d / "checkpoint.pt", f"{method} level {k}"))
+        else:
+            raise InputFileError(f"not found: {p} (pass checkpoint files or run directories)")
+    names = [s.name for s in found]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise EdgeshiftError(f"two sources would both be named {dupes[0]!r}; rename one of the files")
+    return found
+
+
+def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, test_samples: int = 1000,
+                     prune: bool = True, threads: int = 1, latency_iterations: int = 100,
+                     measure_memory: bool = True, force: bool = False) -> Path:
+    """Load each source, prune it exactly (sparse checkpoints shrink, pruned ones are unchanged), and build
+    one portfolio with accuracy measured through ONNX Runtime on ``data``'s test split."""
+    import torch
+    from torch import nn
+
+    from pruner.checkpoint import load_checkpoint
+    from pruner.data import load_dataset
+    from pruner.models.registry import input_shape
+    from pruner.structured import prune_zero_channels
+
+    from .portfolio import build_portfolio
+    from .profile import TestData
+
+    if out.exists() and not force:
+        from runtime.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise InputFileError(f"output directory does not exist: {out.parent}")
+    sources = discover_sources(paths)
+    models, reports, compressions, recipes = {}, {}, {}, {}
+    arch = None
+    for s in sources:
+        model, _ = load_checkpoint(s.checkpoint)
+        name = model.edgeshift_arch["name"]
+        if arch is not None and name != arch["name"]:
+            raise EdgeshiftError(f"{s.checkpoint} is a {name}, the other sources are {arch['name']}: "
+                                 "one portfolio holds one architecture")
+        arch = model.edgeshift_arch
+        weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        total = sum(w.numel() for w in weights)
+        nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
+        compressions[s.name] = total / max(nonzero, 1)
+        recipes[s.name] = s.recipe
+        x = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
+        if prune:
+            model, reports[s.name] = prune_zero_channels(model, x)
+        models[s.name] = model
+    test = labels = mean = std = None
+    if data is not None:
+        ds = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
+        if ds.num_classes != arch["num_classes"]:
+            raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {arch['num_classes']}")
+        ds = ds.subset(test_samples)
+        test, labels, mean, std = TestData(ds.normalised(), ds.labels, ds.name), ds.classes, list(ds.mean), list(ds.std)
+    example = torch.randn(input_shape(next(iter(models.values())), 2), generator=torch.Generator().manual_seed(0))
+    reference = max(compressions, key=lambda n: (-compressions[n], n))
+    return build_portfolio(models, example, out, labels=labels, test_data=test, prune_reports=reports,
+                           compressions=compressions, recipes=recipes, reference=reference, mean=mean, std=std,
+                           architecture=arch["name"], threads=threads, latency_iterations=latency_iterations,
+                           measure_memory=measure_memory, force=force)

@@ -1,0 +1,73 @@
+"""``edgeshift report``: a Pareto chart (accuracy vs latency, marker size = bytes) and a Markdown table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.atomic import atomic_path, write_text_atomic
+from runtime.portfolio import Portfolio
+
+
+def markdown_table(portfolio: Portfolio) -> str:
+    rows = ["| variant | compression | params | MACs | ONNX bytes | deflated | top-1 | top-5 | p50 ms | p95 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for v in portfolio.variants:
+        acc, lat = v.entry.get("accuracy") or {}, v.entry.get("latency") or {}
+        pct = lambda x: "-" if x is None else f"{100 * x:.2f}%"  # noqa: E731
+        ms = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        rows.append(f"| {v.name}{' (reference)' if v.reference else ''} | {v.compression:.1f}x | {v.params:,} | "
+                    f"{v.macs:,} | {v.bytes:,} | {v.deflated_bytes:,} | {pct(acc.get('top1'))} | "
+                    f"{pct(acc.get('top5'))} | {ms(lat.get('p50_ms'))} | {ms(lat.get('p95_ms'))} | "
+                    f"{ms(lat.get('p99_ms'))} |")
+    machine = next((v.entry["latency"].get("machine") for v in portfolio.variants if v.entry.get("latency")), "?")
+    total = sum(v.bytes for v in portfolio.variants)
+    rows += ["", f"Latency at batch 1 measured at build time on: {machine}.",
+             f"Portfolio file {portfolio.file_bytes:,} bytes for {total:,} bytes of ONNX "
+             f"({100 * portfolio.file_bytes / total:.1f}%)."]
+    dropped = portfolio.manifest.get("dropped") or []
+    if dropped:
+        rows += ["", "Dropped by the post-processor:"] + [f"- {d['name']}: {d['reason']}" for d in dropped]
+    return "\n".join(rows) + "\n"
+
+
+def pareto_png(portfolio: Portfolio, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    pts = [(v, (v.entry.get("latency") or {}).get("p50_ms"), (v.entry.get("accuracy") or {}).get("top1"))
+           for v in portfolio.variants]
+    biggest = max(v.bytes for v in portfolio.variants)
+    for v, lat, acc in pts:
+        if lat is None:
+            continue
+        y = 100 * acc if acc is not None else 0.0
+        ax.scatter(lat, y, s=40 + 600 * v.bytes / biggest, alpha=0.6,
+                   color="tab:red" if v.reference else "tab:blue", edgecolors="black")
+        ax.annotate(f"{v.name}\n{v.bytes / 1e6:.2f} MB", (lat, y), textcoords="offset points", xytext=(6, 6),
+                    fontsize=7)
+    ax.set_xlabel("latency p50 at batch 1 (ms, ONNX Runtime)")
+    ax.set_ylabel("top-1 accuracy (%, ONNX Runtime)")
+    ax.set_title(f"{portfolio.manifest.get('architecture') or 'portfolio'}: accuracy vs latency "
+                 "(marker area = ONNX bytes)")
+    ax.grid(alpha=0.3)
+    ax.margins(0.2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(portfolio_path: Path, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<stem>.md`` and ``<out_dir>/<stem>.png``."""
+    from runtime.errors import InputFileError
+
+    if not out_dir.is_dir():
+        raise InputFileError(f"output directory does not exist: {out_dir}")
+    with Portfolio.open(portfolio_path) as pf:
+        md, png = out_dir / f"{portfolio_path.stem}.md", out_dir / f"{portfolio_path.stem}.png"
+        write_text_atomic(md, f"# Portfolio {portfolio_path.name}\n\n![Pareto chart]({png.name})\n\n"
+                              + markdown_table(pf))
+        pareto_png(pf, png)
+    return md, png

@@ -1,0 +1,96 @@
+"""Timing and session helpers shared by the build-time profiler and the device benchmark. Torch-free."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class LatencyStats:
+    """Per-call latency percentiles (warm-up excluded) and the throughput they imply."""
+
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # items per second over the timed calls
+    batch: int
+    calls: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
+    s = np.asarray(seconds, dtype=np.float64)
+    p50, p95, p99 = np.percentile(s, [50, 95, 99]) * 1e3
+    return LatencyStats(float(p50), float(p95), float(p99), float(batch * len(s) / s.sum()), batch, len(s))
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int = 10, iterations: int = 100,
+               max_seconds: float | None = None, batch: int = 1) -> LatencyStats:
+    """Call ``fn`` ``warmup`` times untimed, then time up to ``iterations`` calls (or until ``max_seconds``)."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    for _ in range(iterations):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds and len(samples) >= 5:
+            break
+    return percentile_stats(samples, batch)
+
+
+def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1, graph_optimization: str = "all"):
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = int(inter_op_threads)
+    opts.graph_optimization_level = levels[graph_optimization]
+    opts.log_severity_level = 3
+    return opts
+
+
+def cpu_session(onnx_bytes: bytes, threads: int = 1):
+    """An ONNX Runtime CPU session built from bytes (never from a file on disk)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def machine_fingerprint() -> dict:
+    """What a latency figure was measured on."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(), "system": platform.system(),
+        "python": platform.python_version(), "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+    }
+
+
+def machine_label() -> str:
+    fp = machine_fingerprint()
+    return f"{fp['machine']} {fp['cpu']} x{fp['cores']}, ORT {fp['onnxruntime']}".strip()

@@ -1,0 +1,208 @@
+"""Opening a portfolio on the device: untrusted input, validated before anything is used. Torch-free.
+
+The file is memory-mapped (read once by the OS, inactive variants cost their deflated bytes at most, and only
+while touched), its ZIP directory and manifest validated, and each variant inflated into memory on demand with
+a hard cap at the size the manifest declares and its sha256 checked. Nothing is ever extracted to disk and
+nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PortfolioError, require_file
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, validate_manifest, variant_file
+
+_CHUNK = 1 << 20
+_ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """One variant as the manifest describes it, plus what it costs deflated in the file."""
+
+    name: str
+    bytes: int
+    deflated_bytes: int
+    sha256: str
+    params: int
+    macs: int
+    compression: float
+    reference: bool
+    top1: float | None
+    p95_ms: float | None
+    entry: dict  # the manifest entry, as validated
+
+
+class Portfolio:
+    """A validated, memory-mapped portfolio file. Use ``Portfolio.open(path)``."""
+
+    def __init__(self, path: Path, fileobj, mm, zf: zipfile.ZipFile, manifest: dict):
+        self.path = path
+        self._file, self._mm, self._zip = fileobj, mm, zf
+        self.manifest = manifest
+        infos = {i.filename: i for i in zf.infolist()}
+        self.variants: list[VariantInfo] = []
+        for v in manifest["variants"]:
+            info = infos[v["file"]]
+            acc, lat = v.get("accuracy") or {}, v.get("latency") or {}
+            self.variants.append(VariantInfo(
+                name=v["name"], bytes=v["bytes"], deflated_bytes=info.compress_size, sha256=v["sha256"],
+                params=v["params"], macs=v["macs"], compression=float(v["compression"]),
+                reference=bool(v["reference"]), top1=acc.get("top1"), p95_ms=lat.get("p95_ms"), entry=v))
+        self._by_name = {v.name: v for v in self.variants}
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Portfolio":
+        """Open and validate ``path``; raise PortfolioError (one clear line) if it is not a sound portfolio."""
+        path = Path(path)
+        require_file(path, "portfolio")
+        f = open(path, "rb")
+        try:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise PortfolioError(f"{path} is empty, not a portfolio")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                zf = zipfile.ZipFile(_MappedFile(mm))
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+                raise PortfolioError(f"{path} is not a portfolio: corrupt or truncated ZIP ({exc})") from None
+            manifest = cls._check_directory_and_manifest(path, zf)
+            return cls(path, f, mm, zf, manifest)
+        except BaseException:
+            f.close()
+            raise
+
+    @staticmethod
+    def _check_directory_and_manifest(path: Path, zf: zipfile.ZipFile) -> dict:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            raise PortfolioError(f"{path}: a member name appears twice")
+        for info in infos:
+            if info.filename != MANIFEST_NAME and not (
+                    info.filename.startswith("variants/") and info.filename.endswith(".onnx")
+                    and info.filename.count("/") == 1 and ".." not in info.filename):
+                raise PortfolioError(f"{path}: unexpected member {info.filename!r} (only {MANIFEST_NAME} and "
+                                     "variants/<name>.onnx belong in a portfolio)")
+            if info.compress_type not in _ALLOWED_METHODS:
+                raise PortfolioError(f"{path}: member {info.filename!r} uses compression method "
+                                     f"{info.compress_type}; only STORED and DEFLATE are accepted")
+            if info.flag_bits & 0x1:
+                raise PortfolioError(f"{path}: member {info.filename!r} is encrypted")
+        if MANIFEST_NAME not in names:
+            raise PortfolioError(f"{path}: no {MANIFEST_NAME}; is this a portfolio built by edgeshift export?")
+        raw = _read_capped(zf, zf.getinfo(MANIFEST_NAME), MAX_MANIFEST_BYTES, path)
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PortfolioError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+        try:
+            validate_manifest(manifest)
+        except PortfolioError as exc:
+            raise PortfolioError(f"{path}: {exc}") from None
+        declared = {v["file"]: v for v in manifest["variants"]}
+        for name in names:
+            if name != MANIFEST_NAME and name not in declared:
+                raise PortfolioError(f"{path}: member {name!r} is not declared in the manifest")
+        for file, v in declared.items():
+            if file not in names:
+                raise PortfolioError(f"{path}: variant {v['name']!r} is declared but {file} is missing")
+            if zf.getinfo(file).file_size != v["bytes"]:
+                raise PortfolioError(f"{path}: {file} claims {zf.getinfo(file).file_size} bytes inflated, the "
+                                     f"manifest {v['bytes']}")
+        return manifest
+
+    # -- access -------------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self.variants]
+
+    def info(self, name: str) -> VariantInfo:
+        if name not in self._by_name:
+            from .errors import UnknownNameError
+
+            raise UnknownNameError("variant", name, self.names)
+        return self._by_name[name]
+
+    @property
+    def input_spec(self) -> dict:
+        return self.manifest["input"]
+
+    @property
+    def median_variant(self) -> str:
+        """The variant of median size (the lower one for an even count): where the runtime starts."""
+        return self.variants[(len(self.variants) - 1) // 2].name
+
+    def inflate(self, name: str) -> bytes:
+        """The ONNX bytes of ``name``, inflated in memory, capped at the declared size, sha256-checked."""
+        v = self.info(name)
+        data = _read_capped(self._zip, self._zip.getinfo(variant_file(name)), v.bytes, self.path)
+        if len(data) != v.bytes:
+            raise PortfolioError(f"{self.path}: variant {name!r} inflated to {len(data)} bytes, manifest says {v.bytes}")
+        if hashlib.sha256(data).hexdigest() != v.sha256:
+            raise PortfolioError(f"{self.path}: variant {name!r} fails its sha256 check (tampered or corrupt)")
+        return data
+
+    def verify(self) -> None:
+        """Inflate and hash-check every variant."""
+        for name in self.names:
+            self.inflate(name)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self._mm)
+
+    def close(self) -> None:
+        self._zip.close()
+        self._mm.close()
+        self._file.close()
+
+    def __enter__(self) -> "Portfolio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _MappedFile:
+    """A memory map as the seekable file object zipfile expects (mmap lacks ``seekable``)."""
+
+    def __init__(self, mm: mmap.mmap):
+        self._mm = mm
+
+    def seekable(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self._mm, name)
+
+
+def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, path: Path) -> bytes:
+    """Inflate one member into memory, refusing to produce more than ``cap`` bytes (decompression bombs)."""
+    if info.file_size > cap:
+        raise PortfolioError(f"{path}: {info.filename} declares {info.file_size} bytes, more than the {cap} allowed")
+    out = bytearray()
+    try:
+        with zf.open(info) as member:
+            while True:
+                chunk = member.read(min(_CHUNK, cap + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+                if len(out) > cap:
+                    raise PortfolioError(f"{path}: {info.filename} inflates past its declared {cap} bytes "
+                                         "(decompression bomb?)")
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError) as exc:
+        # zlib.error subclasses Exception, caught below
+        raise PortfolioError(f"{path}: {info.filename} is corrupt ({exc})") from None
+    except Exception as exc:  # zlib.error
+        if isinstance(exc, PortfolioError):
+            raise
+        raise PortfolioError(f"{path}: {info.filename} is corrupt ({exc})") from None
+    return bytes(out)

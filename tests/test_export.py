@@ -1,0 +1,74 @@
+"""ONNX export: fused, simplified, fully checked, and numerically equal to PyTorch."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from exporter.onnx_export import ExportError, export_onnx
+from helpers import ZOO_CASES, inputs_for, make, plant_zeros
+from pruner.structured import prune_zero_channels
+from runtime.errors import EdgeshiftError
+
+
+def ort_run(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("name,kw,size", ZOO_CASES)
+def test_every_zoo_model_exports_fused_checked_and_equal(name, kw, size, tmp_path):
+    model = make(name, kw, size)
+    report = export_onnx(model, inputs_for(size), tmp_path / "m.onnx")
+    proto = onnx.load(tmp_path / "m.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    assert report.op_counts.get("BatchNormalization", 0) == 0
+    assert report.rel_diff <= 1e-4
+    assert report.simplified
+    x = inputs_for(size, batch=3, seed=7).numpy()  # a batch size not seen at export: the batch is dynamic
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(ort_run(tmp_path / "m.onnx", x) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_pruned_model_exports_with_its_own_widths(tmp_path):
+    model = make("resnet20", {}, 32)
+    plant_zeros(model)
+    pruned, _ = prune_zero_channels(model, inputs_for(32))
+    report = export_onnx(pruned, inputs_for(32), tmp_path / "p.onnx")
+    dense = export_onnx(model, inputs_for(32), tmp_path / "d.onnx")
+    assert report.params < dense.params
+    assert report.macs < dense.macs
+    x = inputs_for(32, seed=3)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(ort_run(tmp_path / "p.onnx", x.numpy()) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_tiny_graph_op_counts_after_fusion(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 2)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    report = export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "t.onnx")
+    assert report.op_counts == {"Conv": 1, "Relu": 1, "Flatten": 1, "Gemm": 1}
+    assert report.params == 4 * 3 * 9 + 4 + 4 * 36 * 2 + 2
+    assert report.macs == 4 * 36 * 27 + 144 * 2
+
+
+class NotExportable(nn.Module):
+    def forward(self, x):
+        return torch.from_numpy(x.detach().numpy() * 2)  # leaves the traced graph
+
+
+def test_model_that_fails_to_export_is_a_clear_error(tmp_path):
+    with pytest.raises(ExportError, match="failed to export to ONNX"):
+        export_onnx(NotExportable(), torch.randn(1, 3, 4, 4), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_output_in_missing_directory(tmp_path):
+    with pytest.raises(EdgeshiftError, match="output directory does not exist"):
+        export_onnx(make("resnet20", {}, 32), inputs_for(32), tmp_path / "no" / "m.onnx")

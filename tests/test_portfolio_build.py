@@ -1,0 +1,115 @@
+"""The portfolio package: standard ZIP, verified hashes, post-processing, atomic writes, CLI."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from exporter.portfolio import Tolerance, build_portfolio, postprocess
+from exporter.profile import TestData
+from helpers import inputs_for, make, plant_zeros
+from pruner.checkpoint import save_checkpoint
+from pruner.structured import prune_zero_channels
+from runtime.cli import app
+from runtime.manifest import validate_manifest
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def portfolio(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pf")
+    dense = make("resnet20", {}, 32)
+    sparse = make("resnet20", {}, 32)
+    plant_zeros(sparse, frac=0.5)
+    pruned, report = prune_zero_channels(sparse, inputs_for(32))
+    rng = np.random.default_rng(0)
+    test = TestData(rng.standard_normal((50, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 50))
+    path = build_portfolio({"dense": dense, "pruned": pruned}, inputs_for(32), tmp / "pf.zip", test_data=test,
+                           prune_reports={"pruned": report}, reference="dense", latency_iterations=20,
+                           architecture="resnet20")
+    return path
+
+
+def test_portfolio_is_a_standard_zip_whose_hashes_match(portfolio):
+    if shutil.which("unzip"):
+        assert subprocess.run(["unzip", "-t", str(portfolio)], capture_output=True).returncode == 0
+    with zipfile.ZipFile(portfolio) as z:
+        assert z.testzip() is None
+        manifest = json.loads(z.read("manifest.json"))
+        validate_manifest(manifest)
+        assert sorted(z.namelist()) == ["manifest.json", "variants/dense.onnx", "variants/pruned.onnx"]
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+        for v in manifest["variants"]:
+            data = z.read(v["file"])
+            assert hashlib.sha256(data).hexdigest() == v["sha256"] and len(data) == v["bytes"]
+    sizes = [v["bytes"] for v in manifest["variants"]]
+    assert sizes == sorted(sizes)
+    pruned = next(v for v in manifest["variants"] if v["name"] == "pruned")
+    assert pruned["exactness"]["prune_rel_diff"] <= 1e-4 and pruned["exactness"]["onnx_vs_torch_rel_diff"] <= 1e-4
+    assert pruned["accuracy"]["samples"] == 50
+    lat = pruned["latency"]
+    assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] and lat["calls"] == 20
+    assert pruned["peak_memory_bytes"] > 0 and pruned["params"] < manifest["variants"][-1]["params"]
+
+
+def variant(name, top1, p50, size, reference=False):
+    return {"name": name, "accuracy": {"top1": top1}, "latency": {"p50_ms": p50}, "bytes": size,
+            "reference": reference}
+
+
+def test_postprocess_drops_dominated_and_near_duplicates_but_keeps_the_reference():
+    kept, dropped = postprocess([
+        variant("dense", 0.90, 10.0, 1000, reference=True),
+        variant("a", 0.91, 5.0, 500),
+        variant("b", 0.89, 6.0, 600),  # a beats it on all three
+        variant("c", 0.9105, 5.05, 505),  # a near-duplicate of a (bigger, so it goes)
+        variant("d", 0.80, 1.0, 100),
+        variant("e", 0.85, 0.9, 90),  # beats d
+    ], Tolerance())
+    assert [v["name"] for v in kept] == ["e", "a", "dense"]
+    reasons = {d["name"]: d["reason"] for d in dropped}
+    assert "beaten by a" in reasons["b"] and "near-duplicate of a" in reasons["c"] and "beaten by e" in reasons["d"]
+
+
+def test_cli_export_inspect_and_report(tmp_path):
+    dense = make("resnet20", {}, 32)
+    save_checkpoint(dense, tmp_path / "dense.pt")
+    plant_zeros(dense)
+    save_checkpoint(dense, tmp_path / "sparse.pt")
+    out = tmp_path / "pf.zip"
+    args = ["export", str(tmp_path / "dense.pt"), str(tmp_path / "sparse.pt"), "-o", str(out), "--data",
+            "generated", "--test-samples", "100", "--iterations", "10", "--no-memory"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "sparse" in result.output and "all sha256 verified" in result.output
+    result = runner.invoke(app, args)  # exists now
+    assert result.exit_code == 2 and "--force" in result.output
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0 and "dense *" in result.output and "resnet20" in result.output
+    result = runner.invoke(app, ["report", str(out), "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "pf.md").read_text()
+    assert "| sparse |" in md and "| dense (reference) |" in md
+
+
+def test_failed_export_leaves_no_partial_portfolio(tmp_path):
+    save_checkpoint(make("resnet20", {}, 32), tmp_path / "good.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    out = tmp_path / "pf.zip"
+    result = runner.invoke(app, ["export", str(tmp_path / "good.pt"), str(tmp_path / "bad.pt"), "-o", str(out),
+                                 "--no-memory", "--iterations", "5"])
+    assert result.exit_code == 2 and "not a readable edgeshift checkpoint" in result.output
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt", "good.pt"]
+
+
+def test_export_into_missing_directory(tmp_path):
+    save_checkpoint(make("resnet20", {}, 32), tmp_path / "good.pt")
+    result = runner.invoke(app, ["export", str(tmp_path / "good.pt"), "-o", str(tmp_path / "no" / "pf.zip")])
+    assert result.exit_code == 2 and "output directory does not exist" in result.output
