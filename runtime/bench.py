@@ -1,0 +1,93 @@
+"""``edgeshift bench``: every variant measured on this device under a profile. Torch-free."""
+from __future__ import annotations
+
+import csv
+import gc
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_text_atomic
+from .measure import machine_fingerprint, time_calls
+from .portfolio import Portfolio
+from .session import create_session
+
+
+@dataclass
+class VariantBench:
+    name: str
+    bytes: int
+    deflated_bytes: int
+    inflate_ms: float
+    create_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # items per second at the profile's batch size
+    batch: int
+    calls: int
+    rss_growth_mb: float  # resident memory the session added while created and run
+    top1: float | None  # accuracy recorded at build time
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = None) -> list[VariantBench]:
+    """Inflate, create and time each variant (warm-up excluded) under ``profile``."""
+    results = []
+    batch = profile.serving.batch_size
+    shape = [batch if d is None else d for d in portfolio.input_spec["shape"]]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    # ORT's one-time initialisation (allocators, thread pools) must not be charged to the first variant
+    first = create_session(portfolio.inflate(portfolio.names[0]), profile)
+    first.run(None, {first.get_inputs()[0].name: x})
+    del first
+    for name in variants or portfolio.names:
+        info = portfolio.info(name)
+        gc.collect()
+        before = _rss_mb()
+        t0 = time.perf_counter()
+        data = portfolio.inflate(name)
+        t1 = time.perf_counter()
+        session = create_session(data, profile)
+        t2 = time.perf_counter()
+        del data
+        inp = session.get_inputs()[0].name
+        b = profile.benchmark
+        stats = time_calls(lambda: session.run(None, {inp: x}), warmup=b.warmup, iterations=b.iterations,
+                           max_seconds=b.max_seconds, batch=batch)
+        growth = _rss_mb() - before
+        results.append(VariantBench(name, info.bytes, info.deflated_bytes, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                                    stats.p50_ms, stats.p95_ms, stats.p99_ms, stats.throughput, batch, stats.calls,
+                                    growth, info.top1))
+        del session
+    return results
+
+
+def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -> dict:
+    return {"portfolio": str(portfolio.path), "profile": profile.name, "fingerprint": machine_fingerprint(),
+            "settings": {"batch": profile.serving.batch_size, "warmup": profile.benchmark.warmup,
+                         "iterations": profile.benchmark.iterations,
+                         "intra_op_threads": profile.execution.intra_op_threads},
+            "variants": [asdict(r) for r in results]}
+
+
+def write_json(path: Path, doc: dict) -> None:
+    write_text_atomic(path, json.dumps(doc, indent=2))
+
+
+def write_csv(path: Path, results: list[VariantBench]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(asdict(results[0])))
+    w.writeheader()
+    for r in results:
+        w.writerow(asdict(r))
+    write_text_atomic(path, buf.getvalue())

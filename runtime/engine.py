@@ -1,0 +1,248 @@
+"""The device runtime: serve predictions from one variant and switch variants live without downtime.
+
+A request reads the active slot once (a single reference, swapped atomically) and runs to completion on that
+session, so a switch never interrupts or mixes requests: in-flight requests finish on the old session, which is
+released when the last of them returns. A switch inflates the next variant, creates and warms its session on a
+background thread (at lower CPU priority where the OS allows), then swaps the reference. Torch-free.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import InputShapeError, UnknownNameError
+from .portfolio import Portfolio
+from .session import create_session
+
+LATENCY_WINDOW = 20_000  # request latencies kept for percentiles
+
+
+@dataclass
+class _Slot:
+    name: str
+    session: object
+    input_name: str
+
+
+@dataclass
+class SwitchRecord:
+    """What one switch cost, measured."""
+
+    source: str
+    target: str
+    reason: str
+    at: float  # seconds since the runtime started
+    inflate_ms: float
+    create_ms: float
+    warm_ms: float
+    total_ms: float  # from the request to the swap
+    standby: bool  # served from a warm standby session (no inflate/create)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lower_thread_priority(nice: int = 10) -> None:
+    """Make the calling thread (and threads it starts) yield the CPU to request threads (Linux)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
+
+
+class Runtime:
+    """Serve a portfolio under a device profile and a switch policy.
+
+    ``Runtime(portfolio, profile="host", policy="manual")`` starts on the median-size variant (or ``start``).
+    ``preload_neighbours`` (default: the profile's setting) keeps the next smaller and larger variants' sessions
+    warm so a switch to them is a reference swap.
+    """
+
+    def __init__(self, portfolio, profile="host", policy="manual", *, start: str | None = None,
+                 preload_neighbours: bool | None = None, warmup_runs: int = 2):
+        import device_profiles
+
+        from . import policies
+
+        self.portfolio = portfolio if isinstance(portfolio, Portfolio) else Portfolio.open(portfolio)
+        self._owns_portfolio = not isinstance(portfolio, Portfolio)
+        self.profile = device_profiles.get(profile) if isinstance(profile, (str, os.PathLike)) else profile
+        serving = self.profile.serving
+        self.policy = policies.get(policy, latency_target_ms=serving.latency_target_ms,
+                                   memory_budget_mb=serving.memory_budget_mb) if isinstance(policy, str) else policy
+        self.preload_neighbours = serving.preload_neighbours if preload_neighbours is None else preload_neighbours
+        self.warmup_runs = warmup_runs
+        spec = self.portfolio.input_spec
+        self._input_shape = spec["shape"]
+        self._input_dtype = np.dtype(spec["dtype"])
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()  # bookkeeping: stats, standby sessions
+        self._switch_lock = threading.Lock()  # one switch at a time
+        # Lower the switch thread's priority only when sessions run on their callers' threads: threads ORT starts
+        # for an intra-op pool would inherit the niceness and slow the new session for good.
+        single = self.profile.execution.intra_op_threads == 1 and self.profile.execution.execution_mode == "sequential"
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgeshift-switch",
+                                            initializer=_lower_thread_priority if single else None)
+        self._standby: dict[str, _Slot] = {}
+        self._latencies: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self._requests = 0
+        self._failures = 0
+        self._per_variant: collections.Counter = collections.Counter()
+        self._switches: list[SwitchRecord] = []
+        self._pending: Future | None = None
+        name = start or self.portfolio.median_variant
+        self.portfolio.info(name)  # unknown start -> error naming the variants
+        slot, inflate, create, warm = self._build(name)
+        self._active = slot
+        self._switches.append(SwitchRecord("", name, "start", 0.0, inflate, create, warm, inflate + create + warm,
+                                           False))
+        if self.preload_neighbours:
+            self._executor.submit(self._refresh_standby)
+
+    # -- serving ------------------------------------------------------------------------------------------
+    @property
+    def active(self) -> str:
+        return self._active.name
+
+    @property
+    def variants(self) -> list[str]:
+        return self.portfolio.names
+
+    def check_input(self, batch) -> np.ndarray:
+        """Return ``batch`` if it matches the manifest's input; else raise InputShapeError naming both."""
+        expected = "(" + ", ".join("N" if d is None else str(d) for d in self._input_shape) + f") {self._input_dtype}"
+        if not isinstance(batch, np.ndarray):
+            raise InputShapeError(f"input must be a numpy array shaped {expected}, got {type(batch).__name__}")
+        ok = batch.ndim == len(self._input_shape) and all(
+            d is None or d == s for d, s in zip(self._input_shape, batch.shape)) and batch.shape[0] >= 1
+        if not ok or batch.dtype != self._input_dtype:
+            raise InputShapeError(f"input is {tuple(batch.shape)} {batch.dtype}; expected {expected}")
+        return batch
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch on the active variant."""
+        return self.predict_with_variant(batch)[0]
+
+    def predict_with_variant(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
+        """Run one batch; also say which variant produced the result."""
+        self.check_input(batch)
+        slot = self._active  # one read: this request runs wholly on this session
+        t = time.perf_counter()
+        try:
+            out = slot.session.run(None, {slot.input_name: batch})[0]
+        except Exception:
+            with self._lock:
+                self._failures += 1
+            raise
+        dt = time.perf_counter() - t
+        self._latencies.append(dt)  # deque.append is atomic
+        with self._lock:
+            self._requests += 1
+            self._per_variant[slot.name] += 1
+        return out, slot.name
+
+    # -- switching ----------------------------------------------------------------------------------------
+    def _build(self, name: str) -> tuple[_Slot, float, float, float]:
+        t0 = time.perf_counter()
+        data = self.portfolio.inflate(name)
+        t1 = time.perf_counter()
+        session = create_session(data, self.profile)
+        del data
+        t2 = time.perf_counter()
+        inp = session.get_inputs()[0]
+        shape = [self.profile.serving.batch_size if not isinstance(d, int) else d for d in inp.shape]
+        zeros = np.zeros(shape, dtype=self._input_dtype)
+        for _ in range(self.warmup_runs):
+            session.run(None, {inp.name: zeros})
+        t3 = time.perf_counter()
+        return _Slot(name, session, inp.name), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+
+    def _neighbours(self, name: str) -> set[str]:
+        names = self.portfolio.names
+        i = names.index(name)
+        return {names[j] for j in (i - 1, i + 1) if 0 <= j < len(names)}
+
+    def _refresh_standby(self) -> None:
+        """Keep warm sessions for the active variant's neighbours only."""
+        wanted = self._neighbours(self.active)
+        with self._lock:
+            for name in list(self._standby):
+                if name not in wanted:
+                    del self._standby[name]
+            missing = [n for n in wanted if n not in self._standby]
+        for name in missing:
+            slot = self._build(name)[0]
+            with self._lock:
+                if name in self._neighbours(self.active):
+                    self._standby[name] = slot
+
+    def _do_switch(self, name: str, reason: str, requested: float) -> SwitchRecord:
+        with self._switch_lock:
+            source = self.active
+            if name == source:
+                return SwitchRecord(source, name, reason, requested - self._t0, 0, 0, 0, 0, True)
+            with self._lock:
+                slot = self._standby.pop(name, None)
+            standby = slot is not None
+            inflate = create = warm = 0.0
+            if slot is None:
+                slot, inflate, create, warm = self._build(name)
+            old = self._active
+            self._active = slot  # the swap: one reference assignment
+            with self._lock:
+                if self.preload_neighbours and old.name in self._neighbours(name):
+                    self._standby[old.name] = old  # the old session is a neighbour now: keep it warm
+            record = SwitchRecord(source, name, reason, requested - self._t0, inflate, create, warm,
+                                  (time.perf_counter() - requested) * 1e3, standby)
+            with self._lock:
+                self._switches.append(record)
+        if self.preload_neighbours:
+            self._refresh_standby()
+        return record
+
+    def switch_to(self, name: str, reason: str = "manual", wait: bool = True):
+        """Make ``name`` the active variant. ``wait=False`` returns a Future and keeps serving meanwhile."""
+        if name not in self.portfolio.names:
+            raise UnknownNameError("variant", name, self.portfolio.names)
+        fut = self._executor.submit(self._do_switch, name, reason, time.perf_counter())
+        self._pending = fut
+        return fut.result() if wait else fut
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        lat = np.asarray(self._latencies, dtype=np.float64) * 1e3
+        with self._lock:
+            out = {
+                "active": self.active,
+                "requests": self._requests,
+                "failures": self._failures,
+                "per_variant": dict(self._per_variant),
+                "switches": len(self._switches) - 1,
+                "switch_log": [s.to_dict() for s in self._switches],
+                "standby": sorted(self._standby),
+            }
+        if lat.size:
+            p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+            out.update(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99))
+        else:
+            out.update(p50_ms=None, p95_ms=None, p99_ms=None)
+        return out
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            self._standby.clear()
+        if self._owns_portfolio:
+            self.portfolio.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,185 @@
+"""Switch policies: each a small class behind one registry. Torch-free.
+
+A policy sees an ``Observation`` of the last window (demand, latency, how much CPU the device gives us,
+free memory) and the variants (sorted by size, smallest first) and returns a ``Decision`` or None.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from .errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Observation:
+    time: float  # seconds since start
+    offered_qps: float  # requests arriving per second in the window
+    served_qps: float  # requests completed per second in the window
+    p95_ms: float | None  # request latency in the window (None: no requests)
+    cpu_share: float  # speed available relative to the benchmark (1.0 = as measured, 0.5 = twice as slow)
+    available_mb: float  # memory available on the device
+
+
+@dataclass(frozen=True)
+class VariantView:
+    name: str
+    index: int  # position in the size-sorted portfolio
+    top1: float  # accuracy (0 when unknown)
+    latency_ms: float  # batch-1 p95 measured on this device (or at build time)
+    memory_mb: float  # what a session of it costs
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int  # index of the variant to switch to
+    reason: str
+
+
+class SwitchPolicy(ABC):
+    """Decide which variant should be active, from one observation at a time."""
+
+    name: str = ""
+
+    def __init__(self, latency_target_ms: float = 50.0, memory_budget_mb: float = 1024.0, threads: int = 1):
+        self.latency_target_ms = latency_target_ms
+        self.memory_budget_mb = memory_budget_mb
+        self.threads = max(1, threads)
+
+    def predicted_p95_ms(self, v: VariantView, obs: Observation) -> float:
+        """Service time under the observed CPU share, inflated by queueing at the offered load (M/M/c-ish)."""
+        service = v.latency_ms / max(obs.cpu_share, 1e-3)
+        rho = obs.offered_qps * service / 1000.0 / self.threads
+        return float("inf") if rho >= 1 else service / (1 - rho)
+
+    @abstractmethod
+    def decide(self, obs: Observation, variants: list[VariantView], active: int) -> Decision | None:
+        ...
+
+
+class ManualPolicy(SwitchPolicy):
+    """Never switches on its own: only ``switch_to`` moves the runtime."""
+
+    name = "manual"
+
+    def decide(self, obs, variants, active):
+        return None
+
+
+class QpsTrendPolicy(SwitchPolicy):
+    """DNNShifter's rule: one step smaller when the throughput the device sustains falls, one step larger when
+    it rises; no search over the portfolio.
+
+    The sustained throughput is the active variant's capacity, ``threads * 1000 / service_ms``; its trend is
+    measured on ``cpu_share`` (capacity relative to the benchmark) so that a switch does not look like a trend.
+    A falling trend, or demand above ``high_water`` of capacity, steps down; a rising trend steps up when the
+    next larger variant would still run below ``low_water`` of its capacity. ``cooldown`` windows after a switch.
+    """
+
+    name = "qps-trend"
+
+    def __init__(self, *args, window: int = 3, threshold: float = 0.1, high_water: float = 0.9,
+                 low_water: float = 0.6, cooldown: int = 2, **kw):
+        super().__init__(*args, **kw)
+        self.window, self.threshold = window, threshold
+        self.high_water, self.low_water, self.cooldown = high_water, low_water, cooldown
+        self._shares: list[float] = []
+        self._quiet = 0
+
+    def _capacity(self, v: VariantView, share: float) -> float:
+        return self.threads * 1000.0 / max(v.latency_ms / max(share, 1e-3), 1e-6)
+
+    def decide(self, obs, variants, active):
+        self._shares.append(obs.cpu_share)
+        self._shares = self._shares[-(self.window + 1):]
+        if self._quiet > 0:
+            self._quiet -= 1
+            return None
+        cap = self._capacity(variants[active], obs.cpu_share)
+        demand = obs.offered_qps / cap
+        trend = 0.0
+        if len(self._shares) > self.window:
+            before = sum(self._shares[:-1]) / (len(self._shares) - 1)
+            trend = (self._shares[-1] - before) / max(before, 1e-6)
+        decision = None
+        if active > 0 and (trend < -self.threshold or demand > self.high_water):
+            why = (f"throughput falling {100 * trend:+.0f}% ({cap:.0f} qps sustained)" if trend < -self.threshold
+                   else f"demand {obs.offered_qps:.0f} qps is {100 * demand:.0f}% of capacity {cap:.0f} qps")
+            decision = Decision(active - 1, why)
+        elif active < len(variants) - 1 and trend >= -self.threshold:
+            bigger = self._capacity(variants[active + 1], obs.cpu_share)
+            if obs.offered_qps < self.low_water * bigger and (trend > self.threshold or demand < self.low_water / 2):
+                why = (f"throughput rising {100 * trend:+.0f}%" if trend > self.threshold
+                       else f"demand {obs.offered_qps:.0f} qps is {100 * demand:.0f}% of capacity")
+                decision = Decision(active + 1, f"{why}; {variants[active + 1].name} sustains {bigger:.0f} qps")
+        if decision is not None:
+            self._quiet = self.cooldown
+            self._shares = self._shares[-1:]
+        return decision
+
+
+class LatencySloPolicy(SwitchPolicy):
+    """The most accurate variant whose predicted p95 meets the target. Steps down as soon as the active one
+    misses it; steps up only when the better one meets ``target * (1 - hysteresis)`` for ``patience`` windows."""
+
+    name = "latency-slo"
+
+    def __init__(self, *args, hysteresis: float = 0.2, patience: int = 3, **kw):
+        super().__init__(*args, **kw)
+        self.hysteresis, self.patience = hysteresis, patience
+        self._streak = 0
+
+    def decide(self, obs, variants, active):
+        target = self.latency_target_ms
+        predicted = [self.predicted_p95_ms(v, obs) for v in variants]
+        fits = [i for i, p in enumerate(predicted) if p <= target]
+        best = max(fits, key=lambda i: (variants[i].top1, -i)) if fits else 0
+        current = predicted[active] if obs.p95_ms is None else max(predicted[active], obs.p95_ms)
+        if current > target and best != active:
+            self._streak = 0
+            return Decision(best, f"p95 {current:.1f} ms misses the {target:g} ms target; "
+                                  f"{variants[best].name} predicts {predicted[best]:.1f} ms")
+        if best != active and variants[best].top1 > variants[active].top1 and \
+                predicted[best] <= target * (1 - self.hysteresis):
+            self._streak += 1
+            if self._streak >= self.patience:
+                self._streak = 0
+                return Decision(best, f"{variants[best].name} is more accurate and predicts {predicted[best]:.1f} ms "
+                                      f"<= {target * (1 - self.hysteresis):.1f} ms for {self.patience} windows")
+        else:
+            self._streak = 0
+        return None
+
+
+class MemoryPolicy(SwitchPolicy):
+    """The largest variant whose session fits the memory available (and the profile's budget)."""
+
+    name = "memory"
+
+    def __init__(self, *args, reserve_mb: float = 64.0, **kw):
+        super().__init__(*args, **kw)
+        self.reserve_mb = reserve_mb
+
+    def decide(self, obs, variants, active):
+        room = min(obs.available_mb - self.reserve_mb + variants[active].memory_mb, self.memory_budget_mb)
+        fitting = [i for i, v in enumerate(variants) if v.memory_mb <= room]
+        target = max(fitting) if fitting else 0
+        if target == active:
+            return None
+        return Decision(target, f"{room:.0f} MB available for the session; {variants[target].name} needs "
+                                f"{variants[target].memory_mb:.0f} MB")
+
+
+_POLICIES: dict[str, type[SwitchPolicy]] = {p.name: p for p in (QpsTrendPolicy, LatencySloPolicy, MemoryPolicy,
+                                                               ManualPolicy)}
+
+
+def names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def get(name: str, **kw) -> SwitchPolicy:
+    """Build the policy called ``name``; unknown names list the known ones."""
+    if name not in _POLICIES:
+        raise UnknownNameError("policy", name, _POLICIES)
+    return _POLICIES[name](**kw)

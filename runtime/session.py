@@ -1,0 +1,49 @@
+"""ONNX Runtime sessions created from bytes under a device profile, with provider fallback. Torch-free."""
+from __future__ import annotations
+
+import warnings
+
+_warned: set[tuple[str, ...]] = set()
+
+
+def providers_for(profile) -> tuple[list[str], list[dict]]:
+    """The profile's providers that this onnxruntime build has, in order, with their options; CPU last.
+
+    Providers it lacks are skipped with one warning per distinct set."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    wanted = list(profile.execution.providers)
+    chosen = [p for p in wanted if p in available]
+    missing = tuple(p for p in wanted if p not in available)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    if missing and missing not in _warned:
+        _warned.add(missing)
+        warnings.warn(f"profile {profile.name}: {', '.join(missing)} not available in this onnxruntime build; "
+                      f"using {', '.join(chosen)}", RuntimeWarning, stacklevel=3)
+    options = [dict(profile.execution.provider_options.get(p, {})) for p in chosen]
+    return chosen, options
+
+
+def profile_session_options(profile):
+    import onnxruntime as ort
+
+    from .measure import session_options
+
+    ex = profile.execution
+    opts = session_options(ex.intra_op_threads, ex.inter_op_threads, ex.graph_optimization)
+    opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if ex.execution_mode == "parallel"
+                           else ort.ExecutionMode.ORT_SEQUENTIAL)
+    for key, value in ex.session_config.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+def create_session(onnx_bytes: bytes, profile):
+    """A session built from in-memory ONNX bytes under ``profile`` (never read from disk)."""
+    import onnxruntime as ort
+
+    providers, options = providers_for(profile)
+    return ort.InferenceSession(onnx_bytes, profile_session_options(profile), providers=providers,
+                                provider_options=options)

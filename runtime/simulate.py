@@ -1,0 +1,135 @@
+"""``edgeshift simulate``: replay a load trace against a switch policy, with switch costs measured for real.
+
+A trace is CSV with a header ``time_s,rps`` and optionally ``cpu_share`` (speed left to us, 1.0 = as
+benchmarked) and ``available_mb``; or JSON, a list of such objects. Each row holds until the next one. The
+simulator benchmarks every variant on this device first (latency p95 at batch 1; the cost of a cold switch:
+inflate + create + warm), then steps through the trace once per ``step`` seconds, modelling the latency each
+variant would give at that load, and asks the policy what to run. Torch-free.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import InputFileError
+from .policies import Observation, SwitchPolicy, VariantView
+from .portfolio import Portfolio
+
+
+@dataclass
+class TracePoint:
+    time_s: float
+    rps: float
+    cpu_share: float = 1.0
+    available_mb: float = 1e9
+
+
+@dataclass
+class SimSwitch:
+    time_s: float
+    source: str
+    target: str
+    reason: str
+    cost_ms: float
+
+
+@dataclass
+class SimResult:
+    switches: list[SimSwitch]
+    seconds_per_variant: dict[str, float]
+    requests_per_variant: dict[str, float]
+    slo_violations_s: float  # seconds with modelled p95 above the profile's target
+    mean_top1: float | None  # request-weighted accuracy served
+
+
+def read_trace(path: str | Path) -> list[TracePoint]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"trace file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else list(csv.DictReader(text.splitlines()))
+    except (json.JSONDecodeError, csv.Error) as exc:
+        raise InputFileError(f"{path}: cannot parse trace ({exc})") from None
+    if not isinstance(rows, list) or not rows:
+        raise InputFileError(f"{path}: empty trace; expected rows of time_s,rps[,cpu_share][,available_mb]")
+    points = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or "time_s" not in r or "rps" not in r:
+            raise InputFileError(f"{path}: row {i + 1} lacks time_s and rps (expected header time_s,rps"
+                                 "[,cpu_share][,available_mb])")
+        try:
+            p = TracePoint(float(r["time_s"]), float(r["rps"]), float(r.get("cpu_share") or 1.0),
+                           float(r.get("available_mb") or 1e9))
+        except (TypeError, ValueError):
+            raise InputFileError(f"{path}: row {i + 1} has a non-numeric value: {r}") from None
+        if p.rps < 0 or not 0 < p.cpu_share <= 1 or (points and p.time_s <= points[-1].time_s):
+            raise InputFileError(f"{path}: row {i + 1}: need rps >= 0, 0 < cpu_share <= 1, increasing time_s")
+        points.append(p)
+    return points
+
+
+def measure_variants(portfolio: Portfolio, profile, iterations: int = 30) -> tuple[list[VariantView], dict]:
+    """On-device p95 latency and cold-switch cost of every variant."""
+    import numpy as np
+
+    from .measure import time_calls
+    from .session import create_session
+
+    views, costs = [], {}
+    shape = [1 if d is None else d for d in portfolio.input_spec["shape"]]
+    x = np.zeros(shape, np.float32)
+    warm = create_session(portfolio.inflate(portfolio.names[0]), profile)  # ORT's one-time set-up, uncharged
+    warm.run(None, {warm.get_inputs()[0].name: x})
+    del warm
+    for i, v in enumerate(portfolio.variants):
+        t0 = time.perf_counter()
+        sess = create_session(portfolio.inflate(v.name), profile)
+        name = sess.get_inputs()[0].name
+        sess.run(None, {name: x})
+        costs[v.name] = (time.perf_counter() - t0) * 1e3
+        stats = time_calls(lambda: sess.run(None, {name: x}), warmup=10, iterations=iterations, batch=1)
+        mem = v.entry.get("peak_memory_bytes") or 2 * v.bytes
+        views.append(VariantView(v.name, i, v.top1 or 0.0, stats.p95_ms, mem / 2 ** 20))
+    return views, costs
+
+
+def simulate(trace: list[TracePoint], views: list[VariantView], costs: dict, policy: SwitchPolicy, *,
+             start: int, latency_target_ms: float, step: float = 1.0) -> SimResult:
+    active = start
+    switches: list[SimSwitch] = []
+    seconds = {v.name: 0.0 for v in views}
+    requests = {v.name: 0.0 for v in views}
+    violations = 0.0
+    end = trace[-1].time_s + step
+    t, k = trace[0].time_s, 0
+    while t < end:
+        while k + 1 < len(trace) and trace[k + 1].time_s <= t:
+            k += 1
+        point = trace[k]
+        v = views[active]
+        p95 = policy.predicted_p95_ms(v, Observation(t, point.rps, point.rps, None, point.cpu_share,
+                                                      point.available_mb))
+        served = point.rps if p95 != float("inf") else policy.threads * 1000 / (v.latency_ms / point.cpu_share)
+        obs = Observation(t, point.rps, served, min(p95, 1e6), point.cpu_share, point.available_mb)
+        seconds[v.name] += step
+        requests[v.name] += served * step
+        violations += step if p95 > latency_target_ms else 0.0
+        decision = policy.decide(obs, views, active)
+        if decision is not None and decision.target != active:
+            switches.append(SimSwitch(t, v.name, views[decision.target].name, decision.reason,
+                                      costs.get(views[decision.target].name, 0.0)))
+            active = decision.target
+        t += step
+    total = sum(requests.values())
+    top1 = None
+    if total > 0 and any(v.top1 for v in views):
+        top1 = sum(requests[v.name] * v.top1 for v in views) / total
+    return SimResult(switches, seconds, requests, violations, top1)
+
+
+def result_document(result: SimResult) -> dict:
+    return {**asdict(result), "switches": [asdict(s) for s in result.switches]}

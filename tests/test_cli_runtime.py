@@ -1,0 +1,121 @@
+"""Device-side commands through the CLI, including in a process where torch cannot be imported."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from typer.testing import CliRunner
+
+from onnx_helpers import tiny_portfolio
+from runtime.cli import app
+
+runner = CliRunner()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BLOCK_TORCH = """
+import sys, runpy
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'onnx', 'onnxsim', 'torch_pruning', 'torchvision'):
+            raise ModuleNotFoundError(f'No module named {name!r} (blocked in this test)', name=name)
+        return None
+sys.meta_path.insert(0, Block())
+sys.argv = ['edgeshift'] + sys.argv[1:]
+try:
+    runpy.run_module('runtime', run_name='__main__')
+finally:
+    leaked = [m for m in ('torch', 'onnx') if m in sys.modules]
+    assert not leaked, f'imported {leaked}'
+"""
+
+
+def npy_images(folder, n=3):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        np.save(folder / f"img{i}.npy", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    return folder
+
+
+def test_bench_writes_json_and_csv(tmp_path):
+    tiny_portfolio(tmp_path / "pf.zip")
+    result = runner.invoke(app, ["bench", str(tmp_path / "pf.zip"), "--profile", "host", "--json",
+                                 str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert [v["name"] for v in doc["variants"]] == ["w4", "w8", "w16", "w32"]
+    assert doc["fingerprint"]["onnxruntime"] and doc["profile"] == "host"
+    for v in doc["variants"]:
+        assert 0 < v["p50_ms"] <= v["p95_ms"] <= v["p99_ms"] and v["create_ms"] > 0 and v["throughput"] > 0
+    rows = list(csv.DictReader((tmp_path / "b.csv").read_text().splitlines()))
+    assert [r["name"] for r in rows] == ["w4", "w8", "w16", "w32"]
+
+
+def test_run_classifies_a_folder(tmp_path):
+    tiny_portfolio(tmp_path / "pf.zip")
+    images = npy_images(tmp_path / "imgs")
+    result = runner.invoke(app, ["run", str(tmp_path / "pf.zip"), "--images", str(images), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith(str(images))]
+    assert len(lines) == 3 and all(len(line.split("\t")) == 3 for line in lines)
+    assert "3 images with w8" in result.output
+
+
+def test_simulate_prints_every_switch(tmp_path):
+    tiny_portfolio(tmp_path / "pf.zip")
+    trace = tmp_path / "t.csv"
+    trace.write_text("time_s,rps,cpu_share\n0,10,1\n5,10,0.05\n10,10,1\n")
+    result = runner.invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", str(trace), "--policy",
+                                 "qps-trend", "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert len(doc["switches"]) >= 2 and f"{len(doc['switches'])} switches" in result.output
+    assert all(f"-> {s['target']}" in result.output for s in doc["switches"])
+
+
+def one_error_line(result):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_broken_portfolio_is_one_line(tmp_path):
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
+    for cmd in (["inspect"], ["bench"], ["run", "--images", str(tmp_path)], ["simulate", "--trace", "x"]):
+        result = runner.invoke(app, [cmd[0], str(tmp_path / "bad.zip"), *cmd[1:]])
+        assert result.exit_code == 2
+        assert "not a portfolio" in one_error_line(result) or "not found" in one_error_line(result)
+
+
+def test_unknown_profile_and_missing_file(tmp_path):
+    tiny_portfolio(tmp_path / "pf.zip")
+    result = runner.invoke(app, ["bench", str(tmp_path / "pf.zip"), "--profile", "pi9"])
+    assert result.exit_code == 2 and "known: host, jetson-nano" in one_error_line(result)
+    result = runner.invoke(app, ["inspect", str(tmp_path / "none.zip")])
+    assert result.exit_code == 2 and "portfolio not found" in one_error_line(result)
+
+
+def test_unknown_policy_is_refused(tmp_path):
+    tiny_portfolio(tmp_path / "pf.zip")
+    result = runner.invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", "t.csv", "--policy", "greedy"])
+    assert result.exit_code == 2 and "qps-trend" in result.output
+
+
+def test_device_commands_run_with_torch_unimportable(tmp_path):
+    tiny_portfolio(tmp_path / "pf.zip")
+    images = npy_images(tmp_path / "imgs")
+    trace = tmp_path / "t.csv"
+    trace.write_text("time_s,rps\n0,10\n3,2000\n6,10\n")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    pf = str(tmp_path / "pf.zip")
+    for args in (["inspect", pf], ["bench", pf, "--profile", "host", "--json", str(tmp_path / "b.json")],
+                 ["run", pf, "--images", str(images)], ["simulate", pf, "--trace", str(trace)]):
+        proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    assert json.loads((tmp_path / "b.json").read_text())["variants"]
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "prune", "x.pt", "-o", "y.pt"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "pip install 'edgeshift[build]'" in proc.stderr
