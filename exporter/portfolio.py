@@ -14,7 +14,7 @@ from runtime.atomic import atomic_path
 from runtime.errors import EdgeshiftError, OutputExistsError
 from runtime.manifest import MANIFEST_NAME, NAME_RE, SCHEMA_VERSION, validate_manifest, variant_file
 
-from .profile import DEFLATE_LEVEL, TestData, profile_variant
+from .profile import DEFLATE_LEVEL, TestData, deflated_size, profile_variant
 
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR_STD = [0.2470, 0.2435, 0.2616]
@@ -29,16 +29,25 @@ class Tolerance:
     size: float = 0.03  # relative bytes
 
 
+def _top1(v: dict) -> float | None:
+    return (v.get("accuracy") or {}).get("top1")
+
+
 def _beats(a: dict, b: dict) -> bool:
-    """a is at least as good as b on accuracy, latency and size, and strictly better on one."""
-    acc_a, acc_b = (a["accuracy"] or {}).get("top1", 0.0), (b["accuracy"] or {}).get("top1", 0.0)
+    """a is at least as good as b on accuracy, latency and size, and strictly better on one. Without measured
+    accuracy for both, nothing beats anything: size alone never decides that a variant is worse."""
+    acc_a, acc_b = _top1(a), _top1(b)
+    if acc_a is None or acc_b is None:
+        return False
     lat_a, lat_b = a["latency"]["p50_ms"], b["latency"]["p50_ms"]
     ge = acc_a >= acc_b and lat_a <= lat_b and a["bytes"] <= b["bytes"]
     return ge and (acc_a > acc_b or lat_a < lat_b or a["bytes"] < b["bytes"])
 
 
 def _near(a: dict, b: dict, tol: Tolerance) -> bool:
-    acc_a, acc_b = (a["accuracy"] or {}).get("top1", 0.0), (b["accuracy"] or {}).get("top1", 0.0)
+    acc_a, acc_b = _top1(a), _top1(b)
+    if acc_a is None or acc_b is None:
+        return False
     rel = lambda x, y: abs(x - y) / max(abs(x), abs(y), 1e-12)  # noqa: E731
     return (abs(acc_a - acc_b) <= tol.accuracy and rel(a["latency"]["p50_ms"], b["latency"]["p50_ms"]) <= tol.latency
             and rel(a["bytes"], b["bytes"]) <= tol.size)
@@ -65,15 +74,26 @@ def postprocess(variants: list[dict], tol: Tolerance = Tolerance()) -> tuple[lis
     return sorted(kept, key=lambda v: (v["bytes"], v["name"])), dropped
 
 
-def write_portfolio(out_path: str | os.PathLike, manifest: dict, onnx: dict[str, bytes]) -> Path:
-    """Pack ``manifest.json`` and ``variants/<name>.onnx`` into one DEFLATE ZIP, atomically."""
+MIN_DEFLATE_SAVING = 0.10
+
+
+def write_portfolio(out_path: str | os.PathLike, manifest: dict, onnx: dict[str, bytes],
+                    min_saving: float = MIN_DEFLATE_SAVING) -> Path:
+    """Pack ``manifest.json`` and ``variants/<name>.onnx`` into one standard ZIP, atomically.
+
+    Members are DEFLATEd, except a variant that DEFLATE shrinks by less than ``min_saving`` (a dense model):
+    it is STORED, so a switch to it does not spend CPU inflating what barely compressed.
+    """
     validate_manifest(manifest)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=DEFLATE_LEVEL) as z:
             z.writestr(MANIFEST_NAME, json.dumps(manifest, indent=1))
             for v in manifest["variants"]:
-                z.writestr(v["file"], onnx[v["name"]])
+                data = onnx[v["name"]]
+                deflated = v.get("deflated_bytes") or deflated_size(data)
+                method = zipfile.ZIP_DEFLATED if deflated <= (1 - min_saving) * len(data) else zipfile.ZIP_STORED
+                z.writestr(v["file"], data, compress_type=method)
     return out_path
 
 

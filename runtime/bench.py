@@ -5,7 +5,6 @@ import csv
 import gc
 import io
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 from .atomic import write_text_atomic
 from .measure import machine_fingerprint, time_calls
 from .portfolio import Portfolio
-from .session import create_session
+from .session import create_session, session_for_variant
 
 
 @dataclass
@@ -54,18 +53,13 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
         info = portfolio.info(name)
         gc.collect()
         before = _rss_mb()
-        t0 = time.perf_counter()
-        data = portfolio.inflate(name)
-        t1 = time.perf_counter()
-        session = create_session(data, profile)
-        t2 = time.perf_counter()
-        del data
+        session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile)
         inp = session.get_inputs()[0].name
         b = profile.benchmark
         stats = time_calls(lambda: session.run(None, {inp: x}), warmup=b.warmup, iterations=b.iterations,
                            max_seconds=b.max_seconds, batch=batch)
         growth = _rss_mb() - before
-        results.append(VariantBench(name, info.bytes, info.deflated_bytes, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+        results.append(VariantBench(name, info.bytes, info.deflated_bytes, inflate_ms, create_ms,
                                     stats.p50_ms, stats.p95_ms, stats.p99_ms, stats.throughput, batch, stats.calls,
                                     growth, info.top1))
         del session

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import InputShapeError, UnknownNameError
 from .portfolio import Portfolio
-from .session import create_session
+from .session import session_for_variant
 
 LATENCY_WINDOW = 20_000  # request latencies kept for percentiles
 
@@ -65,7 +65,7 @@ class Runtime:
     """
 
     def __init__(self, portfolio, profile="host", policy="manual", *, start: str | None = None,
-                 preload_neighbours: bool | None = None, warmup_runs: int = 2):
+                 preload_neighbours: bool | None = None, warmup_runs: int = 1):
         import device_profiles
 
         from . import policies
@@ -149,11 +149,7 @@ class Runtime:
 
     # -- switching ----------------------------------------------------------------------------------------
     def _build(self, name: str) -> tuple[_Slot, float, float, float]:
-        t0 = time.perf_counter()
-        data = self.portfolio.inflate(name)
-        t1 = time.perf_counter()
-        session = create_session(data, self.profile)
-        del data
+        session, inflate_ms, create_ms = session_for_variant(self.portfolio, name, self.profile)
         t2 = time.perf_counter()
         inp = session.get_inputs()[0]
         shape = [self.profile.serving.batch_size if not isinstance(d, int) else d for d in inp.shape]
@@ -161,7 +157,7 @@ class Runtime:
         for _ in range(self.warmup_runs):
             session.run(None, {inp.name: zeros})
         t3 = time.perf_counter()
-        return _Slot(name, session, inp.name), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+        return _Slot(name, session, inp.name), inflate_ms, create_ms, (t3 - t2) * 1e3
 
     def _neighbours(self, name: str) -> set[str]:
         names = self.portfolio.names

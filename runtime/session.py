@@ -40,10 +40,23 @@ def profile_session_options(profile):
     return opts
 
 
-def create_session(onnx_bytes: bytes, profile):
-    """A session built from in-memory ONNX bytes under ``profile`` (never read from disk)."""
+def create_session(model: bytes | str, profile):
+    """A session under ``profile`` from ONNX bytes or the path of an in-memory file (``Portfolio.inflated_path``)."""
     import onnxruntime as ort
 
     providers, options = providers_for(profile)
-    return ort.InferenceSession(onnx_bytes, profile_session_options(profile), providers=providers,
+    return ort.InferenceSession(model, profile_session_options(profile), providers=providers,
                                 provider_options=options)
+
+
+def session_for_variant(portfolio, name: str, profile):
+    """Inflate ``name`` (hash-checked) and build its session; returns (session, inflate_ms, create_ms)."""
+    import time
+
+    t0 = time.perf_counter()
+    with portfolio.inflated_path(name) as path:
+        model = path if path is not None else portfolio.inflate(name)
+        t1 = time.perf_counter()
+        session = create_session(model, profile)
+    t2 = time.perf_counter()
+    return session, (t1 - t0) * 1e3, (t2 - t1) * 1e3

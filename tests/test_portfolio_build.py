@@ -44,7 +44,10 @@ def test_portfolio_is_a_standard_zip_whose_hashes_match(portfolio):
         manifest = json.loads(z.read("manifest.json"))
         validate_manifest(manifest)
         assert sorted(z.namelist()) == ["manifest.json", "variants/dense.onnx", "variants/pruned.onnx"]
-        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+        for v in manifest["variants"]:  # DEFLATE where it pays, STORED where it would save under 10%
+            method = z.getinfo(v["file"]).compress_type
+            assert method == (zipfile.ZIP_DEFLATED if v["deflated_bytes"] <= 0.9 * v["bytes"] else zipfile.ZIP_STORED)
+        assert z.getinfo("variants/pruned.onnx").compress_type == zipfile.ZIP_DEFLATED
         for v in manifest["variants"]:
             data = z.read(v["file"])
             assert hashlib.sha256(data).hexdigest() == v["sha256"] and len(data) == v["bytes"]
@@ -75,6 +78,13 @@ def test_postprocess_drops_dominated_and_near_duplicates_but_keeps_the_reference
     assert [v["name"] for v in kept] == ["e", "a", "dense"]
     reasons = {d["name"]: d["reason"] for d in dropped}
     assert "beaten by a" in reasons["b"] and "near-duplicate of a" in reasons["c"] and "beaten by e" in reasons["d"]
+
+
+def test_postprocess_keeps_variants_whose_accuracy_is_unknown():
+    a, b = variant("a", 0.9, 5.0, 500), variant("b", 0.9, 6.0, 600)
+    a["accuracy"] = b["accuracy"] = None
+    kept, dropped = postprocess([a, b, variant("dense", 0.9, 10.0, 1000, reference=True)])
+    assert [v["name"] for v in kept] == ["a", "b", "dense"] and not dropped
 
 
 def test_cli_export_inspect_and_report(tmp_path):
