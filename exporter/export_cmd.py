@@ -85,7 +85,9 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
         if prune:
             model, reports[s.name] = prune_zero_channels(model, x)
         models[s.name] = model
-    test = labels = mean = std = None
+    test = labels = None
+    norm = arch.get("normalisation") or {}
+    mean, std = norm.get("mean"), norm.get("std")  # recorded by training; the data's own when given
     if data is not None:
         ds = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
         if ds.num_classes != arch["num_classes"]:

@@ -78,6 +78,7 @@ def build_from_architecture(arch: dict) -> nn.Module:
         if name not in known:
             raise EdgeshiftError(f"checkpoint names layer {name!r}, which architecture {arch['name']!r} does not have")
         model.set_submodule(name, _build_layer(spec))
+    model.edgeshift_arch = {k: v for k, v in arch.items() if k != "layers"}  # keeps e.g. the normalisation
     return model
 
 

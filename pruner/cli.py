@@ -49,5 +49,106 @@ def prune(
     typer.echo(f"wrote {out}")
 
 
+
+
+class Method(str, Enum):
+    imp = "imp"
+    magnitude = "magnitude"
+    random = "random"
+    synflow = "synflow"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    step = "step"
+
+
+def _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed, augment):
+    from pruner.train import TrainConfig
+
+    return TrainConfig(epochs=epochs, iterations=iterations, batch_size=batch_size, lr=lr, momentum=momentum,
+                       weight_decay=weight_decay, schedule=schedule.value, warmup_steps=warmup, seed=seed,
+                       augment=augment)
+
+
+def imp(
+    arch: str = typer.Option(..., help="Zoo architecture (vgg16, resnet20, ...)."),
+    data: str = typer.Option(..., help="'generated', an ImageFolder root (<root>/train|test/<class>/*.jpg) or a "
+                                       "CIFAR-10 python folder."),
+    levels: int = typer.Option(5, min=0, help="Levels after the dense one: level k keeps (1-f)^k of the weights."),
+    out: Path = typer.Option(..., "--out", help="Run directory (resumed if it exists with the same options)."),
+    method: Method = typer.Option(Method.imp, help="imp, or a one-shot baseline: magnitude, random, synflow."),
+    prune_fraction: float = typer.Option(0.5, help="Fraction of the remaining weights pruned per level (0.2: "
+                                                   "the classic rate)."),
+    rewind_step: int = typer.Option(0, min=0, help="Optimiser step the surviving weights rewind to."),
+    epochs: int = typer.Option(10, min=1, help="Epochs per level."),
+    iterations: Optional[int] = typer.Option(None, help="Optimiser steps per level instead of epochs."),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(0.1),
+    momentum: float = typer.Option(0.9),
+    weight_decay: float = typer.Option(5e-4),
+    schedule: Schedule = typer.Option(Schedule.cosine),
+    warmup: int = typer.Option(0, min=0, help="Linear warm-up steps."),
+    augment: bool = typer.Option(True, help="Random crop with padding and horizontal flip."),
+    num_classes: Optional[int] = typer.Option(None, help="Default: the data's class count."),
+    train_samples: Optional[int] = typer.Option(None, help="Train on a stratified subset of this size."),
+    test_samples: Optional[int] = typer.Option(None, help="Evaluate on a stratified subset of this size."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Iterative magnitude pruning with rewinding (or a one-shot baseline): one checkpoint per level."""
+    from pruner.imp import RunConfig, run_sparse
+
+    if not 0 < prune_fraction < 1:
+        raise typer.BadParameter("must be in (0, 1)", param_hint="--prune-fraction")
+    cfg = RunConfig(arch=arch, data=data, method=method.value, prune_fraction=prune_fraction,
+                    rewind_step=rewind_step, train_samples=train_samples, test_samples=test_samples, seed=seed)
+    train_cfg = _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed,
+                              augment)
+    rows = run_sparse(out, cfg, train_cfg, levels, num_classes=num_classes)
+    for r in rows:
+        typer.echo(f"level {r['level']}: sparsity {100 * r['sparsity']:.2f}% ({r['compression']:.1f}x), "
+                   f"test accuracy {100 * r['test_accuracy']:.2f}%, {r['seconds']:.0f} s")
+    typer.echo(f"run directory: {out}")
+
+
+def train_cmd(
+    arch: str = typer.Option(..., help="Zoo architecture."),
+    data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Checkpoint to write."),
+    epochs: int = typer.Option(10, min=1),
+    iterations: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(0.1),
+    momentum: float = typer.Option(0.9),
+    weight_decay: float = typer.Option(5e-4),
+    schedule: Schedule = typer.Option(Schedule.cosine),
+    warmup: int = typer.Option(0, min=0),
+    augment: bool = typer.Option(True),
+    num_classes: Optional[int] = typer.Option(None),
+    train_samples: Optional[int] = typer.Option(None),
+    test_samples: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
+) -> None:
+    """Train a dense zoo model and save it as a checkpoint."""
+    from pruner.imp import RunConfig, _check_classes, _load_data, build_model
+    from pruner.checkpoint import save_checkpoint
+    from pruner.models import registry
+    from pruner.train import train
+
+    _check_output(out, force)
+    cfg = RunConfig(arch=arch, data=data, train_samples=train_samples, test_samples=test_samples, seed=seed)
+    train_ds, test_ds = _load_data(cfg, num_classes, registry.entry(arch).input_size)
+    model = build_model(cfg, num_classes or train_ds.num_classes, train_ds)
+    _check_classes(model, train_ds)
+    res = train(model, train_ds, test_ds, _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay,
+                                                        schedule, warmup, seed, augment))
+    save_checkpoint(model, out, meta={"test_accuracy": res.test_accuracy, "steps": res.steps})
+    typer.echo(f"test accuracy {100 * res.test_accuracy:.2f}% after {res.steps} steps ({res.seconds:.0f} s); "
+               f"wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("prune")(handle_errors(prune))
+    app.command("train")(handle_errors(train_cmd))
+    app.command("imp")(handle_errors(imp))

@@ -1,0 +1,137 @@
+"""Unstructured sparsity: masks over conv and linear weights, exact global pruning, and a registry of scorers.
+
+A mask is ``dict[str, BoolTensor]`` keyed by parameter name (``features.0.0.weight``), covering every Conv2d and
+Linear weight. ``prune_global`` keeps exactly the highest-scoring fraction of the weights still alive.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from runtime.errors import UnknownNameError
+
+Mask = dict[str, torch.Tensor]
+
+
+def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights pruning acts on: every Conv2d and Linear weight, by parameter name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            out[f"{name}.weight" if name else "weight"] = m.weight
+    return out
+
+
+def full_mask(model: nn.Module) -> Mask:
+    return {k: torch.ones_like(p, dtype=torch.bool) for k, p in prunable(model).items()}
+
+
+def density(mask: Mask) -> float:
+    total = sum(m.numel() for m in mask.values())
+    return sum(int(m.sum()) for m in mask.values()) / max(total, 1)
+
+
+@torch.no_grad()
+def apply_mask(model: nn.Module, mask: Mask) -> None:
+    """Zero every masked weight in place."""
+    params = prunable(model)
+    for k, m in mask.items():
+        params[k].mul_(m.to(params[k].dtype))
+
+
+@torch.no_grad()
+def prune_global(scores: dict[str, torch.Tensor], mask: Mask, keep: int) -> Mask:
+    """A new mask keeping exactly ``keep`` of the currently alive weights: those with the highest scores."""
+    names = list(mask)
+    alive = torch.cat([mask[k].flatten() for k in names])
+    flat = torch.cat([scores[k].detach().flatten().double() for k in names])
+    flat = torch.where(alive, flat, torch.full_like(flat, -float("inf")))
+    keep = max(0, min(int(keep), int(alive.sum())))
+    new = torch.zeros_like(alive)
+    if keep:
+        new[torch.topk(flat, keep, sorted=False).indices] = True
+    new &= alive
+    out, i = {}, 0
+    for k in names:
+        n = mask[k].numel()
+        out[k] = new[i:i + n].reshape(mask[k].shape).clone()
+        i += n
+    return out
+
+
+def target_keep(mask_or_model, sparsity: float) -> int:
+    """How many weights a global sparsity leaves, counted over all prunable weights."""
+    total = sum(m.numel() for m in (mask_or_model.values() if isinstance(mask_or_model, dict)
+                                    else prunable(mask_or_model).values()))
+    return int(round(total * (1.0 - sparsity)))
+
+
+# --- scorers: (model, mask, target_keep, data) -> scores ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    score: Callable  # (model, mask, keep, seed) -> Mask, pruning to ``keep`` weights
+    data_free: bool
+    help: str
+
+
+def _magnitude(model: nn.Module, mask: Mask, keep: int, seed: int = 0) -> Mask:
+    return prune_global({k: p.abs() for k, p in prunable(model).items()}, mask, keep)
+
+
+def _random(model: nn.Module, mask: Mask, keep: int, seed: int = 0) -> Mask:
+    g = torch.Generator().manual_seed(seed)
+    return prune_global({k: torch.rand(p.shape, generator=g) for k, p in prunable(model).items()}, mask, keep)
+
+
+def _synflow(model: nn.Module, mask: Mask, keep: int, seed: int = 0, iterations: int = 100) -> Mask:
+    """SynFlow (Tanaka et al., 2020): data-free, iterative; scores |w * dR/dw| with R the summed output of the
+    network with |weights| on an all-ones input, pruning to an exponentially shrinking density."""
+    net = copy.deepcopy(model).double().eval()
+    params = prunable(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.abs_()
+    shape = _input_shape(model)
+    x = torch.ones(shape, dtype=torch.float64)
+    total_alive = sum(int(m.sum()) for m in mask.values())
+    current = {k: v.clone() for k, v in mask.items()}
+    originals = {k: p.detach().clone() for k, p in params.items()}
+    for it in range(1, iterations + 1):
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(originals[k] * current[k])
+        net.zero_grad()
+        net(x).sum().backward()
+        scores = {k: (p.grad * p).abs() for k, p in params.items()}
+        k_keep = int(round(total_alive * (keep / max(total_alive, 1)) ** (it / iterations)))
+        current = prune_global(scores, current, k_keep)
+    return current
+
+
+def _input_shape(model: nn.Module) -> tuple:
+    from .models.registry import input_shape
+
+    return input_shape(model, 1)
+
+
+_SCORERS = {
+    "magnitude": Scorer("magnitude", _magnitude, False, "global |w| of the trained weights"),
+    "random": Scorer("random", _random, True, "uniformly random, seeded"),
+    "synflow": Scorer("synflow", _synflow, True, "SynFlow, data-free, 100 iterations"),
+}
+
+
+def names() -> list[str]:
+    return sorted(_SCORERS)
+
+
+def get(name: str) -> Scorer:
+    if name not in _SCORERS:
+        raise UnknownNameError("scorer", name, _SCORERS)
+    return _SCORERS[name]
