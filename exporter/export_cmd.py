@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.atomic import check_output_path
 from runtime.errors import EdgeshiftError, InputFileError
 
 LEVEL_RE = re.compile(r"^level_(\d+)$")
@@ -60,12 +61,7 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     from .portfolio import build_portfolio
     from .profile import TestData
 
-    if out.exists() and not force:
-        from runtime.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise InputFileError(f"output directory does not exist: {out.parent}")
+    check_output_path(out, force)
     sources = discover_sources(paths)
     models, reports, compressions, recipes = {}, {}, {}, {}
     arch = None

@@ -10,8 +10,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.atomic import atomic_path
-from runtime.errors import EdgeshiftError, OutputExistsError
+from runtime.atomic import atomic_path, check_output_path
+from runtime.errors import EdgeshiftError
 from runtime.manifest import MANIFEST_NAME, NAME_RE, SCHEMA_VERSION, validate_manifest, variant_file
 
 from .profile import DEFLATE_LEVEL, TestData, deflated_size, profile_variant
@@ -116,11 +116,7 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
 
     from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise OutputExistsError(f"{out_path} exists; pass --force to overwrite it")
-    if not out_path.parent.is_dir():
-        raise EdgeshiftError(f"output directory does not exist: {out_path.parent}")
+    out_path = check_output_path(out_path, force)
     if not variants:
         raise EdgeshiftError("no variants to pack")
     for name in variants:

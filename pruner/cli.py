@@ -8,21 +8,13 @@ from typing import Optional
 
 import typer
 
+from runtime.atomic import check_output_path
 from runtime.cli_util import handle_errors
 
 
 class PruneMode(str, Enum):
     exact = "exact"
     drop = "drop"
-
-
-def _check_output(path: Path, force: bool) -> None:
-    from runtime.errors import InputFileError, OutputExistsError
-
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise InputFileError(f"output directory does not exist: {path.parent}")
 
 
 def prune(
@@ -37,9 +29,9 @@ def prune(
     """Remove every channel of a sparse model that cannot change its output; print the report."""
     from pruner.prune_cmd import prune_checkpoint
 
-    _check_output(out, force)
+    check_output_path(out, force)
     if json_out is not None:
-        _check_output(json_out, force)
+        check_output_path(json_out, force)
     report = prune_checkpoint(checkpoint, out, mode=mode.value, batch=batch, seed=seed)
     typer.echo(report.table())
     if json_out is not None:
@@ -136,7 +128,7 @@ def train_cmd(
     from pruner.models import registry
     from pruner.train import train
 
-    _check_output(out, force)
+    check_output_path(out, force)
     cfg = RunConfig(arch=arch, data=data, train_samples=train_samples, test_samples=test_samples, seed=seed)
     train_ds, test_ds = _load_data(cfg, num_classes, registry.entry(arch).input_size)
     model = build_model(cfg, num_classes or train_ds.num_classes, train_ds)

@@ -41,3 +41,15 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an existing file (unless ``force``) or a missing directory before any work starts."""
+    from .errors import InputFileError, OutputExistsError
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise InputFileError(f"output directory does not exist: {path.parent}")
+    return path

@@ -65,7 +65,7 @@ class Runtime:
     """
 
     def __init__(self, portfolio, profile="host", policy="manual", *, start: str | None = None,
-                 preload_neighbours: bool | None = None, warmup_runs: int = 1):
+                 preload_neighbours: bool | None = None, warmup_runs: int = 1, decide_every: float = 1.0):
         import device_profiles
 
         from . import policies
@@ -90,7 +90,7 @@ class Runtime:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgeshift-switch",
                                             initializer=_lower_thread_priority if single else None)
         self._standby: dict[str, _Slot] = {}
-        self._latencies: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self._log: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)  # (done at, seconds, variant)
         self._requests = 0
         self._failures = 0
         self._per_variant: collections.Counter = collections.Counter()
@@ -104,6 +104,13 @@ class Runtime:
                                            False))
         if self.preload_neighbours:
             self._executor.submit(self._refresh_standby)
+        self.decide_every = decide_every
+        self._closing = threading.Event()
+        self._fastest_ms: dict[str, float] = {}  # per variant: the fastest window median seen on this device
+        self._monitor = None
+        if self.policy.name != "manual" and decide_every > 0:
+            self._monitor = threading.Thread(target=self._monitor_loop, name="edgeshift-policy", daemon=True)
+            self._monitor.start()
 
     # -- serving ------------------------------------------------------------------------------------------
     @property
@@ -114,15 +121,17 @@ class Runtime:
     def variants(self) -> list[str]:
         return self.portfolio.names
 
+    def _expected(self) -> str:
+        return "(" + ", ".join("N" if d is None else str(d) for d in self._input_shape) + f") {self._input_dtype}"
+
     def check_input(self, batch) -> np.ndarray:
         """Return ``batch`` if it matches the manifest's input; else raise InputShapeError naming both."""
-        expected = "(" + ", ".join("N" if d is None else str(d) for d in self._input_shape) + f") {self._input_dtype}"
         if not isinstance(batch, np.ndarray):
-            raise InputShapeError(f"input must be a numpy array shaped {expected}, got {type(batch).__name__}")
+            raise InputShapeError(f"input must be a numpy array shaped {self._expected()}, got {type(batch).__name__}")
         ok = batch.ndim == len(self._input_shape) and all(
             d is None or d == s for d, s in zip(self._input_shape, batch.shape)) and batch.shape[0] >= 1
         if not ok or batch.dtype != self._input_dtype:
-            raise InputShapeError(f"input is {tuple(batch.shape)} {batch.dtype}; expected {expected}")
+            raise InputShapeError(f"input is {tuple(batch.shape)} {batch.dtype}; expected {self._expected()}")
         return batch
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -140,8 +149,8 @@ class Runtime:
             with self._lock:
                 self._failures += 1
             raise
-        dt = time.perf_counter() - t
-        self._latencies.append(dt)  # deque.append is atomic
+        done = time.perf_counter()
+        self._log.append((done, done - t, slot.name))  # deque.append is atomic
         with self._lock:
             self._requests += 1
             self._per_variant[slot.name] += 1
@@ -210,9 +219,49 @@ class Runtime:
         self._pending = fut
         return fut.result() if wait else fut
 
+    # -- live policy ----------------------------------------------------------------------------------------
+    def observe(self, window: float) -> tuple:
+        """The last ``window`` seconds as the policy sees them: (Observation, variant views, active index)."""
+        import psutil
+
+        from .policies import Observation, VariantView
+
+        now = time.perf_counter()
+        recent = [(dt, n) for t, dt, n in list(self._log) if t >= now - window]
+        active = self.active
+        names = self.portfolio.names
+        own = [dt * 1e3 for dt, n in recent if n == active]
+        share = 1.0
+        if len(own) >= 3:
+            median = float(np.median(own))
+            fastest = self._fastest_ms[active] = min(self._fastest_ms.get(active, median), median)
+            share = max(min(fastest / median, 1.0), 1e-3)
+        infos = [self.portfolio.info(n) for n in names]
+        # build-time latencies, rescaled by how fast this device ran the active variant at its best
+        build = [v.p95_ms or (v.macs / 1e6 if v.macs else 1.0) for v in infos]
+        ia = names.index(active)
+        scale = self._fastest_ms[active] / build[ia] if active in self._fastest_ms and build[ia] else 1.0
+        views = [VariantView(v.name, i, v.top1 or 0.0, self._fastest_ms.get(v.name, build[i] * scale),
+                             (v.entry.get("peak_memory_bytes") or 2 * v.bytes) / 2 ** 20)
+                 for i, v in enumerate(infos)]
+        qps = len(recent) / window
+        p95 = float(np.percentile([dt for dt, _ in recent], 95)) * 1e3 if recent else None
+        obs = Observation(now - self._t0, qps, qps, p95, share, psutil.virtual_memory().available / 2 ** 20)
+        return obs, views, ia
+
+    def _monitor_loop(self) -> None:
+        while not self._closing.wait(self.decide_every):
+            if self._pending is not None and not self._pending.done():
+                continue  # one switch at a time
+            obs, views, active = self.observe(self.decide_every)
+            decision = self.policy.decide(obs, views, active)
+            if decision is not None and decision.target != active and not self._closing.is_set():
+                self.switch_to(views[decision.target].name, reason=f"{self.policy.name}: {decision.reason}",
+                               wait=False)
+
     # -- reporting ----------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        lat = np.asarray(self._latencies, dtype=np.float64) * 1e3
+        lat = np.asarray([dt for _, dt, _ in list(self._log)], dtype=np.float64) * 1e3
         with self._lock:
             out = {
                 "active": self.active,
@@ -231,6 +280,9 @@ class Runtime:
         return out
 
     def close(self) -> None:
+        self._closing.set()
+        if self._monitor is not None:
+            self._monitor.join()
         self._executor.shutdown(wait=True)
         with self._lock:
             self._standby.clear()

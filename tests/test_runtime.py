@@ -166,3 +166,30 @@ def test_manual_policy_never_switches():
 def test_unknown_policy_lists_the_known_ones():
     with pytest.raises(UnknownNameError, match="latency-slo, manual, memory, qps-trend"):
         policies.get("greedy")
+
+
+def test_a_live_policy_switches_the_runtime_on_its_own(portfolio):
+    import dataclasses
+    import time
+
+    import device_profiles
+
+    path, blobs = portfolio
+    host = device_profiles.get("host")
+    strict = dataclasses.replace(host, serving=dataclasses.replace(host.serving, latency_target_ms=1e-6))
+    x = batch(1)
+    with Runtime(path, profile=strict, policy="latency-slo", decide_every=0.05) as rt:
+        assert rt.active == "w8"
+        deadline = time.monotonic() + 10
+        while rt.active != "w4" and time.monotonic() < deadline:
+            rt.predict(x)  # requests give the policy its observations
+        assert rt.active == "w4"
+        log = rt.stats()["switch_log"]
+        assert log[-1]["target"] == "w4" and log[-1]["reason"].startswith("latency-slo: p95")
+        obs, views, active = rt.observe(1.0)
+        assert views[active].name == "w4" and obs.p95_ms > 0 and obs.served_qps > 0
+
+
+def test_manual_policy_starts_no_monitor(portfolio):
+    with Runtime(portfolio[0]) as rt:
+        assert rt._monitor is None
