@@ -122,22 +122,26 @@ def train_cmd(
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
-    """Train a dense zoo model and save it as a checkpoint."""
-    from pruner.imp import RunConfig, _check_classes, _load_data, build_model
+    """Train a dense zoo model and save it as a checkpoint (data-parallel when launched by torchrun)."""
+    from pruner import distributed
     from pruner.checkpoint import save_checkpoint
+    from pruner.imp import RunConfig, _check_classes, _load_data, build_model
     from pruner.models import registry
     from pruner.train import train
 
     check_output_path(out, force)
+    rank, world = distributed.init_from_env()
     cfg = RunConfig(arch=arch, data=data, train_samples=train_samples, test_samples=test_samples, seed=seed)
     train_ds, test_ds = _load_data(cfg, num_classes, registry.entry(arch).input_size)
     model = build_model(cfg, num_classes or train_ds.num_classes, train_ds)
     _check_classes(model, train_ds)
     res = train(model, train_ds, test_ds, _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay,
                                                         schedule, warmup, seed, augment))
-    save_checkpoint(model, out, meta={"test_accuracy": res.test_accuracy, "steps": res.steps})
-    typer.echo(f"test accuracy {100 * res.test_accuracy:.2f}% after {res.steps} steps ({res.seconds:.0f} s); "
-               f"wrote {out}")
+    if rank == 0:
+        save_checkpoint(model, out, meta={"test_accuracy": res.test_accuracy, "steps": res.steps, "processes": world})
+        typer.echo(f"test accuracy {100 * res.test_accuracy:.2f}% after {res.steps} steps ({res.seconds:.0f} s, "
+                   f"{world} process{'es' if world > 1 else ''}); wrote {out}")
+    distributed.barrier()
 
 
 def register(app: typer.Typer) -> None:

@@ -30,7 +30,7 @@ import torch
 from runtime.atomic import atomic_path, write_text_atomic
 from runtime.errors import EdgeshiftError
 
-from . import sparse
+from . import distributed, sparse
 from .checkpoint import save_checkpoint
 from .data import Dataset
 from .models import registry
@@ -101,8 +101,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig) -> di
                 raise EdgeshiftError(f"{run_dir} holds a run with another configuration (differs in: "
                                      f"{', '.join(diff)}); use a new --out or the same options")
             return old
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(meta, json.dumps(doc, indent=2))
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(meta, json.dumps(doc, indent=2))
     return doc
 
 
@@ -116,15 +117,20 @@ def is_finished(run_dir: Path, k: int) -> bool:
 
 def _save_level(run_dir: Path, k: int, model, mask, result, cfg: RunConfig, seconds: float) -> dict:
     d = level_dir(run_dir, k)
+    metrics = {"level": k, "method": cfg.method, "sparsity": 1.0 - sparse.density(mask),
+               "compression": 1.0 / max(sparse.density(mask), 1e-12), "test_accuracy": result.test_accuracy,
+               "train_loss": result.train_loss, "steps": result.steps, "seconds": seconds,
+               "nonzero_weights": int(sum(int(m.sum()) for m in mask.values())),
+               "processes": distributed.world_size()}
+    if not distributed.is_main():
+        distributed.barrier()
+        return metrics
     save_checkpoint(model, d / "checkpoint.pt", masks=mask,
                     meta={"level": k, "method": cfg.method, "test_accuracy": result.test_accuracy})
     with atomic_path(d / "mask.pt") as tmp:
         torch.save({k2: v.clone() for k2, v in mask.items()}, tmp)
-    metrics = {"level": k, "method": cfg.method, "sparsity": 1.0 - sparse.density(mask),
-               "compression": 1.0 / max(sparse.density(mask), 1e-12), "test_accuracy": result.test_accuracy,
-               "train_loss": result.train_loss, "steps": result.steps, "seconds": seconds,
-               "nonzero_weights": int(sum(int(m.sum()) for m in mask.values()))}
     write_text_atomic(d / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the level finished
+    distributed.barrier()
     return metrics
 
 
@@ -146,7 +152,9 @@ def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: in
     if not 0 < cfg.prune_fraction < 1:
         raise EdgeshiftError(f"--prune-fraction must be in (0, 1), got {cfg.prune_fraction}")
     entry = registry.entry(cfg.arch)
+    distributed.init_from_env()
     prepare_run_dir(run_dir, cfg, train_cfg)
+    distributed.barrier()
     train_ds, test_ds = _load_data(cfg, num_classes, entry.input_size)
     classes = num_classes or train_ds.num_classes
 
@@ -160,9 +168,11 @@ def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: in
 
     def run_level(k: int, model, mask, start_step: int, rewind_step: int | None):
         d = level_dir(run_dir, k)
-        if d.exists():
-            shutil.rmtree(d)  # an unfinished level: start it again from its beginning
-        d.mkdir(parents=True)
+        if distributed.is_main():
+            if d.exists():
+                shutil.rmtree(d)  # an unfinished level: start it again from its beginning
+            d.mkdir(parents=True)
+        distributed.barrier()
         cfg_k = train_cfg
         if budget[0] is not None:
             total = train_cfg.total_steps(len(train_ds))
@@ -186,8 +196,9 @@ def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: in
             if k == 0:
                 model, mask = fresh_model(), sparse.full_mask(init)
                 res, secs = run_level(0, model, mask, 0, cfg.rewind_step)
-                with atomic_path(rewind_path) as tmp:
-                    torch.save(res.rewind_state, tmp)
+                if distributed.is_main():
+                    with atomic_path(rewind_path) as tmp:
+                        torch.save(res.rewind_state, tmp)
                 metrics_out.append(_save_level(run_dir, 0, model, mask, res, cfg, secs))
                 continue
             model, mask = level_start(run_dir, cfg, k, fresh_model)

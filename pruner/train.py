@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import Dataset
 from .sparse import Mask, apply_mask
 
@@ -120,13 +121,16 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
     if mask is not None:
         apply_mask(model, mask)
     model.train()
+    net = distributed.wrap(model)  # DDP under torchrun, the model itself otherwise
+    rank, world = distributed.rank(), distributed.world_size()
+    progress = progress and rank == 0
     rewind_state = None
     history: list[dict] = []
     bar = _Progress(total - start_step, label, progress)
     t0 = time.perf_counter()
     step = start_step
     loss_sum, loss_n, correct = 0.0, 0, 0
-    log = open(log_path, "a") if log_path else None
+    log = open(log_path, "a") if log_path and rank == 0 else None
     try:
         while step < total:
             epoch = step // per_epoch
@@ -138,10 +142,12 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
                 if rewind_step is not None and step == rewind_step:
                     rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                x = _augment(xs[idx], gen) if cfg.augment else xs[idx]
+                x = _augment(xs[idx], gen) if cfg.augment else xs[idx]  # every rank draws the same augmentation
+                if world > 1:  # this rank's slice of the global batch
+                    idx, x = idx[rank::world], x[rank::world]
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr_at(step, total)
-                out = model(x)
+                out = net(x)
                 loss = F.cross_entropy(out, ys[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
