@@ -105,7 +105,7 @@ def main() -> None:
                 rt._active = slots[target]
 
         instant, bad_i, err_i, _ = run_phase(rt, inputs, refs, None, replay)
-        del slots
+        slots.clear()  # release every prebuilt session
         steady, bad0, err0 = [], 0, []
         for name in names:  # each variant alone, for as long as it was active on average while switching
             rt.switch_to(name, reason="steady")

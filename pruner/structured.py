@@ -16,7 +16,6 @@ all, whatever that does to the output.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -412,7 +411,3 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
     work.eval()
     return work, report
 
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """The baseline the prune step is timed against (see benchmarks/prune_speed.py)."""
-    return copy.deepcopy(model)

@@ -62,7 +62,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
         results.append(VariantBench(name, info.bytes, info.deflated_bytes, inflate_ms, create_ms,
                                     stats.p50_ms, stats.p95_ms, stats.p99_ms, stats.throughput, batch, stats.calls,
                                     growth, info.top1))
-        del session
+        session = None  # release it before the next variant is measured
     return results
 
 

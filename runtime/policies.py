@@ -6,7 +6,7 @@ free memory) and the variants (sorted by size, smallest first) and returns a ``D
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UnknownNameError
 
