@@ -97,8 +97,14 @@ class Runtime:
         self._switches: list[SwitchRecord] = []
         self._pending: Future | None = None
         name = start or self.portfolio.median_variant
-        self.portfolio.info(name)  # unknown start -> error naming the variants
-        slot, inflate, create, warm = self._build(name)
+        try:
+            self.portfolio.info(name)  # unknown start -> error naming the variants
+            slot, inflate, create, warm = self._build(name)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            if self._owns_portfolio:
+                self.portfolio.close()
+            raise
         self._active = slot
         self._switches.append(SwitchRecord("", name, "start", 0.0, inflate, create, warm, inflate + create + warm,
                                            False))
