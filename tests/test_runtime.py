@@ -193,3 +193,22 @@ def test_a_live_policy_switches_the_runtime_on_its_own(portfolio):
 def test_manual_policy_starts_no_monitor(portfolio):
     with Runtime(portfolio[0]) as rt:
         assert rt._monitor is None
+
+
+def test_missing_providers_are_skipped_with_one_warning(portfolio):
+    import warnings
+
+    import onnxruntime as ort
+
+    from runtime import session
+
+    session._warned.clear()
+    assert "XnnpackExecutionProvider" not in ort.get_available_providers()  # true of this CPU build
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Runtime(portfolio[0], profile="rpi4") as rt:
+            rt.switch_to("w32")
+            rt.predict(batch())
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "XnnpackExecutionProvider not available" in msgs[0]
+    assert "using CPUExecutionProvider" in msgs[0]
