@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test venv clean bench
+.PHONY: test demo venv clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The whole pipeline on generated data (or DATA=path ARCH=name OUT=dir).
+DATA ?= generated
+ARCH ?= resnet20
+OUT ?= out/demo
+demo: $(STAMP)
+	EDGESHIFT=$(VENV)/bin/edgeshift scripts/demo.sh $(DATA) $(ARCH) $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
