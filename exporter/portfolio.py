@@ -10,14 +10,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pruner.data import CIFAR_MEAN, CIFAR_STD
 from runtime.atomic import atomic_path, check_output_path
 from runtime.errors import EdgeshiftError
 from runtime.manifest import MANIFEST_NAME, NAME_RE, SCHEMA_VERSION, validate_manifest, variant_file
 
 from .profile import DEFLATE_LEVEL, TestData, deflated_size, profile_variant
 
-CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
-CIFAR_STD = [0.2470, 0.2435, 0.2616]
 
 
 @dataclass(frozen=True)
@@ -164,8 +163,8 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
         "input": {"name": INPUT_NAME, "shape": [None, *map(int, example_inputs.shape[1:])], "dtype": "float32",
                   "layout": "NCHW"},
         "output": {"name": OUTPUT_NAME, "shape": [None, num_classes]},
-        "preprocessing": {"mean": list(mean or CIFAR_MEAN[:channels] + [0.5] * (channels - 3)),
-                          "std": list(std or CIFAR_STD[:channels] + [0.25] * (channels - 3)),
+        "preprocessing": {"mean": list(mean or list(CIFAR_MEAN[:channels]) + [0.5] * (channels - 3)),
+                          "std": list(std or list(CIFAR_STD[:channels]) + [0.25] * (channels - 3)),
                           "layout": "NCHW", "scale": 1 / 255, "size": [int(example_inputs.shape[-2]), size]},
         "labels": list(labels) if labels else [str(i) for i in range(num_classes)],
         "variants": kept,

@@ -13,7 +13,7 @@ import numpy as np
 from .atomic import write_text_atomic
 from .measure import machine_fingerprint, time_calls
 from .portfolio import Portfolio
-from .session import create_session, session_for_variant
+from .session import absorb_first_session_cost, session_for_variant
 
 
 @dataclass
@@ -45,10 +45,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     batch = profile.serving.batch_size
     shape = [batch if d is None else d for d in portfolio.input_spec["shape"]]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    # ORT's one-time initialisation (allocators, thread pools) must not be charged to the first variant
-    first = create_session(portfolio.inflate(portfolio.names[0]), profile)
-    first.run(None, {first.get_inputs()[0].name: x})
-    del first
+    absorb_first_session_cost(portfolio, profile)
     for name in variants or portfolio.names:
         info = portfolio.info(name)
         gc.collect()

@@ -60,3 +60,13 @@ def session_for_variant(portfolio, name: str, profile):
         session = create_session(model, profile)
     t2 = time.perf_counter()
     return session, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def absorb_first_session_cost(portfolio, profile) -> None:
+    """Build and run one throwaway session, so ONNX Runtime's one-time set-up (allocators, thread pools) is not
+    charged to whichever variant a measurement happens to start with."""
+    import numpy as np
+
+    session = session_for_variant(portfolio, portfolio.names[0], profile)[0]
+    inp = session.get_inputs()[0]
+    session.run(None, {inp.name: np.zeros([1 if not isinstance(d, int) else d for d in inp.shape], np.float32)})
