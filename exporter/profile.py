@@ -80,3 +80,24 @@ def profile_variant(onnx_bytes: bytes, *, params: int, macs: int, test_data: Tes
         top1=top1, top5=top5, samples=0 if test_data is None else int(len(test_data.y)), latency=latency,
         threads=threads, machine=machine_label(), peak_memory_bytes=peak,
     )
+
+
+def torch_model_latency(model, example_inputs, *, threads: int = 1, warmup: int = 5, iterations: int = 50,
+                        max_seconds: float = 5.0) -> tuple[LatencyStats, int]:
+    """(latency percentiles, ONNX bytes) of a torch model run through ONNX Runtime on the CPU.
+
+    The model is exported in memory as it is (eval mode; ONNX Runtime fuses conv+BN itself; not simplified,
+    nothing written): a quick profile for comparing variants built in one process, e.g. a model pruned at
+    initialisation against its dense self.
+    """
+    import torch
+
+    from .onnx_export import DEFAULT_OPSET, INPUT_NAME, _torch_to_onnx_bytes
+
+    with torch.no_grad():
+        raw = _torch_to_onnx_bytes(model.eval(), example_inputs, DEFAULT_OPSET)
+    session = cpu_session(raw, threads)
+    feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
+    stats = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations,
+                       max_seconds=max_seconds, batch=int(example_inputs.shape[0]))
+    return stats, len(raw)

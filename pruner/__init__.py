@@ -1,4 +1,5 @@
-"""edgeshift's pruning side (needs torch): the model zoo, conv-BN fusion and exact structured pruning.
+"""edgeshift's pruning side (needs torch): the model zoo, conv-BN fusion, exact structured pruning, sparse
+training and pruning at initialisation.
 
 Heavy imports happen on first use of an attribute, so ``import pruner`` stays cheap.
 """
@@ -15,6 +16,8 @@ _EXPORTS = {
     "load_checkpoint": "pruner.checkpoint",
     "count_params": "pruner.metrics",
     "count_macs": "pruner.metrics",
+    "pai": "pruner.pai",
+    "PaiConfig": "pruner.pai",
 }
 
 __all__ = sorted(_EXPORTS)

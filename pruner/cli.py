@@ -43,6 +43,49 @@ def prune(
 
 
 
+class SparsityAverage(str, Enum):
+    layer_mean = "layer-mean"
+    global_ = "global"
+
+
+def pai_cmd(
+    arch: str = typer.Option(..., help="Zoo architecture to initialise (vgg16, resnet20, ...)."),
+    sparsity: float = typer.Option(..., help="Fraction P of the conv and linear weights removed, in (0, 1)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Checkpoint to write: the initialised model and its masks."),
+    scorer: str = typer.Option("magnitude", help="Unstructured scorer: magnitude, synflow or random."),
+    all_layers: bool = typer.Option(False, "--all-layers", help="Shrink every layer (plain structured PaI)."),
+    inverted: bool = typer.Option(False, "--inverted", help="Shrink the sensitive layers instead of the resilient."),
+    unstructured: bool = typer.Option(False, "--unstructured", help="Shrink nothing (unstructured PaI)."),
+    average: SparsityAverage = typer.Option(SparsityAverage.layer_mean,
+                                            help="S_avg: mean of the layer sparsities, or the global zero fraction."),
+    num_classes: Optional[int] = typer.Option(None, help="Default: the architecture's."),
+    input_size: Optional[int] = typer.Option(None, help="Square input side. Default: the architecture's."),
+    seed: int = typer.Option(0, help="Initialisation, scorer and re-initialisation seed."),
+    profile: bool = typer.Option(True, help="Measure dense and pruned latency through ONNX Runtime."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Prune a freshly initialised model at initialisation, structurally where layers can take it (Reconvene)."""
+    from runtime.errors import EdgeshiftError
+
+    chosen = [name for name, on in (("--all-layers", all_layers), ("--inverted", inverted),
+                                    ("--unstructured", unstructured)) if on]
+    if len(chosen) > 1:
+        raise EdgeshiftError(f"{' and '.join(chosen)} exclude each other: pass at most one")
+    mode = {"--all-layers": "all-layers", "--inverted": "inverted", "--unstructured": "unstructured"}.get(
+        chosen[0] if chosen else "", "reconvene")
+    check_output_path(out, force)
+    if json_out is not None:
+        check_output_path(json_out, force)
+    from pruner.pai import PaiConfig, save_pai
+
+    report = save_pai(PaiConfig(arch=arch, sparsity=sparsity, scorer=scorer, mode=mode, average=average.value,
+                                num_classes=num_classes, input_size=input_size, seed=seed, profile=profile),
+                      out, json_out)
+    typer.echo(report.table())
+    typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
+
+
 class Method(str, Enum):
     imp = "imp"
     magnitude = "magnitude"
@@ -104,7 +147,9 @@ def imp(
 
 
 def train_cmd(
-    arch: str = typer.Option(..., help="Zoo architecture."),
+    arch: Optional[str] = typer.Option(None, help="Zoo architecture (a fresh model); or pass --init."),
+    init: Optional[Path] = typer.Option(None, help="Start from this checkpoint instead, enforcing its masks "
+                                                    "(e.g. the output of `edgeshift pai`)."),
     data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
     out: Path = typer.Option(..., "-o", "--out", help="Checkpoint to write."),
     epochs: int = typer.Option(10, min=1),
@@ -122,23 +167,42 @@ def train_cmd(
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
-    """Train a dense zoo model and save it as a checkpoint (data-parallel when launched by torchrun)."""
+    """Train a zoo model (fresh, or a checkpoint with its masks enforced) and save it (data-parallel under
+    torchrun)."""
     from pruner import distributed
     from pruner.checkpoint import save_checkpoint
     from pruner.imp import RunConfig, _check_classes, _load_data, build_model
     from pruner.models import registry
     from pruner.train import train
 
+    from runtime.errors import EdgeshiftError
+
+    if (arch is None) == (init is None):
+        raise EdgeshiftError("pass exactly one of --arch (train a fresh model) and --init (train a checkpoint)")
     check_output_path(out, force)
     rank, world = distributed.init_from_env()
+    masks, meta = None, {}
+    if init is not None:
+        from pruner.checkpoint import load_checkpoint
+
+        model, payload = load_checkpoint(init)
+        masks = payload.get("masks") or None
+        meta = {"init": str(init), **{k: v for k, v in payload.get("meta", {}).items() if k == "pai"}}
+        arch = model.edgeshift_arch["name"]
     cfg = RunConfig(arch=arch, data=data, train_samples=train_samples, test_samples=test_samples, seed=seed)
-    train_ds, test_ds = _load_data(cfg, num_classes, registry.entry(arch).input_size)
-    model = build_model(cfg, num_classes or train_ds.num_classes, train_ds)
+    input_size = model.edgeshift_arch["input_size"] if init is not None else registry.entry(arch).input_size
+    train_ds, test_ds = _load_data(cfg, num_classes, input_size)
+    if init is None:
+        model = build_model(cfg, num_classes or train_ds.num_classes, train_ds)
+    else:
+        model.edgeshift_arch["normalisation"] = {"mean": list(train_ds.mean), "std": list(train_ds.std)}
     _check_classes(model, train_ds)
     res = train(model, train_ds, test_ds, _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay,
-                                                        schedule, warmup, seed, augment))
+                                                        schedule, warmup, seed, augment), mask=masks)
     if rank == 0:
-        save_checkpoint(model, out, meta={"test_accuracy": res.test_accuracy, "steps": res.steps, "processes": world})
+        save_checkpoint(model, out, masks=masks, meta={**meta, "test_accuracy": res.test_accuracy,
+                                                        "steps": res.steps, "seconds": res.seconds,
+                                                        "processes": world})
         typer.echo(f"test accuracy {100 * res.test_accuracy:.2f}% after {res.steps} steps ({res.seconds:.0f} s, "
                    f"{world} process{'es' if world > 1 else ''}); wrote {out}")
     distributed.barrier()
@@ -148,3 +212,4 @@ def register(app: typer.Typer) -> None:
     app.command("prune")(handle_errors(prune))
     app.command("train")(handle_errors(train_cmd))
     app.command("imp")(handle_errors(imp))
+    app.command("pai")(handle_errors(pai_cmd))

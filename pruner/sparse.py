@@ -45,16 +45,23 @@ def apply_mask(model: nn.Module, mask: Mask) -> None:
 
 @torch.no_grad()
 def prune_global(scores: dict[str, torch.Tensor], mask: Mask, keep: int) -> Mask:
-    """A new mask keeping exactly ``keep`` of the currently alive weights: those with the highest scores."""
+    """A new mask keeping exactly ``keep`` of the currently alive weights: those with the highest scores
+    (ties at the threshold broken by position)."""
     names = list(mask)
     alive = torch.cat([mask[k].flatten() for k in names])
-    flat = torch.cat([scores[k].detach().flatten().double() for k in names])
-    flat = torch.where(alive, flat, torch.full_like(flat, -float("inf")))
+    dtype = torch.promote_types(torch.float32, scores[names[0]].dtype)
+    flat = torch.cat([scores[k].detach().flatten().to(dtype) for k in names])
+    flat.masked_fill_(~alive, -float("inf"))
     keep = max(0, min(int(keep), int(alive.sum())))
-    new = torch.zeros_like(alive)
-    if keep:
-        new[torch.topk(flat, keep, sorted=False).indices] = True
-    new &= alive
+    if keep == 0:
+        new = torch.zeros_like(alive)
+    else:
+        threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values  # the keep-th largest
+        new = flat > threshold
+        missing = keep - int(new.sum())
+        if missing > 0:  # ties at the threshold: the first ones by position
+            new[torch.nonzero(flat == threshold).flatten()[:missing]] = True
+        new &= alive
     out, i = {}, 0
     for k in names:
         n = mask[k].numel()

@@ -183,16 +183,22 @@ def _signature(model: nn.Module, input_shape: tuple) -> tuple:
 def _analyse_structure(model: nn.Module, example_inputs: torch.Tensor) -> _Structure:
     """Trace the (fused) model once: fx graph with node shapes, and Torch-Pruning's coupled groups by name."""
     gm = trace(model)
-    names = {m: n for n, m in model.named_modules()}
     ignored = output_layers(model, gm)
     # One forward through ShapeProp gives Torch-Pruning its trace and channel_states its node shapes. It runs on
     # meta tensors swapped in for every parameter and buffer: shapes and the autograd graph, no arithmetic.
     wrapper = ShapeRecordingModule(gm)
     meta = {k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
-            for k, v in [*wrapper.named_parameters(), *wrapper.named_buffers()]}
+            for k, v in wrapper.named_parameters()}
+    meta.update({k: torch.empty_like(v, device="meta") for k, v in wrapper.named_buffers()})  # BN statistics
     dg = tp.DependencyGraph().build_dependency(
         wrapper, example_inputs=(torch.empty_like(example_inputs[:1], device="meta"),),
         forward_fn=lambda module, inputs: functional_call(module, meta, inputs))
+    return _Structure(gm, _group_specs(dg, model, ignored))
+
+
+def _group_specs(dg, model: nn.Module, ignored: list[nn.Module]) -> list[_GroupSpec]:
+    """Torch-Pruning's coupled channel groups, by module name, with each item's role."""
+    names = {m: n for n, m in model.named_modules()}
     specs = []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
         items, blocked, has_consumer = [], False, False
@@ -222,7 +228,22 @@ def _analyse_structure(model: nn.Module, example_inputs: torch.Tensor) -> _Struc
             items.append(_ItemSpec(names[module], handler, idxs, roots, role))
         # no consumer: the channels reach the model output directly
         specs.append(_GroupSpec(len(group[0].idxs), items, blocked or not has_consumer))
-    return _Structure(gm, specs)
+    return specs
+
+
+def coupled_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_GroupSpec]:
+    """The coupled channel groups of an unfused model, from one real forward (for surgery, not for proofs).
+
+    Cheaper than the meta-tensor analysis ``prune_zero_channels`` needs when the model is small enough to run.
+    """
+    gm = trace(model)
+    was_training = model.training
+    model.eval()
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs[:1],))
+    finally:
+        model.train(was_training)
+    return _group_specs(dg, model, output_layers(model, gm))
 
 
 def _structure(model: nn.Module, example_inputs: torch.Tensor) -> _Structure:

@@ -55,6 +55,10 @@ class MobileNetV2(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(last, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming fan-out convs, a small normal classifier."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")

@@ -75,3 +75,21 @@ def input_shape(model, batch: int = 1) -> tuple[int, int, int, int]:
         raise ValueError("model was not built by the zoo; pass example inputs explicitly")
     size = arch["input_size"]
     return (batch, int(arch["kwargs"].get("in_channels", 3)), size, size)
+
+
+def reinitialise(model, seed: int = 0) -> None:
+    """Give ``model`` fresh weights drawn the way its zoo architecture initialises them, at its current widths.
+
+    Every layer is reset (PyTorch defaults, BN statistics cleared), then the architecture's own
+    ``init_weights`` runs; seeded, and the global RNG state is left as it was.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()  # BatchNorm's also clears its running statistics
+        init = getattr(model, "init_weights", None)
+        if callable(init):
+            init()

@@ -87,6 +87,10 @@ class CifarResNet(nn.Module):
         self.layers = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming fan-out convs, unit BN scales, zero BN shifts."""
         _init(self)
 
     def forward(self, x):
@@ -122,6 +126,10 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming fan-out convs, unit BN scales, zero BN shifts."""
         _init(self)
 
     def forward(self, x):

@@ -31,6 +31,10 @@ class CifarVGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The architecture's initialisation (Kaiming fan-out convs; PyTorch defaults elsewhere)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
