@@ -63,7 +63,7 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
 
     check_output_path(out, force)
     sources = discover_sources(paths)
-    models, reports, compressions, recipes = {}, {}, {}, {}
+    models, reports, recipes, totals, nonzeros = {}, {}, {}, {}, {}
     arch = None
     for s in sources:
         model, _ = load_checkpoint(s.checkpoint)
@@ -75,12 +75,14 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
         weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         total = sum(w.numel() for w in weights)
         nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
-        compressions[s.name] = total / max(nonzero, 1)
+        totals[s.name], nonzeros[s.name] = total, nonzero
         recipes[s.name] = s.recipe
         x = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
         if prune:
             model, reports[s.name] = prune_zero_channels(model, x)
         models[s.name] = model
+    # against the largest source, so depth- or width-pruned sources count their missing weights too
+    compressions = {n: max(totals.values()) / max(nonzeros[n], 1) for n in totals}
     test = labels = None
     norm = arch.get("normalisation") or {}
     mean, std = norm.get("mean"), norm.get("std")  # recorded by training; the data's own when given

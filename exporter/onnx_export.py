@@ -77,6 +77,16 @@ def _torch_to_onnx_bytes(model, example_inputs, opset: int) -> bytes:
     return buf.getvalue()
 
 
+def onnx_bytes(model, example_inputs, opset: int = DEFAULT_OPSET) -> bytes:
+    """The model (put in eval mode) as ONNX bytes in memory: not fused, simplified or checked; for quick
+    measurements (latency, accuracy) of models built in the same process. ``export_onnx`` is the real export."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return _torch_to_onnx_bytes(model, example_inputs, opset)
+
+
 def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 simplify: bool = True, rtol: float = DEFAULT_RTOL, random_batches: int = 2,
                 macs: int | None = None) -> ExportReport:

@@ -90,12 +90,9 @@ def torch_model_latency(model, example_inputs, *, threads: int = 1, warmup: int 
     nothing written): a quick profile for comparing variants built in one process, e.g. a model pruned at
     initialisation against its dense self.
     """
-    import torch
+    from .onnx_export import INPUT_NAME, onnx_bytes
 
-    from .onnx_export import DEFAULT_OPSET, INPUT_NAME, _torch_to_onnx_bytes
-
-    with torch.no_grad():
-        raw = _torch_to_onnx_bytes(model.eval(), example_inputs, DEFAULT_OPSET)
+    raw = onnx_bytes(model, example_inputs)
     session = cpu_session(raw, threads)
     feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
     stats = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations,

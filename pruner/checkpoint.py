@@ -2,8 +2,8 @@
 
 A checkpoint is a dict saved by ``torch.save`` and read with ``torch.load(weights_only=True)``:
 ``{"format": "edgeshift-checkpoint", "version": 1, "arch": {...}, "state_dict": {...}, "masks": {...}, "meta": {...}}``.
-``arch["layers"]`` records every Conv2d / Linear / BatchNorm2d (and BNs fused away) so a pruned model is rebuilt
-at its own widths.
+``arch["layers"]`` records every Conv2d / Linear / BatchNorm2d (and BNs fused away, layers or blocks removed) so a
+pruned model is rebuilt at its own widths and depth.
 """
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def architecture_of(model: nn.Module) -> dict:
         spec = _layer_spec(m)
         if spec is not None:
             layers[name] = spec
-        elif isinstance(m, nn.Identity) and isinstance(reference.get(name), nn.BatchNorm2d):
-            layers[name] = {"type": "Identity"}
+        elif isinstance(m, nn.Identity) and name in reference and not isinstance(reference[name], nn.Identity):
+            layers[name] = {"type": "Identity"}  # a BN fused away, or a layer or block removed
     return {**arch, "layers": layers}
 
 

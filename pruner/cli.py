@@ -12,6 +12,13 @@ from runtime.atomic import check_output_path
 from runtime.cli_util import handle_errors
 
 
+def _check_outputs(force: bool, *paths: Optional[Path]) -> None:
+    """Refuse, before any work, to overwrite outputs without --force or to write into a missing folder."""
+    for path in paths:
+        if path is not None:
+            check_output_path(path, force)
+
+
 class PruneMode(str, Enum):
     exact = "exact"
     drop = "drop"
@@ -29,9 +36,7 @@ def prune(
     """Remove every channel of a sparse model that cannot change its output; print the report."""
     from pruner.prune_cmd import prune_checkpoint
 
-    check_output_path(out, force)
-    if json_out is not None:
-        check_output_path(json_out, force)
+    _check_outputs(force, out, json_out)
     report = prune_checkpoint(checkpoint, out, mode=mode.value, batch=batch, seed=seed)
     typer.echo(report.table())
     if json_out is not None:
@@ -74,14 +79,50 @@ def pai_cmd(
         raise EdgeshiftError(f"{' and '.join(chosen)} exclude each other: pass at most one")
     mode = {"--all-layers": "all-layers", "--inverted": "inverted", "--unstructured": "unstructured"}.get(
         chosen[0] if chosen else "", "reconvene")
-    check_output_path(out, force)
-    if json_out is not None:
-        check_output_path(json_out, force)
+    _check_outputs(force, out, json_out)
     from pruner.pai import PaiConfig, save_pai
 
     report = save_pai(PaiConfig(arch=arch, sparsity=sparsity, scorer=scorer, mode=mode, average=average.value,
                                 num_classes=num_classes, input_size=input_size, seed=seed, profile=profile),
                       out, json_out)
+    typer.echo(report.table())
+    typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
+
+
+def layerprune_cmd(
+    checkpoint: Path = typer.Argument(..., help="A trained edgeshift checkpoint (unfused, e.g. from `train`)."),
+    criterion: str = typer.Option(..., help="imprint, weight-norm, taylor, bn-scale or ensemble."),
+    out: Path = typer.Option(..., "-o", "--out", help="Checkpoint to write: the layer-pruned (fine-tuned) model."),
+    data: str = typer.Option(..., help="The data the model was trained on: 'generated', an ImageFolder root or a "
+                                       "CIFAR-10 python folder (criteria, accuracy, fine-tuning)."),
+    remove: Optional[int] = typer.Option(None, help="Remove this many lowest-ranked candidates."),
+    latency_budget: Optional[float] = typer.Option(None, help="Or remove until the p95 latency (ms) under "
+                                                              "--profile is at most this."),
+    profile: str = typer.Option("host", help="Device profile (name or TOML file) for every latency figure."),
+    epochs: int = typer.Option(5, min=0, help="Fine-tuning epochs (0: none)."),
+    iterations: Optional[int] = typer.Option(None, help="Fine-tuning optimiser steps instead of epochs."),
+    lr: float = typer.Option(0.01, help="Fine-tuning peak learning rate (cosine schedule)."),
+    batch_size: int = typer.Option(128, min=1),
+    weight_decay: float = typer.Option(5e-4),
+    train_samples: Optional[int] = typer.Option(None, help="Fine-tune on a stratified subset of this size."),
+    test_samples: Optional[int] = typer.Option(None, help="Measure accuracy on a stratified subset of this size."),
+    imprint_samples: int = typer.Option(2000, help="Training images the data-driven criteria see."),
+    seed: int = typer.Option(0),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Rank layers and residual blocks, remove the least useful in one shot, fine-tune; print the report."""
+    _check_outputs(force, out, json_out)
+    from pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
+
+    cfg = LayerPruneConfig(criterion=criterion, remove=remove, latency_budget_ms=latency_budget, profile=profile,
+                           imprint_samples=imprint_samples, seed=seed)
+    finetune = None
+    if epochs or iterations:
+        finetune = _train_config(epochs, iterations, batch_size, lr, 0.9, weight_decay, Schedule.cosine, 0, seed,
+                                 True)
+    report = layerprune_checkpoint(checkpoint, out, cfg, data=data, finetune=finetune, train_samples=train_samples,
+                                   test_samples=test_samples, json_out=json_out)
     typer.echo(report.table())
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 
@@ -213,3 +254,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(handle_errors(train_cmd))
     app.command("imp")(handle_errors(imp))
     app.command("pai")(handle_errors(pai_cmd))
+    app.command("layerprune")(handle_errors(layerprune_cmd))

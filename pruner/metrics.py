@@ -1,8 +1,24 @@
 """Model size figures: parameter count and multiply-accumulates per sample."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, example_inputs: torch.Tensor, hooks: list[tuple[nn.Module, Callable]]) -> None:
+    """One eval-mode forward of the first example with these forward hooks attached; mode and hooks restored."""
+    handles = [m.register_forward_hook(h) for m, h in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example_inputs[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
 
 
 def count_params(model: nn.Module) -> int:
@@ -27,18 +43,11 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
         nonlocal total
         total += out[0].numel() * m.in_features
 
-    handles = []
+    hooks = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
+            hooks.append((m, conv_hook))
         elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example_inputs[:1])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+            hooks.append((m, linear_hook))
+    forward_with_hooks(model, example_inputs, hooks)
     return int(total)
