@@ -20,12 +20,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The whole pipeline on generated data (or DATA=path ARCH=name OUT=dir).
+# The whole pipeline (configs/demo.toml) on generated data, or DATA=path ARCH=name OUT=dir.
 DATA ?= generated
 ARCH ?= resnet20
 OUT ?= out/demo
 demo: $(STAMP)
-	EDGESHIFT=$(VENV)/bin/edgeshift scripts/demo.sh $(DATA) $(ARCH) $(OUT)
+	$(VENV)/bin/edgeshift pipeline configs/demo.toml --data $(DATA) --arch $(ARCH) --out $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

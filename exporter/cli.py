@@ -43,6 +43,19 @@ def report(
     typer.echo(f"wrote {md} and {png}")
 
 
+def pipeline(
+    config: Path = typer.Argument(..., help="A pipeline TOML file (see configs/demo.toml)."),
+    arch: Optional[str] = typer.Option(None, help="Override [model] arch."),
+    data: Optional[str] = typer.Option(None, help="Override [data] path."),
+    out: Optional[str] = typer.Option(None, "--out", help="Override [output] dir."),
+) -> None:
+    """Train, prune, export, benchmark, simulate and report in one resumable run driven by a config file."""
+    from exporter.pipeline import load_config, run_pipeline
+
+    run_pipeline(load_config(config, arch=arch, data=data, out=out))
+
+
 def register(app: typer.Typer) -> None:
     app.command("export")(handle_errors(export))
     app.command("report")(handle_errors(report))
+    app.command("pipeline")(handle_errors(pipeline))

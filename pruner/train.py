@@ -90,9 +90,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
 
 
 class _Progress:
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
+    """A bar on a terminal; one line per epoch otherwise (logs of background runs)."""
+
+    def __init__(self, total: int, label: str, enabled: bool, offset: int = 0):
+        self.total, self.label, self.offset = total, label, offset
+        self.enabled, self.lines = enabled and sys.stderr.isatty(), enabled and not sys.stderr.isatty()
         self.t0 = time.perf_counter()
+
+    def epoch(self, row: dict) -> None:
+        if self.lines:
+            sys.stderr.write(f"{self.label} epoch {row['epoch']}: step {row['step']}/{self.total + self.offset}, loss "
+                             f"{row['loss']:.3f}, test accuracy {100 * row['test_accuracy']:.2f}%, "
+                             f"{row['seconds']:.0f} s\n")
+            sys.stderr.flush()
 
     def update(self, step: int, loss: float) -> None:
         if self.enabled and (step % 10 == 0 or step == self.total):
@@ -126,7 +136,7 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
     progress = progress and rank == 0
     rewind_state = None
     history: list[dict] = []
-    bar = _Progress(total - start_step, label, progress)
+    bar = _Progress(total - start_step, label, progress, offset=start_step)
     t0 = time.perf_counter()
     step = start_step
     loss_sum, loss_n, correct = 0.0, 0, 0
@@ -166,6 +176,7 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
                        "train_accuracy": correct / max(loss_n, 1), "test_accuracy": acc,
                        "lr": cfg.lr_at(step - 1, total), "seconds": time.perf_counter() - t0}
                 history.append(row)
+                bar.epoch(row)
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()

@@ -82,3 +82,22 @@ def write_csv(path: Path, results: list[VariantBench]) -> None:
     for r in results:
         w.writerow(asdict(r))
     write_text_atomic(path, buf.getvalue())
+
+
+BENCH_HEADER = ["variant", "inflate ms", "create ms", "p50 ms", "p95 ms", "p99 ms", "items/s", "RSS MB", "top-1"]
+
+
+def bench_rows(results: list[VariantBench]) -> list[list[str]]:
+    """One text row per variant, for ``echo_table`` with ``BENCH_HEADER``."""
+    return [[r.name, f"{r.inflate_ms:.1f}", f"{r.create_ms:.1f}", f"{r.p50_ms:.3f}", f"{r.p95_ms:.3f}",
+             f"{r.p99_ms:.3f}", f"{r.throughput:.1f}", f"{r.rss_growth_mb:.1f}",
+             "-" if r.top1 is None else f"{100 * r.top1:.2f}%"] for r in results]
+
+
+def bench_file(path: str | Path, profile, variants: list[str] | None = None) -> tuple[dict, list[VariantBench]]:
+    """Open the portfolio at ``path`` and bench it under ``profile``: (document, results)."""
+    with Portfolio.open(path) as pf:
+        for name in variants or []:
+            pf.info(name)
+        results = bench_portfolio(pf, profile, variants or None)
+        return bench_document(pf, profile, results), results

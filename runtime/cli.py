@@ -63,23 +63,14 @@ def bench(
     """Measure every variant on this device: inflate, session creation, latency percentiles, throughput, RSS."""
     import device_profiles
 
-    from .bench import bench_document, bench_portfolio, write_csv, write_json
-    from .portfolio import Portfolio
+    from .bench import BENCH_HEADER, bench_file, bench_rows, write_csv, write_json
 
     prof = device_profiles.get(profile)
-    with Portfolio.open(portfolio) as pf:
-        for name in variant or []:
-            pf.info(name)
-        results = bench_portfolio(pf, prof, variant or None)
-        doc = bench_document(pf, prof, results)
+    doc, results = bench_file(portfolio, prof, variant)
     fp = doc["fingerprint"]
     typer.echo(f"{portfolio} on {fp['machine']} {fp['cpu']} x{fp['cores']}, onnxruntime {fp['onnxruntime']}, "
                f"profile {prof.name} (batch {prof.serving.batch_size}, {prof.execution.intra_op_threads} threads)")
-    rows = [[r.name, f"{r.inflate_ms:.1f}", f"{r.create_ms:.1f}", f"{r.p50_ms:.3f}", f"{r.p95_ms:.3f}",
-             f"{r.p99_ms:.3f}", f"{r.throughput:.1f}", f"{r.rss_growth_mb:.1f}",
-             "-" if r.top1 is None else f"{100 * r.top1:.2f}%"] for r in results]
-    echo_table(rows, ["variant", "inflate ms", "create ms", "p50 ms", "p95 ms", "p99 ms", "items/s", "RSS MB",
-                      "top-1"])
+    echo_table(bench_rows(results), BENCH_HEADER)
     if json_out:
         write_json(json_out, doc)
         typer.echo(f"wrote {json_out}")
@@ -126,29 +117,12 @@ def simulate_cmd(
 
     import device_profiles
 
-    from . import policies
     from .atomic import write_text_atomic
-    from .portfolio import Portfolio
-    from .simulate import measure_variants, read_trace, result_document, simulate
+    from .simulate import result_document, simulate_file
 
-    prof = device_profiles.get(profile)
-    points = read_trace(trace)
-    with Portfolio.open(portfolio) as pf:
-        views, costs = measure_variants(pf, prof)
-        start = pf.names.index(pf.median_variant)
-    pol = policies.get(policy.value, latency_target_ms=prof.serving.latency_target_ms,
-                       memory_budget_mb=prof.serving.memory_budget_mb)
-    res = simulate(points, views, costs, pol, start=start, latency_target_ms=prof.serving.latency_target_ms,
-                   step=step)
-    typer.echo("variants (smallest first): " + ", ".join(
-        f"{v.name} p95 {v.latency_ms:.2f} ms, switch {costs[v.name]:.0f} ms" for v in views))
-    typer.echo(f"start on {views[start].name}; policy {policy.value}; target p95 {prof.serving.latency_target_ms:g} ms")
-    for s in res.switches:
-        typer.echo(f"t={s.time_s:7.1f}s  {s.source} -> {s.target}  cost {s.cost_ms:.0f} ms  ({s.reason})")
-    share = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds_per_variant.items() if v)
-    acc = "" if res.mean_top1 is None else f", request-weighted top-1 {100 * res.mean_top1:.2f}%"
-    typer.echo(f"{len(res.switches)} switches; time per variant: {share}; "
-               f"{res.slo_violations_s:.0f}s above target{acc}")
+    res, lines = simulate_file(portfolio, trace, policy.value, device_profiles.get(profile), step)
+    for line in lines:
+        typer.echo(line)
     if json_out:
         write_text_atomic(json_out, json.dumps(result_document(res), indent=2))
 

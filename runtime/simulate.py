@@ -131,3 +131,30 @@ def simulate(trace: list[TracePoint], views: list[VariantView], costs: dict, pol
 
 def result_document(result: SimResult) -> dict:
     return {**asdict(result), "switches": [asdict(s) for s in result.switches]}
+
+
+def simulate_file(portfolio_path: str | Path, trace_path: str | Path, policy_name: str, profile,
+                  step: float = 1.0) -> tuple[SimResult, list[str]]:
+    """Measure the portfolio's variants under ``profile``, replay the trace against the policy; returns the result
+    and the lines to print (variants, every switch with its reason and cost, totals)."""
+    from . import policies
+
+    points = read_trace(trace_path)
+    with Portfolio.open(portfolio_path) as pf:
+        views, costs = measure_variants(pf, profile)
+        start = pf.names.index(pf.median_variant)
+    pol = policies.get(policy_name, latency_target_ms=profile.serving.latency_target_ms,
+                       memory_budget_mb=profile.serving.memory_budget_mb)
+    res = simulate(points, views, costs, pol, start=start, latency_target_ms=profile.serving.latency_target_ms,
+                   step=step)
+    lines = ["variants (smallest first): " + ", ".join(
+        f"{v.name} p95 {v.latency_ms:.2f} ms, switch {costs[v.name]:.0f} ms" for v in views)]
+    lines.append(f"start on {views[start].name}; policy {policy_name}; target p95 "
+                 f"{profile.serving.latency_target_ms:g} ms")
+    for s in res.switches:
+        lines.append(f"t={s.time_s:7.1f}s  {s.source} -> {s.target}  cost {s.cost_ms:.0f} ms  ({s.reason})")
+    share = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds_per_variant.items() if v)
+    acc = "" if res.mean_top1 is None else f", request-weighted top-1 {100 * res.mean_top1:.2f}%"
+    lines.append(f"{len(res.switches)} switches; time per variant: {share}; "
+                 f"{res.slo_violations_s:.0f}s above target{acc}")
+    return res, lines

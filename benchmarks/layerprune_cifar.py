@@ -1,0 +1,115 @@
+"""Layer pruning on real data: remove 1..4 blocks of a trained CIFAR ResNet with two criteria, fine-tune briefly,
+and compare with width (L1 filter) pruning of the same model to a similar ONNX Runtime latency, same fine-tuning.
+
+Every figure is measured: top-1 through ONNX Runtime on the whole test split, latency p50 under the device profile.
+Resumable: finished layer-pruning runs (their JSON reports) are skipped.
+
+    python benchmarks/layerprune_cifar.py --checkpoint /tmp/edgeshift-bench/resnet20-dense.pt \
+        --data ../shared/datasets/cifar10 --out /tmp/edgeshift-bench/layerprune [--criteria imprint bn-scale] \
+        [--max-remove 4] [--epochs 2] [--train-samples 20000] [--profile host]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def edgeshift(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "runtime", *args], check=True)
+
+
+def width_pruned(model, ratio: float):
+    """Uniform L1-norm filter pruning of every prunable group (Torch-Pruning), classifier kept."""
+    import copy
+
+    import torch
+    import torch_pruning as tp
+
+    from pruner.models.registry import input_shape
+
+    m = copy.deepcopy(model).eval()
+    pruner = tp.pruner.MagnitudePruner(m, torch.randn(input_shape(m, 1)), importance=tp.importance.MagnitudeImportance(
+        p=1), pruning_ratio=ratio, ignored_layers=[m.fc])
+    pruner.step()
+    m.edgeshift_arch = model.edgeshift_arch
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--criteria", nargs="+", default=["imprint", "bn-scale"])
+    ap.add_argument("--max-remove", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--train-samples", type=int, default=20000)
+    ap.add_argument("--profile", default="host")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = ["--data", args.data, "--epochs", str(args.epochs), "--lr", str(args.lr), "--train-samples",
+              str(args.train_samples), "--profile", args.profile]
+    reports = {}
+    for criterion in args.criteria:
+        for n in range(1, args.max_remove + 1):
+            stem = args.out / f"{criterion}-remove{n}"
+            if not Path(f"{stem}.json").exists():
+                edgeshift("layerprune", str(args.checkpoint), "--criterion", criterion, "--remove", str(n), *common,
+                          "-o", f"{stem}.pt", "--json", f"{stem}.json", "--force")
+            reports[(criterion, n)] = json.loads(Path(f"{stem}.json").read_text())
+
+    import device_profiles
+    from pruner.checkpoint import load_checkpoint, save_checkpoint
+    from pruner.data import load_dataset
+    from pruner.layers.layerprune import measure_latency, onnx_top1
+    from pruner.metrics import count_params
+    from pruner.train import TrainConfig, train
+
+    profile = device_profiles.get(args.profile)
+    dense, _ = load_checkpoint(args.checkpoint)
+    arch = dense.edgeshift_arch
+    train_ds = load_dataset(args.data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
+    train_ds = train_ds.subset(args.train_samples, 0)
+    test_ds = load_dataset(args.data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
+    dense_lat = reports[(args.criteria[0], 1)]["latency_before"]["p50_ms"]
+    dense_acc = reports[(args.criteria[0], 1)]["accuracy_before"]
+    ratios = [round(0.05 * i, 2) for i in range(1, 15)]
+    width_lat = {}
+    for r in ratios:
+        width_lat[r] = measure_latency(width_pruned(dense, r), profile)["p50_ms"]
+    rows = []
+    for (criterion, n), rep in reports.items():
+        rows.append((f"layerprune {criterion}", f"{n} blocks", rep["params_after"], rep["latency_after"]["p50_ms"],
+                     rep["accuracy_removed"], rep["accuracy_after"]))
+    for n in range(1, args.max_remove + 1):
+        target = reports[(args.criteria[0], n)]["latency_after"]["p50_ms"]
+        r = min(ratios, key=lambda x: abs(width_lat[x] - target))
+        path = args.out / f"width-l1-{r:g}.json"
+        if not path.exists():
+            model = width_pruned(dense, r)
+            before = onnx_top1(model, test_ds)
+            train(model, train_ds, test_ds, TrainConfig(epochs=args.epochs, lr=args.lr), label=f"width {r:g}")
+            model.eval()
+            doc = {"ratio": r, "params": count_params(model), "accuracy_removed": before,
+                   "accuracy_after": onnx_top1(model, test_ds), "p50_ms": measure_latency(model, profile)["p50_ms"]}
+            save_checkpoint(model, args.out / f"width-l1-{r:g}.pt", meta={"test_accuracy": doc["accuracy_after"]})
+            path.write_text(json.dumps(doc))
+        doc = json.loads(path.read_text())
+        rows.append(("width L1 (uniform)", f"ratio {r:g}", doc["params"], doc["p50_ms"], doc["accuracy_removed"],
+                     doc["accuracy_after"]))
+    print(f"\n{arch['name']} from {args.checkpoint} (ONNX Runtime top-1 {100 * dense_acc:.2f}%, p50 {dense_lat:.3f} ms "
+          f"under profile {args.profile}); fine-tuning {args.epochs} epochs x {args.train_samples} images, lr "
+          f"{args.lr}, cosine\n")
+    print("| method | removed | params | p50 ms | latency reduction | top-1 before FT | top-1 after FT |")
+    print("|---|---|---|---|---|---|---|")
+    for method, what, params, p50, acc0, acc1 in rows:
+        print(f"| {method} | {what} | {params:,} | {p50:.3f} | {100 * (1 - p50 / dense_lat):.1f}% | "
+              f"{100 * acc0:.2f}% | {100 * acc1:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""`edgeshift pipeline`: strict config, every step's output, resume, refusal of a foreign folder, all methods."""
+import json
+import zipfile
+
+import pytest
+from typer.testing import CliRunner
+
+from exporter.pipeline import build_variants, load_config, parse_config, prepare_output
+from pruner.checkpoint import load_checkpoint
+from runtime.cli import app
+
+runner = CliRunner()
+
+TINY = """
+[model]
+arch = "resnet20"
+[data]
+path = "generated"
+train_samples = 200
+test_samples = 100
+[method]
+name = "{method}"
+levels = 1
+sparsities = [0.8]
+remove = [2]
+finetune_epochs = 1
+[train]
+epochs = 1
+batch_size = 100
+warmup = 0
+[deploy]
+export_test_samples = 100
+latency_iterations = 5
+[output]
+dir = "{out}"
+"""
+
+
+def write_config(tmp_path, method="synflow", name="p.toml", out=None):
+    path = tmp_path / name
+    path.write_text(TINY.format(method=method, out=out or tmp_path / "out"))
+    return path
+
+
+def test_pipeline_runs_every_step_then_resumes_without_redoing_work(tmp_path):
+    config = write_config(tmp_path)
+    result = runner.invoke(app, ["pipeline", str(config)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for name in ("portfolio.zip", "bench.json", "simulate.json", "portfolio.md", "portfolio.png", "summary.md",
+                 "trace.csv", "pipeline.json"):
+        assert (out / name).is_file(), name
+    assert [line for line in result.output.splitlines() if line.startswith("== ")][-1] == "== 6/6 summary"
+    assert result.output.strip().splitlines()[-1] == f"everything is in {out}"
+    manifest = json.loads(zipfile.ZipFile(out / "portfolio.zip").read("manifest.json"))
+    bench = json.loads((out / "bench.json").read_text())
+    assert {v["name"] for v in bench["variants"]} == {v["name"] for v in manifest["variants"]}
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {v['name']} |" in summary for v in manifest["variants"])
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    again = runner.invoke(app, ["pipeline", str(config)])
+    assert again.exit_code == 0, again.output
+    for name in ("portfolio.zip", "bench.json", "simulate.json"):
+        assert (out / name).stat().st_mtime_ns == stamps[name]  # finished steps are not redone
+    assert "epoch" not in again.output  # nor is any training
+    other = write_config(tmp_path, method="magnitude", name="q.toml", out=out)
+    refused = runner.invoke(app, ["pipeline", str(other)])
+    assert refused.exit_code == 2 and "another configuration" in refused.output
+
+
+@pytest.mark.parametrize("method, expected", [("pai", {"dense.pt", "pai-0.8.pt"}),
+                                              ("layerprune", {"dense.pt", "layerprune-2.pt"})])
+def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expected, tmp_path):
+    cfg = load_config(write_config(tmp_path, method=method))
+    sources = build_variants(cfg, prepare_output(cfg))
+    assert {p.name for p in sources} == expected
+    models = {p.name: load_checkpoint(p)[0] for p in sources}
+    dense = sum(p.numel() for p in models["dense.pt"].parameters())
+    for name, model in models.items():
+        if name != "dense.pt":
+            assert sum(p.numel() for p in model.parameters()) < dense  # narrower or shallower
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"modle": {}}, "unknown section [modle]; known: model, data, method, train, deploy, output"),
+    ({"train": {"epoch": 3}}, "unknown key train.epoch; known: batch_size, epochs, lr"),
+    ({"train": {"epochs": "3"}}, "train.epochs must be int, got '3'"),
+    ({"method": {"name": "obd"}}, "unknown method 'obd'; known: imp, magnitude, random, synflow, pai, layerprune"),
+    ({"method": {"remove": 2}}, "method.remove must be a list"),
+])
+def test_config_errors_name_the_file_and_key(doc, message):
+    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(doc, "my.toml")
+
+
+def test_pipeline_cli_bad_config(tmp_path):
+    result = runner.invoke(app, ["pipeline", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "missing.toml" in result.output and result.output.count("\n") == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochs = 'x'\n")
+    result = runner.invoke(app, ["pipeline", str(bad)])
+    assert result.exit_code == 2 and "bad.toml: train.epochs must be int" in result.output
+    result = runner.invoke(app, ["pipeline", str(write_config(tmp_path)), "--arch", "resnet21"])
+    assert result.exit_code == 2 and "unknown architecture 'resnet21'" in result.output
+    assert not (tmp_path / "out" / "variants").exists()  # refused before any work
