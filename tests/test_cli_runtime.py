@@ -5,40 +5,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 from typer.testing import CliRunner
 
+from device_helpers import BLOCK_TORCH, ROOT, npy_images
 from onnx_helpers import tiny_portfolio
 from runtime.cli import app
 
 runner = CliRunner()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-BLOCK_TORCH = """
-import sys, runpy
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'onnx', 'onnxsim', 'torch_pruning', 'torchvision'):
-            raise ModuleNotFoundError(f'No module named {name!r} (blocked in this test)', name=name)
-        return None
-sys.meta_path.insert(0, Block())
-sys.argv = ['edgeshift'] + sys.argv[1:]
-try:
-    runpy.run_module('runtime', run_name='__main__')
-finally:
-    leaked = [m for m in ('torch', 'onnx') if m in sys.modules]
-    assert not leaked, f'imported {leaked}'
-"""
-
-
-def npy_images(folder, n=3):
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        np.save(folder / f"img{i}.npy", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
-    return folder
-
-
 def test_bench_writes_json_and_csv(tmp_path):
     tiny_portfolio(tmp_path / "pf.zip")
     result = runner.invoke(app, ["bench", str(tmp_path / "pf.zip"), "--profile", "host", "--json",

@@ -1,10 +1,15 @@
 """`edgeshift pipeline`: strict config, every step's output, resume, refusal of a foreign folder, all methods."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
 from typer.testing import CliRunner
 
+from device_helpers import BLOCK_TORCH, ROOT, npy_images
 from exporter.pipeline import build_variants, load_config, parse_config, prepare_output
 from pruner.checkpoint import load_checkpoint
 from runtime.cli import app
@@ -66,6 +71,22 @@ def test_pipeline_runs_every_step_then_resumes_without_redoing_work(tmp_path):
     other = write_config(tmp_path, method="magnitude", name="q.toml", out=out)
     refused = runner.invoke(app, ["pipeline", str(other)])
     assert refused.exit_code == 2 and "another configuration" in refused.output
+
+    # the portfolio alone, on a "device": a folder with nothing else, a process where torch and onnx cannot load
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copy(out / "portfolio.zip", device / "portfolio.zip")
+    images = npy_images(device / "photos", n=4, size=32)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    outputs = {}
+    for args in (["inspect", "portfolio.zip"], ["bench", "portfolio.zip", "--profile", "host"],
+                 ["run", "portfolio.zip", "--images", str(images)]):
+        proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, env=env,
+                              cwd=device, timeout=300)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+        outputs[args[0]] = proc.stdout
+    assert all(v["name"] in outputs["inspect"] and v["name"] in outputs["bench"] for v in manifest["variants"])
+    assert outputs["run"].count("img") == 4 and "4 images with" in outputs["run"]
 
 
 @pytest.mark.parametrize("method, expected", [("pai", {"dense.pt", "pai-0.8.pt"}),
