@@ -1,0 +1,109 @@
+"""Every command and code block in the README, run in order in an empty folder on the generated data.
+
+The README's commands are parsed out, not copied here, so a README edit that breaks a command breaks this test.
+What the test changes, and only that: the dataset (`path/to/cifar10` -> `generated`), training lengths (a few
+steps on a small subset instead of the schedule shown), and `my.toml` after `cp` is shrunk the way a user edits
+it. `make test` is not run (it is this suite; CI runs it); `make demo` is, into a temporary folder.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BIN = Path(sys.executable).parent
+FAST = {  # appended to training commands: a few steps on a small subset
+    "train": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
+    "imp": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
+    "layerprune": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50", "--imprint-samples",
+                   "100"],
+}
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[str]:
+    out = []
+    for block in blocks("bash"):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def concrete(line: str) -> list[str]:
+    """The argv this test runs for one README line."""
+    argv = shlex.split(line.replace("path/to/cifar10", "generated"))
+    if argv[0] == "edgeshift":
+        argv = [sys.executable, "-m", "runtime", *argv[1:]]
+    elif argv[:3] == ["python", "-m", "runtime"]:
+        argv = [sys.executable, *argv[1:]]
+    elif argv[0] == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    sub = next((a for a in argv if a in FAST), None)
+    if sub and "-m" in argv and argv[argv.index("-m") + 1] == "runtime":
+        if "--epochs" in argv:
+            argv[argv.index("--epochs") + 1] = "1"
+        argv += FAST[sub]
+    return argv
+
+
+def test_the_readme_lists_the_commands_this_test_runs():
+    seen = {shlex.split(c)[1] for c in commands() if c.startswith("edgeshift ")}
+    assert {"train", "imp", "prune", "pai", "layerprune", "pipeline", "export", "inspect", "report", "profiles",
+            "bench", "run", "simulate"} <= seen
+    assert "make demo" in " ".join(commands()) and "make test" in " ".join(commands())
+
+
+def test_every_readme_command_and_snippet_runs(tmp_path):
+    from PIL import Image
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # what the README says the user brings: photos, a load trace, their own device profile
+    (work / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(work / "photos" / f"p{i}.png")
+    (work / "load.csv").write_text(blocks("csv")[0])
+    (work / "my-device.toml").write_text(blocks("toml")[0])
+    (work / "configs").mkdir()
+    (work / "configs" / "demo.toml").write_text((ROOT / "configs" / "demo.toml").read_text())
+    ran = []
+    for line in commands():
+        if line.startswith("make test"):
+            continue  # this very suite
+        if line.startswith("make demo"):
+            argv = ["make", "-C", str(ROOT), "demo", f"OUT={tmp_path / 'demo'}"]
+        else:
+            argv = concrete(line)
+        proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (line, proc.stdout[-3000:], proc.stderr[-3000:])
+        ran.append(line)
+        if line.startswith("cp configs/demo.toml my.toml"):  # the user's edit: a short run into its own folder
+            text = (work / "my.toml").read_text()
+            text = re.sub(r"levels = \d+", "levels = 1", text)
+            text = re.sub(r"epochs = \d+", "epochs = 1", text)
+            (work / "my.toml").write_text(text.replace('dir = "out/demo"', 'dir = "out/mine"'))
+        if line.startswith("make demo"):
+            assert f"everything is in {tmp_path / 'demo'}" in proc.stdout
+            assert (tmp_path / "demo" / "portfolio.zip").is_file() and (tmp_path / "demo" / "summary.md").is_file()
+    assert len(ran) == len(commands()) - 1
+    for name in ("dense.pt", "pruned.pt", "prune.json", "pai.pt", "pai.json", "spai.pt", "pai-trained.pt", "lp2.pt",
+                 "lp2.json", "lp-rpi4.pt", "portfolio.zip", "bench.json", "bench.csv", "reports/portfolio.md",
+                 "out/mine/summary.md"):
+        assert (work / name).is_file(), name
+    for snippet in blocks("python"):
+        proc = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (snippet, proc.stderr[-3000:])
+    assert (work / "api-portfolio.zip").is_file()
