@@ -60,12 +60,14 @@ def pareto_png(portfolio: Portfolio, path: Path) -> None:
 
 
 def write_report(portfolio_path: Path, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<stem>.md`` and ``<out_dir>/<stem>.png``."""
+    """Write ``<out_dir>/<stem>.md`` and ``<out_dir>/<stem>.png`` (the folder is created if missing, after the
+    portfolio has opened cleanly)."""
     from runtime.errors import InputFileError
 
-    if not out_dir.is_dir():
-        raise InputFileError(f"output directory does not exist: {out_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputFileError(f"{out_dir} is a file; pass a folder for the report")
     with Portfolio.open(portfolio_path) as pf:
+        out_dir.mkdir(parents=True, exist_ok=True)
         md, png = out_dir / f"{portfolio_path.stem}.md", out_dir / f"{portfolio_path.stem}.png"
         write_text_atomic(md, f"# Portfolio {portfolio_path.name}\n\n![Pareto chart]({png.name})\n\n"
                               + markdown_table(pf))

@@ -123,3 +123,12 @@ def test_export_into_missing_directory(tmp_path):
     save_checkpoint(make("resnet20", {}, 32), tmp_path / "good.pt")
     result = runner.invoke(app, ["export", str(tmp_path / "good.pt"), "-o", str(tmp_path / "no" / "pf.zip")])
     assert result.exit_code == 2 and "output directory does not exist" in result.output
+
+
+def test_report_creates_its_folder_but_not_over_a_file(portfolio, tmp_path):
+    result = runner.invoke(app, ["report", str(portfolio), "-o", str(tmp_path / "new" / "reports")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "reports" / "pf.md").is_file() and (tmp_path / "new" / "reports" / "pf.png").is_file()
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["report", str(portfolio), "-o", str(tmp_path / "afile")])
+    assert result.exit_code == 2 and "is a file; pass a folder" in result.output
