@@ -1,8 +1,9 @@
 """Layer pruning on real data: remove 1..4 blocks of a trained CIFAR ResNet with two criteria, fine-tune briefly,
 and compare with width (L1 filter) pruning of the same model to a similar ONNX Runtime latency, same fine-tuning.
 
-Every figure is measured: top-1 through ONNX Runtime on the whole test split, latency p50 under the device profile.
-Resumable: finished layer-pruning runs (their JSON reports) are skipped.
+Every figure is measured: top-1 through ONNX Runtime on the whole test split; latency p50 under the device profile,
+all models re-measured together at the end (interleaved rounds, median), so they are compared under the same
+conditions. Resumable: finished runs (their JSON reports) are skipped.
 
     python benchmarks/layerprune_cifar.py --checkpoint /tmp/edgeshift-bench/resnet20-dense.pt \
         --data ../shared/datasets/cifar10 --out /tmp/edgeshift-bench/layerprune [--criteria imprint bn-scale] \
@@ -38,6 +39,19 @@ def width_pruned(model, ratio: float):
     return m
 
 
+def interleaved_p50(models: dict, profile, rounds: int) -> dict:
+    """Median over ``rounds`` of each model's ORT p50 under ``profile``, the models measured in turn each round."""
+    import statistics
+
+    from pruner.layers.layerprune import measure_latency
+
+    seen = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            seen[k].append(measure_latency(m, profile)["p50_ms"])
+    return {k: statistics.median(v) for k, v in seen.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, required=True)
@@ -49,6 +63,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--train-samples", type=int, default=20000)
     ap.add_argument("--profile", default="host")
+    ap.add_argument("--rounds", type=int, default=3, help="Latency: median over this many interleaved rounds.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     common = ["--data", args.data, "--epochs", str(args.epochs), "--lr", str(args.lr), "--train-samples",
@@ -62,11 +77,13 @@ def main() -> None:
                           "-o", f"{stem}.pt", "--json", f"{stem}.json", "--force")
             reports[(criterion, n)] = json.loads(Path(f"{stem}.json").read_text())
 
+    import torch
+
     import device_profiles
     from pruner.checkpoint import load_checkpoint, save_checkpoint
     from pruner.data import load_dataset
-    from pruner.layers.layerprune import measure_latency, onnx_top1
-    from pruner.metrics import count_params
+    from pruner.layers.layerprune import onnx_top1
+    from pruner.metrics import count_macs, count_params
     from pruner.train import TrainConfig, train
 
     profile = device_profiles.get(args.profile)
@@ -75,39 +92,46 @@ def main() -> None:
     train_ds = load_dataset(args.data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
     train_ds = train_ds.subset(args.train_samples, 0)
     test_ds = load_dataset(args.data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
-    dense_lat = reports[(args.criteria[0], 1)]["latency_before"]["p50_ms"]
     dense_acc = reports[(args.criteria[0], 1)]["accuracy_before"]
+    layer_models = {key: load_checkpoint(args.out / f"{key[0]}-remove{key[1]}.pt")[0] for key in reports}
     ratios = [round(0.05 * i, 2) for i in range(1, 15)]
-    width_lat = {}
-    for r in ratios:
-        width_lat[r] = measure_latency(width_pruned(dense, r), profile)["p50_ms"]
-    rows = []
-    for (criterion, n), rep in reports.items():
-        rows.append((f"layerprune {criterion}", f"{n} blocks", rep["params_after"], rep["latency_after"]["p50_ms"],
-                     rep["accuracy_removed"], rep["accuracy_after"]))
+    # every latency in one pass, interleaved, median of rounds: models compared under the same conditions
+    candidates = {"dense": dense, **{k: m for k, m in layer_models.items()},
+                  **{("width", r): width_pruned(dense, r) for r in ratios}}
+    lat = interleaved_p50(candidates, profile, args.rounds)
+    width_docs = {}
     for n in range(1, args.max_remove + 1):
-        target = reports[(args.criteria[0], n)]["latency_after"]["p50_ms"]
-        r = min(ratios, key=lambda x: abs(width_lat[x] - target))
+        target = lat[(args.criteria[0], n)]
+        r = min(ratios, key=lambda x: abs(lat[("width", x)] - target))
         path = args.out / f"width-l1-{r:g}.json"
         if not path.exists():
             model = width_pruned(dense, r)
             before = onnx_top1(model, test_ds)
             train(model, train_ds, test_ds, TrainConfig(epochs=args.epochs, lr=args.lr), label=f"width {r:g}")
             model.eval()
-            doc = {"ratio": r, "params": count_params(model), "accuracy_removed": before,
-                   "accuracy_after": onnx_top1(model, test_ds), "p50_ms": measure_latency(model, profile)["p50_ms"]}
+            doc = {"ratio": r, "params": count_params(model), "macs": count_macs(model, torch.randn(1, 3, 32, 32)),
+                   "accuracy_removed": before, "accuracy_after": onnx_top1(model, test_ds)}
             save_checkpoint(model, args.out / f"width-l1-{r:g}.pt", meta={"test_accuracy": doc["accuracy_after"]})
             path.write_text(json.dumps(doc))
-        doc = json.loads(path.read_text())
-        rows.append(("width L1 (uniform)", f"ratio {r:g}", doc["params"], doc["p50_ms"], doc["accuracy_removed"],
-                     doc["accuracy_after"]))
+        width_docs[r] = json.loads(path.read_text())
+    final = {"dense": dense, **layer_models,
+             **{("width", r): load_checkpoint(args.out / f"width-l1-{r:g}.pt")[0] for r in width_docs}}
+    lat = interleaved_p50(final, profile, args.rounds)  # the figures in the table
+    dense_lat = lat["dense"]
+    rows = []
+    for (criterion, n), rep in reports.items():
+        rows.append((f"layerprune {criterion}", f"{n} blocks ({', '.join(rep['removed'])})", rep["params_after"],
+                     rep["macs_after"], lat[(criterion, n)], rep["accuracy_removed"], rep["accuracy_after"]))
+    for r, doc in sorted(width_docs.items()):
+        rows.append(("width L1 (uniform)", f"ratio {r:g}", doc["params"], doc["macs"], lat[("width", r)],
+                     doc["accuracy_removed"], doc["accuracy_after"]))
     print(f"\n{arch['name']} from {args.checkpoint} (ONNX Runtime top-1 {100 * dense_acc:.2f}%, p50 {dense_lat:.3f} ms "
           f"under profile {args.profile}); fine-tuning {args.epochs} epochs x {args.train_samples} images, lr "
           f"{args.lr}, cosine\n")
-    print("| method | removed | params | p50 ms | latency reduction | top-1 before FT | top-1 after FT |")
-    print("|---|---|---|---|---|---|---|")
-    for method, what, params, p50, acc0, acc1 in rows:
-        print(f"| {method} | {what} | {params:,} | {p50:.3f} | {100 * (1 - p50 / dense_lat):.1f}% | "
+    print("| method | removed | params | MACs | p50 ms | latency reduction | top-1 before FT | top-1 after FT |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, what, params, macs, p50, acc0, acc1 in rows:
+        print(f"| {method} | {what} | {params:,} | {macs / 1e6:.1f}M | {p50:.3f} | {100 * (1 - p50 / dense_lat):.1f}% | "
               f"{100 * acc0:.2f}% | {100 * acc1:.2f}% |")
 
 

@@ -1,8 +1,8 @@
 """Every command and code block in the README, run in order in an empty folder on the generated data.
 
 The README's commands are parsed out, not copied here, so a README edit that breaks a command breaks this test.
-What the test changes, and only that: the dataset (`path/to/cifar10` -> `generated`), training lengths (a few
-steps on a small subset instead of the schedule shown), and `my.toml` after `cp` is shrunk the way a user edits
+What the test changes, and only that: the dataset (`path/to/cifar10` -> `generated`), training and profiling
+lengths (a few steps on a small subset instead of the schedule shown; fewer timed calls at export), and `my.toml` after `cp` is shrunk the way a user edits
 it. `make test` is not run (it is this suite; CI runs it); `make demo` is, into a temporary folder.
 """
 import os
@@ -22,6 +22,7 @@ FAST = {  # appended to training commands: a few steps on a small subset
     "imp": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "layerprune": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50", "--imprint-samples",
                    "100"],
+    "export": ["--iterations", "5", "--no-memory", "--test-samples", "100"],  # profiling length, not behaviour
 }
 
 
@@ -48,12 +49,20 @@ def concrete(line: str) -> list[str]:
         argv = [sys.executable, *argv[1:]]
     elif argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    runs_cli = any(a == "-m" and b == "runtime" for a, b in zip(argv, argv[1:]))
     sub = next((a for a in argv if a in FAST), None)
-    if sub and "-m" in argv and argv[argv.index("-m") + 1] == "runtime":
+    if sub and runs_cli:
         if "--epochs" in argv:
             argv[argv.index("--epochs") + 1] = "1"
         argv += FAST[sub]
     return argv
+
+
+def test_training_commands_are_shortened_wherever_the_cli_is_launched_from():
+    for line in ("edgeshift imp --arch resnet20 --data path/to/cifar10 --epochs 10 --out r",
+                 "torchrun --standalone --nproc-per-node 2 -m runtime imp --arch resnet20 --epochs 10 --out r"):
+        argv = concrete(line)
+        assert argv[argv.index("--epochs") + 1] == "1" and "--train-samples" in argv
 
 
 def test_the_readme_lists_the_commands_this_test_runs():
