@@ -130,6 +130,7 @@ class PaiReport:
     seconds_prune: float  # without the two ONNX Runtime profiles
     peak_memory_bytes: int  # the process's peak resident set so far
     layers: list[PaiLayer] = field(default_factory=list)
+    collapsed_layers: list[str] = field(default_factory=list)  # layers the scorer left with no weight at all
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +154,9 @@ class PaiReport:
                         f"({self.cpu_speedup:.2f}x faster, batch {self.latency_after['batch']})")
         rows.append(f"time     {self.seconds:.2f} s ({self.seconds_prune:.2f} s pruning), "
                     f"peak memory {self.peak_memory_bytes / 2 ** 20:.0f} MiB")
+        if self.collapsed_layers:
+            rows.append(f"WARNING  layer collapse: the scorer left no weight in {', '.join(self.collapsed_layers)}; "
+                        "this model cannot learn. Lower the sparsity or use --scorer synflow.")
         return "\n".join(rows)
 
 
@@ -329,6 +333,7 @@ def pai(cfg: PaiConfig) -> tuple[nn.Module, sparse.Mask, PaiReport]:
         onnx_bytes_dense=bytes_dense, onnx_bytes_after=bytes_after, latency_dense=latency_dense,
         latency_after=latency_after, cpu_speedup=speedup, seconds=seconds, seconds_prune=seconds - profile_seconds,
         peak_memory_bytes=_peak_rss(), layers=layers,
+        collapsed_layers=[layer.name for layer in layers if layer.sparsity >= 1.0],
     )
     return model, new_mask, report
 

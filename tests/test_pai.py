@@ -211,3 +211,10 @@ def test_pai_cli_bad_input(args, message, tmp_path):
 def test_train_needs_exactly_one_of_arch_and_init(tmp_path):
     result = runner.invoke(app, ["train", "--data", "generated", "-o", str(tmp_path / "t.pt")])
     assert result.exit_code == 2 and "exactly one of --arch" in result.output
+
+
+def test_layer_collapse_is_reported():
+    _, _, report = pai(PaiConfig("resnet20", 0.97, profile=False))  # global magnitude empties the classifier
+    assert "fc" in report.collapsed_layers and "layer collapse" in report.table()
+    _, _, fine = pai(PaiConfig("resnet20", 0.8, profile=False))
+    assert fine.collapsed_layers == []
