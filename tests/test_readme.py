@@ -8,11 +8,14 @@ it. `make test` is not run (it is this suite; CI runs it); `make demo` is, into 
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from device_helpers import BLOCK_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -56,6 +59,18 @@ def concrete(line: str) -> list[str]:
             argv[argv.index("--epochs") + 1] = "1"
         argv += FAST[sub]
     return argv
+
+
+def device_run(portfolio: Path, photos: Path, device: Path, env: dict) -> None:
+    """The demo's portfolio copied alone to a new folder runs inspect, bench and run where torch cannot load."""
+    device.mkdir()
+    shutil.copy(portfolio, device / "portfolio.zip")
+    for args in (["inspect", "portfolio.zip"], ["bench", "portfolio.zip", "--profile", "host"],
+                 ["run", "portfolio.zip", "--images", str(photos)]):
+        proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], cwd=device, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert sorted(p.name for p in device.iterdir()) == ["portfolio.zip"]
 
 
 def test_training_commands_are_shortened_wherever_the_cli_is_launched_from():
@@ -106,6 +121,7 @@ def test_every_readme_command_and_snippet_runs(tmp_path):
         if line.startswith("make demo"):
             assert f"everything is in {tmp_path / 'demo'}" in proc.stdout
             assert (tmp_path / "demo" / "portfolio.zip").is_file() and (tmp_path / "demo" / "summary.md").is_file()
+            device_run(tmp_path / "demo" / "portfolio.zip", work / "photos", tmp_path / "device", env)
     assert len(ran) == len(commands()) - 1
     for name in ("dense.pt", "pruned.pt", "prune.json", "pai.pt", "pai.json", "spai.pt", "pai-trained.pt", "lp2.pt",
                  "lp2.json", "lp-rpi4.pt", "portfolio.zip", "bench.json", "bench.csv", "reports/portfolio.md",
