@@ -5,9 +5,12 @@ the requests it served while switching against two baselines measured in the sam
   steady   - that variant alone, no switches;
   instant  - the same switch schedule replayed with every session already open (swaps cost nothing), so the
              ratio isolates what inflating, creating and warming sessions in the background costs requests.
-Target: zero failures, p99 while switching <= 1.5x steady.
+Target: zero failures, p99 while switching <= 1.5x steady. Also prints how long switches took under this load
+and how much of it they spent resting (switches to a larger variant are paced while serving: the profile's
+switch_cpu_share, or --switch-cpu-share; 1 turns pacing off).
 
     python benchmarks/runtime_switching.py [--portfolio PATH] [--profile host] [--threads 8] [--switches 50]
+                                           [--switch-cpu-share 0.25] [--preload]
 """
 from __future__ import annotations
 
@@ -70,11 +73,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--switches", type=int, default=50)
     ap.add_argument("--preload", action="store_true", help="keep neighbours warm (standby sessions)")
+    ap.add_argument("--switch-cpu-share", type=float, help="share of the time a switch up works while serving "
+                    "(default: the profile's; 1 = no pacing)")
     args = ap.parse_args()
     path = ensure_vgg16_portfolio(args.portfolio)
     rng = np.random.default_rng(0)
     inputs = None
-    with Runtime(path, profile=args.profile, preload_neighbours=args.preload) as rt:
+    with Runtime(path, profile=args.profile, preload_neighbours=args.preload,
+                 switch_cpu_share=args.switch_cpu_share) as rt:
         shape = [1 if d is None else d for d in rt.portfolio.input_spec["shape"]]
         inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(args.threads)]
         refs = {}
@@ -114,9 +120,11 @@ def main() -> None:
             bad0 += b
             err0 += e
         st = rt.stats()
+        share = rt.switch_cpu_share
     sw = [s for s in st["switch_log"] if s["reason"] == "benchmark"]
     print(f"machine: {machine_label()}; profile {args.profile}; {args.threads} client threads; "
-          f"portfolio {path.name} ({', '.join(names)}); preload neighbours: {args.preload}")
+          f"portfolio {path.name} ({', '.join(names)}); preload neighbours: {args.preload}; "
+          f"switch CPU share while serving: {share}")
     print(f"switching phase: {len(sw)} switches in {dur:.1f} s, {len(switching)} requests, "
           f"{len(err_s)} failed, {bad_s} answers not from a complete variant")
     print(f"steady phases: {len(steady)} requests, {len(err0)} failed, {bad0} wrong; instant-swap replay: "
@@ -134,7 +142,18 @@ def main() -> None:
               f"{len(sv[name]):9d}")
     print(f"worst p99 ratio while switching: {worst_steady:.2f}x vs steady, {worst_instant:.2f}x vs the instant-swap "
           "replay (target <= 1.5x)")
-    print(f"switch time (request to swap) median {np.median([s['total_ms'] for s in sw]):.1f} ms")
+    print(f"{'switch':<12} {'n':>3} {'total':>8} {'inflate':>8} {'rested':>8} {'create':>8} {'warm':>6}   "
+          "(medians under load, ms; rested is part of inflate)")
+    for (src, dst) in sorted({(s["source"], s["target"]) for s in sw}, key=lambda p: (names.index(p[0]),
+                                                                                      names.index(p[1]))):
+        rec = [s for s in sw if (s["source"], s["target"]) == (src, dst)]
+        m = {k: np.median([s[k] for s in rec]) for k in ("total_ms", "inflate_ms", "yielded_ms", "create_ms",
+                                                          "warm_ms")}
+        print(f"{src + '>' + dst:<12} {len(rec):3d} {m['total_ms']:8.1f} {m['inflate_ms']:8.1f} "
+              f"{m['yielded_ms']:8.1f} {m['create_ms']:8.1f} {m['warm_ms']:6.1f}")
+    print(f"switch time under load (request to swap) median {np.median([s['total_ms'] for s in sw]):.1f} ms, max "
+          f"{max(s['total_ms'] for s in sw):.1f} ms; of which paced (slept to leave the CPU to requests) median "
+          f"{np.median([s['yielded_ms'] for s in sw]):.1f} ms")
 
 
 if __name__ == "__main__":

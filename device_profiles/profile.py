@@ -21,6 +21,7 @@ A profile file::
     latency_target_ms = 50.0
     memory_budget_mb = 512        # int, or "auto" (half the available memory)
     preload_neighbours = false    # keep the next smaller/larger variant's session warm
+    switch_cpu_share = 0.25       # while serving, a switch to a larger variant inflates this share of the time
 
     [benchmark]
     warmup = 10
@@ -65,6 +66,7 @@ class ServingSettings:
     latency_target_ms: float = 100.0  # the p95 the latency-slo policy aims for
     memory_budget_mb: int = 1024  # what the runtime may use for sessions
     preload_neighbours: bool = False  # keep the neighbours' sessions warm for sub-ms switches
+    switch_cpu_share: float = 0.25  # while serving, a switch up inflates this share of the time, resting between
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
                   "graph_optimization": OPT_LEVELS, "execution_mode": EXEC_MODES, "session_config": dict,
                   "provider_options": dict},
     "serving": {"batch_size": int, "latency_target_ms": (int, float), "memory_budget_mb": (int, "auto"),
-                "preload_neighbours": bool},
+                "preload_neighbours": bool, "switch_cpu_share": (int, float)},
     "benchmark": {"warmup": int, "iterations": int, "max_seconds": (int, float)},
 }
 
@@ -141,6 +143,9 @@ def parse_profile(data: dict, source: str) -> DeviceProfile:
         raise ProfileError(f"{source}: benchmark.iterations must be >= 1")
     if sv.get("batch_size", 1) < 1:
         raise ProfileError(f"{source}: serving.batch_size must be >= 1")
+    if not 0 < sv.get("switch_cpu_share", 0.25) <= 1:
+        raise ProfileError(f"{source}: serving.switch_cpu_share must be in (0, 1] (1 = switch at full speed), got "
+                           f"{sv['switch_cpu_share']}")
     execution = ExecutionSettings(
         providers=tuple(providers),
         intra_op_threads=int(_resolve_auto(ex.get("intra_op_threads", 1), lambda: os.cpu_count() or 1)),
@@ -155,6 +160,7 @@ def parse_profile(data: dict, source: str) -> DeviceProfile:
         latency_target_ms=float(sv.get("latency_target_ms", 100.0)),
         memory_budget_mb=int(_resolve_auto(sv.get("memory_budget_mb", 1024), _half_available_mb)),
         preload_neighbours=bool(sv.get("preload_neighbours", False)),
+        switch_cpu_share=float(sv.get("switch_cpu_share", 0.25)),
     )
     benchmark = BenchmarkSettings(int(bm.get("warmup", 10)), int(bm.get("iterations", 100)),
                                   float(bm.get("max_seconds", 20.0)))

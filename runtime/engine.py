@@ -3,7 +3,13 @@
 A request reads the active slot once (a single reference, swapped atomically) and runs to completion on that
 session, so a switch never interrupts or mixes requests: in-flight requests finish on the old session, which is
 released when the last of them returns. A switch inflates the next variant, creates and warms its session on a
-background thread (at lower CPU priority where the OS allows), then swaps the reference. Torch-free.
+background thread (at lower CPU priority where the OS allows), then swaps the reference.
+
+Pacing: on a small device every core is busy serving, and a build running flat out raises the requests' tail
+latency. So while requests are being served, a build toward a larger variant (and a standby build) inflates in
+short pieces and rests between them, working at most ``switch_cpu_share`` of the time. A switch to a smaller
+variant is not paced: it is how the runtime answers overload, and finishing it sooner is what helps requests.
+Torch-free.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from .portfolio import Portfolio
 from .session import session_for_variant
 
 LATENCY_WINDOW = 20_000  # request latencies kept for percentiles
+SERVING_WINDOW = 0.1  # seconds: a request finished this recently means the runtime is serving (pace switches)
 
 
 @dataclass
@@ -43,6 +50,7 @@ class SwitchRecord:
     warm_ms: float
     total_ms: float  # from the request to the swap
     standby: bool  # served from a warm standby session (no inflate/create)
+    yielded_ms: float = 0.0  # of inflate_ms: time the switch slept to leave the CPU to requests
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,11 +69,13 @@ class Runtime:
 
     ``Runtime(portfolio, profile="host", policy="manual")`` starts on the median-size variant (or ``start``).
     ``preload_neighbours`` (default: the profile's setting) keeps the next smaller and larger variants' sessions
-    warm so a switch to them is a reference swap.
+    warm so a switch to them is a reference swap. ``switch_cpu_share`` (default: the profile's setting, 1 = no
+    pacing) is the share of the time a build toward a larger variant works while requests are being served.
     """
 
     def __init__(self, portfolio, profile="host", policy="manual", *, start: str | None = None,
-                 preload_neighbours: bool | None = None, warmup_runs: int = 1, decide_every: float = 1.0):
+                 preload_neighbours: bool | None = None, switch_cpu_share: float | None = None,
+                 warmup_runs: int = 1, decide_every: float = 1.0):
         import device_profiles
 
         from . import policies
@@ -77,6 +87,10 @@ class Runtime:
         self.policy = policies.get(policy, latency_target_ms=serving.latency_target_ms,
                                    memory_budget_mb=serving.memory_budget_mb) if isinstance(policy, str) else policy
         self.preload_neighbours = serving.preload_neighbours if preload_neighbours is None else preload_neighbours
+        self.switch_cpu_share = serving.switch_cpu_share if switch_cpu_share is None else switch_cpu_share
+        if not 0 < self.switch_cpu_share <= 1:
+            raise ValueError(f"switch_cpu_share must be in (0, 1], got {self.switch_cpu_share}")
+        self._last_done = float("-inf")  # when the last request finished (perf_counter)
         self.warmup_runs = warmup_runs
         spec = self.portfolio.input_spec
         self._input_shape = spec["shape"]
@@ -99,7 +113,7 @@ class Runtime:
         name = start or self.portfolio.median_variant
         try:
             self.portfolio.info(name)  # unknown start -> error naming the variants
-            slot, inflate, create, warm = self._build(name)
+            slot, inflate, create, warm, yielded = self._build(name)
         except BaseException:
             self._executor.shutdown(wait=False)
             if self._owns_portfolio:
@@ -107,7 +121,7 @@ class Runtime:
             raise
         self._active = slot
         self._switches.append(SwitchRecord("", name, "start", 0.0, inflate, create, warm, inflate + create + warm,
-                                           False))
+                                           False, yielded))
         if self.preload_neighbours:
             self._executor.submit(self._refresh_standby)
         self.decide_every = decide_every
@@ -155,7 +169,7 @@ class Runtime:
             with self._lock:
                 self._failures += 1
             raise
-        done = time.perf_counter()
+        done = self._last_done = time.perf_counter()
         self._log.append((done, done - t, slot.name))  # deque.append is atomic
         with self._lock:
             self._requests += 1
@@ -163,8 +177,20 @@ class Runtime:
         return out, slot.name
 
     # -- switching ----------------------------------------------------------------------------------------
-    def _build(self, name: str) -> tuple[_Slot, float, float, float]:
-        session, inflate_ms, create_ms = session_for_variant(self.portfolio, name, self.profile)
+    def _build(self, name: str, paced: bool = True) -> tuple[_Slot, float, float, float, float]:
+        """Inflate, create and warm ``name``'s session: (slot, inflate_ms, create_ms, warm_ms, yielded_ms).
+
+        ``paced``: while requests are being served, rest between inflated pieces (see the module's docstring)."""
+        yielded = [0.0]
+        idle_per_busy = 1 / self.switch_cpu_share - 1 if paced else 0.0
+
+        def pace(busy: float) -> None:
+            if idle_per_busy and time.perf_counter() - self._last_done < SERVING_WINDOW:
+                pause = busy * idle_per_busy
+                time.sleep(pause)
+                yielded[0] += pause
+
+        session, inflate_ms, create_ms = session_for_variant(self.portfolio, name, self.profile, pace)
         t2 = time.perf_counter()
         inp = session.get_inputs()[0]
         shape = [self.profile.serving.batch_size if not isinstance(d, int) else d for d in inp.shape]
@@ -172,7 +198,7 @@ class Runtime:
         for _ in range(self.warmup_runs):
             session.run(None, {inp.name: zeros})
         t3 = time.perf_counter()
-        return _Slot(name, session, inp.name), inflate_ms, create_ms, (t3 - t2) * 1e3
+        return _Slot(name, session, inp.name), inflate_ms, create_ms, (t3 - t2) * 1e3, yielded[0] * 1e3
 
     def _neighbours(self, name: str) -> set[str]:
         names = self.portfolio.names
@@ -201,16 +227,17 @@ class Runtime:
             with self._lock:
                 slot = self._standby.pop(name, None)
             standby = slot is not None
-            inflate = create = warm = 0.0
+            inflate = create = warm = yielded = 0.0
             if slot is None:
-                slot, inflate, create, warm = self._build(name)
+                upward = self.portfolio.names.index(name) > self.portfolio.names.index(source)  # larger, slower
+                slot, inflate, create, warm, yielded = self._build(name, paced=upward)
             old = self._active
             self._active = slot  # the swap: one reference assignment
             with self._lock:
                 if self.preload_neighbours and old.name in self._neighbours(name):
                     self._standby[old.name] = old  # the old session is a neighbour now: keep it warm
             record = SwitchRecord(source, name, reason, requested - self._t0, inflate, create, warm,
-                                  (time.perf_counter() - requested) * 1e3, standby)
+                                  (time.perf_counter() - requested) * 1e3, standby, yielded)
             with self._lock:
                 self._switches.append(record)
         if self.preload_neighbours:

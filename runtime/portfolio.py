@@ -13,16 +13,16 @@ import json
 import mmap
 import os
 import struct
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import PortfolioError, require_file
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, validate_manifest, variant_file
 
-_CHUNK = 1 << 20
 _ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 
@@ -151,18 +151,24 @@ class Portfolio:
         if digest != v.sha256:
             raise PortfolioError(f"{self.path}: variant {v.name!r} fails its sha256 check (tampered or corrupt)")
 
-    def inflate(self, name: str) -> bytes:
-        """The ONNX bytes of ``name``, inflated in memory, capped at the declared size, sha256-checked."""
+    def inflate(self, name: str, pace: Pace | None = None) -> bytes:
+        """The ONNX bytes of ``name``, inflated in memory, capped at the declared size, sha256-checked.
+
+        ``pace``, if given, is called after each piece with the seconds that piece took (see ``Pace``)."""
         v, chunks = self._chunks(name)
-        data = b"".join(chunks)
-        self._check_hash(v, hashlib.sha256(data).hexdigest())
-        return data
+        digest, parts = hashlib.sha256(), []
+        for chunk in _paced(chunks, pace):
+            digest.update(chunk)
+            parts.append(chunk)
+        self._check_hash(v, digest.hexdigest())
+        return b"".join(parts)
 
     @contextlib.contextmanager
-    def inflated_path(self, name: str) -> Iterator[str | None]:
+    def inflated_path(self, name: str, pace: Pace | None = None) -> Iterator[str | None]:
         """Inflate ``name`` into an anonymous in-memory file (Linux ``memfd``: RAM, never disk) and yield a path
         ONNX Runtime can read, after the sha256 has been checked; the file is gone on exit. Where memfd is
-        missing, yields None: use ``inflate``. Reading by path keeps large copies out of the GIL."""
+        missing, yields None: use ``inflate``. Reading by path keeps large copies out of the GIL. ``pace`` as in
+        ``inflate``."""
         if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
             yield None
             return
@@ -170,7 +176,7 @@ class Portfolio:
         fd = os.memfd_create(f"edgeshift-{name}", getattr(os, "MFD_CLOEXEC", 0))
         try:
             digest = hashlib.sha256()
-            for chunk in chunks:
+            for chunk in _paced(chunks, pace):
                 digest.update(chunk)
                 view = memoryview(chunk)
                 while view:
@@ -201,6 +207,24 @@ class Portfolio:
         self.close()
 
 
+Pace = Callable[[float], None]
+"""Called by a background inflation between pieces with the seconds the last piece took (inflating, checking
+and copying it, including any wait for a core); it may sleep to leave the CPU to other work. The runtime uses
+it to keep a switch from raising the latency of the requests it serves meanwhile."""
+
+
+def _paced(chunks, pace: Pace | None):
+    """Yield ``chunks``; after the caller has handled each one, report the time it all took to ``pace``."""
+    if pace is None:
+        yield from chunks
+        return
+    t = time.perf_counter()
+    for chunk in chunks:
+        yield chunk
+        pace(time.perf_counter() - t)
+        t = time.perf_counter()
+
+
 class _MappedFile:
     """A memory map as the seekable file object zipfile expects (mmap lacks ``seekable``)."""
 
@@ -215,8 +239,8 @@ class _MappedFile:
 
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature ... name length, extra length (30 bytes)
-_IN_CHUNK = 1024 * 1024  # compressed bytes fed to zlib per call
-_OUT_CHUNK = 4 * 1024 * 1024  # inflated bytes returned per call: short GIL holds between zlib calls
+_IN_CHUNK = 256 * 1024  # compressed bytes fed to zlib per call (its unconsumed tail is copied with the GIL)
+_OUT_CHUNK = 1024 * 1024  # inflated bytes per call: a few ms of work, so pacing can interleave it with requests
 
 
 def _member_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, path: Path):

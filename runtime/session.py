@@ -49,13 +49,15 @@ def create_session(model: bytes | str, profile):
                                 provider_options=options)
 
 
-def session_for_variant(portfolio, name: str, profile):
-    """Inflate ``name`` (hash-checked) and build its session; returns (session, inflate_ms, create_ms)."""
+def session_for_variant(portfolio, name: str, profile, pace=None):
+    """Inflate ``name`` (hash-checked) and build its session; returns (session, inflate_ms, create_ms).
+
+    ``pace`` is passed to the inflation (``runtime.portfolio.Pace``); inflate_ms includes any time it slept."""
     import time
 
     t0 = time.perf_counter()
-    with portfolio.inflated_path(name) as path:
-        model = path if path is not None else portfolio.inflate(name)
+    with portfolio.inflated_path(name, pace) as path:
+        model = path if path is not None else portfolio.inflate(name, pace)
         t1 = time.perf_counter()
         session = create_session(model, profile)
     t2 = time.perf_counter()

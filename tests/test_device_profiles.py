@@ -45,6 +45,7 @@ def write(tmp_path, text):
 def test_a_users_own_profile_file(tmp_path):
     p = device_profiles.get(write(tmp_path, 'name = "mine"\n[serving]\nlatency_target_ms = 7\n'))
     assert p.name == "mine" and p.serving.latency_target_ms == 7.0
+    assert p.serving.switch_cpu_share == 0.25  # default: a switch paces itself while requests are served
     assert p.execution.providers == ("CPUExecutionProvider",)
 
 
@@ -57,6 +58,9 @@ def test_a_users_own_profile_file(tmp_path):
     ('colour = "red"\n', "unknown key 'colour'"),
     ('[serving\n', "not valid TOML"),
     ('[benchmark]\niterations = 0\n', "iterations must be >= 1"),
+    ('[serving]\nswitch_cpu_share = 0\n', r"serving.switch_cpu_share must be in \(0, 1\]"),
+    ('[serving]\nswitch_cpu_share = 1.5\n', r"serving.switch_cpu_share must be in \(0, 1\]"),
+    ('[serving]\nswitch_cpu_share = "half"\n', r"serving.switch_cpu_share must be int or float"),
 ])
 def test_bad_profiles_name_the_file_and_the_key(tmp_path, text, match):
     with pytest.raises(ProfileError, match=match):

@@ -4,6 +4,7 @@ import os
 import struct
 import zipfile
 
+import numpy as np
 import pytest
 
 from onnx_helpers import manifest_for, tiny_blobs, tiny_portfolio, write_zip
@@ -181,3 +182,20 @@ def test_stored_members_are_accepted_other_methods_not(tmp_path):
     path = tmp_path / "bz.zip"
     write_zip(path, manifest_for(blobs), {variant_file(n): d for n, d in blobs.items()}, method=zipfile.ZIP_BZIP2)
     refused(path, "compression method")
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_pacing_sees_every_piece_and_changes_no_byte(tmp_path, method):
+    rng = np.random.default_rng(0)  # 3.5 MB, half noise: several pieces either way
+    blobs = {"big": rng.integers(0, 256, 3_500_000, dtype=np.uint8).tobytes()[:1_750_000] + bytes(1_750_000)}
+    path = tmp_path / "big.zip"
+    write_zip(path, manifest_for(blobs), {variant_file("big"): blobs["big"]}, method=method)
+    seen = []
+    with Portfolio.open(path) as pf:
+        assert pf.inflate("big", pace=seen.append) == blobs["big"]
+        pieces = len(seen)
+        with pf.inflated_path("big", pace=seen.append) as p:
+            with open(p, "rb") as f:
+                assert f.read() == blobs["big"]
+    assert pieces >= 4 and len(seen) == 2 * pieces  # the same pieces both ways, one call each
+    assert all(t > 0 for t in seen)

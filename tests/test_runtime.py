@@ -1,5 +1,6 @@
 """The runtime: serving, input checks, switching under concurrent load, standby neighbours, policies."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -212,3 +213,37 @@ def test_missing_providers_are_skipped_with_one_warning(portfolio):
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "XnnpackExecutionProvider not available" in msgs[0]
     assert "using CPUExecutionProvider" in msgs[0]
+
+
+@pytest.mark.parametrize("share", [0.1, 1.0])
+def test_a_switch_up_paces_its_inflation_only_while_requests_are_served(portfolio, share):
+    path, _ = portfolio
+    x = batch(1)
+    stop = threading.Event()
+    with Runtime(path, start="w4", switch_cpu_share=share) as rt:
+        idle = rt.switch_to("w16")
+
+        def client():
+            while not stop.is_set():
+                rt.predict(x)
+
+        t = threading.Thread(target=client)
+        t.start()
+        while rt.stats()["requests"] < 5:
+            time.sleep(0.001)
+        up = rt.switch_to("w32")
+        down = rt.switch_to("w8")
+        stop.set()
+        t.join()
+    assert idle.yielded_ms == 0  # nothing served: full speed
+    assert down.yielded_ms == 0  # toward a smaller variant (the answer to overload): full speed
+    if share == 1.0:
+        assert up.yielded_ms == 0
+    else:  # rested 9 ms for every ms of inflating, and the rest is part of the inflate time
+        worked = up.inflate_ms - up.yielded_ms
+        assert 0 < up.yielded_ms <= 9 * worked + 1e-6
+
+
+def test_switch_cpu_share_must_be_a_share(portfolio):
+    with pytest.raises(ValueError, match=r"switch_cpu_share must be in \(0, 1\]"):
+        Runtime(portfolio[0], switch_cpu_share=0)
