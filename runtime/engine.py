@@ -3,7 +3,7 @@
 A request reads the active slot once (a single reference, swapped atomically) and runs to completion on that
 session, so a switch never interrupts or mixes requests: in-flight requests finish on the old session, which is
 released when the last of them returns. A switch inflates the next variant, creates and warms its session on a
-background thread (at lower CPU priority where the OS allows), then swaps the reference.
+background thread, then swaps the reference.
 
 Pacing: on a small device every core is busy serving, and a build running flat out raises the requests' tail
 latency. So while requests are being served, a build toward a larger variant (and a standby build) inflates in
@@ -56,14 +56,6 @@ class SwitchRecord:
         return asdict(self)
 
 
-def _lower_thread_priority(nice: int = 10) -> None:
-    """Make the calling thread (and threads it starts) yield the CPU to request threads (Linux)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):
-        pass
-
-
 class Runtime:
     """Serve a portfolio under a device profile and a switch policy.
 
@@ -98,11 +90,9 @@ class Runtime:
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()  # bookkeeping: stats, standby sessions
         self._switch_lock = threading.Lock()  # one switch at a time
-        # Lower the switch thread's priority only when sessions run on their callers' threads: threads ORT starts
-        # for an intra-op pool would inherit the niceness and slow the new session for good.
-        single = self.profile.execution.intra_op_threads == 1 and self.profile.execution.execution_mode == "sequential"
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgeshift-switch",
-                                            initializer=_lower_thread_priority if single else None)
+        # Normal priority on purpose: pacing (not niceness) keeps builds off the requests' tail, and a switch down
+        # under overload must not starve behind the requests it is meant to relieve.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgeshift-switch")
         self._standby: dict[str, _Slot] = {}
         self._log: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)  # (done at, seconds, variant)
         self._requests = 0
