@@ -82,7 +82,7 @@ class Runtime:
         self.switch_cpu_share = serving.switch_cpu_share if switch_cpu_share is None else switch_cpu_share
         if not 0 < self.switch_cpu_share <= 1:
             raise ValueError(f"switch_cpu_share must be in (0, 1], got {self.switch_cpu_share}")
-        self._last_done = float("-inf")  # when the last request finished (perf_counter)
+        self._last_start = self._last_done = float("-inf")  # when the last request started / finished
         self.warmup_runs = warmup_runs
         spec = self.portfolio.input_spec
         self._input_shape = spec["shape"]
@@ -152,10 +152,11 @@ class Runtime:
         """Run one batch; also say which variant produced the result."""
         self.check_input(batch)
         slot = self._active  # one read: this request runs wholly on this session
-        t = time.perf_counter()
+        t = self._last_start = time.perf_counter()
         try:
             out = slot.session.run(None, {slot.input_name: batch})[0]
         except Exception:
+            self._last_done = time.perf_counter()  # not in flight any more
             with self._lock:
                 self._failures += 1
             raise
@@ -175,7 +176,7 @@ class Runtime:
         idle_per_busy = 1 / self.switch_cpu_share - 1 if paced else 0.0
 
         def pace(busy: float) -> None:
-            if idle_per_busy and time.perf_counter() - self._last_done < SERVING_WINDOW:
+            if idle_per_busy and self._serving():
                 pause = busy * idle_per_busy
                 time.sleep(pause)
                 yielded[0] += pause
@@ -189,6 +190,11 @@ class Runtime:
             session.run(None, {inp.name: zeros})
         t3 = time.perf_counter()
         return _Slot(name, session, inp.name), inflate_ms, create_ms, (t3 - t2) * 1e3, yielded[0] * 1e3
+
+    def _serving(self) -> bool:
+        """Requests are being served: one is in flight (the latest started after the latest finished; requests
+        longer than the window count too) or one finished within ``SERVING_WINDOW``."""
+        return self._last_start > self._last_done or time.perf_counter() - self._last_done < SERVING_WINDOW
 
     def _neighbours(self, name: str) -> set[str]:
         names = self.portfolio.names

@@ -235,7 +235,9 @@ def test_a_switch_up_paces_its_inflation_only_while_requests_are_served(portfoli
         down = rt.switch_to("w8")
         stop.set()
         t.join()
-    assert idle.yielded_ms == 0  # nothing served: full speed
+        time.sleep(0.2)  # longer than the serving window: idle again
+        idle_again = rt.switch_to("w32")
+    assert idle.yielded_ms == 0 and idle_again.yielded_ms == 0  # nothing served: full speed
     assert down.yielded_ms == 0  # toward a smaller variant (the answer to overload): full speed
     if share == 1.0:
         assert up.yielded_ms == 0
