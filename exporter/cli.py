@@ -16,6 +16,8 @@ def export(
                                                   "a CIFAR-10 python folder. Without it accuracy is not measured."),
     test_samples: int = typer.Option(1000, help="Test samples used for accuracy (a stratified subset)."),
     prune: bool = typer.Option(True, help="Prune each source exactly on the way (sparse checkpoints shrink)."),
+    align: int = typer.Option(1, min=1, help="Round pruned widths up to multiples of this with zero channels "
+                                             "(exact); 8 helps ONNX Runtime with several intra-op threads."),
     threads: int = typer.Option(1, help="ONNX Runtime threads for the latency measurement."),
     iterations: int = typer.Option(100, help="Timed batch-1 calls per variant (after 10 warm-up calls)."),
     memory: bool = typer.Option(True, help="Measure each session's peak memory in a fresh process."),
@@ -25,7 +27,8 @@ def export(
     from exporter.export_cmd import export_portfolio
 
     path = export_portfolio(sources, out, data=data, test_samples=test_samples, prune=prune, threads=threads,
-                            latency_iterations=iterations, measure_memory=memory, force=force)
+                            latency_iterations=iterations, measure_memory=memory, force=force,
+                            align=align)
     from runtime.inspect_cmd import print_portfolio
 
     print_portfolio(path)

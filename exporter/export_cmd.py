@@ -47,9 +47,10 @@ def discover_sources(paths: list[Path]) -> list[Source]:
 
 def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, test_samples: int = 1000,
                      prune: bool = True, threads: int = 1, latency_iterations: int = 100,
-                     measure_memory: bool = True, force: bool = False) -> Path:
-    """Load each source, prune it exactly (sparse checkpoints shrink, pruned ones are unchanged), and build
-    one portfolio with accuracy measured through ONNX Runtime on ``data``'s test split."""
+                     measure_memory: bool = True, force: bool = False, align: int = 1) -> Path:
+    """Load each source, prune it exactly (sparse checkpoints shrink, pruned ones are unchanged; widths rounded
+    up to multiples of ``align`` with zero channels), and build one portfolio with accuracy measured through
+    ONNX Runtime on ``data``'s test split."""
     import torch
     from torch import nn
 
@@ -79,7 +80,7 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
         recipes[s.name] = s.recipe
         x = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
         if prune:
-            model, reports[s.name] = prune_zero_channels(model, x)
+            model, reports[s.name] = prune_zero_channels(model, x, align=align)
         models[s.name] = model
     # against the largest source, so depth- or width-pruned sources count their missing weights too
     compressions = {n: max(totals.values()) / max(nonzeros[n], 1) for n in totals}

@@ -28,6 +28,8 @@ def prune(
     checkpoint: Path = typer.Argument(..., help="An edgeshift checkpoint of a (sparse) zoo model."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the pruned checkpoint."),
     mode: PruneMode = typer.Option(PruneMode.exact, help="exact: never change outputs; drop: the published rule."),
+    align: int = typer.Option(1, min=1, help="Round widths up to multiples of this with zero channels (exact); "
+                                             "8 helps ONNX Runtime with several intra-op threads."),
     batch: int = typer.Option(2, help="Batch size of the random example inputs used to verify the prune."),
     seed: int = typer.Option(0, help="Seed of the example inputs."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
@@ -37,7 +39,7 @@ def prune(
     from pruner.prune_cmd import prune_checkpoint
 
     _check_outputs(force, out, json_out)
-    report = prune_checkpoint(checkpoint, out, mode=mode.value, batch=batch, seed=seed)
+    report = prune_checkpoint(checkpoint, out, mode=mode.value, batch=batch, seed=seed, align=align)
     typer.echo(report.table())
     if json_out is not None:
         from runtime.atomic import write_text_atomic

@@ -16,9 +16,9 @@ def example_inputs_for(model: torch.nn.Module, batch: int = 2, seed: int = 0) ->
 
 
 def prune_checkpoint(checkpoint: Path, out: Path, *, mode: str = "exact", batch: int = 2,
-                     seed: int = 0) -> PruneReport:
+                     seed: int = 0, align: int = 1) -> PruneReport:
     model, payload = load_checkpoint(checkpoint)
-    pruned, report = prune_zero_channels(model, example_inputs_for(model, batch, seed), mode=mode)
+    pruned, report = prune_zero_channels(model, example_inputs_for(model, batch, seed), mode=mode, align=align)
     meta = dict(payload.get("meta", {}))
     meta["prune_report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
     meta["pruned_from"] = str(checkpoint)

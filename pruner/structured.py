@@ -58,6 +58,8 @@ class PruneReport:
     max_abs_output: float
     channels_folded: int
     layers: list[LayerChange] = field(default_factory=list)
+    align: int = 1  # widths rounded up to multiples of this with zero channels (1: not aligned)
+    channels_padded: int = 0  # zero channels added for the alignment
 
     @property
     def rel_diff(self) -> float:
@@ -65,6 +67,7 @@ class PruneReport:
 
     @property
     def channels_removed(self) -> int:
+        """Net: channels removed minus zero channels added back for alignment."""
         return sum(layer.channels_before - layer.channels_after for layer in self.layers)
 
     def to_dict(self) -> dict:
@@ -82,7 +85,9 @@ class PruneReport:
                     f"({self.params_before / max(self.params_after, 1):.2f}x smaller)")
         rows.append(f"MACs         {self.macs_before:>12,} -> {self.macs_after:>12,}  "
                     f"({self.macs_before / max(self.macs_after, 1):.2f}x fewer)")
-        rows.append(f"channels     {self.channels_removed} removed, {self.channels_folded} folded into biases")
+        rows.append(f"channels     {self.channels_removed} removed, {self.channels_folded} folded into biases"
+                    + (f", {self.channels_padded} zero channels added (widths multiples of {self.align})"
+                       if self.align > 1 else ""))
         rows.append(f"time         fuse {self.fuse_seconds * 1e3:.1f} ms, plan {self.plan_seconds * 1e3:.1f} ms, "
                     f"prune {self.prune_seconds * 1e3:.1f} ms")
         rows.append(f"max |diff|   {self.max_abs_diff:.3g} (relative {self.rel_diff:.3g}, mode={self.mode})")
@@ -388,17 +393,84 @@ def output_deviation(reference: nn.Module, candidate: nn.Module, example_inputs:
     return max_diff, max_out
 
 
+def _grown(t: torch.Tensor, dim: int, pad: int, fill: float = 0.0) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t.detach(), torch.full(shape, fill, dtype=t.dtype)], dim=dim)
+
+
+def pad_channels(model: nn.Module, example_inputs: torch.Tensor, multiple: int = 8) -> int:
+    """Widen every coupled channel group of ``model`` (in place) to a multiple of ``multiple`` with zero channels;
+    return how many channels were added.
+
+    Why: ONNX Runtime's convolutions split work across intra-op threads in blocks of channels, and a pruned width
+    like 61 or 123 can make a multi-threaded variant slower than the dense model (benchmarks/
+    ort_channel_alignment.py). A new channel is produced with zero weights and zero bias (BatchNorm passes 0
+    through as 0), so it is exactly 0 after ReLU, residual adds and pooling, and every consumer reads it with zero
+    weights: the outputs do not change. Groups Torch-Pruning cannot map one-to-one (grouped convs, flattened
+    spatial maps, bare parameters) are left as they are.
+    """
+    if multiple < 1:
+        raise EdgeshiftError(f"channel alignment must be >= 1, got {multiple}")
+    if multiple == 1:
+        return 0
+    mods = dict(model.named_modules())
+    added = 0
+    for spec in coupled_groups(model, example_inputs):
+        pad = -spec.size % multiple
+        if pad == 0 or spec.blocked or any(
+                len(it.idxs) != spec.size or not np.array_equal(np.sort(it.idxs), np.arange(spec.size))
+                for it in spec.items):
+            continue
+        grown: set[tuple[str, str]] = set()
+        for it in spec.items:
+            m = mods[it.name]
+            key = (it.name, "depthwise" if _is_depthwise(m) else it.role)
+            if key in grown:
+                continue
+            grown.add(key)
+            if _is_depthwise(m):
+                m.weight = nn.Parameter(_grown(m.weight, 0, pad))
+                m.in_channels = m.out_channels = m.groups = m.out_channels + pad
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                if m.affine:
+                    m.weight = nn.Parameter(_grown(m.weight, 0, pad, 1.0))
+                    m.bias = nn.Parameter(_grown(m.bias, 0, pad))
+                if m.track_running_stats:
+                    m.running_mean = _grown(m.running_mean, 0, pad)
+                    m.running_var = _grown(m.running_var, 0, pad, 1.0)
+                m.num_features += pad
+                continue
+            elif it.role in ("producer", "consumer"):  # a producer grows its outputs, a consumer its inputs
+                out = it.role == "producer"
+                m.weight = nn.Parameter(_grown(m.weight, 0 if out else 1, pad))
+                attr = ("out_" if out else "in_") + ("channels" if isinstance(m, nn.Conv2d) else "features")
+                setattr(m, attr, getattr(m, attr) + pad)
+                if not out:
+                    continue
+            else:
+                continue
+            if m.bias is not None:  # producers and depthwise convs: the new channels' bias is 0
+                m.bias = nn.Parameter(_grown(m.bias, 0, pad))
+        added += pad
+    return added
+
+
 def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode: str = "exact",
-                        rtol: float = DEFAULT_RTOL, random_batches: int = 3) -> tuple[nn.Module, PruneReport]:
+                        rtol: float = DEFAULT_RTOL, random_batches: int = 3,
+                        align: int = 1) -> tuple[nn.Module, PruneReport]:
     """Structurally remove every channel of ``model`` that cannot change its output; returns (pruned, report).
 
     The input model is left untouched. The pruned model has conv+BN fused. In ``mode="exact"`` (default) the
     output deviation on ``example_inputs`` and ``random_batches`` random batches is measured and a
     ``NotExactError`` raised if it exceeds ``rtol`` times the largest output; ``mode="drop"`` reproduces the
-    published behaviour (all-zero filters dropped with their bias) and only reports the deviation.
+    published behaviour (all-zero filters dropped with their bias) and only reports the deviation. ``align`` > 1
+    then rounds every width up to a multiple of it with zero channels (``pad_channels``), still exactly.
     """
     if mode not in MODES:
         raise EdgeshiftError(f"unknown prune mode {mode!r}; known: {', '.join(MODES)}")
+    if align < 1:
+        raise EdgeshiftError(f"align must be >= 1 (1 = keep the widths pruning leaves), got {align}")
     if not isinstance(example_inputs, torch.Tensor):
         raise EdgeshiftError("example_inputs must be one tensor batch shaped like the model's input")
     reference = model
@@ -414,6 +486,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
         widths_before = _layer_widths(work)
         folded = _fold_constants(groups) if mode == "exact" else 0
         _execute(groups)
+        padded = pad_channels(work, example_inputs, align)
         t3 = time.perf_counter()
         widths_after = _layer_widths(work)
         max_diff, max_out = output_deviation(reference, work, example_inputs, random_batches)
@@ -423,6 +496,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
             fuse_seconds=t1 - t0, plan_seconds=t2 - t1, prune_seconds=t3 - t2,
             max_abs_diff=max_diff, max_abs_output=max_out, channels_folded=folded,
             layers=[LayerChange(n, widths_before[n], widths_after[n]) for n in widths_before],
+            align=align, channels_padded=padded,
         )
     finally:
         reference.train(was_training)

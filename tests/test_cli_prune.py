@@ -33,6 +33,23 @@ def test_prune_writes_a_smaller_exact_checkpoint_and_prints_the_report(tmp_path)
     assert payload["meta"]["prune_report"]["mode"] == "exact"
 
 
+def test_prune_align_rounds_widths_up_with_zero_channels(tmp_path):
+    model = sparse_checkpoint(tmp_path / "sparse.pt")
+    result = runner.invoke(app, ["prune", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "pruned.pt"),
+                                 "--align", "8", "--json", str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    assert "zero channels added (widths multiples of 8)" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["align"] == 8 and report["channels_padded"] > 0 and report["rel_diff"] <= 1e-4
+    pruned, _ = load_checkpoint(tmp_path / "pruned.pt")
+    assert all(m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
+    x = inputs_for(32)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max() <= 1e-4 * model(x).abs().max()
+    bad = runner.invoke(app, ["prune", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "p2.pt"), "--align", "0"])
+    assert bad.exit_code == 2 and "--align" in bad.output
+
+
 def one_error_line(result):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output

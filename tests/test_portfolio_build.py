@@ -109,6 +109,29 @@ def test_cli_export_inspect_and_report(tmp_path):
     assert "| sparse |" in md and "| dense (reference) |" in md
 
 
+def test_cli_export_align_ships_variants_whose_conv_widths_are_multiples_of_eight(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from runtime.portfolio import Portfolio
+
+    sparse = make("resnet20", {}, 32)
+    plant_zeros(sparse)
+    save_checkpoint(sparse, tmp_path / "sparse.pt")
+    out = tmp_path / "pf.zip"
+    result = runner.invoke(app, ["export", str(tmp_path / "sparse.pt"), "-o", str(out), "--align", "8",
+                                 "--iterations", "5", "--no-memory"])
+    assert result.exit_code == 0, result.output
+    with Portfolio.open(out) as pf:
+        graph = onnx.load_from_string(pf.inflate("sparse")).graph
+        exactness = pf.info("sparse").entry["exactness"]
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    outs = [weights[n.input[1]].shape[0] for n in graph.node if n.op_type == "Conv" and n.input[1] in weights]
+    assert outs and all(c % 8 == 0 for c in outs)
+    assert any(c not in (16, 32, 64) for c in outs)  # pruned, then aligned: not simply the dense widths
+    assert exactness["prune_rel_diff"] <= 1e-4 and exactness["onnx_vs_torch_rel_diff"] <= 1e-4
+
+
 def test_failed_export_leaves_no_partial_portfolio(tmp_path):
     save_checkpoint(make("resnet20", {}, 32), tmp_path / "good.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

@@ -49,6 +49,41 @@ def test_planted_zeros_are_removed_exactly_and_reload(name, kw, size, tmp_path):
     assert widths(loaded) == widths(pruned)
 
 
+@pytest.mark.parametrize("name,kw,size", [ZOO_CASES[0], ZOO_CASES[3], ZOO_CASES[5], ZOO_CASES[7], ZOO_CASES[9]])
+def test_align_rounds_every_width_up_to_a_multiple_of_eight_exactly(name, kw, size, tmp_path):
+    model = make(name, kw, size)
+    plant_zeros(model)
+    x = inputs_for(size)
+    plain, _ = prune_zero_channels(model, x)
+    aligned, report = prune_zero_channels(model, x, align=8)
+    assert_exact(model, aligned, size, report)
+    convs = {n: m for n, m in aligned.named_modules() if isinstance(m, nn.Conv2d)}
+    linears = [m for m in aligned.modules() if isinstance(m, nn.Linear)]
+    assert any(w % 8 for w in widths(plain).values())  # planted zeros leave odd widths: the check below can fail
+    assert all(m.out_channels % 8 == 0 and m.in_channels % 8 in (0, 3) for m in convs.values())  # 3: the image
+    assert all(m.in_features % 8 == 0 for m in linears)
+    before, after = widths(plain), widths(aligned)
+    assert all(before[n] <= after[n] < before[n] + 8 for n in convs)  # the smallest multiple, never more
+    assert report.align == 8 and report.channels_padded > 0
+    assert report.params_after < report.params_before
+    path = save_checkpoint(aligned, tmp_path / "aligned.pt")
+    loaded, _ = load_checkpoint(path)
+    y = inputs_for(size, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(y), aligned(y))
+
+
+def test_align_of_one_changes_nothing_and_below_one_is_refused():
+    model = make("resnet20", {}, 32)
+    plant_zeros(model)
+    x = inputs_for(32)
+    plain, _ = prune_zero_channels(model, x)
+    same, report = prune_zero_channels(model, x, align=1)
+    assert widths(same) == widths(plain) and report.channels_padded == 0
+    with pytest.raises(EdgeshiftError, match="align must be >= 1"):
+        prune_zero_channels(model, x, align=0)
+
+
 @pytest.mark.parametrize("name,kw,size", [ZOO_CASES[0], ZOO_CASES[3], ZOO_CASES[8]])
 def test_dense_model_comes_back_with_the_same_widths(name, kw, size):
     model = make(name, kw, size)
