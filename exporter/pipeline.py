@@ -17,7 +17,7 @@ The configuration (one TOML file, strict: an unknown section or key is an error 
               finetune_epochs = 1
     [train]   epochs = 3, batch_size = 64, lr = 0.05, warmup = 20, weight_decay = 5e-4, seed = 0
     [deploy]  profile = "host", policy = "qps-trend", trace = "" (built in: load rises and falls),
-              export_test_samples = 500, latency_iterations = 50
+              export_test_samples = 500, latency_iterations = 50, align = 1 (8: widths multiples of 8)
     [output]  dir = "out/pipeline"
 
 Every step writes its output atomically and is skipped when that output exists, so a killed run resumes where it
@@ -83,6 +83,7 @@ class DeploySection:
     trace: str = ""  # a load trace (CSV/JSON); empty: a built-in trace that rises and falls
     export_test_samples: int = 500  # test images for the portfolio's ONNX Runtime accuracy
     latency_iterations: int = 50  # timed calls per variant at export
+    align: int = 1  # round pruned widths up to multiples of this with zero channels (exact; 8 helps 2+ threads)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class PipelineConfig:
     def hash(self) -> str:
         doc = asdict(self)
         doc.pop("output")  # where it goes does not change what it is
+        if doc["deploy"]["align"] == 1:
+            del doc["deploy"]["align"]  # at its default a later-added key keeps earlier run folders resumable
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -174,6 +177,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise InputFileError(f"data folder not found: {cfg.data.path} (pass a folder or 'generated')")
     if cfg.deploy.trace:
         require_file(cfg.deploy.trace, "load trace")
+    if cfg.deploy.align < 1:
+        raise EdgeshiftError(f"deploy.align must be >= 1 (1 = keep the widths pruning leaves), got {cfg.deploy.align}")
     if cfg.method.name == "pai":
         get_mode(cfg.method.pai_mode)
         sparse.get(cfg.method.scorer)
@@ -330,7 +335,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     _step(2, total, f"exact structured pruning, ONNX export, profiling -> {portfolio}")
     if not portfolio.exists():
         export_portfolio(sources, portfolio, data=cfg.data.path, test_samples=cfg.deploy.export_test_samples,
-                         latency_iterations=cfg.deploy.latency_iterations)
+                         latency_iterations=cfg.deploy.latency_iterations, align=cfg.deploy.align)
     bench_path = out / "bench.json"
     _step(3, total, f"benchmark on this machine (profile {profile.name}) -> {bench_path}")
     if not bench_path.exists():

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from device_helpers import BLOCK_TORCH, ROOT, npy_images
-from exporter.pipeline import build_variants, load_config, parse_config, prepare_output
+from exporter.pipeline import build_variants, load_config, parse_config, prepare_output, validate
+from runtime.errors import EdgeshiftError
 from pruner.checkpoint import load_checkpoint
 from runtime.cli import app
 
@@ -112,6 +113,15 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
 def test_config_errors_name_the_file_and_key(doc, message):
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(doc, "my.toml")
+
+
+def test_deploy_align_is_checked_and_keeps_older_run_hashes_at_its_default(tmp_path):
+    base = parse_config({}, "my.toml")
+    assert base.deploy.align == 1
+    assert parse_config({"deploy": {"align": 1}}, "my.toml").hash() == base.hash()  # folders from before the key
+    assert parse_config({"deploy": {"align": 8}}, "my.toml").hash() != base.hash()
+    with pytest.raises(EdgeshiftError, match="deploy.align must be >= 1"):
+        validate(parse_config({"deploy": {"align": 0}}, "my.toml"))
 
 
 def test_pipeline_cli_bad_config(tmp_path):
