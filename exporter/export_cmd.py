@@ -62,6 +62,8 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     from .portfolio import build_portfolio
     from .profile import TestData
 
+    if align > 1 and not prune:
+        raise EdgeshiftError(f"--align {align} widens pruned layers; it needs pruning on the way (drop --no-prune)")
     check_output_path(out, force)
     sources = discover_sources(paths)
     models, reports, recipes, totals, nonzeros = {}, {}, {}, {}, {}

@@ -130,6 +130,10 @@ def test_cli_export_align_ships_variants_whose_conv_widths_are_multiples_of_eigh
     assert outs and all(c % 8 == 0 for c in outs)
     assert any(c not in (16, 32, 64) for c in outs)  # pruned, then aligned: not simply the dense widths
     assert exactness["prune_rel_diff"] <= 1e-4 and exactness["onnx_vs_torch_rel_diff"] <= 1e-4
+    result = runner.invoke(app, ["export", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "p2.zip"),
+                                 "--align", "8", "--no-prune"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "drop --no-prune" in result.output
+    assert not (tmp_path / "p2.zip").exists()
 
 
 def test_failed_export_leaves_no_partial_portfolio(tmp_path):
