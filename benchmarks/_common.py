@@ -14,7 +14,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pruner.models import get  # noqa: E402
+from edgeshift.pruner.models import get  # noqa: E402
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def synthetic_sparse(arch: str = "vgg16", compression: float = 16.0, seed: int =
 
 
 def vgg16_variants(compressions=(1, 4, 16, 64), prune: bool = True, filter_sigma: float = 2.0):
-    from pruner.structured import prune_zero_channels
+    from edgeshift.pruner.structured import prune_zero_channels
 
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     models, reports = {}, {}
@@ -55,7 +55,7 @@ def vgg16_variants(compressions=(1, 4, 16, 64), prune: bool = True, filter_sigma
 
 def build_vgg16_portfolio(out: Path, compressions=(1, 4, 16, 64), prune: bool = True, force: bool = True,
                           measure_memory: bool = False, latency_iterations: int = 30) -> Path:
-    from exporter.portfolio import build_portfolio
+    from edgeshift.exporter.portfolio import build_portfolio
 
     models, reports, x = vgg16_variants(compressions, prune)
     return build_portfolio(models, x, out, prune_reports=reports, compressions={f"c{c}x": float(c)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def edgeshift(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "runtime", *args], check=True)
+    subprocess.run([sys.executable, "-m", "edgeshift", *args], check=True)
 
 
 def width_pruned(model, ratio: float):
@@ -29,7 +29,7 @@ def width_pruned(model, ratio: float):
     import torch
     import torch_pruning as tp
 
-    from pruner.models.registry import input_shape
+    from edgeshift.pruner.models.zoo import input_shape
 
     m = copy.deepcopy(model).eval()
     pruner = tp.pruner.MagnitudePruner(m, torch.randn(input_shape(m, 1)), importance=tp.importance.MagnitudeImportance(
@@ -43,7 +43,7 @@ def interleaved_p50(models: dict, profile, rounds: int) -> dict:
     """Median over ``rounds`` of each model's ORT p50 under ``profile``, the models measured in turn each round."""
     import statistics
 
-    from pruner.layers.layerprune import measure_latency
+    from edgeshift.pruner.layers.layerprune import measure_latency
 
     seen = {k: [] for k in models}
     for _ in range(rounds):
@@ -79,14 +79,14 @@ def main() -> None:
 
     import torch
 
-    import device_profiles
-    from pruner.checkpoint import load_checkpoint, save_checkpoint
-    from pruner.data import load_dataset
-    from pruner.layers.layerprune import onnx_top1
-    from pruner.metrics import count_macs, count_params
-    from pruner.train import TrainConfig, train
+    from edgeshift import device_profiles
+    from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+    from edgeshift.pruner.data import load_dataset
+    from edgeshift.pruner.layers.layerprune import onnx_top1
+    from edgeshift.pruner.metrics import count_macs, count_params
+    from edgeshift.pruner.train import TrainConfig, train
 
-    profile = device_profiles.get(args.profile)
+    profile = device_profiles.load_profile(args.profile)
     dense, _ = load_checkpoint(args.checkpoint)
     arch = dense.edgeshift_arch
     train_ds = load_dataset(args.data, "train", num_classes=arch["num_classes"], size=arch["input_size"])

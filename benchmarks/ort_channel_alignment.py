@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.onnx_export import INPUT_NAME, onnx_bytes  # noqa: E402
-from pruner.checkpoint import load_checkpoint  # noqa: E402
-from pruner.models import get  # noqa: E402
-from pruner.structured import prune_zero_channels  # noqa: E402
-from runtime.measure import cpu_session, machine_label, time_calls  # noqa: E402
+from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes  # noqa: E402
+from edgeshift.pruner.checkpoint import load_checkpoint  # noqa: E402
+from edgeshift.pruner.models import get  # noqa: E402
+from edgeshift.pruner.structured import prune_zero_channels  # noqa: E402
+from edgeshift.runtime.measure import cpu_session, machine_label, time_calls  # noqa: E402
 
 
 def conv_widths(model: torch.nn.Module) -> list[int]:

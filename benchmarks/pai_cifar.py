@@ -21,7 +21,7 @@ MODES = {"reconvene": [], "unstructured": ["--unstructured"], "all-layers": ["--
 
 
 def edgeshift(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "runtime", *args], check=True)
+    subprocess.run([sys.executable, "-m", "edgeshift", *args], check=True)
 
 
 def main() -> None:

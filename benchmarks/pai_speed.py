@@ -18,7 +18,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from pruner.pai import PaiConfig, pai
+from edgeshift.pruner.pai import PaiConfig, pai
 import_seconds = time.perf_counter() - t0
 rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model, mask, report = pai(PaiConfig(sys.argv[1], float(sys.argv[2]), mode=sys.argv[3]))

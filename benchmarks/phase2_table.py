@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from exporter.onnx_export import export_onnx
-from pruner.checkpoint import load_checkpoint
-from pruner.models.registry import input_shape
-from pruner.structured import prune_zero_channels
-from runtime.measure import cpu_session, machine_label, time_calls
+from edgeshift.exporter.onnx_export import export_onnx
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.models.zoo import input_shape
+from edgeshift.pruner.structured import prune_zero_channels
+from edgeshift.runtime.measure import cpu_session, machine_label, time_calls
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from _common import synthetic_sparse
 
-from exporter.onnx_export import export_onnx
-from exporter.profile import deflated_size
-from pruner.structured import prune_zero_channels
+from edgeshift.exporter.onnx_export import export_onnx
+from edgeshift.exporter.profile import deflated_size
+from edgeshift.pruner.structured import prune_zero_channels
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     models = {}
     if args.run_dir:
-        from pruner.checkpoint import load_checkpoint
+        from edgeshift.pruner.checkpoint import load_checkpoint
 
         for k in range(args.levels):
             path = Path(args.run_dir) / f"level_{k}" / "checkpoint.pt"

@@ -17,8 +17,8 @@ import time
 import torch
 from torch import nn
 
-from pruner.models import get
-from pruner.structured import _STRUCTURE_CACHE, prune_zero_channels
+from edgeshift.pruner.models import get
+from edgeshift.pruner.structured import _STRUCTURE_CACHE, prune_zero_channels
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     if args.checkpoint:
-        from pruner.checkpoint import load_checkpoint
+        from edgeshift.pruner.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(args.checkpoint)
     else:

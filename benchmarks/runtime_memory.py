@@ -18,12 +18,12 @@ from _common import ensure_vgg16_portfolio
 CHILD = r"""
 import gc, json, sys
 import numpy as np, psutil
-from runtime.portfolio import Portfolio
-from runtime.engine import Runtime
-from runtime.session import session_for_variant
-import device_profiles
+from edgeshift.runtime.portfolio import Portfolio
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.session import session_for_variant
+from edgeshift import device_profiles
 path, mode, profile = sys.argv[1], sys.argv[2], sys.argv[3]
-prof = device_profiles.get(profile)
+prof = device_profiles.load_profile(profile)
 rss = lambda: psutil.Process().memory_info().rss
 pf = Portfolio.open(path)
 x = np.zeros([1 if d is None else d for d in pf.input_spec["shape"]], np.float32)
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--profile", default="host")
     args = ap.parse_args()
     path = ensure_vgg16_portfolio(args.portfolio)
-    from runtime.portfolio import Portfolio
+    from edgeshift.runtime.portfolio import Portfolio
 
     with Portfolio.open(path) as pf:
         names, infos = pf.names, {v.name: v for v in pf.variants}

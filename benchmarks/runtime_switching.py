@@ -21,8 +21,8 @@ import time
 import numpy as np
 from _common import ensure_vgg16_portfolio
 
-from runtime.engine import Runtime
-from runtime.measure import machine_label
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.measure import machine_label
 
 
 def run_phase(rt: Runtime, inputs, refs, seconds: float | None, switcher=None):

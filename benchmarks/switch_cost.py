@@ -14,11 +14,11 @@ from pathlib import Path
 
 from _common import ensure_vgg16_portfolio
 
-import device_profiles
-from runtime.engine import Runtime
-from runtime.measure import machine_label
-from runtime.portfolio import Portfolio
-from runtime.session import absorb_first_session_cost, create_session, session_for_variant
+from edgeshift import device_profiles
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.measure import machine_label
+from edgeshift.runtime.portfolio import Portfolio
+from edgeshift.runtime.session import absorb_first_session_cost, create_session, session_for_variant
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     path = ensure_vgg16_portfolio(args.portfolio)
-    prof = device_profiles.get(args.profile)
+    prof = device_profiles.load_profile(args.profile)
     med = statistics.median
     print(f"machine: {machine_label()}; profile {prof.name}; portfolio {path.name}; medians of {args.repeats}")
     print(f"{'variant':<8} {'MB':>6} {'inflate':>8} {'create':>8} {'alone':>8} {'warm':>7} {'cold switch':>11} "

@@ -24,8 +24,8 @@ import time
 import numpy as np
 from _common import ensure_vgg16_portfolio
 
-from runtime.engine import Runtime
-from runtime.measure import machine_label
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.measure import machine_label
 
 PIECE = 1 << 20
 

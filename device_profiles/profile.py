@@ -28,144 +28,72 @@ A profile file::
     iterations = 100
     max_seconds = 20.0
 
-An unknown key or a value of the wrong type is an error naming the file and the key. Torch-free.
+Every key, its default and its help are stated once, in the dataclasses below; ``edgeshift.core.config`` loads
+them, so an unknown key or a value of the wrong type is an error naming the file and the key. Torch-free.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal, Union
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 devices
-    import tomli as tomllib
+from edgeshift.core.config import load, setting, tomllib
+from edgeshift.core.errors import ProfileError
 
-from runtime.errors import ProfileError
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+ExecutionMode = Literal["sequential", "parallel"]
+OptionValue = Union[str, int, float, bool]
 
-OPT_LEVELS = ("disable", "basic", "extended", "all")
-EXEC_MODES = ("sequential", "parallel")
+
+def _providers(value: tuple[str, ...]) -> str | None:
+    return "must be a non-empty list of provider names" if not value else None
+
+
+def _share(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1] (1 = switch at full speed)"
 
 
 @dataclass(frozen=True)
 class ExecutionSettings:
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # in order of preference
-    intra_op_threads: int = 1  # threads inside one operator (0 lets ORT choose)
-    inter_op_threads: int = 1  # threads across operators (parallel mode only)
-    graph_optimization: str = "all"  # ORT graph optimisation level
-    execution_mode: str = "sequential"
-    session_config: dict = field(default_factory=dict)  # ORT session config entries (str -> str)
-    provider_options: dict = field(default_factory=dict)  # provider name -> {option: value}
+    providers: tuple[str, ...] = setting(("CPUExecutionProvider",), "ONNX Runtime providers, preferred first; "
+                                         "missing ones are skipped", check=_providers)
+    intra_op_threads: Union[int, Literal["auto"]] = setting(1, "threads inside one operator; 'auto': the "
+                                                            "machine's cores (0 lets ORT choose)", minimum=0)
+    inter_op_threads: int = setting(1, "threads across operators (parallel mode only)", minimum=0)
+    graph_optimization: GraphOptimization = setting("all", "ORT graph optimisation level")
+    execution_mode: ExecutionMode = setting("sequential", "ORT execution mode")
+    session_config: dict[str, str] = setting({}, "ORT session config entries")
+    provider_options: dict[str, dict[str, OptionValue]] = setting({}, "provider name -> its options")
 
 
 @dataclass(frozen=True)
 class ServingSettings:
-    batch_size: int = 1  # requests per inference call
-    latency_target_ms: float = 100.0  # the p95 the latency-slo policy aims for
-    memory_budget_mb: int = 1024  # what the runtime may use for sessions
-    preload_neighbours: bool = False  # keep the neighbours' sessions warm for sub-ms switches
-    switch_cpu_share: float = 0.25  # while serving, a switch up inflates this share of the time, resting between
+    batch_size: int = setting(1, "requests per inference call", minimum=1)
+    latency_target_ms: float = setting(100.0, "the p95 the latency-slo policy aims for", minimum=0)
+    memory_budget_mb: Union[int, Literal["auto"]] = setting(1024, "what the runtime may use for sessions; "
+                                                            "'auto': half the available memory", minimum=0)
+    preload_neighbours: bool = setting(False, "keep the neighbours' sessions warm for sub-ms switches")
+    switch_cpu_share: float = setting(0.25, "while serving, a switch up inflates this share of the time, "
+                                      "resting between pieces", check=_share)
 
 
 @dataclass(frozen=True)
 class BenchmarkSettings:
-    warmup: int = 10  # untimed calls before timing
-    iterations: int = 100  # timed calls at most
-    max_seconds: float = 20.0  # per variant, at most
+    warmup: int = setting(10, "untimed calls before timing", minimum=0)
+    iterations: int = setting(100, "timed calls at most", minimum=1)
+    max_seconds: float = setting(20.0, "per variant, at most", minimum=0)
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    name: str
-    description: str
-    execution: ExecutionSettings
-    serving: ServingSettings
-    benchmark: BenchmarkSettings
-    source: str = ""  # the file it came from
-
-
-_SCHEMA: dict[str, dict[str, Any]] = {
-    "": {"name": str, "description": str, "execution": dict, "serving": dict, "benchmark": dict},
-    "execution": {"providers": list, "intra_op_threads": (int, "auto"), "inter_op_threads": int,
-                  "graph_optimization": OPT_LEVELS, "execution_mode": EXEC_MODES, "session_config": dict,
-                  "provider_options": dict},
-    "serving": {"batch_size": int, "latency_target_ms": (int, float), "memory_budget_mb": (int, "auto"),
-                "preload_neighbours": bool, "switch_cpu_share": (int, float)},
-    "benchmark": {"warmup": int, "iterations": int, "max_seconds": (int, float)},
-}
-
-
-def _check(table: dict, section: str, source: str) -> None:
-    schema = _SCHEMA[section]
-    for key, value in table.items():
-        where = f"{section}.{key}" if section else key
-        if key not in schema:
-            raise ProfileError(f"{source}: unknown key {where!r}; known in [{section or 'top level'}]: "
-                               f"{', '.join(sorted(schema))}")
-        rule = schema[key]
-        if isinstance(rule, tuple) and all(isinstance(r, str) for r in rule):
-            if value not in rule:
-                raise ProfileError(f"{source}: {where} = {value!r}; expected one of {', '.join(rule)}")
-            continue
-        kinds = tuple(r for r in (rule if isinstance(rule, tuple) else (rule,)) if isinstance(r, type))
-        words = tuple(r for r in (rule if isinstance(rule, tuple) else ()) if isinstance(r, str))
-        ok = (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)) or value in words
-        if not ok:
-            want = " or ".join([k.__name__ for k in kinds] + [repr(w) for w in words])
-            raise ProfileError(f"{source}: {where} must be {want}, got {type(value).__name__} {value!r}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ProfileError(f"{source}: {where} must be >= 0, got {value}")
-
-
-def _resolve_auto(value, auto):
-    return auto() if value == "auto" else value
-
-
-def parse_profile(data: dict, source: str) -> DeviceProfile:
-    """Validate a parsed TOML document and build the profile."""
-    _check(data, "", source)
-    for section in ("execution", "serving", "benchmark"):
-        _check(data.get(section, {}), section, source)
-    ex = dict(data.get("execution", {}))
-    providers = ex.get("providers", ["CPUExecutionProvider"])
-    if not providers or not all(isinstance(p, str) for p in providers):
-        raise ProfileError(f"{source}: execution.providers must be a non-empty list of provider names")
-    if any(not isinstance(v, str) for v in ex.get("session_config", {}).values()):
-        raise ProfileError(f"{source}: execution.session_config values must be strings")
-    for prov, opts in ex.get("provider_options", {}).items():
-        if not isinstance(opts, dict):
-            raise ProfileError(f"{source}: execution.provider_options.{prov} must be a table")
-    sv = dict(data.get("serving", {}))
-    bm = dict(data.get("benchmark", {}))
-    if bm.get("iterations", 1) < 1:
-        raise ProfileError(f"{source}: benchmark.iterations must be >= 1")
-    if sv.get("batch_size", 1) < 1:
-        raise ProfileError(f"{source}: serving.batch_size must be >= 1")
-    if not 0 < sv.get("switch_cpu_share", 0.25) <= 1:
-        raise ProfileError(f"{source}: serving.switch_cpu_share must be in (0, 1] (1 = switch at full speed), got "
-                           f"{sv['switch_cpu_share']}")
-    execution = ExecutionSettings(
-        providers=tuple(providers),
-        intra_op_threads=int(_resolve_auto(ex.get("intra_op_threads", 1), lambda: os.cpu_count() or 1)),
-        inter_op_threads=int(ex.get("inter_op_threads", 1)),
-        graph_optimization=ex.get("graph_optimization", "all"),
-        execution_mode=ex.get("execution_mode", "sequential"),
-        session_config=dict(ex.get("session_config", {})),
-        provider_options={k: {o: str(v) for o, v in opts.items()} for k, opts in ex.get("provider_options", {}).items()},
-    )
-    serving = ServingSettings(
-        batch_size=int(sv.get("batch_size", 1)),
-        latency_target_ms=float(sv.get("latency_target_ms", 100.0)),
-        memory_budget_mb=int(_resolve_auto(sv.get("memory_budget_mb", 1024), _half_available_mb)),
-        preload_neighbours=bool(sv.get("preload_neighbours", False)),
-        switch_cpu_share=float(sv.get("switch_cpu_share", 0.25)),
-    )
-    benchmark = BenchmarkSettings(int(bm.get("warmup", 10)), int(bm.get("iterations", 100)),
-                                  float(bm.get("max_seconds", 20.0)))
-    return DeviceProfile(data.get("name", Path(source).stem), data.get("description", ""), execution, serving,
-                         benchmark, source)
+    name: str = setting("", "the profile's name (default: the file's stem)")
+    description: str = setting("", "the device, in words")
+    execution: ExecutionSettings = dataclasses.field(default_factory=ExecutionSettings)
+    serving: ServingSettings = dataclasses.field(default_factory=ServingSettings)
+    benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
+    source: str = dataclasses.field(default="", init=False)  # the file it came from
 
 
 def _half_available_mb() -> int:
@@ -174,12 +102,26 @@ def _half_available_mb() -> int:
     return int(psutil.virtual_memory().available / 2 / 2 ** 20)
 
 
+def parse_profile(document: dict, source: str) -> DeviceProfile:
+    """Validate a parsed TOML document and build the profile, with "auto" values resolved on this machine."""
+    p = load(DeviceProfile, document, source=source, error=ProfileError)
+    ex, sv = p.execution, p.serving
+    execution = dataclasses.replace(
+        ex, intra_op_threads=os.cpu_count() or 1 if ex.intra_op_threads == "auto" else ex.intra_op_threads,
+        provider_options={k: {o: str(v) for o, v in opts.items()} for k, opts in ex.provider_options.items()})
+    serving = dataclasses.replace(
+        sv, memory_budget_mb=_half_available_mb() if sv.memory_budget_mb == "auto" else sv.memory_budget_mb)
+    profile = dataclasses.replace(p, name=p.name or Path(source).stem, execution=execution, serving=serving)
+    object.__setattr__(profile, "source", source)
+    return profile
+
+
 def load_profile_file(path: str | os.PathLike) -> DeviceProfile:
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"device profile file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: not valid TOML ({exc})") from None
-    return parse_profile(data, str(path))
+    return parse_profile(document, str(path))

@@ -1,26 +1,31 @@
-"""The device profile registry: ``get(name_or_path)``; an unknown name lists the known ones."""
+"""The built-in device profiles, one TOML file each beside this module, in the project's one registry."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from runtime.errors import UnknownNameError
+from edgeshift.core.registry import Registry
 
 from .profile import DeviceProfile, load_profile_file
 
 _HERE = Path(__file__).parent
 
 
+def _register_builtin() -> None:
+    for path in sorted(_HERE.glob("*.toml")):
+        PROFILES.add(path.stem, path)
+
+
+PROFILES: Registry[Path] = Registry("device profile", load=_register_builtin)
+
+
 def names() -> list[str]:
-    return sorted(p.stem for p in _HERE.glob("*.toml"))
+    return PROFILES.names()
 
 
-def get(name: str | os.PathLike) -> DeviceProfile:
+def load_profile(name: str | os.PathLike) -> DeviceProfile:
     """A built-in profile by name (``rpi4``, ``host``, ...) or a user's profile by path (``*.toml``)."""
     s = str(name)
     if s.endswith(".toml") or os.sep in s:
         return load_profile_file(s)
-    path = _HERE / f"{s}.toml"
-    if not path.is_file():
-        raise UnknownNameError("device profile", s, names())
-    return load_profile_file(path)
+    return load_profile_file(PROFILES.get(s))

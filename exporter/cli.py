@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from runtime.cli_util import handle_errors
+from edgeshift.core.commands import handle_errors
 
 
 def export(
@@ -24,12 +24,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing portfolio."),
 ) -> None:
     """Export variants to ONNX, profile them, drop dominated ones and pack one DEFLATE portfolio."""
-    from exporter.export_cmd import export_portfolio
+    from edgeshift.exporter.export_cmd import export_portfolio
 
     path = export_portfolio(sources, out, data=data, test_samples=test_samples, prune=prune, threads=threads,
                             latency_iterations=iterations, measure_memory=memory, force=force,
                             align=align)
-    from runtime.inspect_cmd import print_portfolio
+    from edgeshift.runtime.inspect_cmd import print_portfolio
 
     print_portfolio(path)
     typer.echo(f"wrote {path}")
@@ -40,7 +40,7 @@ def report(
     out_dir: Path = typer.Option(Path("."), "-o", "--out-dir", help="Folder for the .md and .png."),
 ) -> None:
     """Write a Pareto chart (PNG) and a Markdown table of a portfolio."""
-    from exporter.report import write_report
+    from edgeshift.exporter.report import write_report
 
     md, png = write_report(portfolio, out_dir)
     typer.echo(f"wrote {md} and {png}")
@@ -53,7 +53,7 @@ def pipeline(
     out: Optional[str] = typer.Option(None, "--out", help="Override [output] dir."),
 ) -> None:
     """Train, prune, export, benchmark, simulate and report in one resumable run driven by a config file."""
-    from exporter.pipeline import load_config, run_pipeline
+    from edgeshift.exporter.pipeline import load_config, run_pipeline
 
     run_pipeline(load_config(config, arch=arch, data=data, out=out))
 

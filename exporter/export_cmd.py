@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.atomic import check_output_path
-from runtime.errors import EdgeshiftError, InputFileError
+from edgeshift.core.atomic import check_output_path
+from edgeshift.core.errors import EdgeshiftError, InputFileError
 
 LEVEL_RE = re.compile(r"^level_(\d+)$")
 
@@ -54,10 +54,10 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     import torch
     from torch import nn
 
-    from pruner.checkpoint import load_checkpoint
-    from pruner.data import load_dataset
-    from pruner.models.registry import input_shape
-    from pruner.structured import prune_zero_channels
+    from edgeshift.pruner.checkpoint import load_checkpoint
+    from edgeshift.pruner.data import load_dataset
+    from edgeshift.pruner.models.zoo import input_shape
+    from edgeshift.pruner.structured import prune_zero_channels
 
     from .portfolio import build_portfolio
     from .profile import TestData

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import write_bytes_atomic
-from runtime.errors import EdgeshiftError, NotExactError
+from edgeshift.core.atomic import write_bytes_atomic
+from edgeshift.core.errors import EdgeshiftError, NotExactError
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
@@ -100,8 +100,8 @@ def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = 
     import onnx
     import torch
 
-    from pruner.fuse import fuse_conv_bn
-    from pruner.metrics import count_macs
+    from edgeshift.pruner.fuse import fuse_conv_bn
+    from edgeshift.pruner.metrics import count_macs
 
     path = Path(path)
     if not path.parent.is_dir():

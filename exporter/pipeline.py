@@ -33,8 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from runtime.atomic import write_text_atomic
-from runtime.errors import EdgeshiftError, InputFileError, require_file
+from edgeshift.core.atomic import write_text_atomic
+from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
 
 METHODS = ("imp", "magnitude", "random", "synflow", "pai", "layerprune")
 BUILTIN_TRACE = "time_s,rps,cpu_share\n0,20,1\n10,400,1\n20,1500,0.6\n30,400,1\n40,20,1\n"
@@ -163,15 +163,15 @@ def load_config(path: str | Path, *, arch: str | None = None, data: str | None =
 
 def validate(cfg: PipelineConfig) -> None:
     """Every name and path the run will need, checked before anything is written or trained."""
-    import device_profiles
-    from pruner import sparse
-    from pruner.layers import registry as criteria
-    from pruner.models import registry
-    from pruner.pai import get_mode
-    from runtime import policies
+    from edgeshift import device_profiles
+    from edgeshift.pruner import sparse
+    from edgeshift.pruner.layers import criteria
+    from edgeshift.pruner.models import zoo
+    from edgeshift.pruner.pai import get_mode
+    from edgeshift.runtime import policies
 
-    registry.entry(cfg.model.arch)
-    device_profiles.get(cfg.deploy.profile)
+    zoo.entry(cfg.model.arch)
+    device_profiles.load_profile(cfg.deploy.profile)
     policies.get(cfg.deploy.policy)
     if cfg.data.path != "generated" and not Path(cfg.data.path).exists():
         raise InputFileError(f"data folder not found: {cfg.data.path} (pass a folder or 'generated')")
@@ -213,7 +213,7 @@ def prepare_output(cfg: PipelineConfig) -> Path:
 
 
 def _train_config(cfg: PipelineConfig, epochs: int | None = None):
-    from pruner.train import TrainConfig
+    from edgeshift.pruner.train import TrainConfig
 
     t = cfg.train
     return TrainConfig(epochs=epochs if epochs is not None else t.epochs, batch_size=t.batch_size, lr=t.lr,
@@ -221,7 +221,7 @@ def _train_config(cfg: PipelineConfig, epochs: int | None = None):
 
 
 def _run_config(cfg: PipelineConfig, method: str):
-    from pruner.imp import RunConfig
+    from edgeshift.pruner.imp import RunConfig
 
     return RunConfig(arch=cfg.model.arch, data=cfg.data.path, method=method,
                      prune_fraction=cfg.method.prune_fraction, rewind_step=cfg.method.rewind_step,
@@ -234,8 +234,8 @@ def _dense(cfg: PipelineConfig, variants: Path) -> Path:
     ``variants/dense.pt`` so the portfolio calls it ``dense``."""
     import shutil
 
-    from pruner.imp import run_sparse
-    from runtime.atomic import atomic_path
+    from edgeshift.pruner.imp import run_sparse
+    from edgeshift.core.atomic import atomic_path
 
     path = variants / "dense.pt"
     if not path.exists():
@@ -247,26 +247,26 @@ def _dense(cfg: PipelineConfig, variants: Path) -> Path:
 
 def build_variants(cfg: PipelineConfig, out: Path) -> list[Path]:
     """Step 1: the method's checkpoints (resumable); returns the sources for the exporter."""
-    from pruner.checkpoint import save_checkpoint
+    from edgeshift.pruner.checkpoint import save_checkpoint
 
     variants = out / "variants"
     variants.mkdir(exist_ok=True)
     m = cfg.method
     if m.name in ("imp", "magnitude", "random", "synflow"):
-        from pruner.imp import run_sparse
+        from edgeshift.pruner.imp import run_sparse
 
         run_sparse(variants / "run", _run_config(cfg, m.name), _train_config(cfg), m.levels)
         return [variants / "run"]
     dense = _dense(cfg, variants)
     sources = [dense]
     if m.name == "pai":
-        from pruner.imp import _load_data
-        from pruner.models import registry
-        from pruner.pai import PaiConfig, pai
-        from pruner.train import train
+        from edgeshift.pruner.imp import _load_data
+        from edgeshift.pruner.models import zoo
+        from edgeshift.pruner.pai import PaiConfig, pai
+        from edgeshift.pruner.train import train
 
         run = _run_config(cfg, "pai")
-        train_ds, test_ds = _load_data(run, None, registry.entry(cfg.model.arch).input_size)
+        train_ds, test_ds = _load_data(run, None, zoo.entry(cfg.model.arch).input_size)
         for p in m.sparsities:
             path = variants / f"pai-{float(p):g}.pt"
             if not path.exists():
@@ -280,7 +280,7 @@ def build_variants(cfg: PipelineConfig, out: Path) -> list[Path]:
                                                                        if k != "layers"}})
             sources.append(path)
         return sources
-    from pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
+    from edgeshift.pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
 
     for n in m.remove:
         path = variants / f"layerprune-{int(n)}.pt"
@@ -296,7 +296,7 @@ def build_variants(cfg: PipelineConfig, out: Path) -> list[Path]:
 
 def summary_rows(portfolio: Path, bench: dict, sim: dict) -> list[list[str]]:
     """variant, params, deflated KB, top-1 (ONNX Runtime, at export), p50/p95 on this device, time active."""
-    from runtime.portfolio import Portfolio
+    from edgeshift.runtime.portfolio import Portfolio
 
     measured = {v["name"]: v for v in bench["variants"]}
     active = sim.get("seconds_per_variant", {})
@@ -316,16 +316,16 @@ SUMMARY_HEADER = ["variant", "params", "KB deflated", "top-1", "p50 ms", "p95 ms
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or resume) every step; returns the output folder."""
-    import device_profiles
-    from runtime.bench import BENCH_HEADER, bench_file, bench_rows, write_json
-    from runtime.cli_util import echo_table
-    from runtime.simulate import result_document, simulate_file
+    from edgeshift import device_profiles
+    from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, write_json
+    from edgeshift.core.tables import echo_table
+    from edgeshift.runtime.simulate import result_document, simulate_file
 
     from .export_cmd import export_portfolio
     from .report import write_report
 
     validate(cfg)  # fail on a bad name before hours of training
-    profile = device_profiles.get(cfg.deploy.profile)
+    profile = device_profiles.load_profile(cfg.deploy.profile)
     t0 = time.perf_counter()
     out = prepare_output(cfg)
     total = 6

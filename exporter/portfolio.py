@@ -10,10 +10,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruner.data import CIFAR_MEAN, CIFAR_STD
-from runtime.atomic import atomic_path, check_output_path
-from runtime.errors import EdgeshiftError
-from runtime.manifest import MANIFEST_NAME, NAME_RE, SCHEMA_VERSION, validate_manifest, variant_file
+from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
+from edgeshift.core.atomic import atomic_path, check_output_path
+from edgeshift.core.errors import EdgeshiftError
+from edgeshift.runtime.manifest import MANIFEST_NAME, NAME_RE, SCHEMA_VERSION, validate_manifest, variant_file
 
 from .profile import DEFLATE_LEVEL, TestData, deflated_size, profile_variant
 
@@ -111,7 +111,7 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
     ``reference`` names the dense variant that is always kept (default: the one with the most parameters).
     Nothing is written at ``out_path`` unless every step succeeds.
     """
-    from pruner.metrics import count_params
+    from edgeshift.pruner.metrics import count_params
 
     from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.measure import LatencyStats, cpu_session, machine_label, time_calls
-from runtime.memprobe import measure_session_memory
+from edgeshift.runtime.measure import LatencyStats, cpu_session, machine_label, time_calls
+from edgeshift.runtime.memprobe import measure_session_memory
 
 DEFLATE_LEVEL = 9
 

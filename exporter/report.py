@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.atomic import atomic_path, write_text_atomic
-from runtime.portfolio import Portfolio
+from edgeshift.core.atomic import atomic_path, write_text_atomic
+from edgeshift.runtime.portfolio import Portfolio
 
 
 def markdown_table(portfolio: Portfolio) -> str:
@@ -62,7 +62,7 @@ def pareto_png(portfolio: Portfolio, path: Path) -> None:
 def write_report(portfolio_path: Path, out_dir: Path) -> tuple[Path, Path]:
     """Write ``<out_dir>/<stem>.md`` and ``<out_dir>/<stem>.png`` (the folder is created if missing, after the
     portfolio has opened cleanly)."""
-    from runtime.errors import InputFileError
+    from edgeshift.core.errors import InputFileError
 
     if out_dir.exists() and not out_dir.is_dir():
         raise InputFileError(f"{out_dir} is a file; pass a folder for the report")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.atomic import atomic_path
-from runtime.errors import EdgeshiftError, InputFileError, require_file
+from edgeshift.core.atomic import atomic_path
+from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
 
 FORMAT = "edgeshift-checkpoint"
 VERSION = 1
@@ -64,9 +64,9 @@ def architecture_of(model: nn.Module) -> dict:
 
 
 def _reference_model(arch: dict) -> nn.Module:
-    from .models import registry
+    from .models import zoo
 
-    return registry.get(arch["name"], num_classes=arch["num_classes"], input_size=arch["input_size"],
+    return zoo.get(arch["name"], num_classes=arch["num_classes"], input_size=arch["input_size"],
                         **arch.get("kwargs", {}))
 
 

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from runtime.atomic import check_output_path
-from runtime.cli_util import handle_errors
+from edgeshift.core.atomic import check_output_path
+from edgeshift.core.commands import handle_errors
 
 
 def _check_outputs(force: bool, *paths: Optional[Path]) -> None:
@@ -36,13 +36,13 @@ def prune(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Remove every channel of a sparse model that cannot change its output; print the report."""
-    from pruner.prune_cmd import prune_checkpoint
+    from edgeshift.pruner.prune_cmd import prune_checkpoint
 
     _check_outputs(force, out, json_out)
     report = prune_checkpoint(checkpoint, out, mode=mode.value, batch=batch, seed=seed, align=align)
     typer.echo(report.table())
     if json_out is not None:
-        from runtime.atomic import write_text_atomic
+        from edgeshift.core.atomic import write_text_atomic
 
         write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2))
     typer.echo(f"wrote {out}")
@@ -73,7 +73,7 @@ def pai_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Prune a freshly initialised model at initialisation, structurally where layers can take it (Reconvene)."""
-    from runtime.errors import EdgeshiftError
+    from edgeshift.core.errors import EdgeshiftError
 
     chosen = [name for name, on in (("--all-layers", all_layers), ("--inverted", inverted),
                                     ("--unstructured", unstructured)) if on]
@@ -82,7 +82,7 @@ def pai_cmd(
     mode = {"--all-layers": "all-layers", "--inverted": "inverted", "--unstructured": "unstructured"}.get(
         chosen[0] if chosen else "", "reconvene")
     _check_outputs(force, out, json_out)
-    from pruner.pai import PaiConfig, save_pai
+    from edgeshift.pruner.pai import PaiConfig, save_pai
 
     report = save_pai(PaiConfig(arch=arch, sparsity=sparsity, scorer=scorer, mode=mode, average=average.value,
                                 num_classes=num_classes, input_size=input_size, seed=seed, profile=profile),
@@ -115,7 +115,7 @@ def layerprune_cmd(
 ) -> None:
     """Rank layers and residual blocks, remove the least useful in one shot, fine-tune; print the report."""
     _check_outputs(force, out, json_out)
-    from pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
+    from edgeshift.pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
 
     cfg = LayerPruneConfig(criterion=criterion, remove=remove, latency_budget_ms=latency_budget, profile=profile,
                            imprint_samples=imprint_samples, seed=seed)
@@ -142,7 +142,7 @@ class Schedule(str, Enum):
 
 
 def _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed, augment):
-    from pruner.train import TrainConfig
+    from edgeshift.pruner.train import TrainConfig
 
     return TrainConfig(epochs=epochs, iterations=iterations, batch_size=batch_size, lr=lr, momentum=momentum,
                        weight_decay=weight_decay, schedule=schedule.value, warmup_steps=warmup, seed=seed,
@@ -174,7 +174,7 @@ def imp(
     seed: int = typer.Option(0),
 ) -> None:
     """Iterative magnitude pruning with rewinding (or a one-shot baseline): one checkpoint per level."""
-    from pruner.imp import RunConfig, run_sparse
+    from edgeshift.pruner.imp import RunConfig, run_sparse
 
     if not 0 < prune_fraction < 1:
         raise typer.BadParameter("must be in (0, 1)", param_hint="--prune-fraction")
@@ -212,13 +212,13 @@ def train_cmd(
 ) -> None:
     """Train a zoo model (fresh, or a checkpoint with its masks enforced) and save it (data-parallel under
     torchrun)."""
-    from pruner import distributed
-    from pruner.checkpoint import save_checkpoint
-    from pruner.imp import RunConfig, _check_classes, _load_data, build_model
-    from pruner.models import registry
-    from pruner.train import train
+    from edgeshift.pruner import distributed
+    from edgeshift.pruner.checkpoint import save_checkpoint
+    from edgeshift.pruner.imp import RunConfig, _check_classes, _load_data, build_model
+    from edgeshift.pruner.models import zoo
+    from edgeshift.pruner.train import train
 
-    from runtime.errors import EdgeshiftError
+    from edgeshift.core.errors import EdgeshiftError
 
     if (arch is None) == (init is None):
         raise EdgeshiftError("pass exactly one of --arch (train a fresh model) and --init (train a checkpoint)")
@@ -226,14 +226,14 @@ def train_cmd(
     rank, world = distributed.init_from_env()
     masks, meta = None, {}
     if init is not None:
-        from pruner.checkpoint import load_checkpoint
+        from edgeshift.pruner.checkpoint import load_checkpoint
 
         model, payload = load_checkpoint(init)
         masks = payload.get("masks") or None
         meta = {"init": str(init), **{k: v for k, v in payload.get("meta", {}).items() if k == "pai"}}
         arch = model.edgeshift_arch["name"]
     cfg = RunConfig(arch=arch, data=data, train_samples=train_samples, test_samples=test_samples, seed=seed)
-    input_size = model.edgeshift_arch["input_size"] if init is not None else registry.entry(arch).input_size
+    input_size = model.edgeshift_arch["input_size"] if init is not None else zoo.entry(arch).input_size
     train_ds, test_ds = _load_data(cfg, num_classes, input_size)
     if init is None:
         model = build_model(cfg, num_classes or train_ds.num_classes, train_ds)

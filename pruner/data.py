@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import EdgeshiftError, InputFileError
+from edgeshift.core.errors import EdgeshiftError, InputFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -118,7 +118,7 @@ def load_imagefolder(root: str | os.PathLike, split: str = "train", size: int | 
         labels.append(i)
     ds = Dataset(np.stack(images), np.asarray(labels, np.int64), classes, name=f"{root.name}/{split}")
     if cache:
-        from runtime.atomic import atomic_path
+        from edgeshift.core.atomic import atomic_path
 
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from runtime.errors import ModelNotTraceableError
+from edgeshift.core.errors import ModelNotTraceableError
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from runtime.atomic import atomic_path, write_text_atomic
-from runtime.errors import EdgeshiftError
+from edgeshift.core.atomic import atomic_path, write_text_atomic
+from edgeshift.core.errors import EdgeshiftError
 
 from . import distributed, sparse
 from .checkpoint import save_checkpoint
 from .data import Dataset
-from .models import registry
+from .models import zoo
 from .train import TrainConfig, config_dict, set_determinism, train
 
 METHODS = ("imp", "magnitude", "random", "synflow")
@@ -80,7 +80,7 @@ def build_model(cfg: RunConfig, num_classes: int, data: Dataset, arch_kwargs: di
     """The run's freshly initialised model (seeded: every call gives the same weights), with the data's
     normalisation recorded so the exporter can put it in the manifest."""
     set_determinism(cfg.seed)
-    m = registry.get(cfg.arch, num_classes=num_classes, **(arch_kwargs or {}))
+    m = zoo.get(cfg.arch, num_classes=num_classes, **(arch_kwargs or {}))
     m.edgeshift_arch["normalisation"] = {"mean": list(data.mean), "std": list(data.std)}
     return m
 
@@ -151,7 +151,7 @@ def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: in
         raise EdgeshiftError(f"unknown method {cfg.method!r}; known: {', '.join(METHODS)}")
     if not 0 < cfg.prune_fraction < 1:
         raise EdgeshiftError(f"--prune-fraction must be in (0, 1), got {cfg.prune_fraction}")
-    entry = registry.entry(cfg.arch)
+    entry = zoo.entry(cfg.arch)
     distributed.init_from_env()
     prepare_run_dir(run_dir, cfg, train_cfg)
     distributed.barrier()

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.errors import EdgeshiftError, UnknownNameError
+from edgeshift.core.errors import EdgeshiftError, UnknownNameError
+from edgeshift.core.registry import Registry
 
 from . import sparse
 from .metrics import count_macs, count_params
-from .models import registry
+from .models import zoo
 
 AVERAGES = ("layer-mean", "global")
 
@@ -45,22 +46,21 @@ class PaiMode:
     help: str
 
 
-MODES = {
-    "reconvene": PaiMode("reconvene", lambda resilient: resilient,
-                         "shrink the resilient layers, keep the sensitive ones sparse (the method)"),
-    "all-layers": PaiMode("all-layers", lambda resilient: True,
-                          "shrink every layer to its density: plain structured PaI (a control)"),
-    "inverted": PaiMode("inverted", lambda resilient: not resilient,
-                        "shrink the sensitive layers, keep the resilient ones sparse (a control)"),
-    "unstructured": PaiMode("unstructured", lambda resilient: False,
-                            "shrink nothing, keep every mask: unstructured PaI (the accuracy reference)"),
-}
+MODES: Registry[PaiMode] = Registry("pai mode")
+for _mode in (
+    PaiMode("reconvene", lambda resilient: resilient,
+            "shrink the resilient layers, keep the sensitive ones sparse (the method)"),
+    PaiMode("all-layers", lambda resilient: True, "shrink every layer to its density: plain structured PaI (a control)"),
+    PaiMode("inverted", lambda resilient: not resilient,
+            "shrink the sensitive layers, keep the resilient ones sparse (a control)"),
+    PaiMode("unstructured", lambda resilient: False,
+            "shrink nothing, keep every mask: unstructured PaI (the accuracy reference)"),
+):
+    MODES.add(_mode.name, _mode, _mode.help)
 
 
 def get_mode(name: str) -> PaiMode:
-    if name not in MODES:
-        raise UnknownNameError("pai mode", name, MODES)
-    return MODES[name]
+    return MODES.get(name)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class PaiConfig:
         if not 0.0 < float(self.sparsity) < 1.0:
             raise EdgeshiftError(f"sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.95 removes 95% of "
                                  "the weights")
-        registry.entry(self.arch)
+        zoo.entry(self.arch)
         sparse.get(self.scorer)
         get_mode(self.mode)
         if self.average not in AVERAGES:
@@ -182,11 +182,11 @@ def _peak_rss() -> int:
 
 
 def _example(model: nn.Module, batch: int) -> torch.Tensor:
-    return torch.randn(registry.input_shape(model, batch), generator=torch.Generator().manual_seed(0))
+    return torch.randn(zoo.input_shape(model, batch), generator=torch.Generator().manual_seed(0))
 
 
 def _latency(model: nn.Module, cfg: PaiConfig) -> tuple[dict, int]:
-    from exporter.profile import torch_model_latency
+    from edgeshift.exporter.profile import torch_model_latency
 
     stats, size = torch_model_latency(model.eval(), _example(model, cfg.latency_batch), threads=cfg.latency_threads,
                                       iterations=cfg.latency_iterations, max_seconds=3.0)
@@ -260,7 +260,7 @@ def rectify(model: nn.Module, mask: sparse.Mask, shrink: dict[str, bool], sparsi
     for k, p in params.items():
         layer = k[: -len(".weight")]
         new_mask[k] = torch.ones_like(p, dtype=torch.bool) if layer in structured else p.data != 0
-    registry.reinitialise(model, seed)
+    zoo.reinitialise(model, seed)
     sparse.apply_mask(model, new_mask)
     return new_mask, plans
 
@@ -302,7 +302,7 @@ def pai(cfg: PaiConfig) -> tuple[nn.Module, sparse.Mask, PaiReport]:
     cfg.validate()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = registry.get(cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size, **dict(cfg.arch_kwargs))
+    model = zoo.get(cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size, **dict(cfg.arch_kwargs))
     model.eval()
     example = _example(model, 1)
     params_dense, macs_dense = count_params(model), count_macs(model, example)
@@ -343,7 +343,7 @@ def save_pai(cfg: PaiConfig, out, json_out=None) -> PaiReport:
     report, both atomically."""
     import json
 
-    from runtime.atomic import write_text_atomic
+    from edgeshift.core.atomic import write_text_atomic
 
     from .checkpoint import save_checkpoint
 

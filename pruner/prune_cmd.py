@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .models.registry import input_shape
+from .models.zoo import input_shape
 from .structured import PruneReport, prune_zero_channels
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from runtime.errors import UnknownNameError
+from edgeshift.core.registry import Registry
 
 Mask = dict[str, torch.Tensor]
 
@@ -122,23 +122,21 @@ def _synflow(model: nn.Module, mask: Mask, keep: int, seed: int = 0, iterations:
 
 
 def _input_shape(model: nn.Module) -> tuple:
-    from .models.registry import input_shape
+    from .models.zoo import input_shape
 
     return input_shape(model, 1)
 
 
-_SCORERS = {
-    "magnitude": Scorer("magnitude", _magnitude, False, "global |w| of the trained weights"),
-    "random": Scorer("random", _random, True, "uniformly random, seeded"),
-    "synflow": Scorer("synflow", _synflow, True, "SynFlow, data-free, 100 iterations"),
-}
+SCORERS: Registry[Scorer] = Registry("scorer")
+for _scorer in (Scorer("magnitude", _magnitude, False, "global |w| of the trained weights"),
+                Scorer("random", _random, True, "uniformly random, seeded"),
+                Scorer("synflow", _synflow, True, "SynFlow, data-free, 100 iterations")):
+    SCORERS.add(_scorer.name, _scorer, _scorer.help)
 
 
 def names() -> list[str]:
-    return sorted(_SCORERS)
+    return SCORERS.names()
 
 
 def get(name: str) -> Scorer:
-    if name not in _SCORERS:
-        raise UnknownNameError("scorer", name, _SCORERS)
-    return _SCORERS[name]
+    return SCORERS.get(name)

@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import fx, nn
 from torch.func import functional_call
 
-from runtime.errors import EdgeshiftError, NotExactError
+from edgeshift.core.errors import EdgeshiftError, NotExactError
 
 from .channel_states import ShapeRecordingModule, channel_states, used_weights
 from .fuse import fuse_conv_bn, trace

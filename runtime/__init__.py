@@ -1,4 +1,4 @@
 """edgeshift's device runtime: numpy + ONNX Runtime only, never torch or onnx."""
-from .errors import EdgeshiftError
+from edgeshift.core.errors import EdgeshiftError
 
 __all__ = ["EdgeshiftError"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text_atomic
+from edgeshift.core.atomic import write_text_atomic
 from .measure import machine_fingerprint, time_calls
 from .portfolio import Portfolio
 from .session import absorb_first_session_cost, session_for_variant

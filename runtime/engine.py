@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import InputShapeError, UnknownNameError
+from edgeshift.core.errors import InputShapeError, UnknownNameError
 from .portfolio import Portfolio
 from .session import session_for_variant
 
@@ -68,13 +68,13 @@ class Runtime:
     def __init__(self, portfolio, profile="host", policy="manual", *, start: str | None = None,
                  preload_neighbours: bool | None = None, switch_cpu_share: float | None = None,
                  warmup_runs: int = 1, decide_every: float = 1.0):
-        import device_profiles
+        from edgeshift import device_profiles
 
         from . import policies
 
         self.portfolio = portfolio if isinstance(portfolio, Portfolio) else Portfolio.open(portfolio)
         self._owns_portfolio = not isinstance(portfolio, Portfolio)
-        self.profile = device_profiles.get(profile) if isinstance(profile, (str, os.PathLike)) else profile
+        self.profile = device_profiles.load_profile(profile) if isinstance(profile, (str, os.PathLike)) else profile
         serving = self.profile.serving
         self.policy = policies.get(policy, latency_target_ms=serving.latency_target_ms,
                                    memory_budget_mb=serving.memory_budget_mb) if isinstance(policy, str) else policy

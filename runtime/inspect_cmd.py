@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_util import echo_table
+from edgeshift.core.tables import echo_table
 from .portfolio import Portfolio
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import PortfolioError
+from edgeshift.core.errors import PortfolioError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from .errors import UnknownNameError
+from edgeshift.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class SwitchPolicy(ABC):
         ...
 
 
+POLICIES: Registry[type[SwitchPolicy]] = Registry("policy")
+
+
+@POLICIES.register("manual", help="never switches by itself")
 class ManualPolicy(SwitchPolicy):
     """Never switches on its own: only ``switch_to`` moves the runtime."""
 
@@ -66,6 +70,7 @@ class ManualPolicy(SwitchPolicy):
         return None
 
 
+@POLICIES.register("qps-trend", help="DNNShifter's rule: one step smaller when sustained throughput falls, larger when it rises")
 class QpsTrendPolicy(SwitchPolicy):
     """DNNShifter's rule: one step smaller when the throughput the device sustains falls, one step larger when
     it rises; no search over the portfolio.
@@ -118,6 +123,7 @@ class QpsTrendPolicy(SwitchPolicy):
         return decision
 
 
+@POLICIES.register("latency-slo", help="the most accurate variant whose predicted p95 meets the target")
 class LatencySloPolicy(SwitchPolicy):
     """The most accurate variant whose predicted p95 meets the target. Steps down as soon as the active one
     misses it; steps up only when the better one meets ``target * (1 - hysteresis)`` for ``patience`` windows."""
@@ -151,6 +157,7 @@ class LatencySloPolicy(SwitchPolicy):
         return None
 
 
+@POLICIES.register("memory", help="the largest variant that fits the memory available")
 class MemoryPolicy(SwitchPolicy):
     """The largest variant whose session fits the memory available (and the profile's budget)."""
 
@@ -170,16 +177,10 @@ class MemoryPolicy(SwitchPolicy):
                                 f"{variants[target].memory_mb:.0f} MB")
 
 
-_POLICIES: dict[str, type[SwitchPolicy]] = {p.name: p for p in (QpsTrendPolicy, LatencySloPolicy, MemoryPolicy,
-                                                               ManualPolicy)}
-
-
 def names() -> list[str]:
-    return sorted(_POLICIES)
+    return POLICIES.names()
 
 
 def get(name: str, **kw) -> SwitchPolicy:
-    """Build the policy called ``name``; unknown names list the known ones."""
-    if name not in _POLICIES:
-        raise UnknownNameError("policy", name, _POLICIES)
-    return _POLICIES[name](**kw)
+    """Build the policy called ``name`` with ``kw``; unknown names list the known ones."""
+    return POLICIES.get(name)(**kw)

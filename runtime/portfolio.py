@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import PortfolioError, require_file
+from edgeshift.core.errors import PortfolioError, require_file
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, validate_manifest, variant_file
 
 _ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
@@ -129,7 +129,7 @@ class Portfolio:
 
     def info(self, name: str) -> VariantInfo:
         if name not in self._by_name:
-            from .errors import UnknownNameError
+            from edgeshift.core.errors import UnknownNameError
 
             raise UnknownNameError("variant", name, self.names)
         return self._by_name[name]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeshiftError, InputFileError
+from edgeshift.core.errors import EdgeshiftError, InputFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

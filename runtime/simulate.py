@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import InputFileError
+from edgeshift.core.errors import InputFileError
 from .policies import Observation, SwitchPolicy, VariantView
 from .portfolio import Portfolio
 

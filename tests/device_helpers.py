@@ -15,7 +15,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 sys.argv = ['edgeshift'] + sys.argv[1:]
 try:
-    runpy.run_module('runtime', run_name='__main__')
+    runpy.run_module('edgeshift', run_name='__main__')
 finally:
     leaked = [m for m in ('torch', 'onnx') if m in sys.modules]
     assert not leaked, f'imported {leaked}'

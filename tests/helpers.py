@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruner.models import get
+from edgeshift.pruner.models import get
 
 # (name, kwargs, input size) small enough for a fast suite; every zoo architecture appears.
 ZOO_CASES = [
@@ -42,7 +42,7 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
 
 
 def following_bn(model: nn.Module) -> dict[nn.Conv2d, nn.BatchNorm2d]:
-    from pruner.fuse import conv_bn_pairs
+    from edgeshift.pruner.fuse import conv_bn_pairs
 
     return {model.get_submodule(c): model.get_submodule(b) for c, b in conv_bn_pairs(model)}
 

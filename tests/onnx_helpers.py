@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.manifest import SCHEMA_VERSION, variant_file
+from edgeshift.runtime.manifest import SCHEMA_VERSION, variant_file
 
 SIZE = 8
 CLASSES = 4

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from runtime.atomic import atomic_path, write_text_atomic
+from edgeshift.core.atomic import atomic_path, write_text_atomic
 
 
 def test_written_files_get_the_mode_open_would_give(tmp_path):

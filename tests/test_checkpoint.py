@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from helpers import inputs_for, make, plant_zeros
-from pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from pruner.structured import prune_zero_channels
-from runtime.errors import InputFileError
+from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from edgeshift.pruner.structured import prune_zero_channels
+from edgeshift.core.errors import InputFileError
 
 
 def test_round_trip_keeps_outputs_masks_and_meta(tmp_path):

@@ -4,8 +4,8 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import inputs_for, make, plant_zeros
-from pruner.checkpoint import load_checkpoint, save_checkpoint
-from runtime.cli import app
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+from edgeshift.cli import app
 
 runner = CliRunner()
 

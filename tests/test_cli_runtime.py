@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from device_helpers import BLOCK_TORCH, ROOT, npy_images
 from onnx_helpers import tiny_portfolio
-from runtime.cli import app
+from edgeshift.cli import app
 
 runner = CliRunner()
 def test_bench_writes_json_and_csv(tmp_path):
@@ -81,7 +81,7 @@ def test_device_commands_run_with_torch_unimportable(tmp_path):
     images = npy_images(tmp_path / "imgs")
     trace = tmp_path / "t.csv"
     trace.write_text("time_s,rps\n0,10\n3,2000\n6,10\n")
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = dict(os.environ)
     pf = str(tmp_path / "pf.zip")
     for args in (["inspect", pf], ["bench", pf, "--profile", "host", "--json", str(tmp_path / "b.json")],
                  ["run", pf, "--images", str(images)], ["simulate", pf, "--trace", str(trace)]):

@@ -2,8 +2,8 @@ import json
 
 from typer.testing import CliRunner
 
-from pruner.checkpoint import load_checkpoint
-from runtime.cli import app
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.cli import app
 
 runner = CliRunner()
 SMALL = ["--data", "generated", "--iterations", "2", "--batch-size", "16", "--train-samples", "64",

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "generated", "--iterations", "3", "--batch-size", "16", "--train-samples", "64",
@@ -14,8 +14,8 @@ SMALL = ["--data", "generated", "--iterations", "3", "--batch-size", "16", "--tr
 
 
 def torchrun(args, cwd):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "runtime",
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "edgeshift",
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 

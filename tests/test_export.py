@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.onnx_export import ExportError, export_onnx
+from edgeshift.exporter.onnx_export import ExportError, export_onnx
 from helpers import ZOO_CASES, inputs_for, make, plant_zeros
-from pruner.structured import prune_zero_channels
-from runtime.errors import EdgeshiftError
+from edgeshift.pruner.structured import prune_zero_channels
+from edgeshift.core.errors import EdgeshiftError
 
 
 def ort_run(path, x):

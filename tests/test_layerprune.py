@@ -7,14 +7,14 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from exporter.onnx_export import export_onnx
-from pruner.checkpoint import load_checkpoint, save_checkpoint
-from pruner.data import load_dataset
-from pruner.layers import find_candidates, registry, remove_candidates
-from pruner.layers.criteria import Imprint
-from pruner.layers.layerprune import LayerPruneConfig, criterion_data
-from pruner.models import get
-from runtime.cli import app
+from edgeshift.exporter.onnx_export import export_onnx
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+from edgeshift.pruner.data import load_dataset
+from edgeshift.pruner.layers import criteria, find_candidates, remove_candidates
+from edgeshift.pruner.layers.criteria import Imprint
+from edgeshift.pruner.layers.layerprune import LayerPruneConfig, criterion_data
+from edgeshift.pruner.models import get
+from edgeshift.cli import app
 
 runner = CliRunner()
 
@@ -96,13 +96,13 @@ def test_every_criterion_scores_every_candidate(trained):
     data.taylor_batches = 2
     candidates = find_candidates(model, torch.randn(1, 3, 32, 32))
     names = [c.name for c in candidates]
-    for criterion in registry.names():
-        scores = registry.get(criterion).score(model, candidates, data)
+    for criterion in criteria.names():
+        scores = criteria.get(criterion).score(model, candidates, data)
         assert list(scores) == names and all(isinstance(v, float) and v == v for v in scores.values())
-    ensemble = registry.get("ensemble").score(model, candidates, data)
+    ensemble = criteria.get("ensemble").score(model, candidates, data)
     assert sum(ensemble.values()) == 4 * sum(range(len(names)))  # each member ranks 0..n-1
     with pytest.raises(Exception, match="unknown layer criterion 'l1'; known: bn-scale, ensemble, imprint"):
-        registry.get("l1")
+        criteria.get("l1")
 
 
 def test_layerprune_cli_removes_fine_tunes_and_mixes_into_a_portfolio(trained, tmp_path):

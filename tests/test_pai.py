@@ -8,12 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exporter.onnx_export import export_onnx
-from pruner import sparse
-from pruner.checkpoint import load_checkpoint
-from pruner.models import get
-from pruner.pai import PaiConfig, pai, planned_channels, prune_at_init
-from runtime.cli import app
+from edgeshift.exporter.onnx_export import export_onnx
+from edgeshift.pruner import sparse
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.models import get
+from edgeshift.pruner.pai import PaiConfig, pai, planned_channels, prune_at_init
+from edgeshift.cli import app
 
 runner = CliRunner()
 

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from device_helpers import BLOCK_TORCH, ROOT, npy_images
-from exporter.pipeline import build_variants, load_config, parse_config, prepare_output, validate
-from runtime.errors import EdgeshiftError
-from pruner.checkpoint import load_checkpoint
-from runtime.cli import app
+from edgeshift.exporter.pipeline import build_variants, load_config, parse_config, prepare_output, validate
+from edgeshift.core.errors import EdgeshiftError
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.cli import app
 
 runner = CliRunner()
 
@@ -78,7 +78,7 @@ def test_pipeline_runs_every_step_then_resumes_without_redoing_work(tmp_path):
     device.mkdir()
     shutil.copy(out / "portfolio.zip", device / "portfolio.zip")
     images = npy_images(device / "photos", n=4, size=32)
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = dict(os.environ)
     outputs = {}
     for args in (["inspect", "portfolio.zip"], ["bench", "portfolio.zip", "--profile", "host"],
                  ["run", "portfolio.zip", "--images", str(images)]):

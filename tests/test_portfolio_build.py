@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from exporter.portfolio import Tolerance, build_portfolio, postprocess
-from exporter.profile import TestData
+from edgeshift.exporter.portfolio import Tolerance, build_portfolio, postprocess
+from edgeshift.exporter.profile import TestData
 from helpers import inputs_for, make, plant_zeros
-from pruner.checkpoint import save_checkpoint
-from pruner.structured import prune_zero_channels
-from runtime.cli import app
-from runtime.manifest import validate_manifest
+from edgeshift.pruner.checkpoint import save_checkpoint
+from edgeshift.pruner.structured import prune_zero_channels
+from edgeshift.cli import app
+from edgeshift.runtime.manifest import validate_manifest
 
 runner = CliRunner()
 
@@ -113,7 +113,7 @@ def test_cli_export_align_ships_variants_whose_conv_widths_are_multiples_of_eigh
     import onnx
     from onnx import numpy_helper
 
-    from runtime.portfolio import Portfolio
+    from edgeshift.runtime.portfolio import Portfolio
 
     sparse = make("resnet20", {}, 32)
     plant_zeros(sparse)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from onnx_helpers import manifest_for, tiny_blobs, tiny_portfolio, write_zip
-from runtime.errors import PortfolioError, UnknownNameError
-from runtime.manifest import variant_file
-from runtime.portfolio import Portfolio
+from edgeshift.core.errors import PortfolioError, UnknownNameError
+from edgeshift.runtime.manifest import variant_file
+from edgeshift.runtime.portfolio import Portfolio
 
 
 @pytest.fixture

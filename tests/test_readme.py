@@ -47,12 +47,12 @@ def concrete(line: str) -> list[str]:
     """The argv this test runs for one README line."""
     argv = shlex.split(line.replace("path/to/cifar10", "generated"))
     if argv[0] == "edgeshift":
-        argv = [sys.executable, "-m", "runtime", *argv[1:]]
-    elif argv[:3] == ["python", "-m", "runtime"]:
+        argv = [sys.executable, "-m", "edgeshift", *argv[1:]]
+    elif argv[:3] == ["python", "-m", "edgeshift"]:
         argv = [sys.executable, *argv[1:]]
     elif argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-    runs_cli = any(a == "-m" and b == "runtime" for a, b in zip(argv, argv[1:]))
+    runs_cli = any(a == "-m" and b == "edgeshift" for a, b in zip(argv, argv[1:]))
     sub = next((a for a in argv if a in FAST), None)
     if sub and runs_cli:
         if "--epochs" in argv:
@@ -75,7 +75,7 @@ def device_run(portfolio: Path, photos: Path, device: Path, env: dict) -> None:
 
 def test_training_commands_are_shortened_wherever_the_cli_is_launched_from():
     for line in ("edgeshift imp --arch resnet20 --data path/to/cifar10 --epochs 10 --out r",
-                 "torchrun --standalone --nproc-per-node 2 -m runtime imp --arch resnet20 --epochs 10 --out r"):
+                 "torchrun --standalone --nproc-per-node 2 -m edgeshift imp --arch resnet20 --epochs 10 --out r"):
         argv = concrete(line)
         assert argv[argv.index("--epochs") + 1] == "1" and "--train-samples" in argv
 
@@ -92,7 +92,7 @@ def test_every_readme_command_and_snippet_runs(tmp_path):
 
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
     # what the README says the user brings: photos, a load trace, their own device profile
     (work / "photos").mkdir()
     rng = np.random.default_rng(0)

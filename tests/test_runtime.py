@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from onnx_helpers import reference_outputs, tiny_portfolio
-from runtime import policies
-from runtime.engine import Runtime
-from runtime.errors import InputShapeError, UnknownNameError
-from runtime.policies import Observation, VariantView
+from edgeshift.runtime import policies
+from edgeshift.runtime.engine import Runtime
+from edgeshift.core.errors import InputShapeError, UnknownNameError
+from edgeshift.runtime.policies import Observation, VariantView
 
 
 @pytest.fixture
@@ -173,10 +173,10 @@ def test_a_live_policy_switches_the_runtime_on_its_own(portfolio):
     import dataclasses
     import time
 
-    import device_profiles
+    from edgeshift import device_profiles
 
     path, blobs = portfolio
-    host = device_profiles.get("host")
+    host = device_profiles.load_profile("host")
     strict = dataclasses.replace(host, serving=dataclasses.replace(host.serving, latency_target_ms=1e-6))
     x = batch(1)
     with Runtime(path, profile=strict, policy="latency-slo", decide_every=0.05) as rt:
@@ -201,7 +201,7 @@ def test_missing_providers_are_skipped_with_one_warning(portfolio):
 
     import onnxruntime as ort
 
-    from runtime import session
+    from edgeshift.runtime import session
 
     session._warned.clear()
     assert "XnnpackExecutionProvider" not in ort.get_available_providers()  # true of this CPU build

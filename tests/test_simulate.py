@@ -1,9 +1,9 @@
 import pytest
 
-from runtime import policies
-from runtime.errors import InputFileError
-from runtime.policies import VariantView
-from runtime.simulate import read_trace, simulate
+from edgeshift.runtime import policies
+from edgeshift.core.errors import InputFileError
+from edgeshift.runtime.policies import VariantView
+from edgeshift.runtime.simulate import read_trace, simulate
 
 VIEWS = [VariantView("s", 0, 0.80, 1.0, 10), VariantView("m", 1, 0.85, 2.0, 20),
          VariantView("l", 2, 0.90, 4.0, 40)]

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pruner import sparse
-from pruner.checkpoint import load_checkpoint
-from pruner.data import generated_dataset, load_dataset, load_imagefolder
-from pruner.imp import RunConfig, build_model, level_start, run_sparse
-from pruner.models import get
-from pruner.train import TrainConfig, train
-from runtime.errors import EdgeshiftError, InputFileError, UnknownNameError
+from edgeshift.pruner import sparse
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.data import generated_dataset, load_dataset, load_imagefolder
+from edgeshift.pruner.imp import RunConfig, build_model, level_start, run_sparse
+from edgeshift.pruner.models import get
+from edgeshift.pruner.train import TrainConfig, train
+from edgeshift.core.errors import EdgeshiftError, InputFileError, UnknownNameError
 
 TRAIN = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0)
 KW = {"width": 8}

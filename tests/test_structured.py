@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from helpers import ZOO_CASES, following_bn, inputs_for, make, plant_zeros, zero_filter
-from pruner.checkpoint import load_checkpoint, save_checkpoint
-from pruner.structured import prune_zero_channels
-from runtime.errors import EdgeshiftError, ModelNotTraceableError
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+from edgeshift.pruner.structured import prune_zero_channels
+from edgeshift.core.errors import EdgeshiftError, ModelNotTraceableError
 
 RTOL = 1e-4
 

@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from helpers import ZOO_CASES, inputs_for, make
-from pruner.fuse import fuse_conv_bn
-from pruner.metrics import count_params
-from pruner.models import get, names
-from runtime.errors import UnknownNameError
+from edgeshift.pruner.fuse import fuse_conv_bn
+from edgeshift.pruner.metrics import count_params
+from edgeshift.pruner.models import get, names
+from edgeshift.core.errors import UnknownNameError
 
 
 def test_unknown_architecture_names_the_known_ones():

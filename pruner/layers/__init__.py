@@ -1,5 +1,5 @@
 """Layer pruning (LayerPrune): rank removable layers and blocks, remove them in one shot, fine-tune."""
 from .candidates import Candidate, find_candidates, remove_candidates
-from .registry import get, names
+from .criteria import CRITERIA, get, names
 
-__all__ = ["Candidate", "find_candidates", "get", "names", "remove_candidates"]
+__all__ = ["CRITERIA", "Candidate", "find_candidates", "get", "names", "remove_candidates"]

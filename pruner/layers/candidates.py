@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.errors import EdgeshiftError
+from edgeshift.core.errors import EdgeshiftError
 
 from ..metrics import forward_with_hooks
 

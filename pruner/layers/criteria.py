@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.errors import EdgeshiftError
+from edgeshift.core.errors import EdgeshiftError
+from edgeshift.core.registry import Registry
 
 from .candidates import Candidate
 
@@ -43,6 +44,23 @@ class LayerCriterion:
         raise NotImplementedError
 
 
+CRITERIA: Registry[type[LayerCriterion]] = Registry("layer criterion")
+
+
+def register_criterion(cls: type[LayerCriterion]) -> type[LayerCriterion]:
+    """Class decorator: put a criterion in ``CRITERIA`` under its ``name``, with its ``help``."""
+    return CRITERIA.add(cls.name, cls, cls.help)
+
+
+def get(name: str) -> LayerCriterion:
+    """A fresh instance of the criterion called ``name``; unknown names list the known ones."""
+    return CRITERIA.get(name)()
+
+
+def names() -> list[str]:
+    return CRITERIA.names()
+
+
 def _convs(model: nn.Module, name: str) -> list[nn.Conv2d]:
     return [m for m in model.get_submodule(name).modules() if isinstance(m, nn.Conv2d)]
 
@@ -51,6 +69,7 @@ def _mean_over_filters(per_filter: list[torch.Tensor]) -> float:
     return float(torch.cat([t.flatten() for t in per_filter]).double().mean())
 
 
+@register_criterion
 class WeightNorm(LayerCriterion):
     name, needs_data = "weight-norm", False
     help = "mean L2 norm of the candidate's filters (eq. 5.1)"
@@ -61,6 +80,7 @@ class WeightNorm(LayerCriterion):
                 for c in candidates}
 
 
+@register_criterion
 class BnScale(LayerCriterion):
     name, needs_data = "bn-scale", False
     help = "mean squared BatchNorm scale of the candidate's channels (eq. 5.3)"
@@ -77,6 +97,7 @@ class BnScale(LayerCriterion):
         return out
 
 
+@register_criterion
 class Taylor(LayerCriterion):
     name, needs_data = "taylor", True
     help = "mean over filters of ||grad * weight||_2 over a few training batches (eq. 5.2)"
@@ -117,6 +138,7 @@ def _embed(features: torch.Tensor, length: int) -> torch.Tensor:
     return F.normalize(F.adaptive_avg_pool2d(features, d).flatten(1), dim=1)
 
 
+@register_criterion
 class Imprint(LayerCriterion):
     name, needs_data = "imprint", True
     help = "proxy accuracy gained over the previous candidate, by a class-mean classifier imprinted per candidate"
@@ -169,14 +191,13 @@ def ranks(scores: dict[str, float]) -> dict[str, int]:
     return {name: i for i, name in enumerate(order)}
 
 
+@register_criterion
 class Ensemble(LayerCriterion):
     name, needs_data = "ensemble", True
     help = "sum of each candidate's rank under imprint, weight-norm, taylor and bn-scale (eq. 5.4)"
     members = ("imprint", "weight-norm", "taylor", "bn-scale")
 
     def score(self, model, candidates, data):
-        from .registry import get
-
         total = {c.name: 0 for c in candidates}
         for member in self.members:
             for name, r in ranks(get(member).score(model, candidates, data)).items():

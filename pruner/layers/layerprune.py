@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.errors import EdgeshiftError
+from edgeshift.core.errors import EdgeshiftError
 
 from ..data import Dataset
 from ..metrics import count_macs, count_params
-from ..models.registry import input_shape
+from ..models.zoo import input_shape
 from .candidates import Candidate, find_candidates, remove_candidates
 from .criteria import CriterionData
-from .registry import get
+from .criteria import get
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,15 @@ def _example(model: nn.Module, batch: int = 1) -> torch.Tensor:
 
 
 def _session(model: nn.Module, profile):
-    from exporter.onnx_export import onnx_bytes
-    from runtime.session import create_session
+    from edgeshift.exporter.onnx_export import onnx_bytes
+    from edgeshift.runtime.session import create_session
 
     return create_session(onnx_bytes(model, _example(model, 1)), profile)
 
 
 def measure_latency(model: nn.Module, profile) -> dict:
     """p50/p95/p99 through ONNX Runtime under ``profile`` (its batch size, threads and benchmark settings)."""
-    from runtime.measure import time_calls
+    from edgeshift.runtime.measure import time_calls
 
     session = _session(model, profile)
     batch = profile.serving.batch_size
@@ -127,9 +127,9 @@ def measure_latency(model: nn.Module, profile) -> dict:
 
 def onnx_top1(model: nn.Module, test: Dataset) -> float:
     """Top-1 of the model exported to ONNX and run by ONNX Runtime (CPU) on ``test``."""
-    from exporter.onnx_export import onnx_bytes
-    from exporter.profile import TestData, onnx_accuracy
-    from runtime.measure import cpu_session
+    from edgeshift.exporter.onnx_export import onnx_bytes
+    from edgeshift.exporter.profile import TestData, onnx_accuracy
+    from edgeshift.runtime.measure import cpu_session
 
     session = cpu_session(onnx_bytes(model, _example(model, 1)), threads=0)
     return onnx_accuracy(session, TestData(test.normalised(), test.labels))[0]
@@ -190,10 +190,10 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
     enforcing ``mask`` (a sparse model's, restricted to the layers that remain) if given. The input model is not
     modified. Accuracies are measured when ``test`` is given.
     """
-    import device_profiles
+    from edgeshift import device_profiles
 
     cfg.validate()
-    profile = device_profiles.get(cfg.profile)
+    profile = device_profiles.load_profile(cfg.profile)
     model = model.eval()
     num_classes = model.edgeshift_arch["num_classes"]
     t0 = time.perf_counter()
@@ -237,7 +237,7 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
     import json
 
-    from runtime.atomic import write_text_atomic
+    from edgeshift.core.atomic import write_text_atomic
 
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import load_dataset

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .registry import register_model
+
 # expansion t, output channels c, repeats n, first stride s
 SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
@@ -71,5 +73,6 @@ class MobileNetV2(nn.Module):
         return self.fc(self.dropout(x))
 
 
+@register_model("mobilenetv2", num_classes=1000, input_size=224, help="MobileNetV2; width_mult, small_input")
 def mobilenetv2(num_classes: int = 1000, **kw) -> MobileNetV2:
     return MobileNetV2(num_classes, **kw)

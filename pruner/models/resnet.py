@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .registry import register_model
+
 
 def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
     if stride == 1 and cin == cout:
@@ -138,17 +140,21 @@ class ResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+@register_model("resnet20", num_classes=10, input_size=32, help="CIFAR ResNet-20 (16/32/64 channels)")
 def resnet20(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(20, num_classes, **kw)
 
 
+@register_model("resnet56", num_classes=10, input_size=32, help="CIFAR ResNet-56")
 def resnet56(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(56, num_classes, **kw)
 
 
+@register_model("resnet18", num_classes=1000, input_size=224, help="ImageNet ResNet-18; stem='imagenet'|'cifar'")
 def resnet18(num_classes: int = 1000, **kw) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, **kw)
 
 
+@register_model("resnet50", num_classes=1000, input_size=224, help="ImageNet ResNet-50; stem='imagenet'|'cifar'")
 def resnet50(num_classes: int = 1000, **kw) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, **kw)

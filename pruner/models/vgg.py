@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .registry import register_model
+
 PLANS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
@@ -44,13 +46,16 @@ class CifarVGG(nn.Module):
         return self.fc(x.flatten(1))
 
 
+@register_model("vgg11", num_classes=10, input_size=32, help="CIFAR VGG-11, one linear layer")
 def vgg11(num_classes: int = 10, **kw) -> CifarVGG:
     return CifarVGG(PLANS["vgg11"], num_classes, **kw)
 
 
+@register_model("vgg16", num_classes=10, input_size=32, help="CIFAR VGG-16, one linear layer (OpenLTH)")
 def vgg16(num_classes: int = 10, **kw) -> CifarVGG:
     return CifarVGG(PLANS["vgg16"], num_classes, **kw)
 
 
+@register_model("vgg19", num_classes=10, input_size=32, help="CIFAR VGG-19, one linear layer")
 def vgg19(num_classes: int = 10, **kw) -> CifarVGG:
     return CifarVGG(PLANS["vgg19"], num_classes, **kw)

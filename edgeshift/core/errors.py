@@ -4,6 +4,7 @@ Torch-free on purpose: every package (device side and build side) raises these.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 
@@ -49,10 +50,8 @@ class OutputExistsError(EdgeshiftError):
     """An output path exists and overwriting was not asked for."""
 
 
-def require_file(path, what: str = "file") -> None:
+def require_file(path: str | os.PathLike, what: str = "file") -> None:
     """Raise InputFileError naming ``path`` when it is not an existing regular file."""
-    import os
-
     if not os.path.exists(path):
         raise InputFileError(f"{what} not found: {path}")
     if not os.path.isfile(path):

@@ -7,14 +7,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputFileError, OutputExistsError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is deleted."""
     path = Path(path)
     if not path.parent.is_dir():
-        from .errors import InputFileError
-
         raise InputFileError(f"output directory does not exist: {path.parent}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -45,8 +45,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     """Refuse an existing file (unless ``force``) or a missing directory before any work starts."""
-    from .errors import InputFileError, OutputExistsError
-
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists; pass --force to overwrite it")

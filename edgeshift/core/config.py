@@ -1,0 +1,186 @@
+"""One strict loader for every configuration the project reads: device profiles, pipeline configs, manifests.
+
+A configuration is a tree of frozen dataclasses. Each field states its type, its default and its help once, with
+``setting(default, help, ...)``; ``load(cls, document, source=..., error=...)`` checks a parsed TOML or JSON
+document against it: an unknown key, a value of the wrong type, a value outside its range or its choices is an
+error naming the source and the key (``my.toml: serving.batch_size must be int, got str 'four'``).
+
+Types understood: bool, int, float (an int is accepted), str, ``Literal[...]`` (choices), unions of those,
+``X | None`` (JSON null), ``tuple[X, ...]`` and ``list[X]`` (from lists), ``dict[str, X]`` and nested
+dataclasses (from tables), and ``Any``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Callable, Literal, TypeVar, Union
+
+from .errors import EdgeshiftError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 devices
+    import tomli as tomllib
+
+__all__ = ["load", "load_toml", "setting", "field_help", "tomllib"]
+
+C = TypeVar("C")
+_MISSING = dataclasses.MISSING
+
+
+def setting(default: Any = _MISSING, help: str = "", *, minimum: float | None = None,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+    """A dataclass field with its help; ``minimum`` (inclusive) and ``check`` (returns what is wrong, or None)
+    are checked on load. A list or dict default is copied per instance."""
+    meta = {"help": help, "minimum": minimum, "check": check}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    if default is _MISSING:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help a field was declared with (for CLI options generated from a config dataclass)."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _describe(tp: Any) -> str:
+    if tp is Any:
+        return "any value"
+    if tp is type(None):
+        return "null"
+    if _is_union(tp):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (list, tuple):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp):
+        return "a table"
+    if tp is float:
+        return "int or float"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Bad(Exception):
+    """A value does not match its type (the caller words the message)."""
+
+
+def _convert(tp: Any, value: Any, where: str, source: str, error: type[EdgeshiftError]) -> Any:
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(arg, value, where, source, error)
+            except _Bad:
+                continue
+        raise _Bad
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if isinstance(value, bool) or value not in typing.get_args(tp):
+            raise _Bad
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise _Bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Bad
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise _Bad
+        item = typing.get_args(tp)[0]
+        items = [_convert_or_fail(item, v, f"{where}[{i}]", source, error) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad
+        item = typing.get_args(tp)[1]
+        return {str(k): _convert_or_fail(item, v, f"{where}.{k}", source, error) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return load(tp, value, source=source, error=error, section=where)  # type: ignore[arg-type]
+    raise TypeError(f"config type {tp!r} is not supported")  # a programming error, not a user's
+
+
+def _convert_or_fail(tp: Any, value: Any, where: str, source: str, error: type[EdgeshiftError]) -> Any:
+    try:
+        return _convert(tp, value, where, source, error)
+    except _Bad:
+        if typing.get_origin(tp) is Literal:
+            choices = ", ".join(str(a) for a in typing.get_args(tp))
+            raise error(f"{source}: {where} = {value!r}; expected one of {choices}") from None
+        raise error(f"{source}: {where} must be {_describe(tp)}, got {type(value).__name__} {value!r}") from None
+
+
+def load(cls: type[C], document: Any, *, source: str, error: type[EdgeshiftError] = EdgeshiftError,
+         section: str = "") -> C:
+    """Build ``cls`` from ``document`` (a parsed table), strictly; ``section`` is its place in the whole file."""
+    if not isinstance(document, dict):
+        raise error(f"{source}: [{section or 'top level'}] must be a table, got {type(document).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in document if k not in fields]
+    if unknown:
+        where = f"{section}.{unknown[0]}" if section else str(unknown[0])
+        if all(dataclasses.is_dataclass(hints[f]) for f in fields):
+            raise error(f"{source}: unknown section [{where}]; known: {', '.join(fields)}")
+        raise error(f"{source}: unknown key {where!r}; known in [{section or 'top level'}]: "
+                    f"{', '.join(sorted(fields))}")
+    values = {}
+    for name, f in fields.items():
+        where = f"{section}.{name}" if section else name
+        if name not in document:
+            if f.default is _MISSING and f.default_factory is _MISSING:
+                raise error(f"{source}: {where} is missing")
+            if dataclasses.is_dataclass(hints[name]) and f.default_factory is not _MISSING:
+                values[name] = load(hints[name], {}, source=source, error=error, section=where)
+            continue
+        value = _convert_or_fail(hints[name], document[name], where, source, error)
+        minimum = f.metadata.get("minimum")
+        if minimum is not None and isinstance(value, (int, float)) and value < minimum:
+            raise error(f"{source}: {where} must be >= {minimum:g}, got {value}")
+        check = f.metadata.get("check")
+        problem = check(value) if check is not None and value is not None else None
+        if problem:
+            raise error(f"{source}: {where} {problem}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def load_toml(cls: type[C], path: Any, *, error: type[EdgeshiftError] = EdgeshiftError,
+              overrides: dict[tuple[str, str], Any] | None = None) -> C:
+    """Read a TOML file into ``cls``; ``overrides`` maps (section, key) to a value that replaces the file's."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"file not found: {path}")
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid TOML ({exc})") from None
+    for (section, key), value in (overrides or {}).items():
+        document.setdefault(section, {})[key] = value
+    return load(cls, document, source=str(path), error=error)
