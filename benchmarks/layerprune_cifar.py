@@ -43,12 +43,14 @@ def interleaved_p50(models: dict, profile, rounds: int) -> dict:
     """Median over ``rounds`` of each model's ORT p50 under ``profile``, the models measured in turn each round."""
     import statistics
 
+    from edgeshift.exporter.profile import OrtMeasurer
     from edgeshift.pruner.layers.layerprune import measure_latency
 
+    measure = OrtMeasurer(profile)
     seen = {k: [] for k in models}
     for _ in range(rounds):
         for k, m in models.items():
-            seen[k].append(measure_latency(m, profile)["p50_ms"])
+            seen[k].append(measure_latency(m, measure)["p50_ms"])
     return {k: statistics.median(v) for k, v in seen.items()}
 
 
@@ -82,6 +84,7 @@ def main() -> None:
     from edgeshift import device_profiles
     from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
     from edgeshift.pruner.data import load_dataset
+    from edgeshift.exporter.profile import OrtMeasurer
     from edgeshift.pruner.layers.layerprune import onnx_top1
     from edgeshift.pruner.metrics import count_macs, count_params
     from edgeshift.pruner.train import TrainConfig, train
@@ -106,11 +109,11 @@ def main() -> None:
         path = args.out / f"width-l1-{r:g}.json"
         if not path.exists():
             model = width_pruned(dense, r)
-            before = onnx_top1(model, test_ds)
+            before = onnx_top1(model, test_ds, OrtMeasurer(profile))
             train(model, train_ds, test_ds, TrainConfig(epochs=args.epochs, lr=args.lr), label=f"width {r:g}")
             model.eval()
             doc = {"ratio": r, "params": count_params(model), "macs": count_macs(model, torch.randn(1, 3, 32, 32)),
-                   "accuracy_removed": before, "accuracy_after": onnx_top1(model, test_ds)}
+                   "accuracy_removed": before, "accuracy_after": onnx_top1(model, test_ds, OrtMeasurer(profile))}
             save_checkpoint(model, args.out / f"width-l1-{r:g}.pt", meta={"test_accuracy": doc["accuracy_after"]})
             path.write_text(json.dumps(doc))
         width_docs[r] = json.loads(path.read_text())

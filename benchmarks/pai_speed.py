@@ -18,10 +18,12 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
+from edgeshift.exporter.profile import cpu_measurer
 from edgeshift.pruner.pai import PaiConfig, pai
 import_seconds = time.perf_counter() - t0
 rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-model, mask, report = pai(PaiConfig(sys.argv[1], float(sys.argv[2]), mode=sys.argv[3]))
+cfg = PaiConfig(sys.argv[1], float(sys.argv[2]), mode=sys.argv[3])
+model, mask, report = pai(cfg, cpu_measurer(cfg.latency_threads, cfg.latency_iterations))
 doc = report.to_dict()
 doc.pop("layers")
 doc.update(import_seconds=import_seconds, rss_after_import=rss_after_import)

@@ -1,5 +1,5 @@
 """Device profiles: TOML files describing how to run on a device (providers, threads, targets). Torch-free."""
-from .profile import DeviceProfile, load_profile_file, parse_profile
+from .profile import DeviceProfile, cpu_profile, load_profile_file, parse_profile
 from .registry import PROFILES, load_profile, names
 
-__all__ = ["PROFILES", "DeviceProfile", "load_profile", "load_profile_file", "names", "parse_profile"]
+__all__ = ["PROFILES", "DeviceProfile", "cpu_profile", "load_profile", "load_profile_file", "names", "parse_profile"]

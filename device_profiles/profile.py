@@ -96,6 +96,13 @@ class DeviceProfile:
     source: str = dataclasses.field(default="", init=False)  # the file it came from
 
 
+def cpu_profile(threads: int = 1, name: str = "cpu") -> DeviceProfile:
+    """The CPU provider alone with ``threads`` intra-op threads (0: ORT chooses): how the build machine times
+    variants when no device profile is named."""
+    return DeviceProfile(name=name, description=f"CPU provider, {threads} intra-op threads",
+                         execution=ExecutionSettings(intra_op_threads=threads))
+
+
 def _half_available_mb() -> int:
     import psutil
 

@@ -1,4 +1,9 @@
-"""Variant profiling: what each exported variant costs and delivers, measured through ONNX Runtime."""
+"""Variant profiling: what each exported variant costs and delivers, measured through ONNX Runtime.
+
+The one way the build side times a model: a session from ``edgeshift.runtime.session.create_session`` under a
+device profile, warm-up excluded, percentiles from ``time_calls``. ``OrtMeasurer`` offers it to the pruner
+(``edgeshift.pruner.measure.ModelMeasurer``), which measures with it but never imports it.
+"""
 from __future__ import annotations
 
 import zlib
@@ -6,8 +11,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edgeshift.runtime.measure import LatencyStats, cpu_session, machine_label, time_calls
+from edgeshift.device_profiles import DeviceProfile, cpu_profile
+from edgeshift.runtime.measure import LatencyStats, machine_label, time_calls
 from edgeshift.runtime.memprobe import measure_session_memory
+from edgeshift.runtime.session import create_session
 
 DEFLATE_LEVEL = 9
 
@@ -66,7 +73,7 @@ def profile_variant(onnx_bytes: bytes, *, params: int, macs: int, test_data: Tes
                     input_shape: tuple[int, ...], threads: int = 1, warmup: int = 10, iterations: int = 100,
                     max_seconds: float = 10.0, memory_path: str | None = None) -> VariantProfile:
     """Accuracy (through ORT), batch-1 latency percentiles and throughput, sizes and session memory."""
-    session = cpu_session(onnx_bytes, threads)
+    session = create_session(onnx_bytes, cpu_profile(threads))
     top1 = top5 = None
     if test_data is not None and len(test_data.y):
         top1, top5 = onnx_accuracy(session, test_data)
@@ -82,19 +89,58 @@ def profile_variant(onnx_bytes: bytes, *, params: int, macs: int, test_data: Tes
     )
 
 
-def torch_model_latency(model, example_inputs, *, threads: int = 1, warmup: int = 5, iterations: int = 50,
-                        max_seconds: float = 5.0) -> tuple[LatencyStats, int]:
-    """(latency percentiles, ONNX bytes) of a torch model run through ONNX Runtime on the CPU.
+def time_session(session, feed: dict, profile: DeviceProfile, *, batch: int) -> LatencyStats:
+    """Latency percentiles of ``session.run(None, feed)`` with the profile's warm-up, iterations and time cap."""
+    b = profile.benchmark
+    return time_calls(lambda: session.run(None, feed), warmup=b.warmup, iterations=b.iterations,
+                      max_seconds=b.max_seconds, batch=batch)
+
+
+class OrtMeasurer:
+    """Measures torch models through ONNX Runtime under a device profile (the pruner's ``ModelMeasurer``).
 
     The model is exported in memory as it is (eval mode; ONNX Runtime fuses conv+BN itself; not simplified,
-    nothing written): a quick profile for comparing variants built in one process, e.g. a model pruned at
-    initialisation against its dense self.
+    nothing written): a quick, like-for-like profile for comparing variants built in one process.
     """
-    from .onnx_export import INPUT_NAME, onnx_bytes
 
-    raw = onnx_bytes(model, example_inputs)
-    session = cpu_session(raw, threads)
-    feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
-    stats = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations,
-                       max_seconds=max_seconds, batch=int(example_inputs.shape[0]))
-    return stats, len(raw)
+    def __init__(self, profile: DeviceProfile | str = "host") -> None:
+        from edgeshift import device_profiles
+
+        self.profile = device_profiles.load_profile(profile) if isinstance(profile, str) else profile
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile.name
+
+    @property
+    def batch_size(self) -> int:
+        return self.profile.serving.batch_size
+
+    def _session(self, model, example_inputs):
+        from .onnx_export import onnx_bytes
+
+        raw = onnx_bytes(model.eval(), example_inputs)
+        return create_session(raw, self.profile), len(raw)
+
+    def latency(self, model, example_inputs) -> tuple[dict, int]:
+        from .onnx_export import INPUT_NAME
+
+        session, size = self._session(model, example_inputs)
+        feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
+        return time_session(session, feed, self.profile, batch=int(example_inputs.shape[0])).to_dict(), size
+
+    def top1(self, model, x: np.ndarray, y: np.ndarray) -> float:
+        import torch
+
+        session, _ = self._session(model, torch.from_numpy(x[:1]))
+        return onnx_accuracy(session, TestData(x, y))[0]
+
+
+def cpu_measurer(threads: int = 1, iterations: int = 50, *, warmup: int = 5, max_seconds: float = 3.0) -> OrtMeasurer:
+    """An ``OrtMeasurer`` on the CPU provider with ``threads`` intra-op threads and a short timing budget."""
+    import dataclasses
+
+    from edgeshift.device_profiles.profile import BenchmarkSettings
+
+    profile = dataclasses.replace(cpu_profile(threads), benchmark=BenchmarkSettings(warmup, iterations, max_seconds))
+    return OrtMeasurer(profile)

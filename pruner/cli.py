@@ -82,11 +82,12 @@ def pai_cmd(
     mode = {"--all-layers": "all-layers", "--inverted": "inverted", "--unstructured": "unstructured"}.get(
         chosen[0] if chosen else "", "reconvene")
     _check_outputs(force, out, json_out)
+    from edgeshift.exporter.profile import cpu_measurer
     from edgeshift.pruner.pai import PaiConfig, save_pai
 
-    report = save_pai(PaiConfig(arch=arch, sparsity=sparsity, scorer=scorer, mode=mode, average=average.value,
-                                num_classes=num_classes, input_size=input_size, seed=seed, profile=profile),
-                      out, json_out)
+    cfg = PaiConfig(arch=arch, sparsity=sparsity, scorer=scorer, mode=mode, average=average.value,
+                    num_classes=num_classes, input_size=input_size, seed=seed, profile=profile)
+    report = save_pai(cfg, out, json_out, cpu_measurer(cfg.latency_threads, cfg.latency_iterations))
     typer.echo(report.table())
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 
@@ -115,6 +116,7 @@ def layerprune_cmd(
 ) -> None:
     """Rank layers and residual blocks, remove the least useful in one shot, fine-tune; print the report."""
     _check_outputs(force, out, json_out)
+    from edgeshift.exporter.profile import OrtMeasurer
     from edgeshift.pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
 
     cfg = LayerPruneConfig(criterion=criterion, remove=remove, latency_budget_ms=latency_budget, profile=profile,
@@ -124,7 +126,7 @@ def layerprune_cmd(
         finetune = _train_config(epochs, iterations, batch_size, lr, 0.9, weight_decay, Schedule.cosine, 0, seed,
                                  True)
     report = layerprune_checkpoint(checkpoint, out, cfg, data=data, finetune=finetune, train_samples=train_samples,
-                                   test_samples=test_samples, json_out=json_out)
+                                   test_samples=test_samples, json_out=json_out, measure=OrtMeasurer(cfg.profile))
     typer.echo(report.table())
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 
@@ -213,42 +215,16 @@ def train_cmd(
     """Train a zoo model (fresh, or a checkpoint with its masks enforced) and save it (data-parallel under
     torchrun)."""
     from edgeshift.pruner import distributed
-    from edgeshift.pruner.checkpoint import save_checkpoint
-    from edgeshift.pruner.imp import RunConfig, _check_classes, _load_data, build_model
-    from edgeshift.pruner.models import zoo
-    from edgeshift.pruner.train import train
+    from edgeshift.pruner.train_checkpoint import train_checkpoint
 
-    from edgeshift.core.errors import EdgeshiftError
-
-    if (arch is None) == (init is None):
-        raise EdgeshiftError("pass exactly one of --arch (train a fresh model) and --init (train a checkpoint)")
     check_output_path(out, force)
-    rank, world = distributed.init_from_env()
-    masks, meta = None, {}
-    if init is not None:
-        from edgeshift.pruner.checkpoint import load_checkpoint
-
-        model, payload = load_checkpoint(init)
-        masks = payload.get("masks") or None
-        meta = {"init": str(init), **{k: v for k, v in payload.get("meta", {}).items() if k == "pai"}}
-        arch = model.edgeshift_arch["name"]
-    cfg = RunConfig(arch=arch, data=data, train_samples=train_samples, test_samples=test_samples, seed=seed)
-    input_size = model.edgeshift_arch["input_size"] if init is not None else zoo.entry(arch).input_size
-    train_ds, test_ds = _load_data(cfg, num_classes, input_size)
-    if init is None:
-        model = build_model(cfg, num_classes or train_ds.num_classes, train_ds)
-    else:
-        model.edgeshift_arch["normalisation"] = {"mean": list(train_ds.mean), "std": list(train_ds.std)}
-    _check_classes(model, train_ds)
-    res = train(model, train_ds, test_ds, _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay,
-                                                        schedule, warmup, seed, augment), mask=masks)
-    if rank == 0:
-        save_checkpoint(model, out, masks=masks, meta={**meta, "test_accuracy": res.test_accuracy,
-                                                        "steps": res.steps, "seconds": res.seconds,
-                                                        "processes": world})
+    res, world = train_checkpoint(out, _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay,
+                                                     schedule, warmup, seed, augment),
+                                  data=data, arch=arch, init=init, num_classes=num_classes,
+                                  train_samples=train_samples, test_samples=test_samples, seed=seed)
+    if distributed.is_main():
         typer.echo(f"test accuracy {100 * res.test_accuracy:.2f}% after {res.steps} steps ({res.seconds:.0f} s, "
                    f"{world} process{'es' if world > 1 else ''}); wrote {out}")
-    distributed.barrier()
 
 
 def register(app: typer.Typer) -> None:

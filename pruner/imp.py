@@ -57,7 +57,7 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_data(cfg: RunConfig, num_classes: int | None, size: int) -> tuple[Dataset, Dataset]:
+def load_data(cfg: RunConfig, num_classes: int | None, size: int) -> tuple[Dataset, Dataset]:
     from .data import load_dataset
 
     train_ds = load_dataset(cfg.data, "train", num_classes=num_classes or 10, size=size)
@@ -69,7 +69,7 @@ def _load_data(cfg: RunConfig, num_classes: int | None, size: int) -> tuple[Data
     return train_ds, test_ds
 
 
-def _check_classes(model, ds: Dataset) -> None:
+def check_classes(model, ds: Dataset) -> None:
     n = model.edgeshift_arch["num_classes"]
     if ds.num_classes != n:
         raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {n}: pass --num-classes "
@@ -155,13 +155,13 @@ def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: in
     distributed.init_from_env()
     prepare_run_dir(run_dir, cfg, train_cfg)
     distributed.barrier()
-    train_ds, test_ds = _load_data(cfg, num_classes, entry.input_size)
+    train_ds, test_ds = load_data(cfg, num_classes, entry.input_size)
     classes = num_classes or train_ds.num_classes
 
     fresh_model = functools.partial(build_model, cfg, classes, train_ds, arch_kwargs)
 
     init = fresh_model()
-    _check_classes(init, train_ds)
+    check_classes(init, train_ds)
     rewind_path = run_dir / "rewind.pt"
     metrics_out = []
     budget = [stop_after]

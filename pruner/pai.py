@@ -32,6 +32,7 @@ from edgeshift.core.registry import Registry
 
 from . import sparse
 from .metrics import count_macs, count_params
+from .measure import ModelMeasurer
 from .models import zoo
 
 AVERAGES = ("layer-mean", "global")
@@ -185,12 +186,8 @@ def _example(model: nn.Module, batch: int) -> torch.Tensor:
     return torch.randn(zoo.input_shape(model, batch), generator=torch.Generator().manual_seed(0))
 
 
-def _latency(model: nn.Module, cfg: PaiConfig) -> tuple[dict, int]:
-    from edgeshift.exporter.profile import torch_model_latency
-
-    stats, size = torch_model_latency(model.eval(), _example(model, cfg.latency_batch), threads=cfg.latency_threads,
-                                      iterations=cfg.latency_iterations, max_seconds=3.0)
-    return stats.to_dict(), size
+def _latency(model: nn.Module, cfg: PaiConfig, measure: ModelMeasurer) -> tuple[dict, int]:
+    return measure.latency(model.eval(), _example(model, cfg.latency_batch))
 
 
 def rectify(model: nn.Module, mask: sparse.Mask, shrink: dict[str, bool], sparsities: dict[str, float],
@@ -293,13 +290,17 @@ def prune_at_init(model: nn.Module, mask: sparse.Mask, *, mode: str = "reconvene
     return new_mask, layers, s_avg
 
 
-def pai(cfg: PaiConfig) -> tuple[nn.Module, sparse.Mask, PaiReport]:
+def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module, sparse.Mask, PaiReport]:
     """Prune a freshly initialised ``cfg.arch`` at initialisation; returns (model, mask, report).
 
     The model is in eval mode with masked weights zeroed; train it with the mask enforced
-    (``pruner.train.train(..., mask=mask)`` or ``edgeshift train --init``).
+    (``edgeshift.pruner.train.train(..., mask=mask)`` or ``edgeshift train --init``). With ``cfg.profile``,
+    ``measure`` (e.g. ``edgeshift.exporter.profile.cpu_measurer(cfg.latency_threads, cfg.latency_iterations)``)
+    times the dense and the pruned model.
     """
     cfg.validate()
+    if cfg.profile and measure is None:
+        raise ValueError("pai(cfg) with cfg.profile needs a measurer (edgeshift.exporter.profile.cpu_measurer)")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = zoo.get(cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size, **dict(cfg.arch_kwargs))
@@ -310,7 +311,7 @@ def pai(cfg: PaiConfig) -> tuple[nn.Module, sparse.Mask, PaiReport]:
     latency_dense = bytes_dense = None
     if cfg.profile:
         tp = time.perf_counter()
-        latency_dense, bytes_dense = _latency(model, cfg)
+        latency_dense, bytes_dense = _latency(model, cfg, measure)
         profile_seconds += time.perf_counter() - tp
 
     mask = sparse.full_mask(model)
@@ -322,7 +323,7 @@ def pai(cfg: PaiConfig) -> tuple[nn.Module, sparse.Mask, PaiReport]:
     latency_after = bytes_after = speedup = None
     if cfg.profile:
         tp = time.perf_counter()
-        latency_after, bytes_after = _latency(model, cfg)
+        latency_after, bytes_after = _latency(model, cfg, measure)
         profile_seconds += time.perf_counter() - tp
         speedup = latency_dense["p50_ms"] / latency_after["p50_ms"]
     seconds = time.perf_counter() - t0
@@ -338,7 +339,7 @@ def pai(cfg: PaiConfig) -> tuple[nn.Module, sparse.Mask, PaiReport]:
     return model, new_mask, report
 
 
-def save_pai(cfg: PaiConfig, out, json_out=None) -> PaiReport:
+def save_pai(cfg: PaiConfig, out, json_out=None, measure: ModelMeasurer | None = None) -> PaiReport:
     """Run ``pai(cfg)`` and write the checkpoint (model + masks, the report in its meta) and optionally the JSON
     report, both atomically."""
     import json
@@ -347,7 +348,7 @@ def save_pai(cfg: PaiConfig, out, json_out=None) -> PaiReport:
 
     from .checkpoint import save_checkpoint
 
-    model, mask, report = pai(cfg)
+    model, mask, report = pai(cfg, measure)
     doc = report.to_dict()
     summary = {k: v for k, v in doc.items() if k != "layers"}
     save_checkpoint(model, out, masks=mask, meta={"pai": summary, "config": asdict(cfg)})

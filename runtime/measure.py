@@ -1,4 +1,5 @@
-"""Timing and session helpers shared by the build-time profiler and the device benchmark. Torch-free."""
+"""Timing shared by the build-time profiler and the device benchmark: percentiles with warm-up excluded, and
+what a figure was measured on. Torch-free."""
 from __future__ import annotations
 
 import os
@@ -45,30 +46,6 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 10, iterations: int = 
         if max_seconds is not None and time.perf_counter() - start > max_seconds and len(samples) >= 5:
             break
     return percentile_stats(samples, batch)
-
-
-def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1, graph_optimization: str = "all"):
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(intra_op_threads)
-    opts.inter_op_num_threads = int(inter_op_threads)
-    opts.graph_optimization_level = levels[graph_optimization]
-    opts.log_severity_level = 3
-    return opts
-
-
-def cpu_session(onnx_bytes: bytes, threads: int = 1):
-    """An ONNX Runtime CPU session built from bytes (never from a file on disk)."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def machine_fingerprint() -> dict:

@@ -1,6 +1,6 @@
 """Peak memory of one ONNX Runtime session, measured in a fresh process (so nothing else muddies it).
 
-    python -m runtime.memprobe MODEL.onnx [--threads 1] [--runs 5]
+    python -m edgeshift.runtime.memprobe MODEL.onnx [--threads 1] [--runs 5]
 
 prints JSON: baseline RSS after imports and reading the file, and the peak RSS growth while creating the
 session and running it on zeros. Torch-free.
@@ -22,12 +22,14 @@ def _rss_bytes() -> int:
 def probe(path: str, threads: int = 1, runs: int = 5) -> dict:
     import numpy as np
 
-    from .measure import cpu_session
+    from edgeshift.device_profiles import cpu_profile
+
+    from .session import create_session
 
     data = open(path, "rb").read()
     base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     base = _rss_bytes()
-    sess = cpu_session(data, threads)
+    sess = create_session(data, cpu_profile(threads))
     after_create = _rss_bytes()
     inp = sess.get_inputs()[0]
     shape = [1 if not isinstance(d, int) else d for d in inp.shape]
@@ -43,7 +45,7 @@ def measure_session_memory(path: str, threads: int = 1, runs: int = 5, timeout: 
     """Run ``probe`` in a fresh interpreter and return its figures."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "runtime.memprobe", str(path), "--threads", str(threads),
+    proc = subprocess.run([sys.executable, "-m", "edgeshift.runtime.memprobe", str(path), "--threads", str(threads),
                            "--runs", str(runs)], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions created from bytes under a device profile, with provider fallback. Torch-free."""
+"""The one way a session is made: ONNX Runtime under a device profile, with provider fallback. Torch-free."""
 from __future__ import annotations
 
 import warnings
@@ -26,13 +26,20 @@ def providers_for(profile) -> tuple[list[str], list[dict]]:
     return chosen, options
 
 
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
 def profile_session_options(profile):
+    """ONNX Runtime session options from a device profile's [execution] table."""
     import onnxruntime as ort
 
-    from .measure import session_options
-
     ex = profile.execution
-    opts = session_options(ex.intra_op_threads, ex.inter_op_threads, ex.graph_optimization)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(ex.intra_op_threads)
+    opts.inter_op_num_threads = int(ex.inter_op_threads)
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[ex.graph_optimization])
+    opts.log_severity_level = 3
     opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if ex.execution_mode == "parallel"
                            else ort.ExecutionMode.ORT_SEQUENTIAL)
     for key, value in ex.session_config.items():

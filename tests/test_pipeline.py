@@ -105,9 +105,9 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
 
 @pytest.mark.parametrize("doc, message", [
     ({"modle": {}}, "unknown section [modle]; known: model, data, method, train, deploy, output"),
-    ({"train": {"epoch": 3}}, "unknown key train.epoch; known: batch_size, epochs, lr"),
-    ({"train": {"epochs": "3"}}, "train.epochs must be int, got '3'"),
-    ({"method": {"name": "obd"}}, "unknown method 'obd'; known: imp, magnitude, random, synflow, pai, layerprune"),
+    ({"train": {"epoch": 3}}, "unknown key 'train.epoch'; known in [train]: batch_size, epochs, lr"),
+    ({"train": {"epochs": "3"}}, "train.epochs must be int, got str '3'"),
+    ({"method": {"name": "obd"}}, "unknown method 'obd'; known: imp, layerprune, magnitude, pai, random, synflow"),
     ({"method": {"remove": 2}}, "method.remove must be a list"),
 ])
 def test_config_errors_name_the_file_and_key(doc, message):

@@ -17,10 +17,10 @@ from edgeshift.core.errors import EdgeshiftError
 
 from ..data import Dataset
 from ..metrics import count_macs, count_params
+from ..measure import ModelMeasurer
 from ..models.zoo import input_shape
 from .candidates import Candidate, find_candidates, remove_candidates
-from .criteria import CriterionData
-from .criteria import get
+from .criteria import CriterionData, get
 
 
 @dataclass(frozen=True)
@@ -105,34 +105,14 @@ def _example(model: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.randn(input_shape(model, batch), generator=torch.Generator().manual_seed(0))
 
 
-def _session(model: nn.Module, profile):
-    from edgeshift.exporter.onnx_export import onnx_bytes
-    from edgeshift.runtime.session import create_session
-
-    return create_session(onnx_bytes(model, _example(model, 1)), profile)
+def measure_latency(model: nn.Module, measure: ModelMeasurer) -> dict:
+    """p50/p95/p99 through ONNX Runtime under the measurer's device profile, at its batch size."""
+    return measure.latency(model, _example(model, measure.batch_size))[0]
 
 
-def measure_latency(model: nn.Module, profile) -> dict:
-    """p50/p95/p99 through ONNX Runtime under ``profile`` (its batch size, threads and benchmark settings)."""
-    from edgeshift.runtime.measure import time_calls
-
-    session = _session(model, profile)
-    batch = profile.serving.batch_size
-    x = _example(model, batch).numpy()
-    name = session.get_inputs()[0].name
-    stats = time_calls(lambda: session.run(None, {name: x}), warmup=profile.benchmark.warmup,
-                       iterations=profile.benchmark.iterations, max_seconds=profile.benchmark.max_seconds, batch=batch)
-    return stats.to_dict()
-
-
-def onnx_top1(model: nn.Module, test: Dataset) -> float:
-    """Top-1 of the model exported to ONNX and run by ONNX Runtime (CPU) on ``test``."""
-    from edgeshift.exporter.onnx_export import onnx_bytes
-    from edgeshift.exporter.profile import TestData, onnx_accuracy
-    from edgeshift.runtime.measure import cpu_session
-
-    session = cpu_session(onnx_bytes(model, _example(model, 1)), threads=0)
-    return onnx_accuracy(session, TestData(test.normalised(), test.labels))[0]
+def onnx_top1(model: nn.Module, test: Dataset, measure: ModelMeasurer) -> float:
+    """Top-1 of the model exported to ONNX and run by ONNX Runtime on ``test``."""
+    return measure.top1(model, test.normalised(), test.labels)
 
 
 def criterion_data(train: Dataset, num_classes: int, cfg: LayerPruneConfig) -> CriterionData:
@@ -164,7 +144,7 @@ def rank_candidates(model: nn.Module, criterion: str, data: CriterionData | None
 
 
 def choose_removal(model: nn.Module, candidates: list[Candidate], scores: dict[str, float], cfg: LayerPruneConfig,
-                   profile) -> tuple[list[str], list[dict]]:
+                   measure: ModelMeasurer) -> tuple[list[str], list[dict]]:
     """Names to remove (lowest score first) under the config's budget; the latency tried at each step."""
     order = sorted((c.name for c in candidates), key=lambda n: scores[n])
     if cfg.remove is not None:
@@ -172,35 +152,33 @@ def choose_removal(model: nn.Module, candidates: list[Candidate], scores: dict[s
     tried = []
     for k in range(len(order) + 1):
         trial = remove_candidates(model, order[:k], candidates)
-        lat = measure_latency(trial, profile)
+        lat = measure_latency(trial, measure)
         tried.append({"removed": k, "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"]})
         if lat["p95_ms"] <= cfg.latency_budget_ms:
             return order[:k], tried
     raise EdgeshiftError(
-        f"latency budget {cfg.latency_budget_ms:g} ms is out of reach under profile {profile.name}: p95 is "
+        f"latency budget {cfg.latency_budget_ms:g} ms is out of reach under profile {measure.profile_name}: p95 is "
         f"{tried[0]['p95_ms']:.3f} ms unpruned and {tried[-1]['p95_ms']:.3f} ms with all {len(order)} candidates "
         f"removed; pass a budget of at least {tried[-1]['p95_ms']:.3f} ms")
 
 
 def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, test: Dataset | None = None,
-               finetune=None, mask: dict | None = None) -> tuple[nn.Module, LayerPruneReport]:
+               finetune=None, mask: dict | None = None, *, measure: ModelMeasurer) -> tuple[nn.Module, LayerPruneReport]:
     """Rank ``model``'s candidates with ``cfg.criterion``, remove to the budget, optionally fine-tune.
 
     ``finetune`` is a ``pruner.train.TrainConfig`` (None: no fine-tuning; it then needs ``train`` and ``test``),
     enforcing ``mask`` (a sparse model's, restricted to the layers that remain) if given. The input model is not
-    modified. Accuracies are measured when ``test`` is given.
+    modified. Accuracies are measured when ``test`` is given. ``measure`` times and scores the models through
+    ONNX Runtime under the device profile (``edgeshift.exporter.profile.OrtMeasurer(cfg.profile)``).
     """
-    from edgeshift import device_profiles
-
     cfg.validate()
-    profile = device_profiles.load_profile(cfg.profile)
     model = model.eval()
     num_classes = model.edgeshift_arch["num_classes"]
     t0 = time.perf_counter()
     data = criterion_data(train, num_classes, cfg) if train is not None else None
     candidates, scores = rank_candidates(model, cfg.criterion, data, cfg.remove)
     seconds_ranking = time.perf_counter() - t0
-    removed, tried = choose_removal(model, candidates, scores, cfg, profile)
+    removed, tried = choose_removal(model, candidates, scores, cfg, measure)
     pruned = remove_candidates(model, removed, candidates).eval()
     r = {name: i for i, name in enumerate(sorted((c.name for c in candidates), key=lambda n: scores[n]))}
     example = _example(model, 1)
@@ -210,12 +188,12 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
         candidates=[CandidateScore(c.name, c.kind, scores[c.name], r[c.name], c.name in removed) for c in candidates],
         removed=removed, params_before=count_params(model), params_after=count_params(pruned),
         macs_before=count_macs(model, example), macs_after=count_macs(pruned, example),
-        latency_before=measure_latency(model, profile), latency_after=measure_latency(pruned, profile),
-        profile=profile.name, tried=tried, seconds_ranking=seconds_ranking,
+        latency_before=measure_latency(model, measure), latency_after=measure_latency(pruned, measure),
+        profile=measure.profile_name, tried=tried, seconds_ranking=seconds_ranking,
     )
     if test is not None:
-        report.accuracy_before = onnx_top1(model, test)
-        report.accuracy_removed = onnx_top1(pruned, test)
+        report.accuracy_before = onnx_top1(model, test, measure)
+        report.accuracy_removed = onnx_top1(pruned, test, measure)
     if finetune is not None:
         from ..train import config_dict, train as run_training
 
@@ -225,7 +203,7 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
         kept = {k: v for k, v in (mask or {}).items() if k in params} or None
         result = run_training(pruned, train, test, finetune, mask=kept, label="fine-tune")
         pruned.eval()
-        report.accuracy_after = onnx_top1(pruned, test)
+        report.accuracy_after = onnx_top1(pruned, test, measure)
         report.finetune = {**config_dict(finetune), "seconds": result.seconds, "steps": result.steps,
                            "train_samples": len(train)}
     return pruned, report
@@ -233,7 +211,7 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
 
 def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, finetune=None,
                           train_samples: int | None = None, test_samples: int | None = None,
-                          json_out=None) -> LayerPruneReport:
+                          json_out=None, measure: ModelMeasurer) -> LayerPruneReport:
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
     import json
 
@@ -254,7 +232,8 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
         train = train.subset(train_samples, cfg.seed)
     if test_samples:
         test = test.subset(test_samples, cfg.seed)
-    pruned, report = layerprune(model, cfg, train, test, finetune, mask=payload.get("masks") or None)
+    pruned, report = layerprune(model, cfg, train, test, finetune, mask=payload.get("masks") or None,
+                                measure=measure)
     params = dict(pruned.named_parameters())
     masks = {k: v for k, v in (payload.get("masks") or {}).items() if k in params}
     meta = {k: v for k, v in payload.get("meta", {}).items() if k in ("test_accuracy",)}

@@ -1,0 +1,113 @@
+"""The pipeline's configuration: one TOML file, every key with its default and help stated once, below.
+
+    [model]   arch = "resnet20"
+    [data]    path = "generated"          # or an ImageFolder root / CIFAR-10 python folder
+    [method]  name = "imp"                # imp | magnitude | random | synflow | pai | layerprune
+    [train]   epochs, batch_size, lr, warmup, weight_decay, seed
+    [deploy]  profile, policy, trace, export_test_samples, latency_iterations, align
+    [output]  dir = "out/pipeline"
+
+Loaded by ``edgeshift.core.config``: an unknown section or key, or a value of the wrong type, is an error naming
+the file and the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeshift.core.config import load, load_toml, setting
+from edgeshift.core.errors import InputFileError, require_file
+from edgeshift.core.registry import Registry
+
+# name -> the function that builds that method's variants (``methods.py`` registers them where they are defined)
+METHODS: Registry = Registry("method")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    arch: str = setting("resnet20", "zoo architecture")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = setting("generated", "'generated', an ImageFolder root or a CIFAR-10 python folder")
+    train_samples: int = setting(0, "stratified training subset (0: the whole training split)", minimum=0)
+    test_samples: int = setting(0, "stratified test subset for training-time evaluation (0: all)", minimum=0)
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    name: str = setting("imp", "how the variants are made: imp | magnitude | random | synflow | pai | layerprune")
+    levels: int = setting(4, "imp and one-shot methods: levels after the dense one", minimum=0)
+    prune_fraction: float = setting(0.5, "imp and one-shot: of the remaining weights per level")
+    rewind_step: int = setting(5, "imp: the step survivors rewind to", minimum=0)
+    sparsities: tuple[float, ...] = setting((0.5, 0.8, 0.9), "pai: one variant per sparsity")
+    pai_mode: str = setting("reconvene", "pai: reconvene | all-layers | inverted | unstructured")
+    scorer: str = setting("magnitude", "pai: the unstructured scorer")
+    criterion: str = setting("imprint", "layerprune: the layer criterion")
+    remove: tuple[int, ...] = setting((1, 2, 3), "layerprune: one variant per count of removed candidates")
+    finetune_epochs: int = setting(1, "layerprune: fine-tuning epochs per variant", minimum=0)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = setting(3, "per level / per variant", minimum=1)
+    batch_size: int = setting(64, "training batch size", minimum=1)
+    lr: float = setting(0.05, "peak learning rate")
+    warmup: int = setting(20, "linear warm-up steps", minimum=0)
+    weight_decay: float = setting(5e-4, "L2 penalty")
+    seed: int = setting(0, "data order, initialisation and pruning seeds")
+
+
+@dataclass(frozen=True)
+class DeploySection:
+    profile: str = setting("host", "device profile for bench and simulate (name or TOML path)")
+    policy: str = setting("qps-trend", "switch policy replayed by simulate")
+    trace: str = setting("", "a load trace (CSV/JSON); empty: a built-in trace that rises and falls")
+    export_test_samples: int = setting(500, "test images for the portfolio's ONNX Runtime accuracy", minimum=0)
+    latency_iterations: int = setting(50, "timed calls per variant at export", minimum=1)
+    align: int = setting(1, "round pruned widths up to multiples of this with zero channels (exact; 8 helps 2+ "
+                            "threads)")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    dir: str = setting("out/pipeline", "everything goes here")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    deploy: DeploySection = field(default_factory=DeploySection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def hash(self) -> str:
+        """What the run folder is named by and checked against: everything but where it goes."""
+        doc = asdict(self)
+        doc.pop("output")
+        if doc["deploy"]["align"] == 1:
+            del doc["deploy"]["align"]  # at its default a later-added key keeps earlier run folders resumable
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_config(document: dict, source: str = "<config>") -> PipelineConfig:
+    """A validated PipelineConfig from a parsed TOML document."""
+    cfg = load(PipelineConfig, document, source=source, error=InputFileError)
+    METHODS.entry(cfg.method.name)  # an unknown method fails here, naming the known ones
+    return cfg
+
+
+def load_config(path: str | Path, *, arch: str | None = None, data: str | None = None,
+                out: str | None = None) -> PipelineConfig:
+    """Read a pipeline TOML file; ``arch``/``data``/``out`` override the file (``make demo DATA=... ARCH=...``)."""
+    require_file(path, "pipeline configuration")
+    overrides = {key: value for key, value in ((("model", "arch"), arch), (("data", "path"), data),
+                                               (("output", "dir"), out)) if value}
+    cfg = load_toml(PipelineConfig, path, error=InputFileError, overrides=overrides)
+    METHODS.entry(cfg.method.name)
+    return cfg

@@ -1,0 +1,139 @@
+"""``edgeshift pipeline CONFIG.toml``: variants -> portfolio -> bench -> simulate -> report -> summary, resumable.
+
+Every step writes its output atomically and is skipped when that output exists, so a killed run resumes where it
+stopped; ``pipeline.json`` in the output folder holds the configuration and its hash, and a folder made with
+another configuration is refused.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from edgeshift import device_profiles
+from edgeshift.core.atomic import write_text_atomic
+from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
+from edgeshift.core.tables import echo_table, markdown_table
+from edgeshift.runtime import policies
+from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, write_json
+from edgeshift.runtime.portfolio import Portfolio
+from edgeshift.runtime.simulate import result_document, simulate_file
+
+from ..export_cmd import export_portfolio
+from ..report import write_report
+from .config import PipelineConfig
+from .methods import build_variants
+
+BUILTIN_TRACE = "time_s,rps,cpu_share\n0,20,1\n10,400,1\n20,1500,0.6\n30,400,1\n40,20,1\n"
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Every name and path the run will need, checked before anything is written or trained."""
+    from edgeshift.pruner import sparse
+    from edgeshift.pruner.layers import criteria
+    from edgeshift.pruner.models import zoo
+    from edgeshift.pruner.pai import get_mode
+
+    zoo.entry(cfg.model.arch)
+    device_profiles.load_profile(cfg.deploy.profile)
+    policies.get(cfg.deploy.policy)
+    if cfg.data.path != "generated" and not Path(cfg.data.path).exists():
+        raise InputFileError(f"data folder not found: {cfg.data.path} (pass a folder or 'generated')")
+    if cfg.deploy.trace:
+        require_file(cfg.deploy.trace, "load trace")
+    if cfg.deploy.align < 1:
+        raise EdgeshiftError(f"deploy.align must be >= 1 (1 = keep the widths pruning leaves), got {cfg.deploy.align}")
+    if cfg.method.name == "pai":
+        get_mode(cfg.method.pai_mode)
+        sparse.get(cfg.method.scorer)
+        bad = [p for p in cfg.method.sparsities if not 0 < float(p) < 1]
+        if bad or not cfg.method.sparsities:
+            raise EdgeshiftError(f"method.sparsities must be values in (0, 1), got {list(cfg.method.sparsities)}")
+    if cfg.method.name == "layerprune":
+        criteria.get(cfg.method.criterion)
+        if not cfg.method.remove or any(int(n) < 1 for n in cfg.method.remove):
+            raise EdgeshiftError(f"method.remove must be counts >= 1, got {list(cfg.method.remove)}")
+
+
+def _step(n: int, total: int, text: str) -> None:
+    print(f"== {n}/{total} {text}", flush=True)
+
+
+def prepare_output(cfg: PipelineConfig) -> Path:
+    """Create the output folder, or check that it belongs to this configuration."""
+    out = Path(cfg.output.dir)
+    meta = out / "pipeline.json"
+    doc = {"config_hash": cfg.hash(), "config": asdict(cfg)}
+    if meta.is_file():
+        old = json.loads(meta.read_text())
+        if old.get("config_hash") != doc["config_hash"]:
+            raise EdgeshiftError(f"{out} holds a pipeline run with another configuration; use another output.dir "
+                                 "or the same configuration (to resume)")
+    elif out.exists() and any(out.iterdir()):
+        raise EdgeshiftError(f"{out} exists and is not an edgeshift pipeline folder; choose another output.dir")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(meta, json.dumps(doc, indent=2))
+    return out
+
+
+def summary_rows(portfolio: Path, bench: dict, sim: dict) -> list[list[str]]:
+    """variant, params, deflated KB, top-1 (ONNX Runtime, at export), p50/p95 on this device, time active."""
+    measured = {v["name"]: v for v in bench["variants"]}
+    active = sim.get("seconds_per_variant", {})
+    rows = []
+    with Portfolio.open(portfolio) as pf:
+        for name in pf.names:
+            info, b = pf.info(name), measured.get(name, {})
+            rows.append([name, f"{info.params:,}", f"{info.deflated_bytes / 1024:.0f}",
+                         "-" if info.top1 is None else f"{100 * info.top1:.2f}%",
+                         f"{b.get('p50_ms', float('nan')):.3f}", f"{b.get('p95_ms', float('nan')):.3f}",
+                         f"{active.get(name, 0):.0f}"])
+    return rows
+
+
+SUMMARY_HEADER = ["variant", "params", "KB deflated", "top-1", "p50 ms", "p95 ms", "simulated s active"]
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run (or resume) every step; returns the output folder."""
+    validate(cfg)  # fail on a bad name before hours of training
+    profile = device_profiles.load_profile(cfg.deploy.profile)
+    t0 = time.perf_counter()
+    out = prepare_output(cfg)
+    total = 6
+    _step(1, total, f"variants: {cfg.model.arch} on {cfg.data.path}, method {cfg.method.name} -> {out / 'variants'}")
+    sources = build_variants(cfg, out)
+    portfolio = out / "portfolio.zip"
+    _step(2, total, f"exact structured pruning, ONNX export, profiling -> {portfolio}")
+    if not portfolio.exists():
+        export_portfolio(sources, portfolio, data=cfg.data.path, test_samples=cfg.deploy.export_test_samples,
+                         latency_iterations=cfg.deploy.latency_iterations, align=cfg.deploy.align)
+    bench_path = out / "bench.json"
+    _step(3, total, f"benchmark on this machine (profile {profile.name}) -> {bench_path}")
+    if not bench_path.exists():
+        doc, results = bench_file(portfolio, profile)
+        echo_table(bench_rows(results), BENCH_HEADER)
+        write_json(bench_path, doc)
+    trace = Path(cfg.deploy.trace) if cfg.deploy.trace else out / "trace.csv"
+    if not cfg.deploy.trace and not trace.exists():
+        write_text_atomic(trace, BUILTIN_TRACE)
+    sim_path = out / "simulate.json"
+    _step(4, total, f"load trace {trace} replayed against the {cfg.deploy.policy} policy -> {sim_path}")
+    if not sim_path.exists():
+        res, lines = simulate_file(portfolio, trace, cfg.deploy.policy, profile)
+        print("\n".join(lines))
+        write_text_atomic(sim_path, json.dumps(result_document(res), indent=2))
+    _step(5, total, f"report -> {out / 'portfolio.md'}, {out / 'portfolio.png'}")
+    write_report(portfolio, out)
+    _step(6, total, "summary")
+    rows = summary_rows(portfolio, json.loads(bench_path.read_text()), json.loads(sim_path.read_text()))
+    echo_table(rows, SUMMARY_HEADER)
+    sim = json.loads(sim_path.read_text())
+    write_text_atomic(out / "summary.md", markdown_table(rows, SUMMARY_HEADER))
+    print(f"{len(rows)} variants in {portfolio.stat().st_size / 1024:.0f} KB; {len(sim.get('switches', []))} "
+          f"switches in the simulated trace; {time.perf_counter() - t0:.0f} s this run")
+    print(f"everything is in {out}")
+    sys.stdout.flush()
+    return out

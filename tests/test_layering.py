@@ -1,0 +1,151 @@
+"""The import graph of the edgeshift package points one way, and has no cycles.
+
+Layers, bottom first: edgeshift.core (imports nothing of ours), device_profiles, runtime (with the device CLI and
+the front door), pruner, exporter, then the pipeline and the build commands. A module may import its own layer
+and the layers below it, never above. Every import counts, also one inside a function: an import moved into a
+function to dodge a cycle is still a dependency. The device side (core, device_profiles, runtime) also never
+imports torch or onnx.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# repository folder -> the package it installs as (pyproject's [tool.setuptools.package-dir])
+FOLDERS = {"edgeshift": "edgeshift", "device_profiles": "edgeshift.device_profiles", "runtime": "edgeshift.runtime",
+           "pruner": "edgeshift.pruner", "exporter": "edgeshift.exporter"}
+LAYERS = ["core", "device_profiles", "runtime", "pruner", "exporter", "commands"]
+COMMANDS = ("edgeshift.pruner.cli", "edgeshift.exporter.cli", "edgeshift.exporter.pipeline")
+DEVICE_SIDE = ("core", "device_profiles", "runtime")
+BUILD_ONLY = ("torch", "onnx", "onnxsim", "torch_pruning", "torchvision", "timm")
+
+
+def layer(module: str) -> str:
+    if module.startswith(COMMANDS):
+        return "commands"
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1]
+    return "runtime"  # edgeshift itself, edgeshift.cli, edgeshift.__main__: the device-side front door and CLI
+
+
+def modules(root: Path) -> dict[str, Path]:
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root / folder).with_suffix("").parts
+            name = ".".join([package, *rel])
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, int]]:
+    """(imported module, line) for every import in ``path``: ours resolved to module names, others by top name."""
+    is_package = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                out.append((sub if sub in known else target, node.lineno))
+    return out
+
+
+def violations(root: Path) -> list[str]:
+    known = modules(root)
+    graph: dict[str, set[str]] = {}
+    problems = []
+    for name, path in known.items():
+        graph[name] = set()
+        for target, line in imports(name, path, known):
+            where = f"{path.relative_to(root)}:{line}"
+            top = target.split(".")[0]
+            if layer(name) in DEVICE_SIDE and top in BUILD_ONLY:
+                problems.append(f"{where}: {name} ({layer(name)}) imports {target}, which a device does not have")
+            if top in FOLDERS and top != "edgeshift":
+                problems.append(f"{where}: {name} imports {target!r}: write edgeshift.{target}")
+            if not target.startswith("edgeshift"):
+                continue
+            if target not in known:
+                problems.append(f"{where}: {name} imports {target}, which is not a module of ours")
+                continue
+            if LAYERS.index(layer(target)) > LAYERS.index(layer(name)):
+                problems.append(f"{where}: {name} ({layer(name)}) imports {target} ({layer(target)}), a layer above")
+            if target != name:
+                graph[name].add(target)
+    problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
+    return problems
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component) + [sorted(component)[0]])
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_imports_point_down_the_layers_and_never_in_a_circle():
+    problems = violations(ROOT)
+    assert not problems, "\n".join(problems)
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for folder in FOLDERS:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "__init__.py").touch()
+    return tmp_path
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"runtime/engine.py": "def f():\n    from edgeshift.exporter import profile\n", "exporter/profile.py": ""},
+     "edgeshift.runtime.engine (runtime) imports edgeshift.exporter.profile (exporter), a layer above"),
+    ({"edgeshift/core/errors.py": "from edgeshift.device_profiles import registry\n",
+      "edgeshift/core/__init__.py": "", "device_profiles/registry.py": ""},
+     "edgeshift.core.errors (core) imports edgeshift.device_profiles.registry (device_profiles), a layer above"),
+    ({"pruner/a.py": "from . import b\n", "pruner/b.py": "def f():\n    from .a import x\n"},
+     "import cycle: edgeshift.pruner.a -> edgeshift.pruner.b -> edgeshift.pruner.a"),
+    ({"runtime/session.py": "import torch\n"}, "edgeshift.runtime.session (runtime) imports torch"),
+    ({"exporter/x.py": "from runtime.engine import Runtime\n"}, "imports 'runtime.engine': write edgeshift.runtime"),
+])
+def test_the_check_catches_a_planted_back_reference(tmp_path, files, expected):
+    problems = violations(_tree(tmp_path, files))
+    assert any(expected in p for p in problems), problems
