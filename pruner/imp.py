@@ -86,9 +86,15 @@ def build_model(cfg: RunConfig, num_classes: int, data: Dataset, arch_kwargs: di
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig) -> dict:
-    """Create ``run_dir`` or check it belongs to this configuration; returns its run.json."""
+    """Create ``run_dir`` or check it belongs to this configuration; returns its run.json.
+
+    Under torchrun every process checks the folder before any of them writes (the check only reads), then rank 0
+    creates it. Checking while rank 0 was writing made the other rank see a folder holding only run.json's
+    temporary file and refuse it as "not an edgeshift run directory": the flaky failure of the README's
+    torchrun line."""
     doc = {"config_hash": cfg.hash(train_cfg), "run": asdict(cfg), "train": config_dict(train_cfg)}
     meta = run_dir / "run.json"
+    old = None
     if run_dir.exists():
         if not meta.is_file():
             if any(run_dir.iterdir()):
@@ -100,7 +106,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig) -> di
                               if old.get(part, {}).get(k) != doc[part][k])
                 raise EdgeshiftError(f"{run_dir} holds a run with another configuration (differs in: "
                                      f"{', '.join(diff)}); use a new --out or the same options")
-            return old
+    distributed.barrier()  # every process has looked before anything is written
+    if old is not None:
+        return old
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(meta, json.dumps(doc, indent=2))
