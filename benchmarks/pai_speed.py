@@ -1,6 +1,6 @@
 """Time and memory of one pruning-at-initialisation step (VGG-16, CIFAR shape, P=0.95), each in a fresh process.
 
-The step is the whole of ``pruner.pai.pai``: build the dense initialised model, profile it through ONNX Runtime,
+The step is the whole of ``edgeshift.pruner.pai.pai``: build the dense initialised model, profile it through ONNX Runtime,
 score, decide, rectify, profile the result. Each repeat runs in its own interpreter so first-call costs count;
 ``import torch`` is outside the step (reported apart). The baseline measured in the same run is the same step in
 ``unstructured`` mode (plain unstructured PaI: no sensitivity, no rectifier). Targets: under 3 s and 1 GB.

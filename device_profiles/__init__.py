@@ -1,4 +1,5 @@
 """Device profiles: TOML files describing how to run on a device (providers, threads, targets). Torch-free."""
+
 from .profile import DeviceProfile, cpu_profile, load_profile_file, parse_profile
 from .registry import PROFILES, load_profile, names
 

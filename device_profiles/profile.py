@@ -31,6 +31,7 @@ A profile file::
 Every key, its default and its help are stated once, in the dataclasses below; ``edgeshift.core.config`` loads
 them, so an unknown key or a value of the wrong type is an error naming the file and the key. Torch-free.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,10 +58,12 @@ def _share(value: float) -> str | None:
 
 @dataclass(frozen=True)
 class ExecutionSettings:
-    providers: tuple[str, ...] = setting(("CPUExecutionProvider",), "ONNX Runtime providers, preferred first; "
-                                         "missing ones are skipped", check=_providers)
-    intra_op_threads: Union[int, Literal["auto"]] = setting(1, "threads inside one operator; 'auto': the "
-                                                            "machine's cores (0 lets ORT choose)", minimum=0)
+    providers: tuple[str, ...] = setting(
+        ("CPUExecutionProvider",), "ONNX Runtime providers, preferred first; missing ones are skipped", check=_providers
+    )
+    intra_op_threads: Union[int, Literal["auto"]] = setting(
+        1, "threads inside one operator; 'auto': the machine's cores (0 lets ORT choose)", minimum=0
+    )
     inter_op_threads: int = setting(1, "threads across operators (parallel mode only)", minimum=0)
     graph_optimization: GraphOptimization = setting("all", "ORT graph optimisation level")
     execution_mode: ExecutionMode = setting("sequential", "ORT execution mode")
@@ -72,11 +75,13 @@ class ExecutionSettings:
 class ServingSettings:
     batch_size: int = setting(1, "requests per inference call", minimum=1)
     latency_target_ms: float = setting(100.0, "the p95 the latency-slo policy aims for", minimum=0)
-    memory_budget_mb: Union[int, Literal["auto"]] = setting(1024, "what the runtime may use for sessions; "
-                                                            "'auto': half the available memory", minimum=0)
+    memory_budget_mb: Union[int, Literal["auto"]] = setting(
+        1024, "what the runtime may use for sessions; 'auto': half the available memory", minimum=0
+    )
     preload_neighbours: bool = setting(False, "keep the neighbours' sessions warm for sub-ms switches")
-    switch_cpu_share: float = setting(0.25, "while serving, a switch up inflates this share of the time, "
-                                      "resting between pieces", check=_share)
+    switch_cpu_share: float = setting(
+        0.25, "while serving, a switch up inflates this share of the time, resting between pieces", check=_share
+    )
 
 
 @dataclass(frozen=True)
@@ -99,14 +104,17 @@ class DeviceProfile:
 def cpu_profile(threads: int = 1, name: str = "cpu") -> DeviceProfile:
     """The CPU provider alone with ``threads`` intra-op threads (0: ORT chooses): how the build machine times
     variants when no device profile is named."""
-    return DeviceProfile(name=name, description=f"CPU provider, {threads} intra-op threads",
-                         execution=ExecutionSettings(intra_op_threads=threads))
+    return DeviceProfile(
+        name=name,
+        description=f"CPU provider, {threads} intra-op threads",
+        execution=ExecutionSettings(intra_op_threads=threads),
+    )
 
 
 def _half_available_mb() -> int:
     import psutil
 
-    return int(psutil.virtual_memory().available / 2 / 2 ** 20)
+    return int(psutil.virtual_memory().available / 2 / 2**20)
 
 
 def parse_profile(document: dict, source: str) -> DeviceProfile:
@@ -114,10 +122,13 @@ def parse_profile(document: dict, source: str) -> DeviceProfile:
     p = load(DeviceProfile, document, source=source, error=ProfileError)
     ex, sv = p.execution, p.serving
     execution = dataclasses.replace(
-        ex, intra_op_threads=os.cpu_count() or 1 if ex.intra_op_threads == "auto" else ex.intra_op_threads,
-        provider_options={k: {o: str(v) for o, v in opts.items()} for k, opts in ex.provider_options.items()})
+        ex,
+        intra_op_threads=os.cpu_count() or 1 if ex.intra_op_threads == "auto" else ex.intra_op_threads,
+        provider_options={k: {o: str(v) for o, v in opts.items()} for k, opts in ex.provider_options.items()},
+    )
     serving = dataclasses.replace(
-        sv, memory_budget_mb=_half_available_mb() if sv.memory_budget_mb == "auto" else sv.memory_budget_mb)
+        sv, memory_budget_mb=_half_available_mb() if sv.memory_budget_mb == "auto" else sv.memory_budget_mb
+    )
     profile = dataclasses.replace(p, name=p.name or Path(source).stem, execution=execution, serving=serving)
     object.__setattr__(profile, "source", source)
     return profile

@@ -1,4 +1,5 @@
 """The built-in device profiles, one TOML file each beside this module, in the project's one registry."""
+
 from __future__ import annotations
 
 import os

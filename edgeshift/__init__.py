@@ -9,6 +9,7 @@ The build side (needs ``pip install 'edgeshift[build]'``) is ``edgeshift.pruner`
 
 Names are imported on first use, so ``import edgeshift`` costs nothing and imports no layer below it early.
 """
+
 from __future__ import annotations
 
 import importlib

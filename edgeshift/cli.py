@@ -2,6 +2,7 @@
 installed under the ``edgeshift.commands`` entry point (the build side registers ``prune``, ``export``, ...
 there), so the device side never names the build side and a device install without it still runs.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -51,7 +51,7 @@ def architecture_of(model: nn.Module) -> dict:
     """The data needed to rebuild ``model``: its zoo recipe plus the shape of every layer."""
     arch = getattr(model, "edgeshift_arch", None)
     if arch is None:
-        raise EdgeshiftError("model was not built by the edgeshift zoo (pruner.models.get); cannot record it")
+        raise EdgeshiftError("model was not built by the edgeshift zoo (edgeshift.pruner.create_model); cannot record it")
     reference = dict(_reference_model(arch).named_modules())
     layers = {}
     for name, m in model.named_modules():

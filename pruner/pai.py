@@ -2,7 +2,7 @@
 
 ``pai(config)`` builds a freshly initialised zoo model and
   1. pre-processes it: profiles the dense model (params, MACs, ONNX bytes, ONNX Runtime latency) and prunes it
-     unstructured to sparsity P with a scorer from ``pruner.sparse`` (global magnitude by default);
+     unstructured to sparsity P with a scorer from ``edgeshift.pruner.sparse`` (global magnitude by default);
   2. evaluates sensitivity: each prunable layer's sparsity S_l against the average S_avg over the prunable layers;
      S_l >= S_avg is *resilient*, otherwise *sensitive*. A resilient layer is planned to keep
      ceil(N_channels * (1 - S_l)) output channels; a sensitive one keeps its channels and its mask;
@@ -70,7 +70,7 @@ class PaiConfig:
 
     arch: str  # zoo architecture to initialise
     sparsity: float  # target fraction P of prunable (conv + linear) weights removed by the scorer, in (0, 1)
-    scorer: str = "magnitude"  # unstructured scorer from pruner.sparse: magnitude | synflow | random
+    scorer: str = "magnitude"  # unstructured scorer from edgeshift.pruner.sparse: magnitude | synflow | random
     mode: str = "reconvene"  # which layers are shrunk: reconvene | all-layers | inverted | unstructured
     average: str = "layer-mean"  # S_avg: mean of the per-layer sparsities, or 'global' (zeros / all weights)
     num_classes: int | None = None  # default: the architecture's

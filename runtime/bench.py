@@ -1,4 +1,5 @@
 """``edgeshift bench``: every variant measured on this device under a profile. Torch-free."""
+
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshift.core.atomic import write_text_atomic
+
 from .measure import machine_fingerprint, time_calls
 from .portfolio import Portfolio
 from .session import absorb_first_session_cost, session_for_variant
@@ -36,7 +38,7 @@ class VariantBench:
 def _rss_mb() -> float:
     import psutil
 
-    return psutil.Process().memory_info().rss / 2 ** 20
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = None) -> list[VariantBench]:
@@ -53,22 +55,48 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
         session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile)
         inp = session.get_inputs()[0].name
         b = profile.benchmark
-        stats = time_calls(lambda: session.run(None, {inp: x}), warmup=b.warmup, iterations=b.iterations,
-                           max_seconds=b.max_seconds, batch=batch)
+        stats = time_calls(
+            lambda: session.run(None, {inp: x}),
+            warmup=b.warmup,
+            iterations=b.iterations,
+            max_seconds=b.max_seconds,
+            batch=batch,
+        )
         growth = _rss_mb() - before
-        results.append(VariantBench(name, info.bytes, info.deflated_bytes, inflate_ms, create_ms,
-                                    stats.p50_ms, stats.p95_ms, stats.p99_ms, stats.throughput, batch, stats.calls,
-                                    growth, info.top1))
+        results.append(
+            VariantBench(
+                name,
+                info.bytes,
+                info.deflated_bytes,
+                inflate_ms,
+                create_ms,
+                stats.p50_ms,
+                stats.p95_ms,
+                stats.p99_ms,
+                stats.throughput,
+                batch,
+                stats.calls,
+                growth,
+                info.top1,
+            )
+        )
         session = None  # release it before the next variant is measured
     return results
 
 
 def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -> dict:
-    return {"portfolio": str(portfolio.path), "profile": profile.name, "fingerprint": machine_fingerprint(),
-            "settings": {"batch": profile.serving.batch_size, "warmup": profile.benchmark.warmup,
-                         "iterations": profile.benchmark.iterations,
-                         "intra_op_threads": profile.execution.intra_op_threads},
-            "variants": [asdict(r) for r in results]}
+    return {
+        "portfolio": str(portfolio.path),
+        "profile": profile.name,
+        "fingerprint": machine_fingerprint(),
+        "settings": {
+            "batch": profile.serving.batch_size,
+            "warmup": profile.benchmark.warmup,
+            "iterations": profile.benchmark.iterations,
+            "intra_op_threads": profile.execution.intra_op_threads,
+        },
+        "variants": [asdict(r) for r in results],
+    }
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -89,9 +117,20 @@ BENCH_HEADER = ["variant", "inflate ms", "create ms", "p50 ms", "p95 ms", "p99 m
 
 def bench_rows(results: list[VariantBench]) -> list[list[str]]:
     """One text row per variant, for ``echo_table`` with ``BENCH_HEADER``."""
-    return [[r.name, f"{r.inflate_ms:.1f}", f"{r.create_ms:.1f}", f"{r.p50_ms:.3f}", f"{r.p95_ms:.3f}",
-             f"{r.p99_ms:.3f}", f"{r.throughput:.1f}", f"{r.rss_growth_mb:.1f}",
-             "-" if r.top1 is None else f"{100 * r.top1:.2f}%"] for r in results]
+    return [
+        [
+            r.name,
+            f"{r.inflate_ms:.1f}",
+            f"{r.create_ms:.1f}",
+            f"{r.p50_ms:.3f}",
+            f"{r.p95_ms:.3f}",
+            f"{r.p99_ms:.3f}",
+            f"{r.throughput:.1f}",
+            f"{r.rss_growth_mb:.1f}",
+            "-" if r.top1 is None else f"{100 * r.top1:.2f}%",
+        ]
+        for r in results
+    ]
 
 
 def bench_file(path: str | Path, profile, variants: list[str] | None = None) -> tuple[dict, list[VariantBench]]:

@@ -1,5 +1,6 @@
 """The device commands: inspect, bench, run, simulate, profiles. They need only numpy and ONNX Runtime, so they
 run on a device without torch; ``edgeshift.cli`` adds them to the ``edgeshift`` command."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,10 @@ def bench(
     prof = device_profiles.load_profile(profile)
     doc, results = bench_file(portfolio, prof, variant)
     fp = doc["fingerprint"]
-    typer.echo(f"{portfolio} on {fp['machine']} {fp['cpu']} x{fp['cores']}, onnxruntime {fp['onnxruntime']}, "
-               f"profile {prof.name} (batch {prof.serving.batch_size}, {prof.execution.intra_op_threads} threads)")
+    typer.echo(
+        f"{portfolio} on {fp['machine']} {fp['cpu']} x{fp['cores']}, onnxruntime {fp['onnxruntime']}, "
+        f"profile {prof.name} (batch {prof.serving.batch_size}, {prof.execution.intra_op_threads} threads)"
+    )
     echo_table(bench_rows(results), BENCH_HEADER)
     if json_out:
         write_json(json_out, doc)
@@ -82,6 +85,7 @@ def simulate_cmd(
     import json
 
     from edgeshift.core.atomic import write_text_atomic
+
     from .simulate import result_document, simulate_file
 
     res, lines = simulate_file(portfolio, trace, policy, device_profiles.load_profile(profile), step)
@@ -96,13 +100,25 @@ def profiles_cmd() -> None:
     rows = []
     for name in device_profiles.names():
         p = device_profiles.load_profile(name)
-        rows.append([name, ", ".join(p.execution.providers), str(p.execution.intra_op_threads),
-                     f"{p.serving.latency_target_ms:g}", str(p.serving.memory_budget_mb)])
+        rows.append(
+            [
+                name,
+                ", ".join(p.execution.providers),
+                str(p.execution.intra_op_threads),
+                f"{p.serving.latency_target_ms:g}",
+                str(p.serving.memory_budget_mb),
+            ]
+        )
     echo_table(rows, ["profile", "providers (preferred first)", "threads", "target ms", "memory MB"])
 
 
 def register(app: typer.Typer) -> None:
     """Add the device commands to ``app``."""
-    for name, fn in (("inspect", inspect), ("bench", bench), ("run", run), ("simulate", simulate_cmd),
-                     ("profiles", profiles_cmd)):
+    for name, fn in (
+        ("inspect", inspect),
+        ("bench", bench),
+        ("run", run),
+        ("simulate", simulate_cmd),
+        ("profiles", profiles_cmd),
+    ):
         app.command(name)(handle_errors(fn))

@@ -11,6 +11,7 @@ short pieces and rests between them, working at most ``switch_cpu_share`` of the
 variant is not paced: it is how the runtime answers overload, and finishing it sooner is what helps requests.
 Torch-free.
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,10 +20,12 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from edgeshift.core.errors import InputShapeError, UnknownNameError
+
 from .portfolio import Portfolio
 from .session import session_for_variant
 
@@ -33,7 +36,7 @@ SERVING_WINDOW = 0.1  # seconds: a request finished this recently means the runt
 @dataclass
 class _Slot:
     name: str
-    session: object
+    session: Any  # an onnxruntime.InferenceSession
     input_name: str
 
 
@@ -65,9 +68,18 @@ class Runtime:
     pacing) is the share of the time a build toward a larger variant works while requests are being served.
     """
 
-    def __init__(self, portfolio, profile="host", policy="manual", *, start: str | None = None,
-                 preload_neighbours: bool | None = None, switch_cpu_share: float | None = None,
-                 warmup_runs: int = 1, decide_every: float = 1.0):
+    def __init__(
+        self,
+        portfolio,
+        profile="host",
+        policy="manual",
+        *,
+        start: str | None = None,
+        preload_neighbours: bool | None = None,
+        switch_cpu_share: float | None = None,
+        warmup_runs: int = 1,
+        decide_every: float = 1.0,
+    ):
         from edgeshift import device_profiles
 
         from . import policies
@@ -76,8 +88,11 @@ class Runtime:
         self._owns_portfolio = not isinstance(portfolio, Portfolio)
         self.profile = device_profiles.load_profile(profile) if isinstance(profile, (str, os.PathLike)) else profile
         serving = self.profile.serving
-        self.policy = policies.get(policy, latency_target_ms=serving.latency_target_ms,
-                                   memory_budget_mb=serving.memory_budget_mb) if isinstance(policy, str) else policy
+        self.policy = (
+            policies.get(policy, latency_target_ms=serving.latency_target_ms, memory_budget_mb=serving.memory_budget_mb)
+            if isinstance(policy, str)
+            else policy
+        )
         self.preload_neighbours = serving.preload_neighbours if preload_neighbours is None else preload_neighbours
         self.switch_cpu_share = serving.switch_cpu_share if switch_cpu_share is None else switch_cpu_share
         if not 0 < self.switch_cpu_share <= 1:
@@ -110,8 +125,9 @@ class Runtime:
                 self.portfolio.close()
             raise
         self._active = slot
-        self._switches.append(SwitchRecord("", name, "start", 0.0, inflate, create, warm, inflate + create + warm,
-                                           False, yielded))
+        self._switches.append(
+            SwitchRecord("", name, "start", 0.0, inflate, create, warm, inflate + create + warm, False, yielded)
+        )
         if self.preload_neighbours:
             self._executor.submit(self._refresh_standby)
         self.decide_every = decide_every
@@ -138,8 +154,11 @@ class Runtime:
         """Return ``batch`` if it matches the manifest's input; else raise InputShapeError naming both."""
         if not isinstance(batch, np.ndarray):
             raise InputShapeError(f"input must be a numpy array shaped {self._expected()}, got {type(batch).__name__}")
-        ok = batch.ndim == len(self._input_shape) and all(
-            d is None or d == s for d, s in zip(self._input_shape, batch.shape)) and batch.shape[0] >= 1
+        ok = (
+            batch.ndim == len(self._input_shape)
+            and all(d is None or d == s for d, s in zip(self._input_shape, batch.shape))
+            and batch.shape[0] >= 1
+        )
         if not ok or batch.dtype != self._input_dtype:
             raise InputShapeError(f"input is {tuple(batch.shape)} {batch.dtype}; expected {self._expected()}")
         return batch
@@ -232,8 +251,18 @@ class Runtime:
             with self._lock:
                 if self.preload_neighbours and old.name in self._neighbours(name):
                     self._standby[old.name] = old  # the old session is a neighbour now: keep it warm
-            record = SwitchRecord(source, name, reason, requested - self._t0, inflate, create, warm,
-                                  (time.perf_counter() - requested) * 1e3, standby, yielded)
+            record = SwitchRecord(
+                source,
+                name,
+                reason,
+                requested - self._t0,
+                inflate,
+                create,
+                warm,
+                (time.perf_counter() - requested) * 1e3,
+                standby,
+                yielded,
+            )
             with self._lock:
                 self._switches.append(record)
         if self.preload_neighbours:
@@ -270,12 +299,19 @@ class Runtime:
         build = [v.p95_ms or (v.macs / 1e6 if v.macs else 1.0) for v in infos]
         ia = names.index(active)
         scale = self._fastest_ms[active] / build[ia] if active in self._fastest_ms and build[ia] else 1.0
-        views = [VariantView(v.name, i, v.top1 or 0.0, self._fastest_ms.get(v.name, build[i] * scale),
-                             (v.entry.get("peak_memory_bytes") or 2 * v.bytes) / 2 ** 20)
-                 for i, v in enumerate(infos)]
+        views = [
+            VariantView(
+                v.name,
+                i,
+                v.top1 or 0.0,
+                self._fastest_ms.get(v.name, build[i] * scale),
+                (v.entry.get("peak_memory_bytes") or 2 * v.bytes) / 2**20,
+            )
+            for i, v in enumerate(infos)
+        ]
         qps = len(recent) / window
         p95 = float(np.percentile([dt for dt, _ in recent], 95)) * 1e3 if recent else None
-        obs = Observation(now - self._t0, qps, qps, p95, share, psutil.virtual_memory().available / 2 ** 20)
+        obs = Observation(now - self._t0, qps, qps, p95, share, psutil.virtual_memory().available / 2**20)
         return obs, views, ia
 
     def _monitor_loop(self) -> None:
@@ -285,8 +321,7 @@ class Runtime:
             obs, views, active = self.observe(self.decide_every)
             decision = self.policy.decide(obs, views, active)
             if decision is not None and decision.target != active and not self._closing.is_set():
-                self.switch_to(views[decision.target].name, reason=f"{self.policy.name}: {decision.reason}",
-                               wait=False)
+                self.switch_to(views[decision.target].name, reason=f"{self.policy.name}: {decision.reason}", wait=False)
 
     # -- reporting ----------------------------------------------------------------------------------------
     def stats(self) -> dict:

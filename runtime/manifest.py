@@ -20,6 +20,7 @@ A portfolio is a ZIP (DEFLATE) holding ``manifest.json`` and ``variants/<name>.o
              latency ({p50_ms, p95_ms, p99_ms, throughput, batch, threads, machine} or null),
              exactness ({max_abs_diff, rel_diff, stage} or null)
 """
+
 from __future__ import annotations
 
 import re
@@ -33,7 +34,7 @@ VARIANT_DIR = "variants/"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-MAX_VARIANT_BYTES = 2 * 1024 ** 3  # an ONNX protobuf cannot exceed 2 GiB
+MAX_VARIANT_BYTES = 2 * 1024**3  # an ONNX protobuf cannot exceed 2 GiB
 DTYPES = ("float32",)
 
 
@@ -74,8 +75,10 @@ def validate_manifest(m: Any) -> dict:
         raise PortfolioError("manifest: top level must be a JSON object")
     version = _need(m, "schema_version", int, "manifest")
     if version != SCHEMA_VERSION:
-        raise PortfolioError(f"manifest: schema_version {version} is not supported (this runtime reads "
-                             f"{SCHEMA_VERSION}); rebuild the portfolio or upgrade edgeshift")
+        raise PortfolioError(
+            f"manifest: schema_version {version} is not supported (this runtime reads "
+            f"{SCHEMA_VERSION}); rebuild the portfolio or upgrade edgeshift"
+        )
     inp = _need(m, "input", dict, "manifest")
     _need(inp, "name", str, "input")
     _shape(_need(inp, "shape", list, "input"), "input.shape")
@@ -88,8 +91,9 @@ def validate_manifest(m: Any) -> dict:
     channels = inp["shape"][1] if len(inp["shape"]) > 1 else None
     for key in ("mean", "std"):
         vals = _need(pre, key, list, "preprocessing")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) or \
-                (channels and len(vals) != channels):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) or (
+            channels and len(vals) != channels
+        ):
             raise PortfolioError(f"manifest: preprocessing.{key} must be {channels} numbers")
     if any(v == 0 for v in pre["std"]):
         raise PortfolioError("manifest: preprocessing.std must not contain 0")

@@ -1,5 +1,6 @@
 """Timing shared by the build-time profiler and the device benchmark: percentiles with warm-up excluded, and
 what a figure was measured on. Torch-free."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,14 @@ def percentile_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
     return LatencyStats(float(p50), float(p95), float(p99), float(batch * len(s) / s.sum()), batch, len(s))
 
 
-def time_calls(fn: Callable[[], object], *, warmup: int = 10, iterations: int = 100,
-               max_seconds: float | None = None, batch: int = 1) -> LatencyStats:
+def time_calls(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 10,
+    iterations: int = 100,
+    max_seconds: float | None = None,
+    batch: int = 1,
+) -> LatencyStats:
     """Call ``fn`` ``warmup`` times untimed, then time up to ``iterations`` calls (or until ``max_seconds``)."""
     for _ in range(warmup):
         fn()
@@ -62,8 +69,12 @@ def machine_fingerprint() -> dict:
     except OSError:
         pass
     return {
-        "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(), "system": platform.system(),
-        "python": platform.python_version(), "onnxruntime": ort.__version__,
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(),
     }
 

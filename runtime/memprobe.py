@@ -5,6 +5,7 @@
 prints JSON: baseline RSS after imports and reading the file, and the peak RSS growth while creating the
 session and running it on zeros. Torch-free.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ def _rss_bytes() -> int:
 
 def probe(path: str, threads: int = 1, runs: int = 5) -> dict:
     import numpy as np
-
     from edgeshift.device_profiles import cpu_profile
 
     from .session import create_session
@@ -37,16 +37,23 @@ def probe(path: str, threads: int = 1, runs: int = 5) -> dict:
     for _ in range(runs):
         sess.run(None, {inp.name: x})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"baseline_rss": base, "create_growth": after_create - base,
-            "peak_growth": max(peak - max(base_peak, base), _rss_bytes() - base, 0)}
+    return {
+        "baseline_rss": base,
+        "create_growth": after_create - base,
+        "peak_growth": max(peak - max(base_peak, base), _rss_bytes() - base, 0),
+    }
 
 
 def measure_session_memory(path: str, threads: int = 1, runs: int = 5, timeout: float = 300) -> dict:
     """Run ``probe`` in a fresh interpreter and return its figures."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "edgeshift.runtime.memprobe", str(path), "--threads", str(threads),
-                           "--runs", str(runs)], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeshift.runtime.memprobe", str(path), "--threads", str(threads), "--runs", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout)

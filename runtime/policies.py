@@ -3,6 +3,7 @@
 A policy sees an ``Observation`` of the last window (demand, latency, how much CPU the device gives us,
 free memory) and the variants (sorted by size, smallest first) and returns a ``Decision`` or None.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -53,8 +54,7 @@ class SwitchPolicy(ABC):
         return float("inf") if rho >= 1 else service / (1 - rho)
 
     @abstractmethod
-    def decide(self, obs: Observation, variants: list[VariantView], active: int) -> Decision | None:
-        ...
+    def decide(self, obs: Observation, variants: list[VariantView], active: int) -> Decision | None: ...
 
 
 POLICIES: Registry[type[SwitchPolicy]] = Registry("policy")
@@ -70,7 +70,9 @@ class ManualPolicy(SwitchPolicy):
         return None
 
 
-@POLICIES.register("qps-trend", help="DNNShifter's rule: one step smaller when sustained throughput falls, larger when it rises")
+@POLICIES.register(
+    "qps-trend", help="DNNShifter's rule: one step smaller when sustained throughput falls, larger when it rises"
+)
 class QpsTrendPolicy(SwitchPolicy):
     """DNNShifter's rule: one step smaller when the throughput the device sustains falls, one step larger when
     it rises; no search over the portfolio.
@@ -83,8 +85,16 @@ class QpsTrendPolicy(SwitchPolicy):
 
     name = "qps-trend"
 
-    def __init__(self, *args, window: int = 3, threshold: float = 0.1, high_water: float = 0.9,
-                 low_water: float = 0.6, cooldown: int = 2, **kw):
+    def __init__(
+        self,
+        *args,
+        window: int = 3,
+        threshold: float = 0.1,
+        high_water: float = 0.9,
+        low_water: float = 0.6,
+        cooldown: int = 2,
+        **kw,
+    ):
         super().__init__(*args, **kw)
         self.window, self.threshold = window, threshold
         self.high_water, self.low_water, self.cooldown = high_water, low_water, cooldown
@@ -96,7 +106,7 @@ class QpsTrendPolicy(SwitchPolicy):
 
     def decide(self, obs, variants, active):
         self._shares.append(obs.cpu_share)
-        self._shares = self._shares[-(self.window + 1):]
+        self._shares = self._shares[-(self.window + 1) :]
         if self._quiet > 0:
             self._quiet -= 1
             return None
@@ -108,14 +118,20 @@ class QpsTrendPolicy(SwitchPolicy):
             trend = (self._shares[-1] - before) / max(before, 1e-6)
         decision = None
         if active > 0 and (trend < -self.threshold or demand > self.high_water):
-            why = (f"throughput falling {100 * trend:+.0f}% ({cap:.0f} qps sustained)" if trend < -self.threshold
-                   else f"demand {obs.offered_qps:.0f} qps is {100 * demand:.0f}% of capacity {cap:.0f} qps")
+            why = (
+                f"throughput falling {100 * trend:+.0f}% ({cap:.0f} qps sustained)"
+                if trend < -self.threshold
+                else f"demand {obs.offered_qps:.0f} qps is {100 * demand:.0f}% of capacity {cap:.0f} qps"
+            )
             decision = Decision(active - 1, why)
         elif active < len(variants) - 1 and trend >= -self.threshold:
             bigger = self._capacity(variants[active + 1], obs.cpu_share)
             if obs.offered_qps < self.low_water * bigger and (trend > self.threshold or demand < self.low_water / 2):
-                why = (f"throughput rising {100 * trend:+.0f}%" if trend > self.threshold
-                       else f"demand {obs.offered_qps:.0f} qps is {100 * demand:.0f}% of capacity")
+                why = (
+                    f"throughput rising {100 * trend:+.0f}%"
+                    if trend > self.threshold
+                    else f"demand {obs.offered_qps:.0f} qps is {100 * demand:.0f}% of capacity"
+                )
                 decision = Decision(active + 1, f"{why}; {variants[active + 1].name} sustains {bigger:.0f} qps")
         if decision is not None:
             self._quiet = self.cooldown
@@ -143,15 +159,24 @@ class LatencySloPolicy(SwitchPolicy):
         current = predicted[active] if obs.p95_ms is None else max(predicted[active], obs.p95_ms)
         if current > target and best != active:
             self._streak = 0
-            return Decision(best, f"p95 {current:.1f} ms misses the {target:g} ms target; "
-                                  f"{variants[best].name} predicts {predicted[best]:.1f} ms")
-        if best != active and variants[best].top1 > variants[active].top1 and \
-                predicted[best] <= target * (1 - self.hysteresis):
+            return Decision(
+                best,
+                f"p95 {current:.1f} ms misses the {target:g} ms target; "
+                f"{variants[best].name} predicts {predicted[best]:.1f} ms",
+            )
+        if (
+            best != active
+            and variants[best].top1 > variants[active].top1
+            and predicted[best] <= target * (1 - self.hysteresis)
+        ):
             self._streak += 1
             if self._streak >= self.patience:
                 self._streak = 0
-                return Decision(best, f"{variants[best].name} is more accurate and predicts {predicted[best]:.1f} ms "
-                                      f"<= {target * (1 - self.hysteresis):.1f} ms for {self.patience} windows")
+                return Decision(
+                    best,
+                    f"{variants[best].name} is more accurate and predicts {predicted[best]:.1f} ms "
+                    f"<= {target * (1 - self.hysteresis):.1f} ms for {self.patience} windows",
+                )
         else:
             self._streak = 0
         return None
@@ -173,8 +198,11 @@ class MemoryPolicy(SwitchPolicy):
         target = max(fitting) if fitting else 0
         if target == active:
             return None
-        return Decision(target, f"{room:.0f} MB available for the session; {variants[target].name} needs "
-                                f"{variants[target].memory_mb:.0f} MB")
+        return Decision(
+            target,
+            f"{room:.0f} MB available for the session; {variants[target].name} needs "
+            f"{variants[target].memory_mb:.0f} MB",
+        )
 
 
 def names() -> list[str]:

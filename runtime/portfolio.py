@@ -5,6 +5,7 @@ while touched), its ZIP directory and manifest validated, and each variant infla
 a hard cap at the size the manifest declares and its sha256 checked. Nothing is ever extracted to disk and
 nothing is unpickled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgeshift.core.errors import PortfolioError, require_file
+
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, validate_manifest, variant_file
 
 _ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
@@ -55,10 +57,21 @@ class Portfolio:
         for v in manifest["variants"]:
             info = infos[v["file"]]
             acc, lat = v.get("accuracy") or {}, v.get("latency") or {}
-            self.variants.append(VariantInfo(
-                name=v["name"], bytes=v["bytes"], deflated_bytes=info.compress_size, sha256=v["sha256"],
-                params=v["params"], macs=v["macs"], compression=float(v["compression"]),
-                reference=bool(v["reference"]), top1=acc.get("top1"), p95_ms=lat.get("p95_ms"), entry=v))
+            self.variants.append(
+                VariantInfo(
+                    name=v["name"],
+                    bytes=v["bytes"],
+                    deflated_bytes=info.compress_size,
+                    sha256=v["sha256"],
+                    params=v["params"],
+                    macs=v["macs"],
+                    compression=float(v["compression"]),
+                    reference=bool(v["reference"]),
+                    top1=acc.get("top1"),
+                    p95_ms=lat.get("p95_ms"),
+                    entry=v,
+                )
+            )
         self._by_name = {v.name: v for v in self.variants}
 
     # -- construction -------------------------------------------------------------------------------------
@@ -90,13 +103,20 @@ class Portfolio:
             raise PortfolioError(f"{path}: a member name appears twice")
         for info in infos:
             if info.filename != MANIFEST_NAME and not (
-                    info.filename.startswith("variants/") and info.filename.endswith(".onnx")
-                    and info.filename.count("/") == 1 and ".." not in info.filename):
-                raise PortfolioError(f"{path}: unexpected member {info.filename!r} (only {MANIFEST_NAME} and "
-                                     "variants/<name>.onnx belong in a portfolio)")
+                info.filename.startswith("variants/")
+                and info.filename.endswith(".onnx")
+                and info.filename.count("/") == 1
+                and ".." not in info.filename
+            ):
+                raise PortfolioError(
+                    f"{path}: unexpected member {info.filename!r} (only {MANIFEST_NAME} and "
+                    "variants/<name>.onnx belong in a portfolio)"
+                )
             if info.compress_type not in _ALLOWED_METHODS:
-                raise PortfolioError(f"{path}: member {info.filename!r} uses compression method "
-                                     f"{info.compress_type}; only STORED and DEFLATE are accepted")
+                raise PortfolioError(
+                    f"{path}: member {info.filename!r} uses compression method "
+                    f"{info.compress_type}; only STORED and DEFLATE are accepted"
+                )
             if info.flag_bits & 0x1:
                 raise PortfolioError(f"{path}: member {info.filename!r} is encrypted")
         if MANIFEST_NAME not in names:
@@ -118,8 +138,9 @@ class Portfolio:
             if file not in names:
                 raise PortfolioError(f"{path}: variant {v['name']!r} is declared but {file} is missing")
             if zf.getinfo(file).file_size != v["bytes"]:
-                raise PortfolioError(f"{path}: {file} claims {zf.getinfo(file).file_size} bytes inflated, the "
-                                     f"manifest {v['bytes']}")
+                raise PortfolioError(
+                    f"{path}: {file} claims {zf.getinfo(file).file_size} bytes inflated, the manifest {v['bytes']}"
+                )
         return manifest
 
     # -- access -------------------------------------------------------------------------------------------
@@ -180,7 +201,7 @@ class Portfolio:
                 digest.update(chunk)
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             self._check_hash(v, digest.hexdigest())
             yield f"/proc/self/fd/{fd}"
         finally:
@@ -270,7 +291,7 @@ def _member_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, path: P
     inflater = None if stored else zlib.decompressobj(-15)
     pos = start
     while pos < end:
-        data = mm[pos:min(pos + _IN_CHUNK, end)]  # a small copy: no buffer export outlives an error
+        data = mm[pos : min(pos + _IN_CHUNK, end)]  # a small copy: no buffer export outlives an error
         pos += len(data)
         while data:
             room = min(cap + 1 - produced, _OUT_CHUNK)
@@ -281,8 +302,9 @@ def _member_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, path: P
             data = data[room:] if stored else inflater.unconsumed_tail
             produced += len(out)
             if produced > cap:
-                raise PortfolioError(f"{path}: {info.filename} inflates past its declared {cap} bytes "
-                                     "(decompression bomb?)")
+                raise PortfolioError(
+                    f"{path}: {info.filename} inflates past its declared {cap} bytes (decompression bomb?)"
+                )
             crc = zlib.crc32(out, crc)
             if out:
                 yield out

@@ -1,5 +1,6 @@
 """``edgeshift run``: classify a folder of images with a portfolio. Pillow is optional (.npy files work
 without it). Torch-free."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,9 @@ def load_image(path: Path, size: list[int]) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError:
-        raise EdgeshiftError(f"reading {path.suffix} images needs Pillow: pip install pillow "
-                             "(or pass .npy arrays)") from None
+        raise EdgeshiftError(
+            f"reading {path.suffix} images needs Pillow: pip install pillow (or pass .npy arrays)"
+        ) from None
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB").resize((size[1], size[0])), dtype=np.uint8)
@@ -51,7 +53,7 @@ def classify_folder(runtime, folder: Path, batch: int = 16, top: int = 1):
     pre, labels = manifest["preprocessing"], manifest["labels"]
     files = list_inputs(folder)
     for i in range(0, len(files), batch):
-        chunk = files[i:i + batch]
+        chunk = files[i : i + batch]
         x = preprocess(np.stack([load_image(p, pre["size"]) for p in chunk]), pre)
         logits = runtime.predict(x).astype(np.float64)
         probs = np.exp(logits - logits.max(1, keepdims=True))

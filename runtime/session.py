@@ -1,4 +1,5 @@
 """The one way a session is made: ONNX Runtime under a device profile, with provider fallback. Torch-free."""
+
 from __future__ import annotations
 
 import warnings
@@ -20,14 +21,22 @@ def providers_for(profile) -> tuple[list[str], list[dict]]:
         chosen.append("CPUExecutionProvider")
     if missing and missing not in _warned:
         _warned.add(missing)
-        warnings.warn(f"profile {profile.name}: {', '.join(missing)} not available in this onnxruntime build; "
-                      f"using {', '.join(chosen)}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"profile {profile.name}: {', '.join(missing)} not available in this onnxruntime build; "
+            f"using {', '.join(chosen)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     options = [dict(profile.execution.provider_options.get(p, {})) for p in chosen]
     return chosen, options
 
 
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-               "all": "ORT_ENABLE_ALL"}
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def profile_session_options(profile):
@@ -40,8 +49,9 @@ def profile_session_options(profile):
     opts.inter_op_num_threads = int(ex.inter_op_threads)
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[ex.graph_optimization])
     opts.log_severity_level = 3
-    opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if ex.execution_mode == "parallel"
-                           else ort.ExecutionMode.ORT_SEQUENTIAL)
+    opts.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if ex.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
     for key, value in ex.session_config.items():
         opts.add_session_config_entry(key, value)
     return opts
@@ -52,14 +62,14 @@ def create_session(model: bytes | str, profile):
     import onnxruntime as ort
 
     providers, options = providers_for(profile)
-    return ort.InferenceSession(model, profile_session_options(profile), providers=providers,
-                                provider_options=options)
+    return ort.InferenceSession(model, profile_session_options(profile), providers=providers, provider_options=options)
 
 
 def session_for_variant(portfolio, name: str, profile, pace=None):
     """Inflate ``name`` (hash-checked) and build its session; returns (session, inflate_ms, create_ms).
 
-    ``pace`` is passed to the inflation (``runtime.portfolio.Pace``); inflate_ms includes any time it slept."""
+    ``pace`` is passed to the inflation (``edgeshift.runtime.portfolio.Pace``); inflate_ms includes any time it
+    slept."""
     import time
 
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ simulator benchmarks every variant on this device first (latency p95 at batch 1;
 inflate + create + warm), then steps through the trace once per ``step`` seconds, modelling the latency each
 variant would give at that load, and asks the policy what to run. Torch-free.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeshift.core.errors import InputFileError
+
 from .policies import Observation, SwitchPolicy, VariantView
 from .portfolio import Portfolio
 
@@ -56,14 +58,19 @@ def read_trace(path: str | Path) -> list[TracePoint]:
         raise InputFileError(f"{path}: cannot parse trace ({exc})") from None
     if not isinstance(rows, list) or not rows:
         raise InputFileError(f"{path}: empty trace; expected rows of time_s,rps[,cpu_share][,available_mb]")
-    points = []
+    points: list[TracePoint] = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "time_s" not in r or "rps" not in r:
-            raise InputFileError(f"{path}: row {i + 1} lacks time_s and rps (expected header time_s,rps"
-                                 "[,cpu_share][,available_mb])")
+            raise InputFileError(
+                f"{path}: row {i + 1} lacks time_s and rps (expected header time_s,rps[,cpu_share][,available_mb])"
+            )
         try:
-            p = TracePoint(float(r["time_s"]), float(r["rps"]), float(r.get("cpu_share") or 1.0),
-                           float(r.get("available_mb") or 1e9))
+            p = TracePoint(
+                float(r["time_s"]),
+                float(r["rps"]),
+                float(r.get("cpu_share") or 1.0),
+                float(r.get("available_mb") or 1e9),
+            )
         except (TypeError, ValueError):
             raise InputFileError(f"{path}: row {i + 1} has a non-numeric value: {r}") from None
         if p.rps < 0 or not 0 < p.cpu_share <= 1 or (points and p.time_s <= points[-1].time_s):
@@ -91,12 +98,20 @@ def measure_variants(portfolio: Portfolio, profile, iterations: int = 30) -> tup
         costs[v.name] = (time.perf_counter() - t0) * 1e3
         stats = time_calls(lambda: sess.run(None, {name: x}), warmup=10, iterations=iterations, batch=1)
         mem = v.entry.get("peak_memory_bytes") or 2 * v.bytes
-        views.append(VariantView(v.name, i, v.top1 or 0.0, stats.p95_ms, mem / 2 ** 20))
+        views.append(VariantView(v.name, i, v.top1 or 0.0, stats.p95_ms, mem / 2**20))
     return views, costs
 
 
-def simulate(trace: list[TracePoint], views: list[VariantView], costs: dict, policy: SwitchPolicy, *,
-             start: int, latency_target_ms: float, step: float = 1.0) -> SimResult:
+def simulate(
+    trace: list[TracePoint],
+    views: list[VariantView],
+    costs: dict,
+    policy: SwitchPolicy,
+    *,
+    start: int,
+    latency_target_ms: float,
+    step: float = 1.0,
+) -> SimResult:
     active = start
     switches: list[SimSwitch] = []
     seconds = {v.name: 0.0 for v in views}
@@ -109,8 +124,9 @@ def simulate(trace: list[TracePoint], views: list[VariantView], costs: dict, pol
             k += 1
         point = trace[k]
         v = views[active]
-        p95 = policy.predicted_p95_ms(v, Observation(t, point.rps, point.rps, None, point.cpu_share,
-                                                      point.available_mb))
+        p95 = policy.predicted_p95_ms(
+            v, Observation(t, point.rps, point.rps, None, point.cpu_share, point.available_mb)
+        )
         served = point.rps if p95 != float("inf") else policy.threads * 1000 / (v.latency_ms / point.cpu_share)
         obs = Observation(t, point.rps, served, min(p95, 1e6), point.cpu_share, point.available_mb)
         seconds[v.name] += step
@@ -118,8 +134,11 @@ def simulate(trace: list[TracePoint], views: list[VariantView], costs: dict, pol
         violations += step if p95 > latency_target_ms else 0.0
         decision = policy.decide(obs, views, active)
         if decision is not None and decision.target != active:
-            switches.append(SimSwitch(t, v.name, views[decision.target].name, decision.reason,
-                                      costs.get(views[decision.target].name, 0.0)))
+            switches.append(
+                SimSwitch(
+                    t, v.name, views[decision.target].name, decision.reason, costs.get(views[decision.target].name, 0.0)
+                )
+            )
             active = decision.target
         t += step
     total = sum(requests.values())
@@ -133,8 +152,9 @@ def result_document(result: SimResult) -> dict:
     return {**asdict(result), "switches": [asdict(s) for s in result.switches]}
 
 
-def simulate_file(portfolio_path: str | Path, trace_path: str | Path, policy_name: str, profile,
-                  step: float = 1.0) -> tuple[SimResult, list[str]]:
+def simulate_file(
+    portfolio_path: str | Path, trace_path: str | Path, policy_name: str, profile, step: float = 1.0
+) -> tuple[SimResult, list[str]]:
     """Measure the portfolio's variants under ``profile``, replay the trace against the policy; returns the result
     and the lines to print (variants, every switch with its reason and cost, totals)."""
     from . import policies
@@ -143,18 +163,26 @@ def simulate_file(portfolio_path: str | Path, trace_path: str | Path, policy_nam
     with Portfolio.open(portfolio_path) as pf:
         views, costs = measure_variants(pf, profile)
         start = pf.names.index(pf.median_variant)
-    pol = policies.get(policy_name, latency_target_ms=profile.serving.latency_target_ms,
-                       memory_budget_mb=profile.serving.memory_budget_mb)
-    res = simulate(points, views, costs, pol, start=start, latency_target_ms=profile.serving.latency_target_ms,
-                   step=step)
-    lines = ["variants (smallest first): " + ", ".join(
-        f"{v.name} p95 {v.latency_ms:.2f} ms, switch {costs[v.name]:.0f} ms" for v in views)]
-    lines.append(f"start on {views[start].name}; policy {policy_name}; target p95 "
-                 f"{profile.serving.latency_target_ms:g} ms")
+    pol = policies.get(
+        policy_name,
+        latency_target_ms=profile.serving.latency_target_ms,
+        memory_budget_mb=profile.serving.memory_budget_mb,
+    )
+    res = simulate(
+        points, views, costs, pol, start=start, latency_target_ms=profile.serving.latency_target_ms, step=step
+    )
+    lines = [
+        "variants (smallest first): "
+        + ", ".join(f"{v.name} p95 {v.latency_ms:.2f} ms, switch {costs[v.name]:.0f} ms" for v in views)
+    ]
+    lines.append(
+        f"start on {views[start].name}; policy {policy_name}; target p95 {profile.serving.latency_target_ms:g} ms"
+    )
     for s in res.switches:
         lines.append(f"t={s.time_s:7.1f}s  {s.source} -> {s.target}  cost {s.cost_ms:.0f} ms  ({s.reason})")
     share = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds_per_variant.items() if v)
     acc = "" if res.mean_top1 is None else f", request-weighted top-1 {100 * res.mean_top1:.2f}%"
-    lines.append(f"{len(res.switches)} switches; time per variant: {share}; "
-                 f"{res.slo_violations_s:.0f}s above target{acc}")
+    lines.append(
+        f"{len(res.switches)} switches; time per variant: {share}; {res.slo_violations_s:.0f}s above target{acc}"
+    )
     return res, lines

@@ -1,4 +1,5 @@
 """Atomic file writes: a reader never sees a half-written output file."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """CLI plumbing shared by every command: an expected mistake is one line on stderr and a non-zero exit."""
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,9 @@ def handle_errors(fn: F) -> F:
             raise fail(str(exc), exc.exit_code) from None
         except ModuleNotFoundError as exc:
             if exc.name in BUILD_MODULES:
-                raise fail(f"this command needs the build tools ({exc.name} is not installed): "
-                           "pip install 'edgeshift[build]'") from None
+                raise fail(
+                    f"this command needs the build tools ({exc.name} is not installed): pip install 'edgeshift[build]'"
+                ) from None
             raise
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None

@@ -9,6 +9,7 @@ Types understood: bool, int, float (an int is accepted), str, ``Literal[...]`` (
 ``X | None`` (JSON null), ``tuple[X, ...]`` and ``list[X]`` (from lists), ``dict[str, X]`` and nested
 dataclasses (from tables), and ``Any``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,13 @@ C = TypeVar("C")
 _MISSING = dataclasses.MISSING
 
 
-def setting(default: Any = _MISSING, help: str = "", *, minimum: float | None = None,
-            check: Callable[[Any], str | None] | None = None) -> Any:
+def setting(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    minimum: float | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
     """A dataclass field with its help; ``minimum`` (inclusive) and ``check`` (returns what is wrong, or None)
     are checked on load. A list or dict default is copied per instance."""
     meta = {"help": help, "minimum": minimum, "check": check}
@@ -134,8 +140,9 @@ def _convert_or_fail(tp: Any, value: Any, where: str, source: str, error: type[E
         raise error(f"{source}: {where} must be {_describe(tp)}, got {type(value).__name__} {value!r}") from None
 
 
-def load(cls: type[C], document: Any, *, source: str, error: type[EdgeshiftError] = EdgeshiftError,
-         section: str = "") -> C:
+def load(
+    cls: type[C], document: Any, *, source: str, error: type[EdgeshiftError] = EdgeshiftError, section: str = ""
+) -> C:
     """Build ``cls`` from ``document`` (a parsed table), strictly; ``section`` is its place in the whole file."""
     if not isinstance(document, dict):
         raise error(f"{source}: [{section or 'top level'}] must be a table, got {type(document).__name__}")
@@ -146,8 +153,9 @@ def load(cls: type[C], document: Any, *, source: str, error: type[EdgeshiftError
         where = f"{section}.{unknown[0]}" if section else str(unknown[0])
         if all(dataclasses.is_dataclass(hints[f]) for f in fields):
             raise error(f"{source}: unknown section [{where}]; known: {', '.join(fields)}")
-        raise error(f"{source}: unknown key {where!r}; known in [{section or 'top level'}]: "
-                    f"{', '.join(sorted(fields))}")
+        raise error(
+            f"{source}: unknown key {where!r}; known in [{section or 'top level'}]: {', '.join(sorted(fields))}"
+        )
     values = {}
     for name, f in fields.items():
         where = f"{section}.{name}" if section else name
@@ -169,8 +177,13 @@ def load(cls: type[C], document: Any, *, source: str, error: type[EdgeshiftError
     return cls(**values)
 
 
-def load_toml(cls: type[C], path: Any, *, error: type[EdgeshiftError] = EdgeshiftError,
-              overrides: dict[tuple[str, str], Any] | None = None) -> C:
+def load_toml(
+    cls: type[C],
+    path: Any,
+    *,
+    error: type[EdgeshiftError] = EdgeshiftError,
+    overrides: dict[tuple[str, str], Any] | None = None,
+) -> C:
     """Read a TOML file into ``cls``; ``overrides`` maps (section, key) to a value that replaces the file's."""
     from pathlib import Path
 

@@ -2,6 +2,7 @@
 
 Torch-free on purpose: every package (device side and build side) raises these.
 """
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 profiles): entries register where they are defined, ``get(name)`` fails naming the known ones, and the CLI's
 choices and help come from here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """Plain-text and Markdown tables: what every command prints its results as."""
+
 from __future__ import annotations
 
 import sys

@@ -166,7 +166,7 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
                finetune=None, mask: dict | None = None, *, measure: ModelMeasurer) -> tuple[nn.Module, LayerPruneReport]:
     """Rank ``model``'s candidates with ``cfg.criterion``, remove to the budget, optionally fine-tune.
 
-    ``finetune`` is a ``pruner.train.TrainConfig`` (None: no fine-tuning; it then needs ``train`` and ``test``),
+    ``finetune`` is a ``edgeshift.pruner.train.TrainConfig`` (None: no fine-tuning; it then needs ``train`` and ``test``),
     enforcing ``mask`` (a sparse model's, restricted to the layers that remain) if given. The input model is not
     modified. Accuracies are measured when ``test`` is given. ``measure`` times and scores the models through
     ONNX Runtime under the device profile (``edgeshift.exporter.profile.OrtMeasurer(cfg.profile)``).
