@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
 
-from edgeshift.core.config import load, setting, tomllib
+from edgeshift.core.config import load, read_toml, setting
 from edgeshift.core.errors import ProfileError
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
@@ -135,11 +135,4 @@ def parse_profile(document: dict, source: str) -> DeviceProfile:
 
 
 def load_profile_file(path: str | os.PathLike) -> DeviceProfile:
-    path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"device profile file not found: {path}")
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: not valid TOML ({exc})") from None
-    return parse_profile(document, str(path))
+    return parse_profile(read_toml(path, error=ProfileError, what="device profile file"), str(path))

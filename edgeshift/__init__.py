@@ -12,8 +12,7 @@ Names are imported on first use, so ``import edgeshift`` costs nothing and impor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from edgeshift.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -28,12 +27,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'edgeshift' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports("edgeshift", _EXPORTS)

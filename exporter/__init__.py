@@ -5,8 +5,8 @@ Heavy imports happen on first use of an attribute, so ``import edgeshift.exporte
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from edgeshift.core.lazy import lazy_exports
+
 
 _EXPORTS = {
     "export_onnx": "edgeshift.exporter.onnx_export",
@@ -18,8 +18,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'edgeshift.exporter' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports("edgeshift.exporter", _EXPORTS)

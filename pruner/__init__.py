@@ -5,7 +5,8 @@ Heavy imports happen on first use of an attribute, so ``import edgeshift.pruner`
 """
 from __future__ import annotations
 
-import importlib
+from edgeshift.core.lazy import lazy_exports
+
 
 _EXPORTS = {
     "create_model": "edgeshift.pruner.models",
@@ -22,8 +23,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'edgeshift.pruner' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports("edgeshift.pruner", _EXPORTS)

@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 devices
     import tomli as tomllib
 
-__all__ = ["load", "load_toml", "setting", "field_help", "tomllib"]
+__all__ = ["field_help", "load", "load_toml", "read_toml", "setting"]
 
 C = TypeVar("C")
 _MISSING = dataclasses.MISSING
@@ -177,6 +177,19 @@ def load(
     return cls(**values)
 
 
+def read_toml(path: Any, *, error: type[EdgeshiftError] = EdgeshiftError, what: str = "file") -> dict:
+    """A TOML file's document; a missing file or bad TOML is ``error`` naming the file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid TOML ({exc})") from None
+
+
 def load_toml(
     cls: type[C],
     path: Any,
@@ -185,15 +198,7 @@ def load_toml(
     overrides: dict[tuple[str, str], Any] | None = None,
 ) -> C:
     """Read a TOML file into ``cls``; ``overrides`` maps (section, key) to a value that replaces the file's."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"file not found: {path}")
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: not valid TOML ({exc})") from None
+    document = read_toml(path, error=error)
     for (section, key), value in (overrides or {}).items():
         document.setdefault(section, {})[key] = value
     return load(cls, document, source=str(path), error=error)
