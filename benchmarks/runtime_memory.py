@@ -26,7 +26,7 @@ path, mode, profile = sys.argv[1], sys.argv[2], sys.argv[3]
 prof = device_profiles.load_profile(profile)
 rss = lambda: psutil.Process().memory_info().rss
 pf = Portfolio.open(path)
-x = np.zeros([1 if d is None else d for d in pf.input_spec["shape"]], np.float32)
+x = np.zeros([1 if d is None else d for d in pf.input_spec.shape], np.float32)
 gc.collect()
 base = rss()
 keep = []

@@ -81,7 +81,7 @@ def main() -> None:
     inputs = None
     with Runtime(path, profile=args.profile, preload_neighbours=args.preload,
                  switch_cpu_share=args.switch_cpu_share) as rt:
-        shape = [1 if d is None else d for d in rt.portfolio.input_spec["shape"]]
+        shape = [1 if d is None else d for d in rt.portfolio.input_spec.shape]
         inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(args.threads)]
         refs = {}
         for name in rt.variants:  # reference answers of every complete variant, computed up front

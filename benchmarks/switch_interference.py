@@ -102,7 +102,7 @@ def main() -> None:
     path = ensure_vgg16_portfolio(args.portfolio)
     rng = np.random.default_rng(0)
     with Runtime(path, profile=args.profile, start=args.variant) as rt:
-        shape = [1 if d is None else d for d in rt.portfolio.input_spec["shape"]]
+        shape = [1 if d is None else d for d in rt.portfolio.input_spec.shape]
         inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(args.threads)]
         refs = [rt.predict(x) for x in inputs]
         raw = rt.portfolio.inflate(args.other)

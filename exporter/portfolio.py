@@ -13,7 +13,21 @@ from pathlib import Path
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.core.atomic import atomic_path, check_output_path
 from edgeshift.core.errors import EdgeshiftError
-from edgeshift.runtime.manifest import MANIFEST_NAME, NAME_RE, SCHEMA_VERSION, validate_manifest, variant_file
+from edgeshift.runtime.manifest import (
+    MANIFEST_NAME,
+    NAME_RE,
+    SCHEMA_VERSION,
+    Accuracy,
+    DroppedVariant,
+    InputSpec,
+    Latency,
+    Manifest,
+    OutputSpec,
+    Preprocessing,
+    VariantRecord,
+    parse_manifest,
+    variant_file,
+)
 
 from .profile import DEFLATE_LEVEL, TestData, deflated_size, profile_variant
 
@@ -76,23 +90,24 @@ def postprocess(variants: list[dict], tol: Tolerance = Tolerance()) -> tuple[lis
 MIN_DEFLATE_SAVING = 0.10
 
 
-def write_portfolio(out_path: str | os.PathLike, manifest: dict, onnx: dict[str, bytes],
+def write_portfolio(out_path: str | os.PathLike, manifest: Manifest, onnx: dict[str, bytes],
                     min_saving: float = MIN_DEFLATE_SAVING) -> Path:
     """Pack ``manifest.json`` and ``variants/<name>.onnx`` into one standard ZIP, atomically.
 
     Members are DEFLATEd, except a variant that DEFLATE shrinks by less than ``min_saving`` (a dense model):
     it is STORED, so a switch to it does not spend CPU inflating what barely compressed.
     """
-    validate_manifest(manifest)
+    document = manifest.to_dict()
+    parse_manifest(json.loads(json.dumps(document)))  # what a device will read back: the same checks, here
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=DEFLATE_LEVEL) as z:
-            z.writestr(MANIFEST_NAME, json.dumps(manifest, indent=1))
-            for v in manifest["variants"]:
-                data = onnx[v["name"]]
-                deflated = v.get("deflated_bytes") or deflated_size(data)
+            z.writestr(MANIFEST_NAME, json.dumps(document, indent=1))
+            for v in manifest.variants:
+                data = onnx[v.name]
+                deflated = v.deflated_bytes or deflated_size(data)
                 method = zipfile.ZIP_DEFLATED if deflated <= (1 - min_saving) * len(data) else zipfile.ZIP_STORED
-                z.writestr(v["file"], data, compress_type=method)
+                z.writestr(v.file, data, compress_type=method)
     return out_path
 
 
@@ -155,21 +170,30 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
             blobs[name] = data
     kept, dropped = postprocess(entries, tolerance)
     size = int(example_inputs.shape[-1])
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "producer": "edgeshift 0.1.0",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "architecture": architecture or "",
-        "input": {"name": INPUT_NAME, "shape": [None, *map(int, example_inputs.shape[1:])], "dtype": "float32",
-                  "layout": "NCHW"},
-        "output": {"name": OUTPUT_NAME, "shape": [None, num_classes]},
-        "preprocessing": {"mean": list(mean or list(CIFAR_MEAN[:channels]) + [0.5] * (channels - 3)),
-                          "std": list(std or list(CIFAR_STD[:channels]) + [0.25] * (channels - 3)),
-                          "layout": "NCHW", "scale": 1 / 255, "size": [int(example_inputs.shape[-2]), size]},
-        "labels": list(labels) if labels else [str(i) for i in range(num_classes)],
-        "variants": kept,
-        "dropped": dropped,
-    }
-    if len(manifest["labels"]) != num_classes:
-        raise EdgeshiftError(f"{len(manifest['labels'])} labels given for a model with {num_classes} classes")
+    labels = list(labels) if labels else [str(i) for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise EdgeshiftError(f"{len(labels)} labels given for a model with {num_classes} classes")
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        producer="edgeshift 0.1.0",
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        architecture=architecture or "",
+        input=InputSpec(name=INPUT_NAME, shape=(None, *map(int, example_inputs.shape[1:])), dtype="float32",
+                        layout="NCHW"),
+        output=OutputSpec(name=OUTPUT_NAME, shape=(None, num_classes)),
+        preprocessing=Preprocessing(mean=tuple(mean or list(CIFAR_MEAN[:channels]) + [0.5] * (channels - 3)),
+                                    std=tuple(std or list(CIFAR_STD[:channels]) + [0.25] * (channels - 3)),
+                                    layout="NCHW", scale=1 / 255, size=(int(example_inputs.shape[-2]), size)),
+        labels=tuple(labels),
+        variants=tuple(_record(v) for v in kept),
+        dropped=tuple(DroppedVariant(**d) for d in dropped),
+    )
     return write_portfolio(out_path, manifest, blobs)
+
+
+def _record(entry: dict) -> VariantRecord:
+    """The manifest's typed record of one profiled variant (an unknown key is a TypeError: writer and reader
+    share this one definition)."""
+    acc, lat = entry.get("accuracy"), entry.get("latency")
+    return VariantRecord(**{**entry, "accuracy": Accuracy(**acc) if acc else None,
+                            "latency": Latency(**lat) if lat else None})

@@ -11,21 +11,21 @@ def markdown_table(portfolio: Portfolio) -> str:
     rows = ["| variant | compression | params | MACs | ONNX bytes | deflated | top-1 | top-5 | p50 ms | p95 ms | p99 ms |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v in portfolio.variants:
-        acc, lat = v.entry.get("accuracy") or {}, v.entry.get("latency") or {}
+        acc, lat = v.record.accuracy, v.record.latency
         pct = lambda x: "-" if x is None else f"{100 * x:.2f}%"  # noqa: E731
         ms = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         rows.append(f"| {v.name}{' (reference)' if v.reference else ''} | {v.compression:.1f}x | {v.params:,} | "
-                    f"{v.macs:,} | {v.bytes:,} | {v.deflated_bytes:,} | {pct(acc.get('top1'))} | "
-                    f"{pct(acc.get('top5'))} | {ms(lat.get('p50_ms'))} | {ms(lat.get('p95_ms'))} | "
-                    f"{ms(lat.get('p99_ms'))} |")
-    machine = next((v.entry["latency"].get("machine") for v in portfolio.variants if v.entry.get("latency")), "?")
+                    f"{v.macs:,} | {v.bytes:,} | {v.deflated_bytes:,} | {pct(acc and acc.top1)} | "
+                    f"{pct(acc and acc.top5)} | {ms(lat and lat.p50_ms)} | {ms(lat and lat.p95_ms)} | "
+                    f"{ms(lat and lat.p99_ms)} |")
+    machine = next((v.record.latency.machine for v in portfolio.variants if v.record.latency), "?")
     total = sum(v.bytes for v in portfolio.variants)
     rows += ["", f"Latency at batch 1 measured at build time on: {machine}.",
              f"Portfolio file {portfolio.file_bytes:,} bytes for {total:,} bytes of ONNX "
              f"({100 * portfolio.file_bytes / total:.1f}%)."]
-    dropped = portfolio.manifest.get("dropped") or []
+    dropped = portfolio.manifest.dropped
     if dropped:
-        rows += ["", "Dropped by the post-processor:"] + [f"- {d['name']}: {d['reason']}" for d in dropped]
+        rows += ["", "Dropped by the post-processor:"] + [f"- {d.name}: {d.reason}" for d in dropped]
     return "\n".join(rows) + "\n"
 
 
@@ -36,7 +36,7 @@ def pareto_png(portfolio: Portfolio, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    pts = [(v, (v.entry.get("latency") or {}).get("p50_ms"), (v.entry.get("accuracy") or {}).get("top1"))
+    pts = [(v, v.record.latency and v.record.latency.p50_ms, v.record.accuracy and v.record.accuracy.top1)
            for v in portfolio.variants]
     biggest = max(v.bytes for v in portfolio.variants)
     for v, lat, acc in pts:
@@ -49,7 +49,7 @@ def pareto_png(portfolio: Portfolio, path: Path) -> None:
                     fontsize=7)
     ax.set_xlabel("latency p50 at batch 1 (ms, ONNX Runtime)")
     ax.set_ylabel("top-1 accuracy (%, ONNX Runtime)")
-    ax.set_title(f"{portfolio.manifest.get('architecture') or 'portfolio'}: accuracy vs latency "
+    ax.set_title(f"{portfolio.manifest.architecture or 'portfolio'}: accuracy vs latency "
                  "(marker area = ONNX bytes)")
     ax.grid(alpha=0.3)
     ax.margins(0.2)

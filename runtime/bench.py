@@ -45,7 +45,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     """Inflate, create and time each variant (warm-up excluded) under ``profile``."""
     results = []
     batch = profile.serving.batch_size
-    shape = [batch if d is None else d for d in portfolio.input_spec["shape"]]
+    shape = [batch if d is None else d for d in portfolio.input_spec.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     absorb_first_session_cost(portfolio, profile)
     for name in variants or portfolio.names:

@@ -100,8 +100,8 @@ class Runtime:
         self._last_start = self._last_done = float("-inf")  # when the last request started / finished
         self.warmup_runs = warmup_runs
         spec = self.portfolio.input_spec
-        self._input_shape = spec["shape"]
-        self._input_dtype = np.dtype(spec["dtype"])
+        self._input_shape = spec.shape
+        self._input_dtype = np.dtype(spec.dtype)
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()  # bookkeeping: stats, standby sessions
         self._switch_lock = threading.Lock()  # one switch at a time
@@ -305,7 +305,7 @@ class Runtime:
                 i,
                 v.top1 or 0.0,
                 self._fastest_ms.get(v.name, build[i] * scale),
-                (v.entry.get("peak_memory_bytes") or 2 * v.bytes) / 2**20,
+                (v.record.peak_memory_bytes or 2 * v.bytes) / 2**20,
             )
             for i, v in enumerate(infos)
         ]

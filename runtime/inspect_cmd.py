@@ -14,15 +14,14 @@ def print_portfolio(path: Path, verify: bool = True) -> None:
         if verify:
             pf.verify()
         m = pf.manifest
-        inp = m["input"]
+        inp = m.input
         print(
-            f"portfolio {path}: {m.get('architecture') or '?'}, {len(pf.variants)} variants, "
-            f"{pf.file_bytes:,} bytes on disk, schema {m['schema_version']}"
-            + (", all sha256 verified" if verify else "")
+            f"portfolio {path}: {m.architecture or '?'}, {len(pf.variants)} variants, "
+            f"{pf.file_bytes:,} bytes on disk, schema {m.schema_version}" + (", all sha256 verified" if verify else "")
         )
         print(
-            f"input {inp['name']} {inp['dtype']} {['N' if d is None else d for d in inp['shape']]} {inp['layout']}; "
-            f"{len(m['labels'])} classes; mean {m['preprocessing']['mean']} std {m['preprocessing']['std']}"
+            f"input {inp.name} {inp.dtype} {['N' if d is None else d for d in inp.shape]} {inp.layout}; "
+            f"{len(m.labels)} classes; mean {list(m.preprocessing.mean)} std {list(m.preprocessing.std)}"
         )
         rows = []
         for v in pf.variants:
@@ -39,10 +38,9 @@ def print_portfolio(path: Path, verify: bool = True) -> None:
                 ]
             )
         echo_table(rows, ["variant", "compr.", "params", "MACs", "ONNX bytes", "deflated", "top-1", "p95 ms"])
-        if m.get("dropped"):
-            for d in m["dropped"]:
-                print(f"dropped {d['name']}: {d['reason']}")
+        for d in m.dropped:
+            print(f"dropped {d.name}: {d.reason}")
         print(
             "* dense reference; p95 measured at build time on "
-            + next((v.entry["latency"].get("machine", "?") for v in pf.variants if v.entry.get("latency")), "?")
+            + next((v.record.latency.machine or "?" for v in pf.variants if v.record.latency), "?")
         )

@@ -23,7 +23,15 @@ from typing import Callable, Iterator
 
 from edgeshift.core.errors import PortfolioError, require_file
 
-from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, validate_manifest, variant_file
+from .manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    InputSpec,
+    Manifest,
+    VariantRecord,
+    parse_manifest,
+    variant_file,
+)
 
 _ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
@@ -42,34 +50,32 @@ class VariantInfo:
     reference: bool
     top1: float | None
     p95_ms: float | None
-    entry: dict  # the manifest entry, as validated
+    record: VariantRecord  # the manifest's record of it, as validated
 
 
 class Portfolio:
     """A validated, memory-mapped portfolio file. Use ``Portfolio.open(path)``."""
 
-    def __init__(self, path: Path, fileobj, mm, zf: zipfile.ZipFile, manifest: dict):
+    def __init__(self, path: Path, fileobj, mm, zf: zipfile.ZipFile, manifest: Manifest):
         self.path = path
         self._file, self._mm, self._zip = fileobj, mm, zf
         self.manifest = manifest
         infos = {i.filename: i for i in zf.infolist()}
         self.variants: list[VariantInfo] = []
-        for v in manifest["variants"]:
-            info = infos[v["file"]]
-            acc, lat = v.get("accuracy") or {}, v.get("latency") or {}
+        for v in manifest.variants:
             self.variants.append(
                 VariantInfo(
-                    name=v["name"],
-                    bytes=v["bytes"],
-                    deflated_bytes=info.compress_size,
-                    sha256=v["sha256"],
-                    params=v["params"],
-                    macs=v["macs"],
-                    compression=float(v["compression"]),
-                    reference=bool(v["reference"]),
-                    top1=acc.get("top1"),
-                    p95_ms=lat.get("p95_ms"),
-                    entry=v,
+                    name=v.name,
+                    bytes=v.bytes,
+                    deflated_bytes=infos[v.file].compress_size,
+                    sha256=v.sha256,
+                    params=v.params,
+                    macs=v.macs,
+                    compression=float(v.compression),
+                    reference=v.reference,
+                    top1=v.accuracy.top1 if v.accuracy else None,
+                    p95_ms=v.latency.p95_ms if v.latency else None,
+                    record=v,
                 )
             )
         self._by_name = {v.name: v for v in self.variants}
@@ -96,7 +102,7 @@ class Portfolio:
             raise
 
     @staticmethod
-    def _check_directory_and_manifest(path: Path, zf: zipfile.ZipFile) -> dict:
+    def _check_directory_and_manifest(path: Path, zf: zipfile.ZipFile) -> Manifest:
         infos = zf.infolist()
         names = [i.filename for i in infos]
         if len(set(names)) != len(names):
@@ -123,23 +129,23 @@ class Portfolio:
             raise PortfolioError(f"{path}: no {MANIFEST_NAME}; is this a portfolio built by edgeshift export?")
         raw = _read_capped(zf, zf.getinfo(MANIFEST_NAME), MAX_MANIFEST_BYTES, path)
         try:
-            manifest = json.loads(raw.decode("utf-8"))
+            document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PortfolioError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
         try:
-            validate_manifest(manifest)
+            manifest = parse_manifest(document)
         except PortfolioError as exc:
             raise PortfolioError(f"{path}: {exc}") from None
-        declared = {v["file"]: v for v in manifest["variants"]}
+        declared = {v.file: v for v in manifest.variants}
         for name in names:
             if name != MANIFEST_NAME and name not in declared:
                 raise PortfolioError(f"{path}: member {name!r} is not declared in the manifest")
         for file, v in declared.items():
             if file not in names:
-                raise PortfolioError(f"{path}: variant {v['name']!r} is declared but {file} is missing")
-            if zf.getinfo(file).file_size != v["bytes"]:
+                raise PortfolioError(f"{path}: variant {v.name!r} is declared but {file} is missing")
+            if zf.getinfo(file).file_size != v.bytes:
                 raise PortfolioError(
-                    f"{path}: {file} claims {zf.getinfo(file).file_size} bytes inflated, the manifest {v['bytes']}"
+                    f"{path}: {file} claims {zf.getinfo(file).file_size} bytes inflated, the manifest {v.bytes}"
                 )
         return manifest
 
@@ -156,8 +162,8 @@ class Portfolio:
         return self._by_name[name]
 
     @property
-    def input_spec(self) -> dict:
-        return self.manifest["input"]
+    def input_spec(self) -> InputSpec:
+        return self.manifest.input
 
     @property
     def median_variant(self) -> str:

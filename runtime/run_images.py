@@ -9,6 +9,8 @@ import numpy as np
 
 from edgeshift.core.errors import EdgeshiftError, InputFileError
 
+from .manifest import Preprocessing
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -41,20 +43,20 @@ def load_image(path: Path, size: list[int]) -> np.ndarray:
         raise InputFileError(f"cannot decode image {path}: {exc}") from None
 
 
-def preprocess(images: np.ndarray, pre: dict) -> np.ndarray:
-    x = images.astype(np.float32) * np.float32(pre.get("scale", 1 / 255))
-    x = (x - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+def preprocess(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    x = images.astype(np.float32) * np.float32(pre.scale)
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def classify_folder(runtime, folder: Path, batch: int = 16, top: int = 1):
     """Yield (path, [(label, probability), ...]) for every image under ``folder``."""
     manifest = runtime.portfolio.manifest
-    pre, labels = manifest["preprocessing"], manifest["labels"]
+    pre, labels = manifest.preprocessing, manifest.labels
     files = list_inputs(folder)
     for i in range(0, len(files), batch):
         chunk = files[i : i + batch]
-        x = preprocess(np.stack([load_image(p, pre["size"]) for p in chunk]), pre)
+        x = preprocess(np.stack([load_image(p, pre.size) for p in chunk]), pre)
         logits = runtime.predict(x).astype(np.float64)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)

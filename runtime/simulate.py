@@ -87,7 +87,7 @@ def measure_variants(portfolio: Portfolio, profile, iterations: int = 30) -> tup
     from .session import absorb_first_session_cost, session_for_variant
 
     views, costs = [], {}
-    shape = [1 if d is None else d for d in portfolio.input_spec["shape"]]
+    shape = [1 if d is None else d for d in portfolio.input_spec.shape]
     x = np.zeros(shape, np.float32)
     absorb_first_session_cost(portfolio, profile)
     for i, v in enumerate(portfolio.variants):
@@ -97,7 +97,7 @@ def measure_variants(portfolio: Portfolio, profile, iterations: int = 30) -> tup
         sess.run(None, {name: x})
         costs[v.name] = (time.perf_counter() - t0) * 1e3
         stats = time_calls(lambda: sess.run(None, {name: x}), warmup=10, iterations=iterations, batch=1)
-        mem = v.entry.get("peak_memory_bytes") or 2 * v.bytes
+        mem = v.record.peak_memory_bytes or 2 * v.bytes
         views.append(VariantView(v.name, i, v.top1 or 0.0, stats.p95_ms, mem / 2**20))
     return views, costs
 

@@ -16,7 +16,7 @@ from helpers import inputs_for, make, plant_zeros
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.pruner.structured import prune_zero_channels
 from edgeshift.cli import app
-from edgeshift.runtime.manifest import validate_manifest
+from edgeshift.runtime.manifest import parse_manifest
 
 runner = CliRunner()
 
@@ -42,7 +42,7 @@ def test_portfolio_is_a_standard_zip_whose_hashes_match(portfolio):
     with zipfile.ZipFile(portfolio) as z:
         assert z.testzip() is None
         manifest = json.loads(z.read("manifest.json"))
-        validate_manifest(manifest)
+        parse_manifest(manifest)
         assert sorted(z.namelist()) == ["manifest.json", "variants/dense.onnx", "variants/pruned.onnx"]
         for v in manifest["variants"]:  # DEFLATE where it pays, STORED where it would save under 10%
             method = z.getinfo(v["file"]).compress_type
@@ -124,7 +124,7 @@ def test_cli_export_align_ships_variants_whose_conv_widths_are_multiples_of_eigh
     assert result.exit_code == 0, result.output
     with Portfolio.open(out) as pf:
         graph = onnx.load_from_string(pf.inflate("sparse")).graph
-        exactness = pf.info("sparse").entry["exactness"]
+        exactness = pf.info("sparse").record.exactness
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     outs = [weights[n.input[1]].shape[0] for n in graph.node if n.op_type == "Conv" and n.input[1] in weights]
     assert outs and all(c % 8 == 0 for c in outs)

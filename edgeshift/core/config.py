@@ -126,6 +126,8 @@ def _convert(tp: Any, value: Any, where: str, source: str, error: type[Edgeshift
         item = typing.get_args(tp)[1]
         return {str(k): _convert_or_fail(item, v, f"{where}.{k}", source, error) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Bad
         return load(tp, value, source=source, error=error, section=where)  # type: ignore[arg-type]
     raise TypeError(f"config type {tp!r} is not supported")  # a programming error, not a user's
 
@@ -161,7 +163,7 @@ def load(
         where = f"{section}.{name}" if section else name
         if name not in document:
             if f.default is _MISSING and f.default_factory is _MISSING:
-                raise error(f"{source}: {where} is missing")
+                raise error(f"{source}: [{section or 'top level'}] lacks {name!r}")
             if dataclasses.is_dataclass(hints[name]) and f.default_factory is not _MISSING:
                 values[name] = load(hints[name], {}, source=source, error=error, section=where)
             continue
