@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgeshift.pruner.models import get
-from edgeshift.pruner.structured import _STRUCTURE_CACHE, prune_zero_channels
+from edgeshift.pruner.structured import STRUCTURE_CACHE, prune_zero_channels
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def main() -> None:
     nonzero = sum(int(torch.count_nonzero(m.weight)) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     total = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
-    _STRUCTURE_CACHE.clear()
+    STRUCTURE_CACHE.clear()
     t = time.perf_counter()
     _, cold = prune_zero_channels(model, x)
     cold_total = time.perf_counter() - t
