@@ -2,61 +2,32 @@
 
 A request reads the active slot once (a single reference, swapped atomically) and runs to completion on that
 session, so a switch never interrupts or mixes requests: in-flight requests finish on the old session, which is
-released when the last of them returns. A switch inflates the next variant, creates and warms its session on a
-background thread, then swaps the reference.
-
-Pacing: on a small device every core is busy serving, and a build running flat out raises the requests' tail
-latency. So while requests are being served, a build toward a larger variant (and a standby build) inflates in
-short pieces and rests between them, working at most ``switch_cpu_share`` of the time. A switch to a smaller
-variant is not paced: it is how the runtime answers overload, and finishing it sooner is what helps requests.
-Torch-free.
+released when the last of them returns. A switch builds the next variant's session on a background thread
+(``building.build_slot``: inflate, create, warm), then swaps the reference. A switch toward a larger variant is
+paced while requests are served (see ``building``); a switch to a smaller variant is not: it is how the runtime
+answers overload, and finishing it sooner is what helps requests. What was served is in ``request_log``; what
+the policy sees is ``monitor.observe``. Torch-free.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
+from edgeshift import device_profiles
 from edgeshift.core.errors import InputShapeError, UnknownNameError
 
+from . import policies
+from .building import Slot, SwitchRecord, build_slot
+from .monitor import observe
 from .portfolio import Portfolio
-from .session import session_for_variant
+from .request_log import RequestLog
 
-LATENCY_WINDOW = 20_000  # request latencies kept for percentiles
-SERVING_WINDOW = 0.1  # seconds: a request finished this recently means the runtime is serving (pace switches)
-
-
-@dataclass
-class _Slot:
-    name: str
-    session: Any  # an onnxruntime.InferenceSession
-    input_name: str
-
-
-@dataclass
-class SwitchRecord:
-    """What one switch cost, measured."""
-
-    source: str
-    target: str
-    reason: str
-    at: float  # seconds since the runtime started
-    inflate_ms: float
-    create_ms: float
-    warm_ms: float
-    total_ms: float  # from the request to the swap
-    standby: bool  # served from a warm standby session (no inflate/create)
-    yielded_ms: float = 0.0  # of inflate_ms: time the switch slept to leave the CPU to requests
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["Runtime", "SwitchRecord"]
 
 
 class Runtime:
@@ -80,10 +51,6 @@ class Runtime:
         warmup_runs: int = 1,
         decide_every: float = 1.0,
     ):
-        from edgeshift import device_profiles
-
-        from . import policies
-
         self.portfolio = portfolio if isinstance(portfolio, Portfolio) else Portfolio.open(portfolio)
         self._owns_portfolio = not isinstance(portfolio, Portfolio)
         self.profile = device_profiles.load_profile(profile) if isinstance(profile, (str, os.PathLike)) else profile
@@ -97,22 +64,18 @@ class Runtime:
         self.switch_cpu_share = serving.switch_cpu_share if switch_cpu_share is None else switch_cpu_share
         if not 0 < self.switch_cpu_share <= 1:
             raise ValueError(f"switch_cpu_share must be in (0, 1], got {self.switch_cpu_share}")
-        self._last_start = self._last_done = float("-inf")  # when the last request started / finished
         self.warmup_runs = warmup_runs
         spec = self.portfolio.input_spec
         self._input_shape = spec.shape
         self._input_dtype = np.dtype(spec.dtype)
         self._t0 = time.perf_counter()
-        self._lock = threading.Lock()  # bookkeeping: stats, standby sessions
+        self._lock = threading.Lock()  # bookkeeping: switch records, standby sessions
         self._switch_lock = threading.Lock()  # one switch at a time
         # Normal priority on purpose: pacing (not niceness) keeps builds off the requests' tail, and a switch down
         # under overload must not starve behind the requests it is meant to relieve.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="edgeshift-switch")
-        self._standby: dict[str, _Slot] = {}
-        self._log: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)  # (done at, seconds, variant)
-        self._requests = 0
-        self._failures = 0
-        self._per_variant: collections.Counter = collections.Counter()
+        self._standby: dict[str, Slot] = {}
+        self._log = RequestLog()
         self._switches: list[SwitchRecord] = []
         self._pending: Future | None = None
         name = start or self.portfolio.median_variant
@@ -171,49 +134,30 @@ class Runtime:
         """Run one batch; also say which variant produced the result."""
         self.check_input(batch)
         slot = self._active  # one read: this request runs wholly on this session
-        t = self._last_start = time.perf_counter()
+        t = self._log.started()
         try:
             out = slot.session.run(None, {slot.input_name: batch})[0]
         except Exception:
-            self._last_done = time.perf_counter()  # not in flight any more
-            with self._lock:
-                self._failures += 1
+            self._log.failed()
             raise
-        done = self._last_done = time.perf_counter()
-        self._log.append((done, done - t, slot.name))  # deque.append is atomic
-        with self._lock:
-            self._requests += 1
-            self._per_variant[slot.name] += 1
+        self._log.finished(t, slot.name)
         return out, slot.name
 
     # -- switching ----------------------------------------------------------------------------------------
-    def _build(self, name: str, paced: bool = True) -> tuple[_Slot, float, float, float, float]:
+    def _build(self, name: str, paced: bool = True) -> tuple[Slot, float, float, float, float]:
         """Inflate, create and warm ``name``'s session: (slot, inflate_ms, create_ms, warm_ms, yielded_ms).
 
-        ``paced``: while requests are being served, rest between inflated pieces (see the module's docstring)."""
-        yielded = [0.0]
-        idle_per_busy = 1 / self.switch_cpu_share - 1 if paced else 0.0
-
-        def pace(busy: float) -> None:
-            if idle_per_busy and self._serving():
-                pause = busy * idle_per_busy
-                time.sleep(pause)
-                yielded[0] += pause
-
-        session, inflate_ms, create_ms = session_for_variant(self.portfolio, name, self.profile, pace)
-        t2 = time.perf_counter()
-        inp = session.get_inputs()[0]
-        shape = [self.profile.serving.batch_size if not isinstance(d, int) else d for d in inp.shape]
-        zeros = np.zeros(shape, dtype=self._input_dtype)
-        for _ in range(self.warmup_runs):
-            session.run(None, {inp.name: zeros})
-        t3 = time.perf_counter()
-        return _Slot(name, session, inp.name), inflate_ms, create_ms, (t3 - t2) * 1e3, yielded[0] * 1e3
-
-    def _serving(self) -> bool:
-        """Requests are being served: one is in flight (the latest started after the latest finished; requests
-        longer than the window count too) or one finished within ``SERVING_WINDOW``."""
-        return self._last_start > self._last_done or time.perf_counter() - self._last_done < SERVING_WINDOW
+        ``paced``: while requests are being served, rest between inflated pieces (``building``)."""
+        b = build_slot(
+            self.portfolio,
+            name,
+            self.profile,
+            dtype=self._input_dtype,
+            warmup_runs=self.warmup_runs,
+            cpu_share=self.switch_cpu_share if paced else 1.0,
+            serving=self._log.serving,
+        )
+        return b.slot, b.inflate_ms, b.create_ms, b.warm_ms, b.yielded_ms
 
     def _neighbours(self, name: str) -> set[str]:
         names = self.portfolio.names
@@ -280,39 +224,14 @@ class Runtime:
     # -- live policy ----------------------------------------------------------------------------------------
     def observe(self, window: float) -> tuple:
         """The last ``window`` seconds as the policy sees them: (Observation, variant views, active index)."""
-        import psutil
-
-        from .policies import Observation, VariantView
-
-        now = time.perf_counter()
-        recent = [(dt, n) for t, dt, n in list(self._log) if t >= now - window]
-        active = self.active
-        names = self.portfolio.names
-        own = [dt * 1e3 for dt, n in recent if n == active]
-        share = 1.0
-        if len(own) >= 3:
-            median = float(np.median(own))
-            fastest = self._fastest_ms[active] = min(self._fastest_ms.get(active, median), median)
-            share = max(min(fastest / median, 1.0), 1e-3)
-        infos = [self.portfolio.info(n) for n in names]
-        # build-time latencies, rescaled by how fast this device ran the active variant at its best
-        build = [v.p95_ms or (v.macs / 1e6 if v.macs else 1.0) for v in infos]
-        ia = names.index(active)
-        scale = self._fastest_ms[active] / build[ia] if active in self._fastest_ms and build[ia] else 1.0
-        views = [
-            VariantView(
-                v.name,
-                i,
-                v.top1 or 0.0,
-                self._fastest_ms.get(v.name, build[i] * scale),
-                (v.record.peak_memory_bytes or 2 * v.bytes) / 2**20,
-            )
-            for i, v in enumerate(infos)
-        ]
-        qps = len(recent) / window
-        p95 = float(np.percentile([dt for dt, _ in recent], 95)) * 1e3 if recent else None
-        obs = Observation(now - self._t0, qps, qps, p95, share, psutil.virtual_memory().available / 2**20)
-        return obs, views, ia
+        return observe(
+            self.portfolio,
+            self._log.recent(window),
+            self.active,
+            self._fastest_ms,
+            window,
+            time.perf_counter() - self._t0,
+        )
 
     def _monitor_loop(self) -> None:
         while not self._closing.wait(self.decide_every):
@@ -325,22 +244,15 @@ class Runtime:
 
     # -- reporting ----------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        lat = np.asarray([dt for _, dt, _ in list(self._log)], dtype=np.float64) * 1e3
         with self._lock:
             out = {
                 "active": self.active,
-                "requests": self._requests,
-                "failures": self._failures,
-                "per_variant": dict(self._per_variant),
+                **self._log.counts(),
                 "switches": len(self._switches) - 1,
                 "switch_log": [s.to_dict() for s in self._switches],
                 "standby": sorted(self._standby),
             }
-        if lat.size:
-            p50, p95, p99 = np.percentile(lat, [50, 95, 99])
-            out.update(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99))
-        else:
-            out.update(p50_ms=None, p95_ms=None, p99_ms=None)
+        out.update(self._log.percentiles_ms())
         return out
 
     def close(self) -> None:

@@ -1,0 +1,86 @@
+"""Building a variant's session for the runtime: inflate (paced while serving), create, warm. Torch-free.
+
+Pacing: on a small device every core is busy serving, and a build running flat out raises the requests' tail
+latency. So while requests are being served, a paced build inflates in short pieces and rests between them,
+working at most ``cpu_share`` of the time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .portfolio import Portfolio
+from .session import session_for_variant
+
+
+@dataclass
+class Slot:
+    """A variant ready to serve: its session and input name."""
+
+    name: str
+    session: Any  # an onnxruntime.InferenceSession
+    input_name: str
+
+
+@dataclass
+class SwitchRecord:
+    """What one switch cost, measured."""
+
+    source: str
+    target: str
+    reason: str
+    at: float  # seconds since the runtime started
+    inflate_ms: float
+    create_ms: float
+    warm_ms: float
+    total_ms: float  # from the request to the swap
+    standby: bool  # served from a warm standby session (no inflate/create)
+    yielded_ms: float = 0.0  # of inflate_ms: time the switch slept to leave the CPU to requests
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Built:
+    slot: Slot
+    inflate_ms: float
+    create_ms: float
+    warm_ms: float
+    yielded_ms: float  # of inflate_ms: time spent resting
+
+
+def build_slot(
+    portfolio: Portfolio,
+    name: str,
+    profile: Any,
+    *,
+    dtype: np.dtype,
+    warmup_runs: int = 1,
+    cpu_share: float = 1.0,
+    serving: Callable[[], bool] = lambda: False,
+) -> Built:
+    """Inflate, create and warm ``name``'s session; rest between inflated pieces while ``serving()`` so the
+    build works at most ``cpu_share`` of the time (1 = never rest)."""
+    yielded = [0.0]
+    idle_per_busy = 1 / cpu_share - 1
+
+    def pace(busy: float) -> None:
+        if idle_per_busy and serving():
+            pause = busy * idle_per_busy
+            time.sleep(pause)
+            yielded[0] += pause
+
+    session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, pace)
+    t2 = time.perf_counter()
+    inp = session.get_inputs()[0]
+    shape = [profile.serving.batch_size if not isinstance(d, int) else d for d in inp.shape]
+    zeros = np.zeros(shape, dtype=dtype)
+    for _ in range(warmup_runs):
+        session.run(None, {inp.name: zeros})
+    warm_ms = (time.perf_counter() - t2) * 1e3
+    return Built(Slot(name, session, inp.name), inflate_ms, create_ms, warm_ms, yielded[0] * 1e3)
