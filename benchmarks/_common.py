@@ -6,15 +6,11 @@ IMP checkpoints where only the runtime's behaviour (sizes, memory, switching) is
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
+from edgeshift.pruner.models import get
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edgeshift.pruner.models import get  # noqa: E402
 
 
 @torch.no_grad()

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes  # noqa: E402
-from edgeshift.pruner.checkpoint import load_checkpoint  # noqa: E402
-from edgeshift.pruner.models import get  # noqa: E402
-from edgeshift.pruner.structured import prune_zero_channels  # noqa: E402
-from edgeshift.runtime.measure import cpu_session, machine_label, time_calls  # noqa: E402
+from edgeshift.device_profiles import cpu_profile
+from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.models import get
+from edgeshift.pruner.structured import prune_zero_channels
+from edgeshift.runtime.measure import machine_label, time_calls
+from edgeshift.runtime.session import create_session
 
 
 def conv_widths(model: torch.nn.Module) -> list[int]:
@@ -63,7 +60,7 @@ def main() -> None:
     feed = {INPUT_NAME: x[:1].numpy().astype(np.float32)}
     raw = {name: onnx_bytes(model, x[:1]) for name, model in models.items()}
     for threads in args.threads:
-        sessions = {name: cpu_session(b, threads) for name, b in raw.items()}
+        sessions = {name: create_session(b, cpu_profile(threads)) for name, b in raw.items()}
         p50s: dict[str, list[float]] = {n: [] for n in models}
         p95s: dict[str, list[float]] = {n: [] for n in models}
         for _ in range(args.rounds):

@@ -11,12 +11,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-
+from edgeshift.device_profiles import cpu_profile
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.pruner.structured import prune_zero_channels
-from edgeshift.runtime.measure import cpu_session, machine_label, time_calls
+from edgeshift.runtime.measure import machine_label, time_calls
+from edgeshift.runtime.session import create_session
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
                 pruned, rep = prune_zero_channels(model, x)
                 path = Path(tmp) / f"{method_dir.name}-{level.name}.onnx"
                 exp = export_onnx(pruned, x, path, random_batches=0)
-                sess = cpu_session(path.read_bytes(), 1)
+                sess = create_session(path.read_bytes(), cpu_profile(1))
                 x1 = x[:1].numpy()
                 lat = time_calls(lambda: sess.run(None, {"input": x1}), warmup=20, iterations=args.iterations)
                 print(f"| {method_dir.name} | {metrics['level']} | {metrics['compression']:.1f}x | "

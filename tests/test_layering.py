@@ -149,3 +149,19 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 def test_the_check_catches_a_planted_back_reference(tmp_path, files, expected):
     problems = violations(_tree(tmp_path, files))
     assert any(expected in p for p in problems), problems
+
+
+def test_benchmark_scripts_import_only_names_that_exist():
+    """No test runs the benchmarks, so a renamed or removed function breaks them silently; this reads their
+    imports of edgeshift and checks each module and name exists."""
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edgeshift"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name) and f"{node.module}.{alias.name}" not in modules(ROOT):
+                        missing.append(f"{path.name}:{node.lineno}: {node.module} has no {alias.name}")
+    assert not missing, "\n".join(missing)
