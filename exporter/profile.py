@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edgeshift.device_profiles import DeviceProfile, cpu_profile
+from edgeshift.device_profiles import DeviceProfile, cpu_profile, load_profile
 from edgeshift.runtime.measure import LatencyStats, machine_label, time_calls
 from edgeshift.runtime.memprobe import measure_session_memory
 from edgeshift.runtime.session import create_session
@@ -104,9 +104,7 @@ class OrtMeasurer:
     """
 
     def __init__(self, profile: DeviceProfile | str = "host") -> None:
-        from edgeshift import device_profiles
-
-        self.profile = device_profiles.load_profile(profile) if isinstance(profile, str) else profile
+        self.profile = load_profile(profile) if isinstance(profile, str) else profile
 
     @property
     def profile_name(self) -> str:

@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 devices
     import tomli as tomllib
 
-__all__ = ["field_help", "load", "load_toml", "read_toml", "setting"]
+__all__ = ["load", "load_toml", "read_toml", "setting"]
 
 C = TypeVar("C")
 _MISSING = dataclasses.MISSING
@@ -46,11 +46,6 @@ def setting(
     if default is _MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-def field_help(cls: type, name: str) -> str:
-    """The help a field was declared with (for CLI options generated from a config dataclass)."""
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _is_union(tp: Any) -> bool:

@@ -25,6 +25,14 @@ from edgeshift.core.registry import Registry
 METHODS: Registry = Registry("method")
 
 
+def _fractions(values: tuple[float, ...]) -> str | None:
+    return None if values and all(0 < v < 1 for v in values) else "must be values in (0, 1)"
+
+
+def _counts(values: tuple[int, ...]) -> str | None:
+    return None if values and all(n >= 1 for n in values) else "must be counts >= 1"
+
+
 @dataclass(frozen=True)
 class ModelSection:
     arch: str = setting("resnet20", "zoo architecture")
@@ -43,11 +51,12 @@ class MethodSection:
     levels: int = setting(4, "imp and one-shot methods: levels after the dense one", minimum=0)
     prune_fraction: float = setting(0.5, "imp and one-shot: of the remaining weights per level")
     rewind_step: int = setting(5, "imp: the step survivors rewind to", minimum=0)
-    sparsities: tuple[float, ...] = setting((0.5, 0.8, 0.9), "pai: one variant per sparsity")
+    sparsities: tuple[float, ...] = setting((0.5, 0.8, 0.9), "pai: one variant per sparsity", check=_fractions)
     pai_mode: str = setting("reconvene", "pai: reconvene | all-layers | inverted | unstructured")
     scorer: str = setting("magnitude", "pai: the unstructured scorer")
     criterion: str = setting("imprint", "layerprune: the layer criterion")
-    remove: tuple[int, ...] = setting((1, 2, 3), "layerprune: one variant per count of removed candidates")
+    remove: tuple[int, ...] = setting((1, 2, 3), "layerprune: one variant per count of removed candidates",
+                                      check=_counts)
     finetune_epochs: int = setting(1, "layerprune: fine-tuning epochs per variant", minimum=0)
 
 
@@ -69,7 +78,7 @@ class DeploySection:
     export_test_samples: int = setting(500, "test images for the portfolio's ONNX Runtime accuracy", minimum=0)
     latency_iterations: int = setting(50, "timed calls per variant at export", minimum=1)
     align: int = setting(1, "round pruned widths up to multiples of this with zero channels (exact; 8 helps 2+ "
-                            "threads)")
+                            "threads; 1 keeps the widths pruning leaves)", minimum=1)
 
 
 @dataclass(frozen=True)
