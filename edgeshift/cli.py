@@ -39,8 +39,10 @@ def _register_installed() -> None:
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         try:
             register = ep.load()
-        except ImportError:  # that part of edgeshift is not installed here (a device): its commands are absent
-            continue
+        except ModuleNotFoundError as exc:
+            if exc.name and ep.module.startswith(exc.name):
+                continue  # that part of edgeshift is not installed here (a device): its commands are absent
+            raise  # anything else is a bug in that part, not an absent install
         register(app)
 
 

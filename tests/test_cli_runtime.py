@@ -92,3 +92,20 @@ def test_device_commands_run_with_torch_unimportable(tmp_path):
     proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "prune", "x.pt", "-o", "y.pt"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and "pip install 'edgeshift[build]'" in proc.stderr
+
+
+BLOCK_BUILD_SIDE = BLOCK_TORCH.replace(
+    "if name.split('.')[0] in ('torch', 'onnx', 'onnxsim', 'torch_pruning', 'torchvision'):",
+    "if name.split('.')[0] in ('torch', 'onnx') or name.startswith(('edgeshift.pruner', 'edgeshift.exporter')):")
+
+
+def test_device_install_without_the_build_side_still_runs_its_commands(tmp_path):
+    """A device install holding only the runtime and profiles: the build commands are absent, the device ones work."""
+    assert BLOCK_BUILD_SIDE != BLOCK_TORCH
+    tiny_portfolio(tmp_path / "pf.zip")
+    run = lambda *args: subprocess.run([sys.executable, "-c", BLOCK_BUILD_SIDE, *args], capture_output=True,  # noqa: E731
+                                       text=True, cwd=tmp_path, timeout=120)
+    help_ = run("--help")
+    assert help_.returncode == 0 and "inspect" in help_.stdout and "prune" not in help_.stdout, help_.stderr
+    assert run("inspect", "pf.zip").returncode == 0
+    assert run("prune", "x.pt", "-o", "y.pt").returncode == 2
