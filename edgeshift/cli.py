@@ -40,7 +40,7 @@ def _register_installed() -> None:
         try:
             register = ep.load()
         except ModuleNotFoundError as exc:
-            if exc.name and ep.module.startswith(exc.name):
+            if exc.name and (ep.module == exc.name or ep.module.startswith(exc.name + ".")):
                 continue  # that part of edgeshift is not installed here (a device): its commands are absent
             raise  # anything else is a bug in that part, not an absent install
         register(app)
