@@ -27,6 +27,14 @@ A profile file::
     warmup = 10
     iterations = 100
     max_seconds = 20.0
+    rounds = 5                    # interleaved rounds when variants are compared
+    ladder_min_gain = 0.10        # each ladder step down is at least this much faster
+
+    [quantization]                # INT8 variants built for this device (build side only)
+    format = "qdq"                # qoperator | qdq | auto (time both on this machine, keep the faster)
+    activations = "int8"          # uint8 | int8
+    per_channel = true
+    reduce_range = false          # 7-bit weights: x86 without VNNI, where u8 x s8 products can saturate
 
 Every key, its default and its help are stated once, in the dataclasses below; ``edgeshift.core.config`` loads
 them, so an unknown key or a value of the wrong type is an error naming the file and the key. Torch-free.
@@ -89,6 +97,34 @@ class BenchmarkSettings:
     warmup: int = setting(10, "untimed calls before timing", minimum=0)
     iterations: int = setting(100, "timed calls at most", minimum=1)
     max_seconds: float = setting(20.0, "per variant, at most", minimum=0)
+    rounds: int = setting(
+        5, "interleaved timing rounds when variants are compared (noise = spread of rounds)", minimum=1
+    )
+    ladder_min_gain: float = setting(
+        0.10,
+        "a ladder step down must be at least this much faster (relative p50) and beyond the round spread",
+        check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    )
+
+
+QuantFormat = Literal["qoperator", "qdq", "auto"]
+ActivationType = Literal["uint8", "int8"]
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    format: QuantFormat = setting(
+        "qdq",
+        "INT8 model format: qoperator (QLinearConv; fastest on x86 with VNNI), qdq (Quantize/DequantizeLinear "
+        "pairs; ORT's default, ARM and TensorRT), auto (build both, time them on this machine, keep the faster)",
+    )
+    activations: ActivationType = setting(
+        "int8",
+        "activation type: uint8 or int8 (weights are int8); ignored by format auto, which tries "
+        "qoperator+uint8 and qdq+int8",
+    )
+    per_channel: bool = setting(True, "one weight scale per output channel")
+    reduce_range: bool = setting(False, "7-bit weights, for x86 CPUs without VNNI where u8 x s8 can saturate")
 
 
 @dataclass(frozen=True)
@@ -98,6 +134,7 @@ class DeviceProfile:
     execution: ExecutionSettings = dataclasses.field(default_factory=ExecutionSettings)
     serving: ServingSettings = dataclasses.field(default_factory=ServingSettings)
     benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
+    quantization: QuantizationSettings = dataclasses.field(default_factory=QuantizationSettings)
     source: str = dataclasses.field(default="", init=False)  # the file it came from
 
 

@@ -1,8 +1,10 @@
-"""``edgeshift bench``: every variant measured on this device under a profile. Torch-free."""
+"""``edgeshift bench``: every variant measured on this device under a profile, against each other in one
+interleaved run, and the ladder those figures give. Torch-free."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import gc
 import io
 import json
@@ -13,7 +15,8 @@ import numpy as np
 
 from edgeshift.core.atomic import write_text_atomic
 
-from .measure import machine_fingerprint, time_calls
+from .ladder import bench_ladder
+from .measure import machine_fingerprint, time_interleaved
 from .portfolio import Portfolio
 from .session import absorb_first_session_cost, session_for_variant
 
@@ -33,6 +36,8 @@ class VariantBench:
     calls: int
     rss_growth_mb: float  # resident memory the session added while created and run
     top1: float | None  # accuracy recorded at build time
+    sha256: str = ""  # which model was measured (a saved bench is used only while it matches)
+    round_p50_ms: tuple[float, ...] = ()  # the median of each interleaved round
 
 
 def _rss_mb() -> float:
@@ -42,27 +47,33 @@ def _rss_mb() -> float:
 
 
 def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = None) -> list[VariantBench]:
-    """Inflate, create and time each variant (warm-up excluded) under ``profile``."""
-    results = []
+    """Inflate and create each variant's session under ``profile``, then time them all against each other in one
+    interleaved run (warm-up excluded, ``benchmark.rounds`` rounds), so that a drift of the device falls on every
+    variant alike and the ladder compares like with like."""
     batch = profile.serving.batch_size
     shape = [batch if d is None else d for d in portfolio.input_spec.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     absorb_first_session_cost(portfolio, profile)
+    built = {}
     for name in variants or portfolio.names:
-        info = portfolio.info(name)
         gc.collect()
         before = _rss_mb()
         session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile)
         inp = session.get_inputs()[0].name
-        b = profile.benchmark
-        stats = time_calls(
-            lambda: session.run(None, {inp: x}),
-            warmup=b.warmup,
-            iterations=b.iterations,
-            max_seconds=b.max_seconds,
-            batch=batch,
-        )
-        growth = _rss_mb() - before
+        session.run(None, {inp: x})
+        built[name] = (session, inp, inflate_ms, create_ms, _rss_mb() - before)
+    b = profile.benchmark
+    stats = time_interleaved(
+        {name: functools.partial(s.run, None, {inp: x}) for name, (s, inp, *_) in built.items()},
+        warmup=b.warmup,
+        iterations=b.iterations,
+        rounds=b.rounds,
+        max_seconds=b.max_seconds,
+        batch=batch,
+    )
+    results = []
+    for name, (_, _, inflate_ms, create_ms, growth) in built.items():
+        info, st = portfolio.info(name), stats[name]
         results.append(
             VariantBench(
                 name,
@@ -70,17 +81,18 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
                 info.deflated_bytes,
                 inflate_ms,
                 create_ms,
-                stats.p50_ms,
-                stats.p95_ms,
-                stats.p99_ms,
-                stats.throughput,
+                st.p50_ms,
+                st.p95_ms,
+                st.p99_ms,
+                st.throughput,
                 batch,
-                stats.calls,
+                st.calls,
                 growth,
                 info.top1,
+                info.sha256,
+                st.round_p50_ms,
             )
         )
-        session = None  # release it before the next variant is measured
     return results
 
 
@@ -93,9 +105,13 @@ def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -
             "batch": profile.serving.batch_size,
             "warmup": profile.benchmark.warmup,
             "iterations": profile.benchmark.iterations,
+            "rounds": profile.benchmark.rounds,
             "intra_op_threads": profile.execution.intra_op_threads,
+            "ladder_min_gain": profile.benchmark.ladder_min_gain,
         },
         "variants": [asdict(r) for r in results],
+        "ladder": list(bench_ladder({"variants": [asdict(r) for r in results]}, portfolio, profile).steps),
+        "build_ladder": list(portfolio.manifest.ladder.steps) if portfolio.manifest.ladder else None,
     }
 
 
@@ -112,11 +128,24 @@ def write_csv(path: Path, results: list[VariantBench]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-BENCH_HEADER = ["variant", "inflate ms", "create ms", "p50 ms", "p95 ms", "p99 ms", "items/s", "RSS MB", "top-1"]
+BENCH_HEADER = [
+    "variant",
+    "inflate ms",
+    "create ms",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "items/s",
+    "RSS MB",
+    "top-1",
+    "ladder",
+]
 
 
-def bench_rows(results: list[VariantBench]) -> list[list[str]]:
-    """One text row per variant, for ``echo_table`` with ``BENCH_HEADER``."""
+def bench_rows(results: list[VariantBench], ladder: list[str] | None = None) -> list[list[str]]:
+    """One text row per variant, for ``echo_table`` with ``BENCH_HEADER``; ``ladder`` (fastest first) numbers
+    the steps, 1 the fastest."""
+    steps = {name: i + 1 for i, name in enumerate(ladder or [])}
     return [
         [
             r.name,
@@ -128,15 +157,28 @@ def bench_rows(results: list[VariantBench]) -> list[list[str]]:
             f"{r.throughput:.1f}",
             f"{r.rss_growth_mb:.1f}",
             "-" if r.top1 is None else f"{100 * r.top1:.2f}%",
+            str(steps[r.name]) if r.name in steps else "-",
         ]
         for r in results
     ]
 
 
 def bench_file(path: str | Path, profile, variants: list[str] | None = None) -> tuple[dict, list[VariantBench]]:
-    """Open the portfolio at ``path`` and bench it under ``profile``: (document, results)."""
+    """Open the portfolio at ``path`` and bench it under ``profile``: (document, results). The document's
+    ``ladder`` is the one these figures give (fastest first)."""
     with Portfolio.open(path) as pf:
         for name in variants or []:
             pf.info(name)
         results = bench_portfolio(pf, profile, variants or None)
         return bench_document(pf, profile, results), results
+
+
+def ladder_lines(doc: dict) -> list[str]:
+    """The ladder a bench gives (fastest first), in words, and the build-time one where it differs."""
+    lines = [
+        f"ladder on this device, profile {doc['profile']}, each step >= {100 * doc['settings']['ladder_min_gain']:.0f}%"
+        f" faster than the one above: {' -> '.join(doc['ladder'])}"
+    ]
+    if doc.get("build_ladder") and doc["build_ladder"] != doc["ladder"]:
+        lines.append(f"  (the build-time ladder was {' -> '.join(doc['build_ladder'])})")
+    return lines

@@ -31,18 +31,32 @@ def bench(
     variant: Optional[list[str]] = typer.Option(None, help="Only these variants (repeatable)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results and fingerprint as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per variant."),
+    save: bool = typer.Option(
+        False,
+        "--save",
+        help="Keep the results beside the portfolio (<stem>.bench.json): the runtime then orders "
+        "its ladder by them on this device, under this profile.",
+    ),
 ) -> None:
-    """Measure every variant on this device: inflate, session creation, latency percentiles, throughput, RSS."""
-    from .bench import BENCH_HEADER, bench_file, bench_rows, write_csv, write_json
+    """Measure every variant on this device, against each other in one interleaved run: inflate, session creation,
+    latency percentiles, throughput, RSS, and the ladder these figures give."""
+    from .bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_csv, write_json
+    from .ladder import bench_path_for
 
     prof = device_profiles.load_profile(profile)
     doc, results = bench_file(portfolio, prof, variant)
     fp = doc["fingerprint"]
     typer.echo(
         f"{portfolio} on {fp['machine']} {fp['cpu']} x{fp['cores']}, onnxruntime {fp['onnxruntime']}, "
-        f"profile {prof.name} (batch {prof.serving.batch_size}, {prof.execution.intra_op_threads} threads)"
+        f"profile {prof.name} (batch {prof.serving.batch_size}, {prof.execution.intra_op_threads} threads, "
+        f"{prof.benchmark.rounds} interleaved rounds)"
     )
-    echo_table(bench_rows(results), BENCH_HEADER)
+    echo_table(bench_rows(results, doc["ladder"]), BENCH_HEADER)
+    for line in ladder_lines(doc):
+        typer.echo(line)
+    if save:
+        write_json(bench_path_for(portfolio), doc)
+        typer.echo(f"wrote {bench_path_for(portfolio)}")
     if json_out:
         write_json(json_out, doc)
         typer.echo(f"wrote {json_out}")

@@ -3,8 +3,8 @@
 A request reads the active slot once (a single reference, swapped atomically) and runs to completion on that
 session, so a switch never interrupts or mixes requests: in-flight requests finish on the old session, which is
 released when the last of them returns. A switch builds the next variant's session on a background thread
-(``building.build_slot``: inflate, create, warm), then swaps the reference. A switch toward a larger variant is
-paced while requests are served (see ``building``); a switch to a smaller variant is not: it is how the runtime
+(``building.build_slot``: inflate, create, warm), then swaps the reference. A switch toward a slower variant is
+paced while requests are served (see ``building``); a switch to a faster one is not: it is how the runtime
 answers overload, and finishing it sooner is what helps requests. What was served is in ``request_log``; what
 the policy sees is ``monitor.observe``. Torch-free.
 """
@@ -23,6 +23,7 @@ from edgeshift.core.errors import InputShapeError, UnknownNameError
 
 from . import policies
 from .building import Slot, SwitchRecord, build_slot
+from .ladder import device_ladder
 from .monitor import observe
 from .portfolio import Portfolio
 from .request_log import RequestLog
@@ -33,8 +34,11 @@ __all__ = ["Runtime", "SwitchRecord"]
 class Runtime:
     """Serve a portfolio under a device profile and a switch policy.
 
-    ``Runtime(portfolio, profile="host", policy="manual")`` starts on the median-size variant (or ``start``).
-    ``preload_neighbours`` (default: the profile's setting) keeps the next smaller and larger variants' sessions
+    ``Runtime(portfolio, profile="host", policy="manual")`` starts on the ladder's middle step (or ``start``).
+    The ladder (``edgeshift.runtime.ladder``: variants each measured faster than the one above) is ordered by this
+    device's own figures when it has them: ``bench`` (a document or file from ``edgeshift bench``), else the bench
+    saved beside the portfolio (``bench --save``) when it was measured here under this profile, else the manifest's.
+    ``preload_neighbours`` (default: the profile's setting) keeps the next faster and slower steps' sessions
     warm so a switch to them is a reference swap. ``switch_cpu_share`` (default: the profile's setting, 1 = no
     pacing) is the share of the time a build toward a larger variant works while requests are being served.
     """
@@ -50,6 +54,7 @@ class Runtime:
         switch_cpu_share: float | None = None,
         warmup_runs: int = 1,
         decide_every: float = 1.0,
+        bench: str | os.PathLike | dict | None = None,
     ):
         self.portfolio = portfolio if isinstance(portfolio, Portfolio) else Portfolio.open(portfolio)
         self._owns_portfolio = not isinstance(portfolio, Portfolio)
@@ -78,8 +83,9 @@ class Runtime:
         self._log = RequestLog()
         self._switches: list[SwitchRecord] = []
         self._pending: Future | None = None
-        name = start or self.portfolio.median_variant
         try:
+            self.ladder = device_ladder(self.portfolio, self.profile, bench)
+            name = start or self.ladder.steps[(len(self.ladder.steps) - 1) // 2]
             self.portfolio.info(name)  # unknown start -> error naming the variants
             slot, inflate, create, warm, yielded = self._build(name)
         except BaseException:
@@ -159,10 +165,23 @@ class Runtime:
         )
         return b.slot, b.inflate_ms, b.create_ms, b.warm_ms, b.yielded_ms
 
+    def _order(self) -> list[str]:
+        """What the policy chooses among: the ladder (fastest first), or every variant by size."""
+        return list(self.ladder.steps) if self.policy.uses_ladder else self.portfolio.names
+
     def _neighbours(self, name: str) -> set[str]:
-        names = self.portfolio.names
+        names = self._order()
+        if name not in names:
+            names = self.portfolio.names
         i = names.index(name)
         return {names[j] for j in (i - 1, i + 1) if 0 <= j < len(names)}
+
+    def _slower(self, name: str, than: str) -> bool:
+        """``name`` is measured slower than ``than`` (by bytes where latencies are unknown or equal)."""
+        known = self.ladder.p95_ms
+        if name in known and than in known and known[name] != known[than]:
+            return known[name] > known[than]
+        return self.portfolio.info(name).bytes > self.portfolio.info(than).bytes
 
     def _refresh_standby(self) -> None:
         """Keep warm sessions for the active variant's neighbours only."""
@@ -188,8 +207,7 @@ class Runtime:
             standby = slot is not None
             inflate = create = warm = yielded = 0.0
             if slot is None:
-                upward = self.portfolio.names.index(name) > self.portfolio.names.index(source)  # larger, slower
-                slot, inflate, create, warm, yielded = self._build(name, paced=upward)
+                slot, inflate, create, warm, yielded = self._build(name, paced=self._slower(name, source))
             old = self._active
             self._active = slot  # the swap: one reference assignment
             with self._lock:
@@ -231,6 +249,8 @@ class Runtime:
             self._fastest_ms,
             window,
             time.perf_counter() - self._t0,
+            self._order(),
+            self.ladder.p95_ms,
         )
 
     def _monitor_loop(self) -> None:
@@ -249,6 +269,8 @@ class Runtime:
                 "active": self.active,
                 **self._log.counts(),
                 "switches": len(self._switches) - 1,
+                "ladder": list(self.ladder.steps),
+                "ladder_source": self.ladder.source,
                 "switch_log": [s.to_dict() for s in self._switches],
                 "standby": sorted(self._standby),
             }

@@ -23,24 +23,47 @@ def print_portfolio(path: Path, verify: bool = True) -> None:
             f"input {inp.name} {inp.dtype} {['N' if d is None else d for d in inp.shape]} {inp.layout}; "
             f"{len(m.labels)} classes; mean {list(m.preprocessing.mean)} std {list(m.preprocessing.std)}"
         )
+        ladder = m.ladder.steps if m.ladder else ()
+        step = {name: i + 1 for i, name in enumerate(ladder)}
         rows = []
         for v in pf.variants:
+            lat = v.record.latency
             rows.append(
                 [
                     v.name + (" *" if v.reference else ""),
+                    v.record.precision,
                     f"{v.compression:.1f}x",
                     f"{v.params:,}",
                     f"{v.macs:,}",
                     f"{v.bytes:,}",
                     f"{v.deflated_bytes:,}",
                     "-" if v.top1 is None else f"{100 * v.top1:.2f}%",
-                    "-" if v.p95_ms is None else f"{v.p95_ms:.3f}",
+                    "-" if lat is None else f"{lat.p50_ms:.3f}",
+                    "-" if lat is None else f"{lat.p95_ms:.3f}",
+                    str(step[v.name]) if v.name in step else "-",
                 ]
             )
-        echo_table(rows, ["variant", "compr.", "params", "MACs", "ONNX bytes", "deflated", "top-1", "p95 ms"])
+        header = ["variant", "precision", "compr.", "params", "MACs", "ONNX bytes", "deflated", "top-1", "p50 ms"]
+        echo_table(rows, [*header, "p95 ms", "ladder"])
         for d in m.dropped:
             print(f"dropped {d.name}: {d.reason}")
-        print(
-            "* dense reference; p95 measured at build time on "
-            + next((v.record.latency.machine or "?" for v in pf.variants if v.record.latency), "?")
+        timed = next((v.record.latency for v in pf.variants if v.record.latency), None)
+        where = (
+            "?" if timed is None else f"{timed.machine or '?'}, profile {timed.profile or '?'}, {timed.threads} threads"
         )
+        print(f"* dense reference; latency at batch 1 measured at build time on {where}")
+        if m.ladder:
+            print(
+                f"ladder (fastest first; each step >= {100 * m.ladder.min_gain:.0f}% faster than the one above, "
+                f"profile {m.ladder.profile}, {m.ladder.threads} threads): {' -> '.join(m.ladder.steps)}"
+            )
+        for v in pf.variants:
+            q = v.record.quantization
+            if q is not None:
+                agree = "-" if q.agreement_top1 is None else f"{100 * q.agreement_top1:.1f}%"
+                dev = "-" if q.max_logit_deviation is None else f"{q.max_logit_deviation:.3g}"
+                print(
+                    f"{v.name}: INT8 {q.format}/{q.activations} of {q.source}, {q.calibration_samples} calibration "
+                    f"images ({q.calibration_method}); top-1 agrees with {q.source} on {agree} of "
+                    f"{q.test_samples} test images, max logit deviation {dev}"
+                )

@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional
 from edgeshift.core.config import load
 from edgeshift.core.errors import PortfolioError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: INT8 variants (precision, quantization), the ladder, latency rounds and profile
+READABLE_SCHEMAS = (1, 2)  # a version-1 manifest is a version-2 one without the new optional fields
 MANIFEST_NAME = "manifest.json"
 VARIANT_DIR = "variants/"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -71,6 +72,27 @@ class Latency:
     calls: int = 0
     threads: int = 1
     machine: str = ""
+    profile: str = ""  # the device profile the variant was timed under
+    round_p50_ms: tuple[float, ...] = ()  # medians of the interleaved timing rounds
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization:
+    """How an INT8 variant was made (``onnxruntime.quantization``, static) and how far it is from its source."""
+
+    source: str  # the FP32 variant it was quantized from
+    format: Literal["qoperator", "qdq"]
+    activations: Literal["uint8", "int8"]
+    weights: Literal["int8"] = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    calibration_samples: int
+    calibration_method: str
+    calibration_dataset: str = ""
+    agreement_top1: Optional[float] = None  # share of the test images whose top-1 matches the source's
+    max_logit_deviation: Optional[float] = None  # largest |logit - source logit| on the test images
+    test_samples: int = 0
+    candidates_p50_ms: Optional[dict[str, float]] = None  # format auto: each candidate's p50, timed interleaved
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,12 +112,25 @@ class VariantRecord:
     peak_memory_bytes: Optional[int] = None  # RSS growth of a fresh process creating and running the session
     exactness: Optional[dict[str, Optional[float]]] = None  # deviations: ONNX vs torch, pruned vs unpruned
     op_counts: Optional[dict[str, int]] = None
+    precision: Literal["fp32", "int8"] = "fp32"
+    quantization: Optional[Quantization] = None  # INT8 variants only
 
 
 @dataclass(frozen=True, kw_only=True)
 class DroppedVariant:
     name: str
     reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ladder:
+    """What the policies step along (``edgeshift.runtime.ladder``), as measured at build time."""
+
+    steps: tuple[str, ...]  # variant names, fastest first
+    profile: str  # the device profile the steps were timed under
+    threads: int
+    min_gain: float  # each step down is at least this much faster (relative p50), beyond the round spread
+    machine: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +145,7 @@ class Manifest:
     labels: tuple[str, ...]  # one per output class
     variants: tuple[VariantRecord, ...]  # sorted by bytes, ascending
     dropped: tuple[DroppedVariant, ...] = ()  # what the post-processor removed, and why
+    ladder: Optional[Ladder] = None  # absent in version-1 manifests: the runtime builds one from the latencies
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,10 +165,10 @@ def _check_shape(shape: Shape, where: str) -> None:
 
 def parse_manifest(document: Any) -> Manifest:
     """The typed manifest from a parsed ``manifest.json``; raise PortfolioError naming the first bad field."""
-    if isinstance(document, dict) and "schema_version" in document and document["schema_version"] != SCHEMA_VERSION:
+    if isinstance(document, dict) and document.get("schema_version", 1) not in READABLE_SCHEMAS:
         raise PortfolioError(
             f"manifest: schema_version {document['schema_version']!r} is not supported (this runtime reads "
-            f"{SCHEMA_VERSION}); rebuild the portfolio or upgrade edgeshift"
+            f"{', '.join(map(str, READABLE_SCHEMAS))}); rebuild the portfolio or upgrade edgeshift"
         )
     m = load(Manifest, document, source="manifest", error=PortfolioError)
     _check_shape(m.input.shape, "input.shape")
@@ -166,9 +202,20 @@ def parse_manifest(document: Any) -> Manifest:
                 val = getattr(v.accuracy, key)
                 if val is not None and not 0 <= val <= 1:
                     raise PortfolioError(f"manifest: {where}.accuracy.{key} must be in [0, 1]")
-        if v.latency is not None and min(v.latency.p50_ms, v.latency.p95_ms, v.latency.p99_ms) < 0:
+        lat = v.latency
+        if lat is not None and min(lat.p50_ms, lat.p95_ms, lat.p99_ms, *lat.round_p50_ms) < 0:
             raise PortfolioError(f"manifest: {where}.latency percentiles must be >= 0")
+        if (v.precision == "int8") != (v.quantization is not None):
+            raise PortfolioError(f"manifest: {where}: an int8 variant, and only one, has a quantization record")
+        if v.quantization is not None and not NAME_RE.match(v.quantization.source):
+            raise PortfolioError(f"manifest: {where}.quantization.source is not a safe name")
     sizes = [v.bytes for v in m.variants]
     if sizes != sorted(sizes):
         raise PortfolioError("manifest: variants must be sorted by bytes, ascending")
+    if m.ladder is not None:
+        steps = m.ladder.steps
+        if not steps or len(set(steps)) != len(steps) or not set(steps) <= seen:
+            raise PortfolioError("manifest: ladder.steps must name distinct variants of the portfolio")
+        if not 0 <= m.ladder.min_gain < 1:
+            raise PortfolioError("manifest: ladder.min_gain must be in [0, 1)")
     return m

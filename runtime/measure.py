@@ -22,6 +22,7 @@ class LatencyStats:
     throughput: float  # items per second over the timed calls
     batch: int
     calls: int
+    round_p50_ms: tuple[float, ...] = ()  # interleaved timing: the median of each round, in round order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +54,50 @@ def time_calls(
         if max_seconds is not None and time.perf_counter() - start > max_seconds and len(samples) >= 5:
             break
     return percentile_stats(samples, batch)
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 10,
+    iterations: int = 100,
+    rounds: int = 5,
+    max_seconds: float | None = None,
+    batch: int = 1,
+) -> dict[str, LatencyStats]:
+    """Time several functions against each other in one run: after ``warmup`` untimed calls each, ``rounds``
+    rounds in which every function makes ``iterations / rounds`` timed calls, the order rotating each round.
+
+    What a comparison needs: a drift of the machine (a neighbour's job, frequency, heat) lands on every function
+    alike instead of on whichever was timed last. Each result carries its per-round medians, the spread that
+    says how far apart two figures must be to differ. ``max_seconds`` caps each function's timed total."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    rounds = max(1, min(rounds, iterations))
+    per_round = max(1, iterations // rounds)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    spent = dict.fromkeys(names, 0.0)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if max_seconds is not None and spent[name] > max_seconds and len(medians[name]) >= 2:
+                continue
+            fn, own = calls[name], []
+            for _ in range(per_round):
+                t = time.perf_counter()
+                fn()
+                own.append(time.perf_counter() - t)
+            spent[name] += sum(own)
+            samples[name] += own
+            medians[name].append(float(np.median(own)) * 1e3)
+    out = {}
+    for name in names:
+        stats = percentile_stats(samples[name], batch)
+        stats.round_p50_ms = tuple(medians[name])
+        out[name] = stats
+    return out
 
 
 def machine_fingerprint() -> dict:

@@ -1,7 +1,10 @@
 """Switch policies: each a small class behind one registry. Torch-free.
 
 A policy sees an ``Observation`` of the last window (demand, latency, how much CPU the device gives us,
-free memory) and the variants (sorted by size, smallest first) and returns a ``Decision`` or None.
+free memory) and the variants it chooses among, and returns a ``Decision`` or None. A policy that steps by
+speed (``uses_ladder``) sees the ladder, fastest first, each step measured faster than the one above on this
+device (``edgeshift.runtime.ladder``); "one step down" is then always a faster variant, never merely a smaller
+one. The ``memory`` policy sees every variant, smallest first.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class Observation:
 @dataclass(frozen=True)
 class VariantView:
     name: str
-    index: int  # position in the size-sorted portfolio
+    index: int  # position in what the policy sees: the ladder (fastest first), or every variant by size
     top1: float  # accuracy (0 when unknown)
     latency_ms: float  # batch-1 p95 measured on this device (or at build time)
     memory_mb: float  # what a session of it costs
@@ -41,6 +44,7 @@ class SwitchPolicy(ABC):
     """Decide which variant should be active, from one observation at a time."""
 
     name: str = ""
+    uses_ladder: bool = True  # steps along the ladder (by measured speed); False: sees every variant by size
 
     def __init__(self, latency_target_ms: float = 50.0, memory_budget_mb: float = 1024.0, threads: int = 1):
         self.latency_target_ms = latency_target_ms
@@ -71,16 +75,16 @@ class ManualPolicy(SwitchPolicy):
 
 
 @POLICIES.register(
-    "qps-trend", help="DNNShifter's rule: one step smaller when sustained throughput falls, larger when it rises"
+    "qps-trend", help="DNNShifter's rule: one ladder step faster when sustained throughput falls, slower when it rises"
 )
 class QpsTrendPolicy(SwitchPolicy):
-    """DNNShifter's rule: one step smaller when the throughput the device sustains falls, one step larger when
-    it rises; no search over the portfolio.
+    """DNNShifter's rule: one ladder step faster when the throughput the device sustains falls, one step slower
+    (more accurate) when it rises; no search over the portfolio.
 
     The sustained throughput is the active variant's capacity, ``threads * 1000 / service_ms``; its trend is
     measured on ``cpu_share`` (capacity relative to the benchmark) so that a switch does not look like a trend.
     A falling trend, or demand above ``high_water`` of capacity, steps down; a rising trend steps up when the
-    next larger variant would still run below ``low_water`` of its capacity. ``cooldown`` windows after a switch.
+    next slower step would still run below ``low_water`` of its capacity. ``cooldown`` windows after a switch.
     """
 
     name = "qps-trend"
@@ -187,6 +191,7 @@ class MemoryPolicy(SwitchPolicy):
     """The largest variant whose session fits the memory available (and the profile's budget)."""
 
     name = "memory"
+    uses_ladder = False
 
     def __init__(self, *args, reserve_mb: float = 64.0, **kw):
         super().__init__(*args, **kw)

@@ -10,6 +10,8 @@ variant would give at that load, and asks the policy what to run. Torch-free.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -79,27 +81,42 @@ def read_trace(path: str | Path) -> list[TracePoint]:
     return points
 
 
-def measure_variants(portfolio: Portfolio, profile, iterations: int = 30) -> tuple[list[VariantView], dict]:
-    """On-device p95 latency and cold-switch cost of every variant."""
+def measure_variants(
+    portfolio: Portfolio, profile, iterations: int = 30
+) -> tuple[dict[str, VariantView], dict[str, float], list[str]]:
+    """On-device latency of every variant (timed against each other, interleaved) and its cold-switch cost:
+    (views by name, cost ms by name, ladder fastest first)."""
     import numpy as np
 
-    from .measure import time_calls
+    from .ladder import LadderPoint, build_ladder
+    from .measure import time_interleaved
     from .session import absorb_first_session_cost, session_for_variant
 
-    views, costs = [], {}
+    costs, sessions = {}, {}
     shape = [1 if d is None else d for d in portfolio.input_spec.shape]
     x = np.zeros(shape, np.float32)
     absorb_first_session_cost(portfolio, profile)
-    for i, v in enumerate(portfolio.variants):
+    for v in portfolio.variants:
         t0 = time.perf_counter()
         sess = session_for_variant(portfolio, v.name, profile)[0]  # the runtime's own cold-switch path
         name = sess.get_inputs()[0].name
         sess.run(None, {name: x})
         costs[v.name] = (time.perf_counter() - t0) * 1e3
-        stats = time_calls(lambda: sess.run(None, {name: x}), warmup=10, iterations=iterations, batch=1)
+        sessions[v.name] = (sess, name)
+    stats = time_interleaved(
+        {n: functools.partial(s.run, None, {i: x}) for n, (s, i) in sessions.items()},
+        warmup=10,
+        iterations=iterations,
+        rounds=min(profile.benchmark.rounds, iterations),
+        batch=1,
+    )
+    views, points = {}, []
+    for i, v in enumerate(portfolio.variants):
         mem = v.record.peak_memory_bytes or 2 * v.bytes
-        views.append(VariantView(v.name, i, v.top1 or 0.0, stats.p95_ms, mem / 2**20))
-    return views, costs
+        views[v.name] = VariantView(v.name, i, v.top1 or 0.0, stats[v.name].p95_ms, mem / 2**20)
+        accuracy = v.top1 if v.top1 is not None else float(v.reference)
+        points.append(LadderPoint(v.name, accuracy, stats[v.name].p50_ms, stats[v.name].round_p50_ms))
+    return views, costs, build_ladder(points, profile.benchmark.ladder_min_gain)
 
 
 def simulate(
@@ -160,19 +177,21 @@ def simulate_file(
     from . import policies
 
     points = read_trace(trace_path)
-    with Portfolio.open(portfolio_path) as pf:
-        views, costs = measure_variants(pf, profile)
-        start = pf.names.index(pf.median_variant)
     pol = policies.get(
         policy_name,
         latency_target_ms=profile.serving.latency_target_ms,
         memory_budget_mb=profile.serving.memory_budget_mb,
     )
+    with Portfolio.open(portfolio_path) as pf:
+        by_name, costs, ladder = measure_variants(pf, profile)
+        order = ladder if pol.uses_ladder else pf.names
+    views = [dataclasses.replace(by_name[n], index=i) for i, n in enumerate(order)]
+    start = order.index(ladder[(len(ladder) - 1) // 2])  # the ladder's middle step, as the runtime starts
     res = simulate(
         points, views, costs, pol, start=start, latency_target_ms=profile.serving.latency_target_ms, step=step
     )
     lines = [
-        "variants (smallest first): "
+        ("ladder on this device (fastest first): " if pol.uses_ladder else "variants (smallest first): ")
         + ", ".join(f"{v.name} p95 {v.latency_ms:.2f} ms, switch {costs[v.name]:.0f} ms" for v in views)
     ]
     lines.append(

@@ -8,7 +8,7 @@ import sys
 from typer.testing import CliRunner
 
 from device_helpers import BLOCK_TORCH, ROOT, npy_images
-from onnx_helpers import tiny_portfolio
+from onnx_helpers import speed_portfolio, tiny_portfolio
 from edgeshift.cli import app
 
 runner = CliRunner()
@@ -37,7 +37,7 @@ def test_run_classifies_a_folder(tmp_path):
 
 
 def test_simulate_prints_every_switch(tmp_path):
-    tiny_portfolio(tmp_path / "pf.zip")
+    speed_portfolio(tmp_path / "pf.zip")  # the ladder is measured: its variants must differ in speed
     trace = tmp_path / "t.csv"
     trace.write_text("time_s,rps,cpu_share\n0,10,1\n5,10,0.05\n10,10,1\n")
     result = runner.invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", str(trace), "--policy",

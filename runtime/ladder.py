@@ -1,0 +1,177 @@
+"""The ladder: the variants a policy steps along, ordered by latency measured under the device profile. Torch-free.
+
+Size is not speed: at batch 1 a narrower model can be slower (odd widths, per-operator overhead) and an INT8 model
+of the same size several times faster. So each step down the ladder must be *measured* faster than the step above,
+in one interleaved run, by more than the noise, and no more accurate. Variants off the ladder stay in the portfolio
+for the ``memory`` policy and for manual switches.
+
+A step down must be faster by at least ``min_gain`` of the upper step's p50 (the device profile's
+``benchmark.ladder_min_gain``, 10% by default: a smaller saving is not worth an accuracy loss, and on a shared
+CPU medians drift a few percent between runs) *and* every timing round of the faster variant must beat every round
+of the slower one, so that a gain inside the round-to-round spread never counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from edgeshift.core.errors import EdgeshiftError, InputFileError
+
+if TYPE_CHECKING:
+    from edgeshift.device_profiles import DeviceProfile
+
+    from .portfolio import Portfolio
+
+__all__ = [
+    "DeviceLadder",
+    "LadderPoint",
+    "bench_ladder",
+    "bench_path_for",
+    "build_ladder",
+    "device_ladder",
+    "is_faster",
+]
+
+
+@dataclass(frozen=True)
+class LadderPoint:
+    """One variant as the ladder sees it."""
+
+    name: str
+    accuracy: float  # top-1; where unknown, the caller ranks the dense reference first (1.0) and the rest 0.0
+    p50_ms: float
+    round_p50_ms: tuple[float, ...] = ()  # per-round medians of an interleaved run (empty: one figure only)
+
+
+def is_faster(a: LadderPoint, b: LadderPoint, min_gain: float = 0.0) -> bool:
+    """``a`` is measured faster than ``b``: p50 lower by more than ``min_gain`` of b's, and beyond the noise (every
+    round of a below every round of b, where both were timed in rounds)."""
+    if not a.p50_ms <= (1.0 - min_gain) * b.p50_ms or a.p50_ms >= b.p50_ms:
+        return False
+    if a.round_p50_ms and b.round_p50_ms:
+        return max(a.round_p50_ms) < min(b.round_p50_ms)
+    return True
+
+
+def build_ladder(points: Sequence[LadderPoint], min_gain: float = 0.10) -> list[str]:
+    """Names, fastest first, slowest (most accurate) last: from the most accurate variant (the fastest of equals)
+    down, each next step is the most accurate of the variants measured faster than it by ``min_gain`` (the
+    slower of equals, so no step is skipped)."""
+    if not points:
+        return []
+    rest = list(points)
+    current = max(rest, key=lambda p: (p.accuracy, -p.p50_ms, p.name))
+    steps = [current]
+    while True:
+        below = [p for p in rest if p.accuracy <= current.accuracy and is_faster(p, current, min_gain)]
+        if not below:
+            break
+        current = max(below, key=lambda p: (p.accuracy, p.p50_ms, p.name))
+        steps.append(current)
+    return [p.name for p in reversed(steps)]
+
+
+@dataclass(frozen=True)
+class DeviceLadder:
+    """The ladder the runtime uses, where its order came from, and what it knows of each variant's latency."""
+
+    steps: tuple[str, ...]  # fastest first
+    source: str  # in words: this device's bench, or the manifest's build-time figures
+    p95_ms: dict[str, float]  # per variant, from the same source (absent: not measured)
+
+
+def bench_path_for(portfolio_path: str | os.PathLike) -> Path:
+    """Where ``edgeshift bench --save`` keeps a device's results: beside the portfolio, ``<stem>.bench.json``."""
+    p = Path(portfolio_path)
+    return p.with_name(f"{p.stem}.bench.json")
+
+
+def _accuracy(v) -> float:
+    return v.top1 if v.top1 is not None else float(v.reference)
+
+
+def _read_bench(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(f"{path}: not a bench result ({exc}); write one with `edgeshift bench --save`") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("variants"), list):
+        raise InputFileError(f"{path}: not a bench result (no variants); write one with `edgeshift bench --save`")
+    return doc
+
+
+def _bench_mismatch(doc: dict, portfolio: Portfolio, profile: DeviceProfile) -> str | None:
+    """Why ``doc`` does not describe this portfolio on this device under this profile (None: it does)."""
+    from .measure import machine_fingerprint
+
+    if doc.get("profile") != profile.name:
+        return f"measured under profile {doc.get('profile')!r}, not {profile.name!r}"
+    fp, here = doc.get("fingerprint") or {}, machine_fingerprint()
+    for key in ("machine", "cpu", "cores", "onnxruntime"):
+        if fp.get(key) != here.get(key):
+            return f"measured on another machine or runtime ({key} {fp.get(key)!r}, here {here.get(key)!r})"
+    for row in doc["variants"]:
+        if not isinstance(row, dict) or row.get("name") not in portfolio.names:
+            return "it names a variant this portfolio does not hold"
+        if row.get("sha256") != portfolio.info(row["name"]).sha256:
+            return f"variant {row['name']} has changed since"
+    return None
+
+
+def device_ladder(
+    portfolio: Portfolio, profile: DeviceProfile, bench: str | os.PathLike | dict[str, Any] | None = None
+) -> DeviceLadder:
+    """The ladder for this device: from ``bench`` (a bench document or its file) when given, else from the bench
+    saved beside the portfolio when it was measured here under this profile, else the manifest's (or, for a
+    version-1 manifest, one built from its latencies). A ``bench`` passed in that does not match is an error; a
+    stale one beside the portfolio is passed over, and ``source`` says so."""
+    note = ""
+    if bench is None:
+        beside = bench_path_for(portfolio.path)
+        if beside.is_file():
+            doc = _read_bench(beside)
+            why = _bench_mismatch(doc, portfolio, profile)
+            if why is None:
+                return bench_ladder(doc, portfolio, profile, f"bench {beside}")
+            note = f" ({beside} not used: {why})"
+    else:
+        doc = bench if isinstance(bench, dict) else _read_bench(Path(bench))
+        where = "the bench passed in" if isinstance(bench, dict) else f"bench {bench}"
+        why = _bench_mismatch(doc, portfolio, profile)
+        if why is not None:
+            raise EdgeshiftError(f"{where} does not fit: {why}; run `edgeshift bench --save` here")
+        return bench_ladder(doc, portfolio, profile, where)
+    p95 = {v.name: v.record.latency.p95_ms for v in portfolio.variants if v.record.latency}
+    ladder = portfolio.manifest.ladder
+    if ladder is not None:
+        return DeviceLadder(ladder.steps, f"manifest (profile {ladder.profile}, {ladder.threads} threads){note}", p95)
+    points = [
+        LadderPoint(v.name, _accuracy(v), v.record.latency.p50_ms, v.record.latency.round_p50_ms)
+        for v in portfolio.variants
+        if v.record.latency
+    ]
+    if len(points) < len(portfolio.variants):
+        return DeviceLadder(tuple(portfolio.names), f"portfolio order: latencies not recorded{note}", p95)
+    steps = build_ladder(points, profile.benchmark.ladder_min_gain)
+    return DeviceLadder(tuple(steps), f"manifest latencies{note}", p95)
+
+
+def bench_ladder(doc: dict, portfolio: Portfolio, profile: DeviceProfile, where: str = "bench") -> DeviceLadder:
+    """The ladder a bench document's figures give, with the manifest's accuracies."""
+    rows = {r["name"]: r for r in doc["variants"]}
+    try:
+        points = [
+            LadderPoint(n, _accuracy(portfolio.info(n)), float(r["p50_ms"]), tuple(map(float, r["round_p50_ms"])))
+            for n, r in rows.items()
+        ]
+        p95 = {n: float(r["p95_ms"]) for n, r in rows.items()}
+    except (KeyError, TypeError, ValueError):
+        raise InputFileError(
+            f"{where}: a variant lacks p50_ms, p95_ms or round_p50_ms; re-run `edgeshift bench --save`"
+        ) from None
+    steps = build_ladder(points, profile.benchmark.ladder_min_gain)
+    return DeviceLadder(tuple(steps), f"{where} (profile {profile.name}, this device)", p95)
