@@ -18,17 +18,24 @@ def export(
     prune: bool = typer.Option(True, help="Prune each source exactly on the way (sparse checkpoints shrink)."),
     align: int = typer.Option(1, min=1, help="Round pruned widths up to multiples of this with zero channels "
                                              "(exact); 8 helps ONNX Runtime with several intra-op threads."),
-    threads: int = typer.Option(1, help="ONNX Runtime threads for the latency measurement."),
-    iterations: int = typer.Option(100, help="Timed batch-1 calls per variant (after 10 warm-up calls)."),
+    profile: str = typer.Option("host", help="Device profile (name or TOML file) the variants are timed under; "
+                                             "its [quantization] table chooses the INT8 format."),
+    threads: Optional[int] = typer.Option(None, min=0, help="Override the profile's intra-op threads."),
+    iterations: Optional[int] = typer.Option(None, min=1, help="Override the profile's timed calls per variant."),
+    int8: bool = typer.Option(False, "--int8", help="Add an INT8 variant of each (kept only when measured faster "
+                                                   "than its FP32 source); needs --data for calibration."),
+    calibration_samples: int = typer.Option(64, min=1, help="INT8: training images used for calibration."),
+    calibration_method: str = typer.Option("minmax", help="INT8: minmax | entropy | percentile."),
     memory: bool = typer.Option(True, help="Measure each session's peak memory in a fresh process."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing portfolio."),
 ) -> None:
     """Export variants to ONNX, profile them, drop dominated ones and pack one DEFLATE portfolio."""
     from edgeshift.exporter.export_cmd import export_portfolio
 
-    path = export_portfolio(sources, out, data=data, test_samples=test_samples, prune=prune, threads=threads,
-                            latency_iterations=iterations, measure_memory=memory, force=force,
-                            align=align)
+    path = export_portfolio(sources, out, data=data, test_samples=test_samples, prune=prune, profile=profile,
+                            threads=threads, latency_iterations=iterations, int8=int8,
+                            calibration_samples=calibration_samples, calibration_method=calibration_method,
+                            measure_memory=memory, force=force, align=align)
     from edgeshift.runtime.inspect_cmd import print_portfolio
 
     print_portfolio(path)

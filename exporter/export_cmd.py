@@ -46,11 +46,16 @@ def discover_sources(paths: list[Path]) -> list[Source]:
 
 
 def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, test_samples: int = 1000,
-                     prune: bool = True, threads: int = 1, latency_iterations: int = 100,
-                     measure_memory: bool = True, force: bool = False, align: int = 1) -> Path:
+                     prune: bool = True, profile: str = "host", threads: int | None = None,
+                     latency_iterations: int | None = None, int8: bool = False, calibration_samples: int = 64,
+                     calibration_method: str = "minmax", measure_memory: bool = True, force: bool = False,
+                     align: int = 1) -> Path:
     """Load each source, prune it exactly (sparse checkpoints shrink, pruned ones are unchanged; widths rounded
     up to multiples of ``align`` with zero channels), and build one portfolio with accuracy measured through
-    ONNX Runtime on ``data``'s test split."""
+    ONNX Runtime on ``data``'s test split and latency under the device ``profile``. ``int8`` adds an INT8 variant
+    of each, calibrated on ``calibration_samples`` images of ``data``'s training split."""
+    import dataclasses
+
     import torch
     from torch import nn
 
@@ -59,11 +64,23 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     from edgeshift.pruner.models.zoo import input_shape
     from edgeshift.pruner.structured import prune_zero_channels
 
+    from edgeshift.device_profiles import load_profile
+
     from .portfolio import build_portfolio
     from .profile import TestData
+    from .quantize import CALIBRATION_METHODS, Calibration
 
     if align > 1 and not prune:
         raise EdgeshiftError(f"--align {align} widens pruned layers; it needs pruning on the way (drop --no-prune)")
+    if int8 and data is None:
+        raise EdgeshiftError("--int8 needs calibration images: pass --data (its training split calibrates, its "
+                             "test split measures accuracy)")
+    if int8 and calibration_method not in CALIBRATION_METHODS:
+        raise EdgeshiftError(f"unknown calibration method {calibration_method!r}; choose one of "
+                             f"{', '.join(CALIBRATION_METHODS)}")
+    if int8 and calibration_samples < 1:
+        raise EdgeshiftError(f"--calibration-samples must be at least 1, got {calibration_samples}")
+    device_profile = load_profile(profile)  # an unknown name or a bad file fails before any work
     check_output_path(out, force)
     sources = discover_sources(paths)
     models, reports, recipes, totals, nonzeros = {}, {}, {}, {}, {}
@@ -95,9 +112,15 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
             raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {arch['num_classes']}")
         ds = ds.subset(test_samples)
         test, labels, mean, std = TestData(ds.normalised(), ds.labels, ds.name), ds.classes, list(ds.mean), list(ds.std)
+    calibration = None
+    if int8:
+        train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
+        train = dataclasses.replace(train.subset(calibration_samples), mean=tuple(mean), std=tuple(std))
+        calibration = Calibration(train.normalised(), calibration_method, train.name)  # type: ignore[arg-type]
     example = torch.randn(input_shape(next(iter(models.values())), 2), generator=torch.Generator().manual_seed(0))
     reference = max(compressions, key=lambda n: (-compressions[n], n))
     return build_portfolio(models, example, out, labels=labels, test_data=test, prune_reports=reports,
                            compressions=compressions, recipes=recipes, reference=reference, mean=mean, std=std,
-                           architecture=arch["name"], threads=threads, latency_iterations=latency_iterations,
-                           measure_memory=measure_memory, force=force)
+                           architecture=arch["name"], profile=device_profile, threads=threads,
+                           latency_iterations=latency_iterations, int8=calibration, measure_memory=measure_memory,
+                           force=force)

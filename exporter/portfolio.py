@@ -9,10 +9,18 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.core.atomic import atomic_path, check_output_path
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.device_profiles import DeviceProfile
+from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster
+from edgeshift.runtime.measure import LatencyStats, machine_label
+from edgeshift.runtime.memprobe import measure_session_memory
+from edgeshift.runtime.session import create_session
 from edgeshift.runtime.manifest import (
     MANIFEST_NAME,
     NAME_RE,
@@ -20,16 +28,28 @@ from edgeshift.runtime.manifest import (
     Accuracy,
     DroppedVariant,
     InputSpec,
+    Ladder,
     Latency,
     Manifest,
     OutputSpec,
     Preprocessing,
+    Quantization,
     VariantRecord,
     parse_manifest,
     variant_file,
 )
 
-from .profile import DEFLATE_LEVEL, TestData, deflated_size, profile_variant
+from .profile import (
+    DEFLATE_LEVEL,
+    TestData,
+    accuracy_from_logits,
+    deflated_size,
+    onnx_logits,
+    profile_threads,
+    time_interleaved_sessions,
+    timing_profile,
+)
+from .quantize import Calibration, agreement, quantize_onnx, schemes_for
 
 
 
@@ -115,15 +135,91 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@dataclass
+class _Built:
+    """One variant on its way into the portfolio: its ONNX bytes, its manifest entry, its session and logits."""
+
+    entry: dict
+    data: bytes
+    session: object
+    logits: np.ndarray | None
+
+
+def _op_counts(data: bytes) -> dict[str, int]:
+    import onnx
+
+    from .onnx_export import op_counts
+
+    return op_counts(onnx.load_model_from_string(data))
+
+
+def _point(b: _Built, stats: LatencyStats) -> LadderPoint:
+    top1 = _top1(b.entry)
+    return LadderPoint(b.entry["name"], top1 if top1 is not None else float(b.entry["reference"]), stats.p50_ms,
+                       stats.round_p50_ms)
+
+
+def _int8_variants(fp32: dict[str, _Built], calibration: Calibration, profile: DeviceProfile,
+                   test_data: TestData | None, feed: dict, say: Callable[[str], None]) -> dict[str, _Built]:
+    """An INT8 variant of every FP32 one in the profile's format; with ``format = "auto"`` every candidate is
+    timed against the others (interleaved, under the profile) and the fastest kept."""
+    schemes = schemes_for(profile.quantization)
+    out = {}
+    for name, src in fp32.items():
+        qname = f"{name}-int8"
+        if not NAME_RE.match(qname):
+            raise EdgeshiftError(f"variant name {name!r} is too long to name its INT8 variant; shorten it")
+        candidates = {s.label: (s, quantize_onnx(src.data, calibration, s, name=name)) for s in schemes}
+        sessions = {label: create_session(data, profile) for label, (_, data) in candidates.items()}
+        chosen, timed = next(iter(candidates)), None
+        if len(candidates) > 1:
+            stats = time_interleaved_sessions(sessions, feed, profile, batch=1)
+            timed = {label: round(st.p50_ms, 4) for label, st in stats.items()}
+            chosen = min(stats, key=lambda label: stats[label].p50_ms)
+            say(f"   {qname}: format auto, p50 " + ", ".join(f"{k} {v:.3f} ms" for k, v in timed.items())
+                + f" -> {chosen}")
+        scheme, data = candidates[chosen]
+        session = sessions[chosen]
+        logits = top1 = top5 = agree = deviation = None
+        if test_data is not None and len(test_data.y) and src.logits is not None:
+            logits = onnx_logits(session, test_data.x)
+            top1, top5 = accuracy_from_logits(logits, test_data.y)
+            agree, deviation = agreement(src.logits, logits)
+        e = src.entry
+        entry = {
+            **e, "name": qname, "file": variant_file(qname), "sha256": _sha256(data), "bytes": len(data),
+            "deflated_bytes": deflated_size(data), "reference": False,
+            "recipe": f"{e['recipe']}, INT8 {scheme.label}",
+            "accuracy": None if top1 is None else {**e["accuracy"], "top1": top1, "top5": top5},
+            "exactness": None, "op_counts": _op_counts(data), "precision": "int8",
+            "quantization": Quantization(
+                source=name, format=scheme.format, activations=scheme.activations, per_channel=scheme.per_channel,
+                reduce_range=scheme.reduce_range, calibration_samples=len(calibration.x),
+                calibration_method=calibration.method, calibration_dataset=calibration.dataset,
+                agreement_top1=agree, max_logit_deviation=deviation,
+                test_samples=0 if test_data is None else len(test_data.y), candidates_p50_ms=timed,
+            ),
+        }
+        out[qname] = _Built(entry, data, session, logits)
+    return out
+
+
 def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike, *, labels: list[str] | None = None,
                     test_data: TestData | None = None, prune_reports: dict | None = None,
                     compressions: dict[str, float] | None = None, recipes: dict[str, str] | None = None,
                     reference: str | None = None, mean: list[float] | None = None, std: list[float] | None = None,
-                    architecture: str | None = None, threads: int = 1, latency_iterations: int = 100,
-                    measure_memory: bool = True, tolerance: Tolerance = Tolerance(), force: bool = False) -> Path:
-    """Export, profile, post-process and pack ``variants`` (name -> nn.Module) into one portfolio file.
+                    architecture: str | None = None, profile: DeviceProfile | str = "host",
+                    threads: int | None = None, latency_iterations: int | None = None,
+                    int8: Calibration | None = None, measure_memory: bool = True,
+                    tolerance: Tolerance = Tolerance(), force: bool = False,
+                    say: Callable[[str], None] = print) -> Path:
+    """Export, check, time, post-process and pack ``variants`` (name -> nn.Module) into one portfolio file.
 
-    ``reference`` names the dense variant that is always kept (default: the one with the most parameters).
+    Every variant is timed against the others in one interleaved run under the device ``profile`` (``threads``
+    and ``latency_iterations`` override its intra-op threads and timed calls). ``int8`` (calibration images) adds
+    an INT8 variant of each, in the profile's ``[quantization]`` format, kept only when measured faster than its
+    FP32 source. ``reference`` names the dense variant that is always kept (default: the one with the most
+    parameters). The ladder the runtime's policies step along is measured here and recorded in the manifest.
     Nothing is written at ``out_path`` unless every step succeeds.
     """
     from edgeshift.pruner.metrics import count_params
@@ -136,39 +232,71 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
     for name in variants:
         if not NAME_RE.match(name):
             raise EdgeshiftError(f"variant name {name!r} is not safe; use letters, digits, '.', '_', '-'")
+    timing = timing_profile(profile, threads=threads, iterations=latency_iterations)
+    threads_used = profile_threads(timing)
     prune_reports = prune_reports or {}
     reference = reference or max(variants, key=lambda n: count_params(variants[n]))
     channels = int(example_inputs.shape[1])
-    entries, blobs = [], {}
+    built: dict[str, _Built] = {}
     num_classes = None
     with tempfile.TemporaryDirectory(prefix="edgeshift-export-") as tmp:
         for name, model in variants.items():
             path = Path(tmp) / f"{name}.onnx"
             exp = export_onnx(model, example_inputs, path)
             data = path.read_bytes()
-            prof = profile_variant(data, params=exp.params, macs=exp.macs, test_data=test_data,
-                                   input_shape=tuple(example_inputs.shape), threads=threads,
-                                   iterations=latency_iterations, memory_path=str(path) if measure_memory else None)
+            session = create_session(data, timing)
+            logits = top1 = top5 = None
+            if test_data is not None and len(test_data.y):
+                logits = onnx_logits(session, test_data.x)
+                top1, top5 = accuracy_from_logits(logits, test_data.y)
             num_classes = int(exp.output_shape[1])
             pr = prune_reports.get(name)
             pr = pr.to_dict() if hasattr(pr, "to_dict") else pr
-            entries.append({
+            built[name] = _Built({
                 "name": name, "file": variant_file(name), "sha256": _sha256(data), "bytes": len(data),
-                "deflated_bytes": prof.deflated_bytes, "params": exp.params, "macs": exp.macs,
+                "deflated_bytes": deflated_size(data), "params": exp.params, "macs": exp.macs,
                 "compression": float((compressions or {}).get(name, 1.0)),
                 "recipe": (recipes or {}).get(name, "dense" if name == reference else "pruned"),
                 "reference": name == reference,
-                "accuracy": None if prof.top1 is None else {"top1": prof.top1, "top5": prof.top5,
-                                                            "samples": prof.samples, "dataset": test_data.name},
-                "latency": {**prof.latency.to_dict(), "threads": threads, "machine": prof.machine},
-                "peak_memory_bytes": prof.peak_memory_bytes,
+                "accuracy": None if top1 is None else {"top1": top1, "top5": top5, "samples": len(test_data.y),
+                                                       "dataset": test_data.name},
                 "exactness": {"onnx_vs_torch_max_abs_diff": exp.max_abs_diff, "onnx_vs_torch_rel_diff": exp.rel_diff,
                               **({"prune_max_abs_diff": pr["max_abs_diff"], "prune_rel_diff": pr["rel_diff"]}
                                  if pr else {})},
                 "op_counts": exp.op_counts,
-            })
-            blobs[name] = data
-    kept, dropped = postprocess(entries, tolerance)
+            }, data, session, logits)
+        x1 = np.random.default_rng(0).standard_normal((1, *example_inputs.shape[1:])).astype(np.float32)
+        feed = {INPUT_NAME: x1}
+        if int8 is not None:
+            say(f"== INT8: {len(built)} variants, {len(int8.x)} calibration images ({int8.method}), format "
+                f"{timing.quantization.format} (profile {timing.name})")
+            built.update(_int8_variants(dict(built), int8, timing, test_data, feed, say))
+        say(f"== timing {len(built)} variants against each other under profile {timing.name} ({threads_used} "
+            f"threads, {timing.benchmark.rounds} interleaved rounds)")
+        stats = time_interleaved_sessions({n: b.session for n, b in built.items()}, feed, timing, batch=1)
+        machine = machine_label()
+        dropped: list[dict] = []
+        for name, b in list(built.items()):
+            q = b.entry.get("quantization")
+            if q is not None and not is_faster(_point(b, stats[name]), _point(built[q.source], stats[q.source])):
+                dropped.append({"name": name, "reason": (
+                    f"INT8 not faster than its FP32 source {q.source} under profile {timing.name} ({threads_used} "
+                    f"threads): p50 {stats[name].p50_ms:.3f} vs {stats[q.source].p50_ms:.3f} ms")})
+                del built[name]
+        for name, b in built.items():
+            b.session = None  # release before the memory probes
+            b.entry["latency"] = {**stats[name].to_dict(), "threads": threads_used, "machine": machine,
+                                  "profile": timing.name}
+            peak = None
+            if measure_memory:
+                path = Path(tmp) / f"{name}.probe.onnx"
+                path.write_bytes(b.data)
+                peak = measure_session_memory(str(path), threads_used)["peak_growth"]
+            b.entry["peak_memory_bytes"] = peak
+    kept, beaten = postprocess([b.entry for b in built.values()], tolerance)
+    dropped += beaten
+    ladder = build_ladder([_point(built[e["name"]], stats[e["name"]]) for e in kept],
+                          timing.benchmark.ladder_min_gain)
     size = int(example_inputs.shape[-1])
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
@@ -187,8 +315,10 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
         labels=tuple(labels),
         variants=tuple(_record(v) for v in kept),
         dropped=tuple(DroppedVariant(**d) for d in dropped),
+        ladder=Ladder(steps=tuple(ladder), profile=timing.name, threads=threads_used,
+                      min_gain=timing.benchmark.ladder_min_gain, machine=machine),
     )
-    return write_portfolio(out_path, manifest, blobs)
+    return write_portfolio(out_path, manifest, {n: b.data for n, b in built.items()})
 
 
 def _record(entry: dict) -> VariantRecord:
@@ -196,4 +326,4 @@ def _record(entry: dict) -> VariantRecord:
     share this one definition)."""
     acc, lat = entry.get("accuracy"), entry.get("latency")
     return VariantRecord(**{**entry, "accuracy": Accuracy(**acc) if acc else None,
-                            "latency": Latency(**lat) if lat else None})
+                            "latency": Latency(**{**lat, "round_p50_ms": tuple(lat["round_p50_ms"])}) if lat else None})

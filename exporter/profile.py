@@ -1,19 +1,19 @@
 """Variant profiling: what each exported variant costs and delivers, measured through ONNX Runtime.
 
 The one way the build side times a model: a session from ``edgeshift.runtime.session.create_session`` under a
-device profile, warm-up excluded, percentiles from ``time_calls``. ``OrtMeasurer`` offers it to the pruner
+device profile, warm-up excluded, percentiles from ``time_calls``, or from ``time_interleaved`` where variants are
+compared (the portfolio's latencies, INT8 against FP32, the ladder). ``OrtMeasurer`` offers it to the pruner
 (``edgeshift.pruner.measure.ModelMeasurer``), which measures with it but never imports it.
 """
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from edgeshift.device_profiles import DeviceProfile, cpu_profile, load_profile
-from edgeshift.runtime.measure import LatencyStats, machine_label, time_calls
-from edgeshift.runtime.memprobe import measure_session_memory
+from edgeshift.runtime.measure import LatencyStats, time_calls, time_interleaved
 from edgeshift.runtime.session import create_session
 
 DEFLATE_LEVEL = 9
@@ -29,64 +29,59 @@ class TestData:
     name: str = "test"
 
 
-@dataclass
-class VariantProfile:
-    onnx_bytes: int
-    deflated_bytes: int
-    params: int
-    macs: int
-    top1: float | None
-    top5: float | None
-    samples: int
-    latency: LatencyStats
-    threads: int
-    machine: str
-    peak_memory_bytes: int | None  # RSS growth of a fresh process while creating and running the session
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["latency"] = self.latency.to_dict()
-        return d
-
-
 def deflated_size(data: bytes) -> int:
     """Bytes after raw DEFLATE at the portfolio's level (what the ZIP member costs)."""
     c = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
     return len(c.compress(data) + c.flush())
 
 
+def onnx_logits(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The outputs of an ORT session on ``x``, in batches."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def accuracy_from_logits(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy of ``logits`` against labels ``y``."""
+    k = min(5, logits.shape[1])
+    best = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    return float((logits.argmax(1) == y).mean()), float((best == y[:, None]).any(1).mean())
+
+
 def onnx_accuracy(session, data: TestData, batch: int = 256) -> tuple[float, float]:
     """Top-1 and top-5 accuracy of an ORT session on ``data``."""
-    name = session.get_inputs()[0].name
-    top1 = top5 = 0
-    for i in range(0, len(data.y), batch):
-        logits = session.run(None, {name: data.x[i:i + batch]})[0]
-        y = data.y[i:i + batch]
-        k = min(5, logits.shape[1])
-        best = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
-        top1 += int((logits.argmax(1) == y).sum())
-        top5 += int((best == y[:, None]).any(1).sum())
-    return top1 / len(data.y), top5 / len(data.y)
+    return accuracy_from_logits(onnx_logits(session, data.x, batch), data.y)
 
 
-def profile_variant(onnx_bytes: bytes, *, params: int, macs: int, test_data: TestData | None = None,
-                    input_shape: tuple[int, ...], threads: int = 1, warmup: int = 10, iterations: int = 100,
-                    max_seconds: float = 10.0, memory_path: str | None = None) -> VariantProfile:
-    """Accuracy (through ORT), batch-1 latency percentiles and throughput, sizes and session memory."""
-    session = create_session(onnx_bytes, cpu_profile(threads))
-    top1 = top5 = None
-    if test_data is not None and len(test_data.y):
-        top1, top5 = onnx_accuracy(session, test_data)
-    name = session.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((1, *input_shape[1:])).astype(np.float32)
-    latency = time_calls(lambda: session.run(None, {name: x}), warmup=warmup, iterations=iterations,
-                         max_seconds=max_seconds, batch=1)
-    peak = measure_session_memory(memory_path, threads)["peak_growth"] if memory_path else None
-    return VariantProfile(
-        onnx_bytes=len(onnx_bytes), deflated_bytes=deflated_size(onnx_bytes), params=params, macs=macs,
-        top1=top1, top5=top5, samples=0 if test_data is None else int(len(test_data.y)), latency=latency,
-        threads=threads, machine=machine_label(), peak_memory_bytes=peak,
-    )
+def timing_profile(profile: DeviceProfile | str, *, threads: int | None = None,
+                   iterations: int | None = None) -> DeviceProfile:
+    """``profile`` (a name, a path or a profile) with its intra-op threads and timed calls overridden where given."""
+    import dataclasses
+
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    if threads is not None:
+        p = dataclasses.replace(p, execution=dataclasses.replace(p.execution, intra_op_threads=threads))
+    if iterations is not None:
+        p = dataclasses.replace(p, benchmark=dataclasses.replace(p.benchmark, iterations=iterations))
+    return p
+
+
+def profile_threads(profile: DeviceProfile) -> int:
+    """The intra-op threads a profile runs with (0, ORT's choice, counts as the machine's cores)."""
+    import os
+
+    t = profile.execution.intra_op_threads
+    return int(t) if isinstance(t, int) and t > 0 else os.cpu_count() or 1
+
+
+def time_interleaved_sessions(sessions: dict, feed: dict, profile: DeviceProfile, *, batch: int
+                              ) -> dict[str, LatencyStats]:
+    """Every session timed against the others in one interleaved run with the profile's warm-up, iterations,
+    rounds and time cap (``edgeshift.runtime.measure.time_interleaved``)."""
+    b = profile.benchmark
+    calls = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
+    return time_interleaved(calls, warmup=b.warmup, iterations=b.iterations, rounds=b.rounds,
+                            max_seconds=b.max_seconds, batch=batch)
 
 
 def time_session(session, feed: dict, profile: DeviceProfile, *, batch: int) -> LatencyStats:

@@ -7,8 +7,9 @@ for the ``memory`` policy and for manual switches.
 
 A step down must be faster by at least ``min_gain`` of the upper step's p50 (the device profile's
 ``benchmark.ladder_min_gain``, 10% by default: a smaller saving is not worth an accuracy loss, and on a shared
-CPU medians drift a few percent between runs) *and* every timing round of the faster variant must beat every round
-of the slower one, so that a gain inside the round-to-round spread never counts.
+CPU medians drift a few percent between runs) *and* the faster variant's timing rounds must all beat the slower
+one's (from 4 rounds on, bar the single most extreme round of each), so that a gain inside the round-to-round
+spread never counts.
 """
 
 from __future__ import annotations
@@ -47,13 +48,20 @@ class LadderPoint:
     round_p50_ms: tuple[float, ...] = ()  # per-round medians of an interleaved run (empty: one figure only)
 
 
+def _spread(rounds: tuple[float, ...]) -> tuple[float, float]:
+    """(low, high) of a variant's round medians; from 4 rounds on, the single lowest and highest round are left
+    out, so that one round hit by a neighbour's burst does not hide a real difference."""
+    r = sorted(rounds)
+    return (r[1], r[-2]) if len(r) >= 4 else (r[0], r[-1])
+
+
 def is_faster(a: LadderPoint, b: LadderPoint, min_gain: float = 0.0) -> bool:
-    """``a`` is measured faster than ``b``: p50 lower by more than ``min_gain`` of b's, and beyond the noise (every
-    round of a below every round of b, where both were timed in rounds)."""
+    """``a`` is measured faster than ``b``: p50 lower by more than ``min_gain`` of b's, and beyond the noise (a's
+    round medians below b's, bar one outlier round each from 4 rounds on), where both were timed in rounds."""
     if not a.p50_ms <= (1.0 - min_gain) * b.p50_ms or a.p50_ms >= b.p50_ms:
         return False
     if a.round_p50_ms and b.round_p50_ms:
-        return max(a.round_p50_ms) < min(b.round_p50_ms)
+        return _spread(a.round_p50_ms)[1] < _spread(b.round_p50_ms)[0]
     return True
 
 

@@ -173,8 +173,12 @@ def simulate_file(
     portfolio_path: str | Path, trace_path: str | Path, policy_name: str, profile, step: float = 1.0
 ) -> tuple[SimResult, list[str]]:
     """Measure the portfolio's variants under ``profile``, replay the trace against the policy; returns the result
-    and the lines to print (variants, every switch with its reason and cost, totals)."""
+    and the lines to print (variants, every switch with its reason and cost, totals).
+
+    The ladder is the runtime's: from the bench saved beside the portfolio when it was measured here under this
+    profile (its latencies too), else from this run's own interleaved measurement."""
     from . import policies
+    from .ladder import device_ladder
 
     points = read_trace(trace_path)
     pol = policies.get(
@@ -184,6 +188,13 @@ def simulate_file(
     )
     with Portfolio.open(portfolio_path) as pf:
         by_name, costs, ladder = measure_variants(pf, profile)
+        saved = device_ladder(pf, profile)
+        source = "measured now"
+        if saved.source.startswith("bench"):  # what the runtime would step along here
+            ladder, source = list(saved.steps), saved.source
+            by_name = {
+                n: dataclasses.replace(v, latency_ms=saved.p95_ms.get(n, v.latency_ms)) for n, v in by_name.items()
+            }
         order = ladder if pol.uses_ladder else pf.names
     views = [dataclasses.replace(by_name[n], index=i) for i, n in enumerate(order)]
     start = order.index(ladder[(len(ladder) - 1) // 2])  # the ladder's middle step, as the runtime starts
@@ -191,7 +202,7 @@ def simulate_file(
         points, views, costs, pol, start=start, latency_target_ms=profile.serving.latency_target_ms, step=step
     )
     lines = [
-        ("ladder on this device (fastest first): " if pol.uses_ladder else "variants (smallest first): ")
+        (f"ladder on this device ({source}; fastest first): " if pol.uses_ladder else "variants (smallest first): ")
         + ", ".join(f"{v.name} p95 {v.latency_ms:.2f} ms, switch {costs[v.name]:.0f} ms" for v in views)
     ]
     lines.append(

@@ -30,6 +30,10 @@ def test_a_step_must_beat_the_margin_and_the_round_spread():
     # a lower median whose rounds overlap the slower one's is noise, not speed
     assert not is_faster(LadderPoint("c", 0.8, 0.85, (0.6, 0.85, 0.99)), slow, 0.10)
     assert not is_faster(slow, slow, 0.0)
+    # from 4 rounds on, one round hit by a neighbour's burst is left out on each side, two are not
+    five = LadderPoint("five", 0.9, 1.0, (0.98, 0.99, 1.0, 1.01, 1.02))
+    assert is_faster(LadderPoint("d", 0.8, 0.8, (0.79, 0.8, 0.8, 0.81, 3.0)), five, 0.10)
+    assert not is_faster(LadderPoint("e", 0.8, 0.8, (0.79, 0.8, 0.8, 2.5, 3.0)), five, 0.10)
 
 
 def test_the_ladder_follows_latency_and_accuracy_not_bytes():

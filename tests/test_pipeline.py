@@ -53,20 +53,20 @@ def test_pipeline_runs_every_step_then_resumes_without_redoing_work(tmp_path):
     result = runner.invoke(app, ["pipeline", str(config)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    for name in ("portfolio.zip", "bench.json", "simulate.json", "portfolio.md", "portfolio.png", "summary.md",
+    for name in ("portfolio.zip", "portfolio.bench.json", "simulate.json", "portfolio.md", "portfolio.png", "summary.md",
                  "trace.csv", "pipeline.json"):
         assert (out / name).is_file(), name
     assert [line for line in result.output.splitlines() if line.startswith("== ")][-1] == "== 6/6 summary"
     assert result.output.strip().splitlines()[-1] == f"everything is in {out}"
     manifest = json.loads(zipfile.ZipFile(out / "portfolio.zip").read("manifest.json"))
-    bench = json.loads((out / "bench.json").read_text())
+    bench = json.loads((out / "portfolio.bench.json").read_text())
     assert {v["name"] for v in bench["variants"]} == {v["name"] for v in manifest["variants"]}
     summary = (out / "summary.md").read_text()
     assert all(f"| {v['name']} |" in summary for v in manifest["variants"])
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     again = runner.invoke(app, ["pipeline", str(config)])
     assert again.exit_code == 0, again.output
-    for name in ("portfolio.zip", "bench.json", "simulate.json"):
+    for name in ("portfolio.zip", "portfolio.bench.json", "simulate.json"):
         assert (out / name).stat().st_mtime_ns == stamps[name]  # finished steps are not redone
     assert "epoch" not in again.output  # nor is any training
     other = write_config(tmp_path, method="magnitude", name="q.toml", out=out)

@@ -124,7 +124,8 @@ def test_every_readme_command_and_snippet_runs(tmp_path):
             device_run(tmp_path / "demo" / "portfolio.zip", work / "photos", tmp_path / "device", env)
     assert len(ran) == len(commands()) - 1
     for name in ("dense.pt", "pruned.pt", "prune.json", "pai.pt", "pai.json", "spai.pt", "pai-trained.pt", "lp2.pt",
-                 "lp2.json", "lp-rpi4.pt", "portfolio.zip", "bench.json", "bench.csv", "reports/portfolio.md",
+                 "lp2.json", "lp-rpi4.pt", "portfolio.zip", "portfolio-int8.zip", "bench.json", "bench.csv",
+                 "portfolio.bench.json", "reports/portfolio.md",
                  "out/mine/summary.md"):
         assert (work / name).is_file(), name
     for snippet in blocks("python"):

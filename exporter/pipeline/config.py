@@ -4,7 +4,7 @@
     [data]    path = "generated"          # or an ImageFolder root / CIFAR-10 python folder
     [method]  name = "imp"                # imp | magnitude | random | synflow | pai | layerprune
     [train]   epochs, batch_size, lr, warmup, weight_decay, seed
-    [deploy]  profile, policy, trace, export_test_samples, latency_iterations, align
+    [deploy]  profile, policy, trace, export_test_samples, latency_iterations, align, int8, calibration_*
     [output]  dir = "out/pipeline"
 
 Loaded by ``edgeshift.core.config``: an unknown section or key, or a value of the wrong type, is an error naming
@@ -79,11 +79,21 @@ class DeploySection:
     latency_iterations: int = setting(50, "timed calls per variant at export", minimum=1)
     align: int = setting(1, "round pruned widths up to multiples of this with zero channels (exact; 8 helps 2+ "
                             "threads; 1 keeps the widths pruning leaves)", minimum=1)
+    int8: bool = setting(False, "add an INT8 variant of each (format from the profile's [quantization]); kept only "
+                                "when measured faster than its FP32 source")
+    calibration_samples: int = setting(64, "int8: training images for calibration", minimum=1)
+    calibration_method: str = setting("minmax", "int8: minmax | entropy | percentile",
+                                      check=lambda v: None if v in ("minmax", "entropy", "percentile")
+                                      else "must be minmax, entropy or percentile")
 
 
 @dataclass(frozen=True)
 class OutputSection:
     dir: str = setting("out/pipeline", "everything goes here")
+
+
+# keys added to [deploy] after run folders existed, with their defaults
+LATER_DEPLOY_KEYS = {"align": 1, "int8": False, "calibration_samples": 64, "calibration_method": "minmax"}
 
 
 @dataclass(frozen=True)
@@ -99,8 +109,9 @@ class PipelineConfig:
         """What the run folder is named by and checked against: everything but where it goes."""
         doc = asdict(self)
         doc.pop("output")
-        if doc["deploy"]["align"] == 1:
-            del doc["deploy"]["align"]  # at its default a later-added key keeps earlier run folders resumable
+        for key, default in LATER_DEPLOY_KEYS.items():
+            if doc["deploy"][key] == default:
+                del doc["deploy"][key]  # at its default a later-added key keeps earlier run folders resumable
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,8 @@ from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
 from edgeshift.core.tables import echo_table, markdown_table
 from edgeshift.runtime import policies
-from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, write_json
+from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_json
+from edgeshift.runtime.ladder import bench_path_for
 from edgeshift.runtime.portfolio import Portfolio
 from edgeshift.runtime.simulate import result_document, simulate_file
 
@@ -75,6 +76,7 @@ def prepare_output(cfg: PipelineConfig) -> Path:
 def summary_rows(portfolio: Path, bench: dict, sim: dict) -> list[list[str]]:
     """variant, params, deflated KB, top-1 (ONNX Runtime, at export), p50/p95 on this device, time active."""
     measured = {v["name"]: v for v in bench["variants"]}
+    steps = {name: i + 1 for i, name in enumerate(bench.get("ladder") or [])}
     active = sim.get("seconds_per_variant", {})
     rows = []
     with Portfolio.open(portfolio) as pf:
@@ -83,11 +85,11 @@ def summary_rows(portfolio: Path, bench: dict, sim: dict) -> list[list[str]]:
             rows.append([name, f"{info.params:,}", f"{info.deflated_bytes / 1024:.0f}",
                          "-" if info.top1 is None else f"{100 * info.top1:.2f}%",
                          f"{b.get('p50_ms', float('nan')):.3f}", f"{b.get('p95_ms', float('nan')):.3f}",
-                         f"{active.get(name, 0):.0f}"])
+                         str(steps.get(name, "-")), f"{active.get(name, 0):.0f}"])
     return rows
 
 
-SUMMARY_HEADER = ["variant", "params", "KB deflated", "top-1", "p50 ms", "p95 ms", "simulated s active"]
+SUMMARY_HEADER = ["variant", "params", "KB deflated", "top-1", "p50 ms", "p95 ms", "ladder", "simulated s active"]
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
@@ -102,13 +104,16 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     portfolio = out / "portfolio.zip"
     _step(2, total, f"exact structured pruning, ONNX export, profiling -> {portfolio}")
     if not portfolio.exists():
-        export_portfolio(sources, portfolio, data=cfg.data.path, test_samples=cfg.deploy.export_test_samples,
-                         latency_iterations=cfg.deploy.latency_iterations, align=cfg.deploy.align)
-    bench_path = out / "bench.json"
+        d = cfg.deploy
+        export_portfolio(sources, portfolio, data=cfg.data.path, test_samples=d.export_test_samples,
+                         profile=d.profile, latency_iterations=d.latency_iterations, align=d.align, int8=d.int8,
+                         calibration_samples=d.calibration_samples, calibration_method=d.calibration_method)
+    bench_path = bench_path_for(portfolio)  # beside the portfolio: the runtime orders its ladder by it
     _step(3, total, f"benchmark on this machine (profile {profile.name}) -> {bench_path}")
     if not bench_path.exists():
         doc, results = bench_file(portfolio, profile)
-        echo_table(bench_rows(results), BENCH_HEADER)
+        echo_table(bench_rows(results, doc["ladder"]), BENCH_HEADER)
+        print("\n".join(ladder_lines(doc)))
         write_json(bench_path, doc)
     trace = Path(cfg.deploy.trace) if cfg.deploy.trace else out / "trace.csv"
     if not cfg.deploy.trace and not trace.exists():

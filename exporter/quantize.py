@@ -1,0 +1,131 @@
+"""INT8 variants through ``onnxruntime.quantization``: its pre-processing, then static quantization with
+per-channel int8 weights, calibrated on the user's training images. Build side only (onnx, onnxruntime, numpy).
+
+INT8 is not exact: each INT8 variant is checked (ONNX checker, an ORT session, the test images run) and reported
+against its FP32 source (top-1 agreement, largest logit deviation), never assumed faster: ``build_portfolio``
+times it against its source under the device profile and drops it when it is not.
+
+Which format is fast depends on the device (QOperator with uint8 activations is ONNX Runtime's fast path on x86
+with VNNI; QDQ with int8 activations is its guidance for ARM and TensorRT), so the device profile's
+``[quantization]`` table chooses, and ``format = "auto"`` builds both and keeps the one measured faster.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from edgeshift.core.errors import EdgeshiftError
+from edgeshift.device_profiles.profile import QuantizationSettings
+
+__all__ = ["CALIBRATION_METHODS", "Calibration", "Int8Scheme", "QuantizationError", "agreement", "quantize_onnx",
+           "schemes_for"]
+
+CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
+
+
+class QuantizationError(EdgeshiftError):
+    """ONNX Runtime could not quantize a variant, or its INT8 model fails the export checks."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration images (preprocessed like the test data, float32 NCHW) and how ranges are taken from them."""
+
+    x: np.ndarray
+    method: CalibrationMethodName = "minmax"
+    dataset: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise EdgeshiftError(f"unknown calibration method {self.method!r}; choose one of "
+                                 f"{', '.join(CALIBRATION_METHODS)}")
+        if len(self.x) == 0:
+            raise EdgeshiftError("no calibration images: INT8 needs training images (pass --data)")
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """One way to quantize: model format, activation type, and the weight options."""
+
+    format: Literal["qoperator", "qdq"]
+    activations: Literal["uint8", "int8"]
+    per_channel: bool = True
+    reduce_range: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.format}/{self.activations}"
+
+
+def schemes_for(settings: QuantizationSettings) -> list[Int8Scheme]:
+    """The profile's scheme, or for ``format = "auto"`` the candidates to time against each other."""
+    if settings.format == "auto":
+        return [Int8Scheme("qoperator", "uint8", settings.per_channel, settings.reduce_range),
+                Int8Scheme("qdq", "int8", settings.per_channel, settings.reduce_range)]
+    return [Int8Scheme(settings.format, settings.activations, settings.per_channel, settings.reduce_range)]
+
+
+class _Reader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over an array, a few images per call."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 8) -> None:
+        self._batches = iter([{input_name: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # not needed by static calibration, part of the interface
+        pass
+
+
+def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, name: str = "model") -> bytes:
+    """The INT8 model of ``fp32`` (ONNX bytes), checked by the ONNX checker and loadable by ONNX Runtime; raise
+    QuantizationError naming ``name`` and the scheme when ONNX Runtime cannot quantize it."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on every run about things it handles
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeshift-int8-") as tmp:
+            src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(fp32)
+            input_name = onnx.load_model(str(src), load_external_data=False).graph.input[0].name
+            quant_pre_process(str(src), str(pre))
+            quantize_static(
+                str(pre), str(out), _Reader(input_name, calibration.x.astype(np.float32)),
+                quant_format=QuantFormat.QOperator if scheme.format == "qoperator" else QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8 if scheme.activations == "uint8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8, per_channel=scheme.per_channel, reduce_range=scheme.reduce_range,
+                calibrate_method=methods[calibration.method],
+                calibration_providers=["CPUExecutionProvider"],
+            )
+            data = out.read_bytes()
+            onnx.checker.check_model(onnx.load_model_from_string(data), full_check=True)
+            ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except EdgeshiftError:
+        raise
+    except Exception as exc:  # the quantizer's failures have no common type; say which model and why
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise QuantizationError(f"ONNX Runtime cannot quantize {name} as {scheme.label}: {type(exc).__name__}: "
+                                f"{reason}") from None
+    finally:
+        logging.getLogger().setLevel(quiet)
+    return data
+
+
+def agreement(reference_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(share of rows whose top-1 matches the reference's, largest absolute logit deviation)."""
+    same = float(np.mean(reference_logits.argmax(1) == logits.argmax(1))) if len(logits) else 1.0
+    deviation = float(np.abs(reference_logits - logits).max()) if len(logits) else 0.0
+    return same, deviation
