@@ -21,6 +21,8 @@ from edgeshift.core.config import load, load_toml, setting
 from edgeshift.core.errors import InputFileError, require_file
 from edgeshift.core.registry import Registry
 
+from ..quantize import CALIBRATION_METHODS
+
 # name -> the function that builds that method's variants (``methods.py`` registers them where they are defined)
 METHODS: Registry = Registry("method")
 
@@ -83,8 +85,8 @@ class DeploySection:
                                 "when measured faster than its FP32 source")
     calibration_samples: int = setting(64, "int8: training images for calibration", minimum=1)
     calibration_method: str = setting("minmax", "int8: minmax | entropy | percentile",
-                                      check=lambda v: None if v in ("minmax", "entropy", "percentile")
-                                      else "must be minmax, entropy or percentile")
+                                      check=lambda v: None if v in CALIBRATION_METHODS
+                                      else f"must be one of {', '.join(CALIBRATION_METHODS)}")
 
 
 @dataclass(frozen=True)
