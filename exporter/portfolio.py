@@ -17,7 +17,7 @@ from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.core.atomic import atomic_path, check_output_path
 from edgeshift.core.errors import EdgeshiftError
 from edgeshift.device_profiles import DeviceProfile
-from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster
+from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy
 from edgeshift.runtime.measure import LatencyStats, machine_label
 from edgeshift.runtime.memprobe import measure_session_memory
 from edgeshift.runtime.session import create_session
@@ -154,8 +154,7 @@ def _op_counts(data: bytes) -> dict[str, int]:
 
 
 def _point(b: _Built, stats: LatencyStats) -> LadderPoint:
-    top1 = _top1(b.entry)
-    return LadderPoint(b.entry["name"], top1 if top1 is not None else float(b.entry["reference"]), stats.p50_ms,
+    return LadderPoint(b.entry["name"], ladder_accuracy(_top1(b.entry), b.entry["reference"]), stats.p50_ms,
                        stats.round_p50_ms)
 
 

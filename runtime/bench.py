@@ -97,6 +97,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
 
 
 def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -> dict:
+    rows = [asdict(r) for r in results]
     return {
         "portfolio": str(portfolio.path),
         "profile": profile.name,
@@ -109,8 +110,8 @@ def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -
             "intra_op_threads": profile.execution.intra_op_threads,
             "ladder_min_gain": profile.benchmark.ladder_min_gain,
         },
-        "variants": [asdict(r) for r in results],
-        "ladder": list(bench_ladder({"variants": [asdict(r) for r in results]}, portfolio, profile).steps),
+        "variants": rows,
+        "ladder": list(bench_ladder({"variants": rows}, portfolio, profile).steps),
         "build_ladder": list(portfolio.manifest.ladder.steps) if portfolio.manifest.ladder else None,
     }
 

@@ -40,7 +40,7 @@ class Runtime:
     saved beside the portfolio (``bench --save``) when it was measured here under this profile, else the manifest's.
     ``preload_neighbours`` (default: the profile's setting) keeps the next faster and slower steps' sessions
     warm so a switch to them is a reference swap. ``switch_cpu_share`` (default: the profile's setting, 1 = no
-    pacing) is the share of the time a build toward a larger variant works while requests are being served.
+    pacing) is the share of the time a build toward a slower variant works while requests are being served.
     """
 
     def __init__(

@@ -98,8 +98,9 @@ def bench_path_for(portfolio_path: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}.bench.json")
 
 
-def _accuracy(v) -> float:
-    return v.top1 if v.top1 is not None else float(v.reference)
+def ladder_accuracy(top1: float | None, reference: bool) -> float:
+    """What the ladder ranks a variant by: its top-1, or where unknown the dense reference first (1.0), the rest 0."""
+    return top1 if top1 is not None else float(reference)
 
 
 def _read_bench(path: Path) -> dict:
@@ -158,7 +159,9 @@ def device_ladder(
     if ladder is not None:
         return DeviceLadder(ladder.steps, f"manifest (profile {ladder.profile}, {ladder.threads} threads){note}", p95)
     points = [
-        LadderPoint(v.name, _accuracy(v), v.record.latency.p50_ms, v.record.latency.round_p50_ms)
+        LadderPoint(
+            v.name, ladder_accuracy(v.top1, v.reference), v.record.latency.p50_ms, v.record.latency.round_p50_ms
+        )
         for v in portfolio.variants
         if v.record.latency
     ]
@@ -173,7 +176,12 @@ def bench_ladder(doc: dict, portfolio: Portfolio, profile: DeviceProfile, where:
     rows = {r["name"]: r for r in doc["variants"]}
     try:
         points = [
-            LadderPoint(n, _accuracy(portfolio.info(n)), float(r["p50_ms"]), tuple(map(float, r["round_p50_ms"])))
+            LadderPoint(
+                n,
+                ladder_accuracy(portfolio.info(n).top1, portfolio.info(n).reference),
+                float(r["p50_ms"]),
+                tuple(map(float, r["round_p50_ms"])),
+            )
             for n, r in rows.items()
         ]
         p95 = {n: float(r["p95_ms"]) for n, r in rows.items()}

@@ -88,7 +88,7 @@ def measure_variants(
     (views by name, cost ms by name, ladder fastest first)."""
     import numpy as np
 
-    from .ladder import LadderPoint, build_ladder
+    from .ladder import LadderPoint, build_ladder, ladder_accuracy
     from .measure import time_interleaved
     from .session import absorb_first_session_cost, session_for_variant
 
@@ -114,8 +114,9 @@ def measure_variants(
     for i, v in enumerate(portfolio.variants):
         mem = v.record.peak_memory_bytes or 2 * v.bytes
         views[v.name] = VariantView(v.name, i, v.top1 or 0.0, stats[v.name].p95_ms, mem / 2**20)
-        accuracy = v.top1 if v.top1 is not None else float(v.reference)
-        points.append(LadderPoint(v.name, accuracy, stats[v.name].p50_ms, stats[v.name].round_p50_ms))
+        points.append(
+            LadderPoint(v.name, ladder_accuracy(v.top1, v.reference), stats[v.name].p50_ms, stats[v.name].round_p50_ms)
+        )
     return views, costs, build_ladder(points, profile.benchmark.ladder_min_gain)
 
 
