@@ -101,7 +101,9 @@ def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, 
             src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
             src.write_bytes(fp32)
             input_name = onnx.load_model(str(src), load_external_data=False).graph.input[0].name
-            quant_pre_process(str(src), str(pre))
+            # Symbolic shape inference is for dynamic transformer shapes; a CNN's come from ONNX's own inference,
+            # and on failure ORT's symbolic pass leaves a file in the working directory.
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(
                 str(pre), str(out), _Reader(input_name, calibration.x.astype(np.float32)),
                 quant_format=QuantFormat.QOperator if scheme.format == "qoperator" else QuantFormat.QDQ,
