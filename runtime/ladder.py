@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from edgeshift.core.errors import EdgeshiftError, InputFileError
+from edgeshift.core.jsonio import loads_bounded
 
 if TYPE_CHECKING:
     from edgeshift.device_profiles import DeviceProfile
@@ -105,7 +106,7 @@ def ladder_accuracy(top1: float | None, reference: bool) -> float:
 
 def _read_bench(path: Path) -> dict:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = loads_bounded(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputFileError(f"{path}: not a bench result ({exc}); write one with `edgeshift bench --save`") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("variants"), list):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgeshift.core.errors import PortfolioError, require_file
+from edgeshift.core.jsonio import loads_bounded
 
 from .manifest import (
     MANIFEST_NAME,
@@ -129,7 +130,7 @@ class Portfolio:
             raise PortfolioError(f"{path}: no {MANIFEST_NAME}; is this a portfolio built by edgeshift export?")
         raw = _read_capped(zf, zf.getinfo(MANIFEST_NAME), MAX_MANIFEST_BYTES, path)
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = loads_bounded(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PortfolioError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
         try:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeshift.core.errors import InputFileError
+from edgeshift.core.jsonio import loads_bounded
 
 from .policies import Observation, SwitchPolicy, VariantView
 from .portfolio import Portfolio
@@ -55,7 +56,7 @@ def read_trace(path: str | Path) -> list[TracePoint]:
         raise InputFileError(f"trace file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
-        rows = json.loads(text) if path.suffix == ".json" else list(csv.DictReader(text.splitlines()))
+        rows = loads_bounded(text) if path.suffix == ".json" else list(csv.DictReader(text.splitlines()))
     except (json.JSONDecodeError, csv.Error) as exc:
         raise InputFileError(f"{path}: cannot parse trace ({exc})") from None
     if not isinstance(rows, list) or not rows:

@@ -8,7 +8,7 @@ import sys
 from typer.testing import CliRunner
 
 from device_helpers import BLOCK_TORCH, ROOT, npy_images
-from onnx_helpers import speed_portfolio, tiny_portfolio
+from onnx_helpers import speed_portfolio, tiny_portfolio, write_zip
 from edgeshift.cli import app
 
 runner = CliRunner()
@@ -60,6 +60,25 @@ def test_broken_portfolio_is_one_line(tmp_path):
         result = runner.invoke(app, [cmd[0], str(tmp_path / "bad.zip"), *cmd[1:]])
         assert result.exit_code == 2
         assert "not a portfolio" in one_error_line(result) or "not found" in one_error_line(result)
+
+
+def test_deeply_nested_inputs_are_one_line(tmp_path):
+    """Python's JSON and TOML parsers recurse per level: a hostile file must not reach them as a RecursionError."""
+    write_zip(tmp_path / "deep.zip", b"[" * 200_000 + b"]" * 200_000, {})
+    for cmd in (["inspect"], ["bench"], ["run", "--images", str(tmp_path)]):
+        result = runner.invoke(app, [cmd[0], str(tmp_path / "deep.zip"), *cmd[1:]])
+        assert result.exit_code == 2 and "nested deeper than 32 levels" in one_error_line(result)
+    tiny_portfolio(tmp_path / "pf.zip")
+    (tmp_path / "trace.json").write_text("[" * 100_000)
+    result = runner.invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", str(tmp_path / "trace.json")])
+    assert result.exit_code == 2 and "nested deeper than 32 levels" in one_error_line(result)
+    (tmp_path / "pi.toml").write_text("a = " + "[" * 100_000)
+    result = runner.invoke(app, ["bench", str(tmp_path / "pf.zip"), "--profile", str(tmp_path / "pi.toml")])
+    assert result.exit_code == 2 and "nested too deeply" in one_error_line(result)
+    (tmp_path / "pf.bench.json").write_text("{" * 100_000)  # a saved bench beside the portfolio
+    (tmp_path / "trace.csv").write_text("time_s,rps\n0,10\n1,10\n")
+    result = runner.invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", str(tmp_path / "trace.csv")])
+    assert result.exit_code == 2 and "nested deeper than 32 levels" in one_error_line(result)
 
 
 def test_unknown_profile_and_missing_file(tmp_path):

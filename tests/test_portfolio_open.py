@@ -145,6 +145,19 @@ def test_manifest_not_json(tmp_path):
     refused(broken(tmp_path, manifest=b"{not json"), "not valid JSON")
 
 
+@pytest.mark.parametrize("nesting", [b"[" * 200_000 + b"]" * 200_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000])
+def test_deeply_nested_manifest_is_refused_before_parsing(tmp_path, nesting):
+    refused(broken(tmp_path, manifest=nesting), "nested deeper than 32 levels")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
+    blobs = tiny_blobs()
+    manifest = manifest_for(blobs)
+    manifest["architecture"] = "[[[[" * 1000 + '\\\\"{' * 100  # escaped quotes too
+    with Portfolio.open(broken(tmp_path, manifest=manifest, blobs=blobs)) as pf:
+        assert pf.names == sorted(blobs, key=lambda n: len(blobs[n]))
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda m: m.update(schema_version=99), "schema_version 99 is not supported"),
     (lambda m: m["variants"].reverse(), "sorted by bytes"),

@@ -185,6 +185,8 @@ def read_toml(path: Any, *, error: type[EdgeshiftError] = EdgeshiftError, what: 
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:  # tomllib recurses per nesting level, in Python, so this is raised cleanly
+        raise error(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def load_toml(
