@@ -7,14 +7,19 @@ A profile file::
 
     [execution]
     providers = ["XnnpackExecutionProvider", "CPUExecutionProvider"]  # in order of preference
-    intra_op_threads = 1          # int, or "auto" (the machine's cores)
+    intra_op_threads = 4          # int, or "auto" (the machine's cores)
     inter_op_threads = 1
     graph_optimization = "all"    # disable | basic | extended | all
     execution_mode = "sequential" # sequential | parallel
-    session_config = { "session.intra_op.allow_spinning" = "0" }
+    session_config = {}           # ORT session config entries
+    engine_cache = ""             # a folder for compiled engines (TensorRT): one per variant, by its sha256
 
     [execution.provider_options.XnnpackExecutionProvider]
     intra_op_num_threads = 4      # options passed to that provider, values as strings or numbers
+
+    [execution.when.XnnpackExecutionProvider]  # replaces the above when this provider is present and leads
+    intra_op_threads = 1          # XNNPACK owns the cores; ORT's own pool stays at 1, not spinning
+    session_config = { "session.intra_op.allow_spinning" = "0" }
 
     [serving]
     batch_size = 1
@@ -46,7 +51,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Iterable, Literal, Union
 
 from edgeshift.core.config import load, read_toml, setting
 from edgeshift.core.errors import ProfileError
@@ -65,6 +70,19 @@ def _share(value: float) -> str | None:
 
 
 @dataclass(frozen=True)
+class ProviderOverrides:
+    """Settings that replace ``[execution]``'s when one provider is the first of the profile's that is present.
+
+    Why: thread settings belong to the provider doing the work. XNNPACK runs its own pool, so ORT's should be 1;
+    the CPU provider needs ORT's pool at the device's cores. Which one a device gets depends on the onnxruntime
+    build installed there (PyPI's aarch64 wheels have no XNNPACK), so it is decided when a session is made."""
+
+    intra_op_threads: Union[int, None] = setting(None, "ORT's intra-op threads (unset: [execution]'s)", minimum=0)
+    inter_op_threads: Union[int, None] = setting(None, "ORT's inter-op threads (unset: [execution]'s)", minimum=0)
+    session_config: dict[str, str] = setting({}, "ORT session config entries, added to [execution]'s")
+
+
+@dataclass(frozen=True)
 class ExecutionSettings:
     providers: tuple[str, ...] = setting(
         ("CPUExecutionProvider",), "ONNX Runtime providers, preferred first; missing ones are skipped", check=_providers
@@ -77,6 +95,14 @@ class ExecutionSettings:
     execution_mode: ExecutionMode = setting("sequential", "ORT execution mode")
     session_config: dict[str, str] = setting({}, "ORT session config entries")
     provider_options: dict[str, dict[str, OptionValue]] = setting({}, "provider name -> its options")
+    when: dict[str, ProviderOverrides] = setting(
+        {}, "provider name -> settings that replace these when it is the first present (threads per provider)"
+    )
+    engine_cache: str = setting(
+        "",
+        "folder for compiled engines (TensorRT): a subfolder per variant named by its sha256, and a shared timing "
+        "cache, so a switch loads an engine instead of building one; '~' expands, empty: no cache",
+    )
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,97 @@ def cpu_profile(threads: int = 1, name: str = "cpu") -> DeviceProfile:
         name=name,
         description=f"CPU provider, {threads} intra-op threads",
         execution=ExecutionSettings(intra_op_threads=threads),
+    )
+
+
+TENSORRT = "TensorrtExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """What a session under a profile really gets from the onnxruntime build at hand: the providers present (CPU
+    last), their options, and the thread settings of the provider that leads. Reported by ``bench`` and the
+    runtime, since the profile alone does not say which of its providers a device has."""
+
+    providers: tuple[str, ...]
+    provider_options: tuple[dict[str, str], ...]
+    missing: tuple[str, ...]  # the profile's providers this build lacks
+    intra_op_threads: int
+    inter_op_threads: int
+    session_config: dict[str, str]
+    engine_dir: str | None = None  # this variant's compiled-engine folder (TensorRT with an engine_cache)
+
+    @property
+    def lead(self) -> str:
+        """The provider that runs the model (the first present; later ones take what it cannot)."""
+        return self.providers[0]
+
+    @property
+    def provider_threads(self) -> dict[str, int]:
+        """Thread counts given to providers through their options (e.g. XNNPACK's intra_op_num_threads)."""
+        found = {}
+        for name, options in zip(self.providers, self.provider_options):
+            for key, value in options.items():
+                if "threads" in key and value.isdigit():
+                    found[name] = int(value)
+        return found
+
+    def describe(self) -> dict:
+        """The plan as JSON-ready figures."""
+        return {
+            "providers": list(self.providers),
+            "lead": self.lead,
+            "missing": list(self.missing),
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+            "provider_threads": self.provider_threads,
+            "session_config": dict(self.session_config),
+        }
+
+    def summary(self) -> str:
+        """One line: e.g. ``CPUExecutionProvider, 4 intra-op threads``."""
+        return execution_summary(self.describe())
+
+
+def execution_summary(execution: dict) -> str:
+    """A ``SessionPlan.describe()`` document in words: the leading provider and the threads in effect."""
+    extra = "".join(
+        f", {p} {n} threads" for p, n in execution["provider_threads"].items() if p in execution["providers"]
+    )
+    return f"{execution['lead']}, {execution['intra_op_threads']} intra-op threads{extra}"
+
+
+def plan_session(profile: DeviceProfile, available: Iterable[str], variant_sha256: str | None = None) -> SessionPlan:
+    """The session plan for ``profile`` given the providers this onnxruntime build has (``available``): the
+    profile's providers that are present, in order, CPU last; ``[execution.when.<lead>]`` applied for the one that
+    leads; a TensorRT engine folder per variant when the profile names an ``engine_cache``."""
+    ex = profile.execution
+    have = set(available)
+    chosen = [p for p in ex.providers if p in have]
+    missing = tuple(p for p in ex.providers if p not in have)
+    if CPU not in chosen:
+        chosen.append(CPU)
+    options = [{k: str(v) for k, v in ex.provider_options.get(p, {}).items()} for p in chosen]
+    overrides = ex.when.get(chosen[0], ProviderOverrides())
+    engine_dir = None
+    if TENSORRT in chosen and ex.engine_cache and variant_sha256:
+        cache = Path(ex.engine_cache).expanduser()
+        engine_dir = str(cache / variant_sha256)
+        options[chosen.index(TENSORRT)].update(
+            trt_engine_cache_enable="True",
+            trt_engine_cache_path=engine_dir,
+            trt_timing_cache_enable="True",
+            trt_timing_cache_path=str(cache),
+        )
+    return SessionPlan(
+        providers=tuple(chosen),
+        provider_options=tuple(options),
+        missing=missing,
+        intra_op_threads=int(ex.intra_op_threads if overrides.intra_op_threads is None else overrides.intra_op_threads),
+        inter_op_threads=ex.inter_op_threads if overrides.inter_op_threads is None else overrides.inter_op_threads,
+        session_config={**ex.session_config, **overrides.session_config},
+        engine_dir=engine_dir,
     )
 
 

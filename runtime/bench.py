@@ -18,7 +18,7 @@ from edgeshift.core.atomic import write_text_atomic
 from .ladder import bench_ladder
 from .measure import machine_fingerprint, time_interleaved
 from .portfolio import Portfolio
-from .session import absorb_first_session_cost, session_for_variant
+from .session import absorb_first_session_cost, engine_cached, session_for_variant, session_plan
 
 
 @dataclass
@@ -38,6 +38,8 @@ class VariantBench:
     top1: float | None  # accuracy recorded at build time
     sha256: str = ""  # which model was measured (a saved bench is used only while it matches)
     round_p50_ms: tuple[float, ...] = ()  # the median of each interleaved round
+    providers: tuple[str, ...] = ()  # what the session really runs on (ORT's get_providers)
+    engine_cached: bool | None = None  # its compiled engine came from the profile's cache (None: no engine cache)
 
 
 def _rss_mb() -> float:
@@ -53,15 +55,17 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     batch = profile.serving.batch_size
     shape = [batch if d is None else d for d in portfolio.input_spec.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    names = variants or portfolio.names
+    cached = {n: engine_cached(profile, portfolio.info(n).sha256) for n in names}  # before any session is made
     absorb_first_session_cost(portfolio, profile)
     built = {}
-    for name in variants or portfolio.names:
+    for name in names:
         gc.collect()
         before = _rss_mb()
         session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile)
         inp = session.get_inputs()[0].name
         session.run(None, {inp: x})
-        built[name] = (session, inp, inflate_ms, create_ms, _rss_mb() - before)
+        built[name] = (session, inp, inflate_ms, create_ms, _rss_mb() - before, cached[name])
     b = profile.benchmark
     stats = time_interleaved(
         {name: functools.partial(s.run, None, {inp: x}) for name, (s, inp, *_) in built.items()},
@@ -72,7 +76,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
         batch=batch,
     )
     results = []
-    for name, (_, _, inflate_ms, create_ms, growth) in built.items():
+    for name, (session, _, inflate_ms, create_ms, growth, cached) in built.items():
         info, st = portfolio.info(name), stats[name]
         results.append(
             VariantBench(
@@ -91,6 +95,8 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
                 info.top1,
                 info.sha256,
                 st.round_p50_ms,
+                tuple(session.get_providers()),
+                cached,
             )
         )
     return results
@@ -98,16 +104,22 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
 
 def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -> dict:
     rows = [asdict(r) for r in results]
+    plan = session_plan(profile)
+    execution = plan.describe()
+    if results:  # what the sessions really got, not what was asked for
+        execution["providers"] = list(results[0].providers)
+        execution["lead"] = results[0].providers[0]
     return {
         "portfolio": str(portfolio.path),
         "profile": profile.name,
         "fingerprint": machine_fingerprint(),
+        "execution": execution,
         "settings": {
             "batch": profile.serving.batch_size,
             "warmup": profile.benchmark.warmup,
             "iterations": profile.benchmark.iterations,
             "rounds": profile.benchmark.rounds,
-            "intra_op_threads": profile.execution.intra_op_threads,
+            "intra_op_threads": plan.intra_op_threads,
             "ladder_min_gain": profile.benchmark.ladder_min_gain,
         },
         "variants": rows,

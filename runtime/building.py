@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .portfolio import Portfolio
-from .session import session_for_variant
+from .session import engine_cached, session_for_variant
 
 
 @dataclass
@@ -40,6 +40,7 @@ class SwitchRecord:
     total_ms: float  # from the request to the swap
     standby: bool  # served from a warm standby session (no inflate/create)
     yielded_ms: float = 0.0  # of inflate_ms: time the switch slept to leave the CPU to requests
+    engine_cached: bool | None = None  # its compiled engine was in the profile's cache (None: no engine cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +53,7 @@ class Built:
     create_ms: float
     warm_ms: float
     yielded_ms: float  # of inflate_ms: time spent resting
+    engine_cached: bool | None = None  # see SwitchRecord
 
 
 def build_slot(
@@ -75,6 +77,7 @@ def build_slot(
             time.sleep(pause)
             yielded[0] += pause
 
+    cached = engine_cached(profile, portfolio.info(name).sha256)
     session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, pace)
     t2 = time.perf_counter()
     inp = session.get_inputs()[0]
@@ -83,4 +86,4 @@ def build_slot(
     for _ in range(warmup_runs):
         session.run(None, {inp.name: zeros})
     warm_ms = (time.perf_counter() - t2) * 1e3
-    return Built(Slot(name, session, inp.name), inflate_ms, create_ms, warm_ms, yielded[0] * 1e3)
+    return Built(Slot(name, session, inp.name), inflate_ms, create_ms, warm_ms, yielded[0] * 1e3, cached)

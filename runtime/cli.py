@@ -40,6 +40,8 @@ def bench(
 ) -> None:
     """Measure every variant on this device, against each other in one interleaved run: inflate, session creation,
     latency percentiles, throughput, RSS, and the ladder these figures give."""
+    from edgeshift.device_profiles.profile import execution_summary
+
     from .bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_csv, write_json
     from .ladder import bench_path_for
 
@@ -48,12 +50,18 @@ def bench(
     fp = doc["fingerprint"]
     typer.echo(
         f"{portfolio} on {fp['machine']} {fp['cpu']} x{fp['cores']}, onnxruntime {fp['onnxruntime']}, "
-        f"profile {prof.name} (batch {prof.serving.batch_size}, {prof.execution.intra_op_threads} threads, "
+        f"profile {prof.name} (batch {prof.serving.batch_size}, {execution_summary(doc['execution'])}, "
         f"{prof.benchmark.rounds} interleaved rounds)"
     )
     echo_table(bench_rows(results, doc["ladder"]), BENCH_HEADER)
     for line in ladder_lines(doc):
         typer.echo(line)
+    cached = [r.engine_cached for r in results if r.engine_cached is not None]
+    if cached:
+        typer.echo(
+            f"compiled engines: {cached.count(True)} loaded from the cache, {cached.count(False)} built now and "
+            f"cached, so later switches load them"
+        )
     if save:
         write_json(bench_path_for(portfolio), doc)
         typer.echo(f"wrote {bench_path_for(portfolio)}")

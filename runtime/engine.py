@@ -22,11 +22,12 @@ from edgeshift import device_profiles
 from edgeshift.core.errors import InputShapeError, UnknownNameError
 
 from . import policies
-from .building import Slot, SwitchRecord, build_slot
+from .building import Built, Slot, SwitchRecord, build_slot
 from .ladder import device_ladder
 from .monitor import observe
 from .portfolio import Portfolio
 from .request_log import RequestLog
+from .session import session_plan
 
 __all__ = ["Runtime", "SwitchRecord"]
 
@@ -87,15 +88,28 @@ class Runtime:
             self.ladder = device_ladder(self.portfolio, self.profile, bench)
             name = start or self.ladder.steps[(len(self.ladder.steps) - 1) // 2]
             self.portfolio.info(name)  # unknown start -> error naming the variants
-            slot, inflate, create, warm, yielded = self._build(name)
+            first = self._build(name)
         except BaseException:
             self._executor.shutdown(wait=False)
             if self._owns_portfolio:
                 self.portfolio.close()
             raise
-        self._active = slot
+        self._active = first.slot
+        total = first.inflate_ms + first.create_ms + first.warm_ms
         self._switches.append(
-            SwitchRecord("", name, "start", 0.0, inflate, create, warm, inflate + create + warm, False, yielded)
+            SwitchRecord(
+                "",
+                name,
+                "start",
+                0.0,
+                first.inflate_ms,
+                first.create_ms,
+                first.warm_ms,
+                total,
+                False,
+                first.yielded_ms,
+                first.engine_cached,
+            )
         )
         if self.preload_neighbours:
             self._executor.submit(self._refresh_standby)
@@ -150,11 +164,11 @@ class Runtime:
         return out, slot.name
 
     # -- switching ----------------------------------------------------------------------------------------
-    def _build(self, name: str, paced: bool = True) -> tuple[Slot, float, float, float, float]:
-        """Inflate, create and warm ``name``'s session: (slot, inflate_ms, create_ms, warm_ms, yielded_ms).
+    def _build(self, name: str, paced: bool = True) -> Built:
+        """Inflate, create and warm ``name``'s session.
 
         ``paced``: while requests are being served, rest between inflated pieces (``building``)."""
-        b = build_slot(
+        return build_slot(
             self.portfolio,
             name,
             self.profile,
@@ -163,7 +177,6 @@ class Runtime:
             cpu_share=self.switch_cpu_share if paced else 1.0,
             serving=self._log.serving,
         )
-        return b.slot, b.inflate_ms, b.create_ms, b.warm_ms, b.yielded_ms
 
     def _order(self) -> list[str]:
         """What the policy chooses among: the ladder (fastest first), or every variant by size."""
@@ -192,7 +205,7 @@ class Runtime:
                     del self._standby[name]
             missing = [n for n in wanted if n not in self._standby]
         for name in missing:
-            slot = self._build(name)[0]
+            slot = self._build(name).slot
             with self._lock:
                 if name in self._neighbours(self.active):
                     self._standby[name] = slot
@@ -205,9 +218,10 @@ class Runtime:
             with self._lock:
                 slot = self._standby.pop(name, None)
             standby = slot is not None
-            inflate = create = warm = yielded = 0.0
+            built = None
             if slot is None:
-                slot, inflate, create, warm, yielded = self._build(name, paced=self._slower(name, source))
+                built = self._build(name, paced=self._slower(name, source))
+                slot = built.slot
             old = self._active
             self._active = slot  # the swap: one reference assignment
             with self._lock:
@@ -218,12 +232,13 @@ class Runtime:
                 name,
                 reason,
                 requested - self._t0,
-                inflate,
-                create,
-                warm,
+                built.inflate_ms if built else 0.0,
+                built.create_ms if built else 0.0,
+                built.warm_ms if built else 0.0,
                 (time.perf_counter() - requested) * 1e3,
                 standby,
-                yielded,
+                built.yielded_ms if built else 0.0,
+                built.engine_cached if built else None,
             )
             with self._lock:
                 self._switches.append(record)
@@ -263,6 +278,13 @@ class Runtime:
                 self.switch_to(views[decision.target].name, reason=f"{self.policy.name}: {decision.reason}", wait=False)
 
     # -- reporting ----------------------------------------------------------------------------------------
+    def execution(self) -> dict:
+        """What the active session really runs on: its providers (ONNX Runtime's own answer) and the threads and
+        config the profile's plan gave it on this onnxruntime build."""
+        plan = session_plan(self.profile).describe()
+        providers = self._active.session.get_providers()
+        return {**plan, "providers": providers, "lead": providers[0]}
+
     def stats(self) -> dict:
         with self._lock:
             out = {
@@ -271,6 +293,7 @@ class Runtime:
                 "switches": len(self._switches) - 1,
                 "ladder": list(self.ladder.steps),
                 "ladder_source": self.ladder.source,
+                "execution": self.execution(),
                 "switch_log": [s.to_dict() for s in self._switches],
                 "standby": sorted(self._standby),
             }

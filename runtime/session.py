@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+
+from edgeshift.device_profiles.profile import SessionPlan, plan_session
 
 _warned: set[tuple[str, ...]] = set()
 
 
-def providers_for(profile) -> tuple[list[str], list[dict]]:
-    """The profile's providers that this onnxruntime build has, in order, with their options; CPU last.
-
-    Providers it lacks are skipped with one warning per distinct set."""
+def session_plan(profile, variant_sha256: str | None = None) -> SessionPlan:
+    """The profile's plan on this onnxruntime build (see ``plan_session``); providers it lacks are skipped with
+    one warning per distinct set."""
     import onnxruntime as ort
 
-    available = set(ort.get_available_providers())
-    wanted = list(profile.execution.providers)
-    chosen = [p for p in wanted if p in available]
-    missing = tuple(p for p in wanted if p not in available)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    if missing and missing not in _warned:
-        _warned.add(missing)
+    plan = plan_session(profile, ort.get_available_providers(), variant_sha256)
+    if plan.missing and plan.missing not in _warned:
+        _warned.add(plan.missing)
         warnings.warn(
-            f"profile {profile.name}: {', '.join(missing)} not available in this onnxruntime build; "
-            f"using {', '.join(chosen)}",
+            f"profile {profile.name}: {', '.join(plan.missing)} not available in this onnxruntime build; "
+            f"using {plan.summary()}",
             RuntimeWarning,
             stacklevel=3,
         )
-    options = [dict(profile.execution.provider_options.get(p, {})) for p in chosen]
-    return chosen, options
+    return plan
 
 
 _OPT_LEVELS = {
@@ -39,30 +35,46 @@ _OPT_LEVELS = {
 }
 
 
-def profile_session_options(profile):
-    """ONNX Runtime session options from a device profile's [execution] table."""
+def session_options(profile, plan: SessionPlan):
+    """ONNX Runtime session options: the profile's [execution] table with the plan's threads and config."""
     import onnxruntime as ort
 
     ex = profile.execution
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(ex.intra_op_threads)
-    opts.inter_op_num_threads = int(ex.inter_op_threads)
+    opts.intra_op_num_threads = plan.intra_op_threads
+    opts.inter_op_num_threads = plan.inter_op_threads
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[ex.graph_optimization])
     opts.log_severity_level = 3
     opts.execution_mode = (
         ort.ExecutionMode.ORT_PARALLEL if ex.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
     )
-    for key, value in ex.session_config.items():
+    for key, value in plan.session_config.items():
         opts.add_session_config_entry(key, value)
     return opts
 
 
-def create_session(model: bytes | str, profile):
-    """A session under ``profile`` from ONNX bytes or the path of an in-memory file (``Portfolio.inflated_path``)."""
+def create_session(model: bytes | str, profile, variant_sha256: str | None = None):
+    """A session under ``profile`` from ONNX bytes or the path of an in-memory file (``Portfolio.inflated_path``);
+    ``variant_sha256`` names the variant's own engine folder where the profile caches compiled engines."""
     import onnxruntime as ort
 
-    providers, options = providers_for(profile)
-    return ort.InferenceSession(model, profile_session_options(profile), providers=providers, provider_options=options)
+    plan = session_plan(profile, variant_sha256)
+    if plan.engine_dir is not None:
+        os.makedirs(plan.engine_dir, exist_ok=True)
+    return ort.InferenceSession(
+        model,
+        session_options(profile, plan),
+        providers=list(plan.providers),
+        provider_options=[dict(o) for o in plan.provider_options],
+    )
+
+
+def engine_cached(profile, variant_sha256: str) -> bool | None:
+    """Whether this variant's compiled engine is already in the profile's cache (None: no engine cache in use)."""
+    plan = session_plan(profile, variant_sha256)
+    if plan.engine_dir is None:
+        return None
+    return os.path.isdir(plan.engine_dir) and any(os.scandir(plan.engine_dir))
 
 
 def session_for_variant(portfolio, name: str, profile, pace=None):
@@ -76,7 +88,7 @@ def session_for_variant(portfolio, name: str, profile, pace=None):
     with portfolio.inflated_path(name, pace) as path:
         model = path if path is not None else portfolio.inflate(name, pace)
         t1 = time.perf_counter()
-        session = create_session(model, profile)
+        session = create_session(model, profile, portfolio.info(name).sha256)
     t2 = time.perf_counter()
     return session, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 

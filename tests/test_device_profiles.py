@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from edgeshift import device_profiles
@@ -13,12 +15,52 @@ def test_every_builtin_profile_loads():
         assert p.benchmark.iterations >= 1
 
 
-def test_pi_profiles_follow_the_xnnpack_threading_advice():
-    p = device_profiles.load_profile("rpi4")
-    assert p.execution.providers[0] == "XnnpackExecutionProvider"
-    assert p.execution.intra_op_threads == 1
-    assert p.execution.session_config["session.intra_op.allow_spinning"] == "0"
-    assert p.execution.provider_options["XnnpackExecutionProvider"]["intra_op_num_threads"] == "4"
+CPU, XNNPACK, TRT = "CPUExecutionProvider", "XnnpackExecutionProvider", "TensorrtExecutionProvider"
+
+
+@pytest.mark.parametrize("name", ["rpi4", "rpi5"])
+def test_pi_threads_go_to_the_provider_that_really_runs(name):
+    """PyPI's aarch64 onnxruntime has no XNNPACK: the CPU provider must get the Pi's 4 cores. Where XNNPACK is
+    present it gets them, and ORT's own pool stays at 1 without spinning (ORT's XNNPACK advice)."""
+    p = device_profiles.load_profile(name)
+    cpu_only = device_profiles.plan_session(p, [CPU, "AzureExecutionProvider"])
+    assert (cpu_only.lead, cpu_only.intra_op_threads, cpu_only.session_config) == (CPU, 4, {})
+    assert cpu_only.missing == (XNNPACK,) and cpu_only.provider_threads == {}
+    assert cpu_only.summary() == "CPUExecutionProvider, 4 intra-op threads"
+    xnn = device_profiles.plan_session(p, [XNNPACK, CPU])
+    assert (xnn.lead, xnn.intra_op_threads, xnn.provider_threads) == (XNNPACK, 1, {XNNPACK: 4})
+    assert xnn.session_config == {"session.intra_op.allow_spinning": "0"} and xnn.missing == ()
+
+
+def test_overrides_apply_only_to_the_provider_that_leads(tmp_path):
+    text = (
+        '[execution]\nproviders = ["XnnpackExecutionProvider", "CPUExecutionProvider"]\nintra_op_threads = 3\n'
+        'session_config = { "a" = "1" }\n'
+        '[execution.when.CPUExecutionProvider]\ninter_op_threads = 2\nsession_config = { "b" = "2" }\n'
+        '[execution.when.XnnpackExecutionProvider]\nintra_op_threads = 1\n'
+    )
+    p = device_profiles.load_profile(write(tmp_path, text))
+    cpu = device_profiles.plan_session(p, [CPU])
+    assert (cpu.intra_op_threads, cpu.inter_op_threads, cpu.session_config) == (3, 2, {"a": "1", "b": "2"})
+    xnn = device_profiles.plan_session(p, [XNNPACK, CPU])
+    assert (xnn.intra_op_threads, xnn.inter_op_threads, xnn.session_config) == (1, 1, {"a": "1"})
+
+
+def test_jetson_engines_are_cached_per_variant():
+    """A TensorRT engine is built once per variant, into a folder named by its sha256, with one shared timing
+    cache; without TensorRT, or without a variant, no engine options are set."""
+    p = device_profiles.load_profile("jetson-orin-nano")
+    sha_a, sha_b = "a" * 64, "b" * 64
+    plans = [device_profiles.plan_session(p, [TRT, "CUDAExecutionProvider", CPU], sha) for sha in (sha_a, sha_b)]
+    for plan, sha in zip(plans, (sha_a, sha_b)):
+        trt = plan.provider_options[plan.providers.index(TRT)]
+        assert plan.lead == TRT and plan.engine_dir == trt["trt_engine_cache_path"]
+        assert trt["trt_engine_cache_path"].endswith(f".cache/edgeshift/tensorrt/{sha}")
+        assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "True"
+        assert trt["trt_timing_cache_path"] == str(Path(trt["trt_engine_cache_path"]).parent)
+        assert trt["trt_fp16_enable"] == "True"  # the profile's own options are kept
+    assert device_profiles.plan_session(p, [CPU], sha_a).engine_dir is None
+    assert device_profiles.plan_session(p, [TRT, CPU]).engine_dir is None
 
 
 def test_host_profile_is_detected_from_this_machine():
