@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo venv clean
+.PHONY: test lint demo venv clean pi-check pi-matrix
 
 venv: $(STAMP)
 
@@ -39,6 +39,18 @@ ARCH ?= resnet20
 OUT ?= out/demo
 demo: $(STAMP)
 	$(VENV)/bin/edgeshift pipeline configs/demo.toml --data $(DATA) --arch $(ARCH) --out $(OUT)
+
+# The device side installed from the wheel on an emulated Raspberry Pi 4 (cortex-a72) and 5 (cortex-a76), under
+# Debian's arm64 Python 3.11 (bookworm) and 3.13 (trixie), every answer compared with this machine's
+# (tests/emulated_pi/check.py). Downloads are kept in build/emulated-pi. ONNXRUNTIME=1.21.0 pins a version.
+ONNXRUNTIME ?=
+pi-check: $(STAMP)
+	$(PY) tests/emulated_pi/check.py $(if $(ONNXRUNTIME),--onnxruntime $(ONNXRUNTIME))
+
+# The same check over onnxruntime versions, as a table (BENCHMARKS.md).
+ORT_VERSIONS ?= 1.16.0,1.20.1,1.21.0,1.21.1,1.22.0,1.31.1
+pi-matrix: $(STAMP)
+	$(PY) tests/emulated_pi/check.py --matrix $(ORT_VERSIONS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
