@@ -77,7 +77,7 @@ def run(
     portfolio: Path = typer.Argument(..., help="A portfolio file (.zip)."),
     images: Path = typer.Option(..., "--images", help="A folder of images (jpg/png need Pillow; .npy do not)."),
     profile: str = typer.Option("host", help="A device profile name or a .toml path."),
-    variant: Optional[str] = typer.Option(None, help="The variant to use (default: the median-size one)."),
+    variant: Optional[str] = typer.Option(None, help="The variant to use (default: the middle step of the ladder)."),
     top: int = typer.Option(1, min=1, help="How many classes to print per image."),
     batch: int = typer.Option(16, min=1, help="Images per inference call."),
 ) -> None:
