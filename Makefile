@@ -48,7 +48,7 @@ pi-check: $(STAMP)
 	$(PY) tests/emulated_pi/check.py $(if $(ONNXRUNTIME),--onnxruntime $(ONNXRUNTIME))
 
 # The same check over onnxruntime versions, as a table (BENCHMARKS.md).
-ORT_VERSIONS ?= 1.16.0,1.20.1,1.21.0,1.21.1,1.22.0,1.31.1
+ORT_VERSIONS ?= 1.16.0,1.19.2,1.20.0,1.20.1,1.21.0,1.21.1,1.22.0,1.31.1
 pi-matrix: $(STAMP)
 	$(PY) tests/emulated_pi/check.py --matrix $(ORT_VERSIONS)
 
