@@ -126,7 +126,8 @@ def layerprune_cmd(
         finetune = _train_config(epochs, iterations, batch_size, lr, 0.9, weight_decay, Schedule.cosine, 0, seed,
                                  True)
     report = layerprune_checkpoint(checkpoint, out, cfg, data=data, finetune=finetune, train_samples=train_samples,
-                                   test_samples=test_samples, json_out=json_out, measure=OrtMeasurer(cfg.profile))
+                                   test_samples=test_samples, json_out=json_out, measure=OrtMeasurer(cfg.profile),
+                                   say=typer.echo)
     typer.echo(report.table())
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 

@@ -113,6 +113,9 @@ def test_layerprune_cli_removes_fine_tunes_and_mixes_into_a_portfolio(trained, t
                                  str(rep)])
     assert result.exit_code == 0, result.output
     doc = json.loads(rep.read_text())
+    for step in ("loading generated", "ranking layers and blocks by imprint", "choosing what to remove (7 candidates)",
+                 f"removed {', '.join(doc['removed'])}; top-1 before and after"):  # nothing runs for minutes unannounced
+        assert step in result.output
     assert len(doc["candidates"]) == 7 and len(doc["removed"]) == 2
     ranked = sorted(doc["candidates"], key=lambda c: c["rank"])
     assert [c["name"] for c in ranked[:2]] == doc["removed"]  # the two lowest-ranked went

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -163,7 +164,8 @@ def choose_removal(model: nn.Module, candidates: list[Candidate], scores: dict[s
 
 
 def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, test: Dataset | None = None,
-               finetune=None, mask: dict | None = None, *, measure: ModelMeasurer) -> tuple[nn.Module, LayerPruneReport]:
+               finetune=None, mask: dict | None = None, *, measure: ModelMeasurer,
+               say: Callable[[str], None] = lambda message: None) -> tuple[nn.Module, LayerPruneReport]:
     """Rank ``model``'s candidates with ``cfg.criterion``, remove to the budget, optionally fine-tune.
 
     ``finetune`` is a ``edgeshift.pruner.train.TrainConfig`` (None: no fine-tuning; it then needs ``train`` and ``test``),
@@ -175,9 +177,11 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
     model = model.eval()
     num_classes = model.edgeshift_arch["num_classes"]
     t0 = time.perf_counter()
+    say(f"ranking layers and blocks by {cfg.criterion}")
     data = criterion_data(train, num_classes, cfg) if train is not None else None
     candidates, scores = rank_candidates(model, cfg.criterion, data, cfg.remove)
     seconds_ranking = time.perf_counter() - t0
+    say(f"choosing what to remove ({len(candidates)} candidates), timed under profile {measure.profile_name}")
     removed, tried = choose_removal(model, candidates, scores, cfg, measure)
     pruned = remove_candidates(model, removed, candidates).eval()
     r = {name: i for i, name in enumerate(sorted((c.name for c in candidates), key=lambda n: scores[n]))}
@@ -192,6 +196,7 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
         profile=measure.profile_name, tried=tried, seconds_ranking=seconds_ranking,
     )
     if test is not None:
+        say(f"removed {', '.join(removed)}; top-1 before and after through ONNX Runtime on {len(test)} test images")
         report.accuracy_before = onnx_top1(model, test, measure)
         report.accuracy_removed = onnx_top1(pruned, test, measure)
     if finetune is not None:
@@ -211,7 +216,8 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
 
 def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, finetune=None,
                           train_samples: int | None = None, test_samples: int | None = None,
-                          json_out=None, measure: ModelMeasurer) -> LayerPruneReport:
+                          json_out=None, measure: ModelMeasurer,
+                          say: Callable[[str], None] = lambda message: None) -> LayerPruneReport:
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
     import json
 
@@ -223,6 +229,7 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
     cfg.validate()
     model, payload = load_checkpoint(checkpoint)
     arch = model.edgeshift_arch
+    say(f"loading {data}")
     train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
     test = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
     if train.num_classes != arch["num_classes"]:
@@ -233,7 +240,7 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
     if test_samples:
         test = test.subset(test_samples, cfg.seed)
     pruned, report = layerprune(model, cfg, train, test, finetune, mask=payload.get("masks") or None,
-                                measure=measure)
+                                measure=measure, say=say)
     params = dict(pruned.named_parameters())
     masks = {k: v for k, v in (payload.get("masks") or {}).items() if k in params}
     meta = {k: v for k, v in payload.get("meta", {}).items() if k in ("test_accuracy",)}
