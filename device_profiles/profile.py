@@ -128,7 +128,8 @@ class BenchmarkSettings:
     )
     ladder_min_gain: float = setting(
         0.10,
-        "a ladder step down must be at least this much faster (relative p50) and beyond the round spread",
+        "a ladder step down must be at least this much faster (relative p50), and faster in every interleaved "
+        "round (bar one from 4 rounds on)",
         check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     )
 

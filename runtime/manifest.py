@@ -129,7 +129,7 @@ class Ladder:
     steps: tuple[str, ...]  # variant names, fastest first
     profile: str  # the device profile the steps were timed under
     threads: int
-    min_gain: float  # each step down is at least this much faster (relative p50), beyond the round spread
+    min_gain: float  # each step down is at least this much faster (relative p50), faster in every interleaved round
     machine: str = ""
 
 
