@@ -76,7 +76,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
         batch=batch,
     )
     results = []
-    for name, (session, _, inflate_ms, create_ms, growth, cached) in built.items():
+    for name, (session, _, inflate_ms, create_ms, growth, engine_was_cached) in built.items():
         info, st = portfolio.info(name), stats[name]
         results.append(
             VariantBench(
@@ -96,7 +96,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
                 info.sha256,
                 st.round_p50_ms,
                 tuple(session.get_providers()),
-                cached,
+                engine_was_cached,
             )
         )
     return results
