@@ -127,10 +127,9 @@ def criterion_data(train: Dataset, num_classes: int, cfg: LayerPruneConfig) -> C
                          num_classes, cfg.batch_size)
 
 
-def rank_candidates(model: nn.Module, criterion: str, data: CriterionData | None,
-                    remove: int | None = None) -> tuple[list[Candidate], dict[str, float]]:
-    """The model's candidates (forward order) and the criterion's score for each; a ``remove`` count larger
-    than the candidates is refused before any scoring."""
+def removable_candidates(model: nn.Module, remove: int | None = None) -> list[Candidate]:
+    """The model's candidates (forward order); none, or fewer than ``remove``, is an error saying what is possible.
+    Cheap (one forward pass of one example), so commands check it before loading data."""
     candidates = find_candidates(model, _example(model, 1))
     if not candidates:
         raise EdgeshiftError(f"{model.edgeshift_arch['name']} has no removable layers or blocks (no shape-preserving "
@@ -138,6 +137,14 @@ def rank_candidates(model: nn.Module, criterion: str, data: CriterionData | None
     if remove is not None and remove > len(candidates):
         raise EdgeshiftError(f"cannot remove {remove}: {model.edgeshift_arch['name']} has {len(candidates)} "
                              f"removable candidates; pass --remove 1..{len(candidates)}")
+    return candidates
+
+
+def rank_candidates(model: nn.Module, criterion: str, data: CriterionData | None,
+                    remove: int | None = None) -> tuple[list[Candidate], dict[str, float]]:
+    """The model's candidates (forward order) and the criterion's score for each; a ``remove`` count larger
+    than the candidates is refused before any scoring."""
+    candidates = removable_candidates(model, remove)
     crit = get(criterion)
     if crit.needs_data and data is None:
         raise EdgeshiftError(f"criterion {criterion!r} needs training data; pass --data")
@@ -229,6 +236,7 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
     cfg.validate()
     model, payload = load_checkpoint(checkpoint)
     arch = model.edgeshift_arch
+    removable_candidates(model, cfg.remove)  # an impossible budget is refused before minutes of loading
     say(f"loading {data}")
     train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
     test = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
