@@ -102,7 +102,8 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
         assert q.test_samples == 64 and 0 <= q.agreement_top1 <= 1 and q.max_logit_deviation > 0
         assert kept["dense-int8"].op_counts.get("QLinearConv", 0) >= 19
         lat_int8, lat_dense = kept["dense-int8"].latency, kept["dense"].latency
-        assert lat_int8.p50_ms < lat_dense.p50_ms and lat_int8.profile == "host" and len(lat_int8.round_p50_ms) == 5
+        assert lat_int8.p50_ms < lat_dense.p50_ms and lat_int8.profile == "host"
+        assert len(lat_int8.round_p50_ms) == load_profile("host").benchmark.rounds
     else:  # measured not faster on this machine: dropped, with that reason
         reason = next(d.reason for d in m.dropped if d.name == "dense-int8")
         assert "not faster than its FP32 source dense" in reason
