@@ -56,13 +56,14 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     shape = [batch if d is None else d for d in portfolio.input_spec.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     names = variants or portfolio.names
-    cached = {n: engine_cached(profile, portfolio.info(n).sha256) for n in names}  # before any session is made
+    plans = {n: session_plan(profile, portfolio.info(n).sha256) for n in names}
+    cached = {n: engine_cached(plan) for n, plan in plans.items()}  # before any session is made
     absorb_first_session_cost(portfolio, profile)
     built = {}
     for name in names:
         gc.collect()
         before = _rss_mb()
-        session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile)
+        session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, plan=plans[name])
         inp = session.get_inputs()[0].name
         session.run(None, {inp: x})
         built[name] = (session, inp, inflate_ms, create_ms, _rss_mb() - before, cached[name])

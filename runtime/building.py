@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .portfolio import Portfolio
-from .session import engine_cached, session_for_variant
+from .session import engine_cached, session_for_variant, session_plan
 
 
 @dataclass
@@ -77,8 +77,9 @@ def build_slot(
             time.sleep(pause)
             yielded[0] += pause
 
-    cached = engine_cached(profile, portfolio.info(name).sha256)
-    session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, pace)
+    plan = session_plan(profile, portfolio.info(name).sha256)
+    cached = engine_cached(plan)  # before the session is made, which would fill the cache
+    session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, pace, plan)
     t2 = time.perf_counter()
     inp = session.get_inputs()[0]
     shape = [profile.serving.batch_size if not isinstance(d, int) else d for d in inp.shape]

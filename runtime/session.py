@@ -53,12 +53,13 @@ def session_options(profile, plan: SessionPlan):
     return opts
 
 
-def create_session(model: bytes | str, profile, variant_sha256: str | None = None):
+def create_session(model: bytes | str, profile, variant_sha256: str | None = None, plan: SessionPlan | None = None):
     """A session under ``profile`` from ONNX bytes or the path of an in-memory file (``Portfolio.inflated_path``);
-    ``variant_sha256`` names the variant's own engine folder where the profile caches compiled engines."""
+    ``variant_sha256`` names the variant's own engine folder where the profile caches compiled engines. ``plan``:
+    one already made for this variant (``session_plan``), so a switch plans once."""
     import onnxruntime as ort
 
-    plan = session_plan(profile, variant_sha256)
+    plan = plan or session_plan(profile, variant_sha256)
     if plan.engine_dir is not None:
         os.makedirs(plan.engine_dir, exist_ok=True)
     return ort.InferenceSession(
@@ -69,26 +70,25 @@ def create_session(model: bytes | str, profile, variant_sha256: str | None = Non
     )
 
 
-def engine_cached(profile, variant_sha256: str) -> bool | None:
-    """Whether this variant's compiled engine is already in the profile's cache (None: no engine cache in use)."""
-    plan = session_plan(profile, variant_sha256)
+def engine_cached(plan: SessionPlan) -> bool | None:
+    """Whether the plan's compiled engine is already in the profile's cache (None: no engine cache in use)."""
     if plan.engine_dir is None:
         return None
     return os.path.isdir(plan.engine_dir) and any(os.scandir(plan.engine_dir))
 
 
-def session_for_variant(portfolio, name: str, profile, pace=None):
+def session_for_variant(portfolio, name: str, profile, pace=None, plan: SessionPlan | None = None):
     """Inflate ``name`` (hash-checked) and build its session; returns (session, inflate_ms, create_ms).
 
     ``pace`` is passed to the inflation (``edgeshift.runtime.portfolio.Pace``); inflate_ms includes any time it
-    slept."""
+    slept. ``plan``: the variant's session plan, where the caller already made it."""
     import time
 
     t0 = time.perf_counter()
     with portfolio.inflated_path(name, pace) as path:
         model = path if path is not None else portfolio.inflate(name, pace)
         t1 = time.perf_counter()
-        session = create_session(model, profile, portfolio.info(name).sha256)
+        session = create_session(model, profile, portfolio.info(name).sha256, plan)
     t2 = time.perf_counter()
     return session, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
