@@ -276,6 +276,12 @@ def parse_profile(document: dict, source: str) -> DeviceProfile:
     """Validate a parsed TOML document and build the profile, with "auto" values resolved on this machine."""
     p = load(DeviceProfile, document, source=source, error=ProfileError)
     ex, sv = p.execution, p.serving
+    for name in ex.when:  # a misspelt provider here would silently never apply
+        if name not in ex.providers and name != CPU:
+            raise ProfileError(
+                f"{source}: [execution.when.{name}] names a provider not in execution.providers "
+                f"({', '.join(ex.providers)})"
+            )
     execution = dataclasses.replace(
         ex,
         intra_op_threads=os.cpu_count() or 1 if ex.intra_op_threads == "auto" else ex.intra_op_threads,

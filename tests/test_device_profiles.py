@@ -97,6 +97,8 @@ def test_a_users_own_profile_file(tmp_path):
     ('[execution]\nintra_op_threads = true\n', r"execution.intra_op_threads must be int or 'auto'"),
     ('[execution]\ngraph_optimization = "max"\n', r"graph_optimization = 'max'; expected one of"),
     ('[execution]\nproviders = []\n', "non-empty list"),
+    ('[execution.when.XnnpackProvider]\nintra_op_threads = 1\n',
+     r"\[execution.when.XnnpackProvider\] names a provider not in execution.providers \(CPUExecutionProvider\)"),
     ('colour = "red"\n', "unknown key 'colour'"),
     ('[serving\n', "not valid TOML"),
     ('[benchmark]\niterations = 0\n', "iterations must be >= 1"),
