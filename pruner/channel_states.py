@@ -180,8 +180,14 @@ def channel_states(model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, n
                     out = np.asarray(a) + np.asarray(b) * np.ones_like(out)
             elif (fn in MUL or fn in ("mul", "mul_")) and len(node.args) == 2:
                 a, b = state(node.args[0]), state(node.args[1])
+                if isinstance(b, np.ndarray) and not isinstance(a, np.ndarray):
+                    a, b = b, a
                 if isinstance(a, np.ndarray) and isinstance(b, float) and a.shape == np.shape(out):
                     out = a * b
+                elif isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape == np.shape(out):
+                    # a gate (squeeze-excitation: x * sigmoid(...)): zero times anything finite is zero
+                    with np.errstate(invalid="ignore"):
+                        out = np.where((a == 0) | (b == 0), 0.0, a * b)
             elif (fn in ELEMENTWISE_FUNCTIONS or fn in ELEMENTWISE_METHODS) and isinstance(x, np.ndarray):
                 f = getattr(torch.Tensor, fn) if isinstance(fn, str) else fn
                 out = _apply_elementwise(lambda t: f(t), x, len(shape_in))

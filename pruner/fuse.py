@@ -1,7 +1,9 @@
-"""Conv-BN fusion: fold every BatchNorm2d that directly follows a Conv2d into the conv's weight and bias."""
+"""Conv-BN fusion: fold every BatchNorm2d (or norm+activation) that directly follows a Conv2d into the conv's
+weight and bias, after folding re-parameterisable multi-branch blocks into one conv."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import fx, nn
@@ -9,10 +11,36 @@ from torch import fx, nn
 from edgeshift.core.errors import ModelNotTraceableError
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    """The modules and functions timm marks as not traceable (where timm is already imported: a timm model)."""
+    fx_mod = sys.modules.get("timm.layers._fx")
+    if fx_mod is None:
+        return (), ()
+    return tuple(fx_mod.get_notrace_modules()), tuple(fx_mod.get_notrace_functions())
+
+
+class Tracer(fx.Tracer):
+    """fx's tracer, keeping as single nodes: every BatchNorm (subclasses too, e.g. timm's BatchNormAct2d, a norm
+    with its activation inside: one per-channel, elementwise module to the planner and the fuser), and what timm
+    marks as not traceable."""
+
+    def __init__(self) -> None:
+        modules, functions = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
+        self._leaves = modules
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (self._leaves and isinstance(m, self._leaves)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; a model fx cannot trace raises ModelNotTraceableError."""
     try:
-        return fx.symbolic_trace(model)
+        tracer = Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types for untraceable code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotTraceableError(
@@ -21,13 +49,55 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from None
 
 
+class NormActRemainder(nn.Module):
+    """What is left of a norm+activation module (timm's BatchNormAct2d: batch norm, then ``drop``, then ``act``)
+    once its batch norm is folded into the conv before it."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+@torch.no_grad()
+def _foldable_norm(bn: nn.Module | None) -> bool:
+    """A BatchNorm2d, or a subclass that computes ``act(drop(batch_norm(x)))`` (a norm+activation module such as
+    timm's BatchNormAct2d): checked on a probe input, since a subclass may compute anything."""
+    if type(bn) is nn.BatchNorm2d:
+        return True
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None) or nn.Identity()
+    if not isinstance(bn, nn.BatchNorm2d) or not isinstance(act, nn.Module) or not isinstance(drop, nn.Module):
+        return False
+    was = bn.training
+    bn.eval()
+    try:
+        x = torch.randn(2, bn.num_features, 3, 3, generator=torch.Generator().manual_seed(0))
+        plain = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                                               bn.eps)
+        return bool(torch.equal(bn(x), act(drop(plain))))
+    except Exception:
+        return False
+    finally:
+        bn.train(was)
+
+
+def _remainder(bn: nn.Module) -> nn.Module:
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    return NormActRemainder(getattr(bn, "drop", None) or nn.Identity(), bn.act)
+
+
 def conv_bn_pairs(model: nn.Module, gm: fx.GraphModule | None = None) -> list[tuple[str, str]]:
-    """(conv name, bn name) for every BatchNorm2d whose only input is a Conv2d read by nothing else."""
+    """(conv name, bn name) for every BatchNorm2d (or norm+activation) whose only input is a Conv2d read by
+    nothing else."""
     gm = gm or trace(model)
     mods = dict(model.named_modules())
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or not _foldable_norm(mods.get(node.target)):
             continue
         src = node.args[0]
         if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
@@ -51,6 +121,34 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
+# Methods by which re-parameterisable multi-branch blocks fold themselves into one conv for inference: timm's
+# RepVGG / MobileOne / FastViT blocks (``reparameterize``), the RepVGG and MobileOne reference code
+# (``switch_to_deploy``).
+REPARAMETERIZE_METHODS = ("reparameterize", "switch_to_deploy")
+
+
+@torch.no_grad()
+def reparameterize(model: nn.Module) -> int:
+    """Fold every re-parameterisable multi-branch block of ``model`` (in place, eval mode) into its single
+    inference conv, by the block's own method; returns how many blocks were folded. Exactness is checked where
+    it matters: the prune and the export compare outputs with the unfolded model."""
+    folded = 0
+    for m in list(model.modules()):
+        if m is model:
+            continue
+        for method in REPARAMETERIZE_METHODS:
+            fn = getattr(m, method, None)
+            if callable(fn):
+                fn()
+                folded += 1
+                break
+    if folded:
+        arch = getattr(model, "edgeshift_arch", None)
+        if isinstance(arch, dict):
+            model.edgeshift_arch = {**arch, "reparameterized": True}  # a checkpoint rebuilds it folded
+    return folded
+
+
 def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return ``model`` in eval mode with each Conv2d->BatchNorm2d pair folded and the BN replaced by Identity.
 
@@ -59,9 +157,10 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    reparameterize(model)
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return model  # nothing to fuse: no need to trace
     for conv_name, bn_name in conv_bn_pairs(model):
         fold_bn_into_conv(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        model.set_submodule(bn_name, nn.Identity())
+        model.set_submodule(bn_name, _remainder(model.get_submodule(bn_name)))
     return model

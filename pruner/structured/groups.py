@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+import warnings
+
 import numpy as np
 import torch
 import torch_pruning as tp
@@ -47,6 +50,21 @@ def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv2d, nn.Linear))
 
 
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise: its channels go in whole blocks (one per group)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
+
+
+def _block_diagonal(layer: nn.Conv2d, used: np.ndarray) -> np.ndarray:
+    """A grouped conv's used-weights [out, in_per_group] as [out, in]: output o reads only its group's inputs."""
+    out_ch, k_in = used.shape
+    k_out = out_ch // layer.groups
+    full = np.zeros((out_ch, k_in * layer.groups), dtype=bool)
+    for g in range(layer.groups):
+        full[g * k_out:(g + 1) * k_out, g * k_in:(g + 1) * k_in] = used[g * k_out:(g + 1) * k_out]
+    return full
+
+
 @dataclass
 class _Consumer:
     """One layer reading a group's channels: (its input index, the group's root index) pairs."""
@@ -67,6 +85,8 @@ class _Group:
     actions: list[tuple[nn.Module, object, np.ndarray, np.ndarray]]  # (module, TP handler, idxs, roots)
     blocked: bool  # contains a layer kind we cannot reason about: nothing removable
     removable: np.ndarray = None  # bool per root channel
+    reason: str = ""  # why it is blocked, in words naming a module
+    root: str = ""
     keep_one: int = 0  # channel kept when every channel is removable
 
 
@@ -84,6 +104,8 @@ class _GroupSpec:
     size: int
     items: list[_ItemSpec]
     blocked: bool
+    reason: str = ""  # why a blocked group is kept whole (empty: its channels reach the output, or unblocked)
+    root: str = ""  # the layer whose output channels the group is, by name
 
 
 @dataclass
@@ -115,30 +137,80 @@ def _analyse_structure(model: nn.Module, example_inputs: torch.Tensor) -> _Struc
     meta = {k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
             for k, v in wrapper.named_parameters()}
     meta.update({k: torch.empty_like(v, device="meta") for k, v in wrapper.named_buffers()})  # BN statistics
-    dg = tp.DependencyGraph().build_dependency(
-        wrapper, example_inputs=(torch.empty_like(example_inputs[:1], device="meta"),),
-        forward_fn=lambda module, inputs: functional_call(module, meta, inputs))
-    return _Structure(gm, _group_specs(dg, model, ignored))
+    with _tolerant_index_mapping() as unmapped, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unwrapped")  # bare parameters: their groups are blocked
+        dg = tp.DependencyGraph().build_dependency(
+            wrapper, example_inputs=(torch.empty_like(example_inputs[:1], device="meta"),),
+            forward_fn=lambda module, inputs: functional_call(module, meta, inputs))
+        return _Structure(gm, _group_specs(dg, model, ignored, unmapped))
 
 
-def _group_specs(dg, model: nn.Module, ignored: list[nn.Module]) -> list[_GroupSpec]:
-    """Torch-Pruning's coupled channel groups, by module name, with each item's role."""
+# Torch-Pruning's parameter-free ops that move channels to other positions: a group through one is kept whole
+# (split/chunk, slices, unbind, expand, and reshapes other than flattening into a linear layer).
+_MOVING_OPS = {tp.ops.OPTYPE.SPLIT: "a channel split", tp.ops.OPTYPE.SLICE: "a channel slice",
+               tp.ops.OPTYPE.UNBIND: "an unbind", tp.ops.OPTYPE.EXPAND: "an expand"}
+
+
+@contextlib.contextmanager
+def _tolerant_index_mapping():
+    """Build Torch-Pruning's graph even where its index mapping fails on an op (a channel shuffle's reshape
+    divides by zero); the ops it failed on are yielded, and groups through them are kept whole."""
+    from torch_pruning.dependency import index_mapping
+
+    unmapped: set = set()
+    originals = {name: getattr(index_mapping, name) for name in dir(index_mapping)
+                 if name.startswith("update_") and name.endswith("_index_mapping") and name != "update_index_mapping"}
+
+    def tolerant(fn):
+        def wrapped(graph, node):
+            try:
+                return fn(graph, node)
+            except Exception:
+                unmapped.add(node.module)
+        return wrapped
+
+    for name, fn in originals.items():
+        setattr(index_mapping, name, tolerant(fn))
+    try:
+        yield unmapped
+    finally:
+        for name, fn in originals.items():
+            setattr(index_mapping, name, fn)
+
+
+def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: frozenset | set = frozenset()
+                 ) -> list[_GroupSpec]:
+    """Torch-Pruning's coupled channel groups, by module name, with each item's role; a group we cannot map
+    one-to-one is blocked, with the reason naming a module."""
     names = {m: n for n, m in model.named_modules()}
     specs = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        items, blocked, has_consumer = [], False, False
+    for group in _all_groups(dg, ignored, names, specs):
+        items, reason, has_consumer = [], "", False
+        size = len(group[0].idxs)
+        makers = list(dict.fromkeys(names[it.dep.target.module] for it in group.items
+                                    if _is_layer(it.dep.target.module) and it.dep.target.module in names
+                                    and dg.is_out_channel_pruning_fn(it.dep.handler)))
+        root_name = ", ".join(makers[:3]) + (f" and {len(makers) - 3} more" if len(makers) > 3 else "") or "?"
         for item in group.items:
             module, handler = item.dep.target.module, item.dep.handler
             idxs = np.asarray(item.idxs, dtype=np.int64)
             roots = np.asarray(item.root_idxs, dtype=np.int64)
+            op_type = item.dep.target.type
+            if module in unmapped:
+                reason = reason or f"its channels pass a reshape that moves them (a channel shuffle?) after {root_name}"
+                continue
+            if op_type in _MOVING_OPS:
+                reason = reason or f"its channels pass {_MOVING_OPS[op_type]} after {root_name}"
+                continue
+            if op_type == tp.ops.OPTYPE.RESHAPE and not _flattens(group, item):
+                reason = reason or f"its channels pass a reshape that moves them after {root_name}"
+                continue
             if not isinstance(module, nn.Module):
-                blocked = True  # a bare parameter: we do not reason about it
+                reason = reason or f"a bare parameter reads the channels of {root_name}"
                 continue
             if _is_depthwise(module):
                 role = "follow"  # in and out of one channel: decided by what its consumers see
-            elif _is_layer(module) and getattr(module, "groups", 1) != 1:
-                blocked, role = True, "follow"  # grouped (non-depthwise) conv: keep the group whole
-            elif _is_layer(module):
+            elif _is_layer(module):  # grouped convs too: whole blocks go, in and out together (plan.py)
                 role = "producer" if dg.is_out_channel_pruning_fn(handler) else "consumer"
                 has_consumer |= role == "consumer"
             elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
@@ -146,14 +218,110 @@ def _group_specs(dg, model: nn.Module, ignored: list[nn.Module]) -> list[_GroupS
             elif not any(True for _ in module.parameters()):
                 continue  # Torch-Pruning's parameter-free ops (add, flatten, activations): nothing to rebuild
             else:
-                blocked, role = True, "follow"
+                reason = reason or (f"{names.get(module, type(module).__name__)} ({type(module).__name__}) reads "
+                                    f"the channels of {root_name} and is not a conv, linear or batch norm")
+                role = "follow"
             if module not in names:
-                blocked = True
+                reason = reason or f"a module outside the model reads the channels of {root_name}"
                 continue
+            if role != "follow" or _is_depthwise(module) or isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                width = _width(module, role)
+                if len(idxs) and (idxs.min() < 0 or idxs.max() >= width or len(np.unique(idxs)) != len(idxs)):
+                    reason = reason or f"Torch-Pruning maps the channels of {root_name} outside {names[module]}"
+                    continue
             items.append(_ItemSpec(names[module], handler, idxs, roots, role))
         # no consumer: the channels reach the model output directly
-        specs.append(_GroupSpec(len(group[0].idxs), items, blocked or not has_consumer))
+        specs.append(_GroupSpec(size, items, bool(reason) or not has_consumer, reason, root_name))
     return specs
+
+
+# A coupled group larger than this is Torch-Pruning's search not settling (ReXNet's residual adds onto part of
+# the channels make it revisit one layer under ever-shifted indices for minutes); real groups have hundreds.
+_MAX_GROUP_ITEMS = 2000
+_MAX_MAPPED_INDICES = 1 << 18  # one flatten's indices: 512 channels x 7 x 7 is 25,088
+
+
+class _GroupDiverged(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_group_growth():
+    """Within the block, a Torch-Pruning group growing past ``_MAX_GROUP_ITEMS`` raises ``_GroupDiverged``."""
+    from torch_pruning.dependency.group import Group
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    original, flatten = Group.add_dep, _FlattenIndexMapping.__call__
+
+    def add_dep(self, dep, idxs):
+        if len(self._group) >= _MAX_GROUP_ITEMS:
+            raise _GroupDiverged()
+        return original(self, dep, idxs)
+
+    def bounded_flatten(self, idxs):
+        if len(idxs) * getattr(self, "_stride", 1) > _MAX_MAPPED_INDICES:
+            raise _GroupDiverged()  # a reshape read as a flatten (a channel shuffle): indices explode
+        return flatten(self, idxs)
+
+    Group.add_dep, _FlattenIndexMapping.__call__ = add_dep, bounded_flatten
+    try:
+        yield
+    finally:
+        Group.add_dep, _FlattenIndexMapping.__call__ = original, flatten
+
+
+def _all_groups(dg, ignored: list[nn.Module], names: dict, specs: list[_GroupSpec]):
+    """Torch-Pruning's ``get_all_groups``, one root at a time: a root whose group Torch-Pruning cannot follow
+    (an index mapping it does not support) becomes a blocked group of its own, with the reason, instead of an
+    error for the whole model."""
+    visited: set[nn.Module] = set()
+    ignored_set = set(ignored) | set(dg.IGNORED_LAYERS_IN_TRACING)
+    for m in list(dg.module2node.keys()):
+        if m in ignored_set or m in visited or not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        width = pruner.get_out_channels(m)
+        try:
+            with _bounded_group_growth():
+                group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
+        except _GroupDiverged:
+            visited.add(m)
+            specs.append(_GroupSpec(width, [], True, f"Torch-Pruning's analysis of the channels of {names.get(m)} "
+                                    f"did not settle (over {_MAX_GROUP_ITEMS} items: channels added onto "
+                                    "shifting parts of one another?)", names.get(m, "")))
+            continue
+        except Exception as exc:
+            visited.add(m)
+            specs.append(_GroupSpec(width, [], True, f"Torch-Pruning cannot follow the channels of {names.get(m)} "
+                                                     f"({type(exc).__name__})", names.get(m, "")))
+            continue
+        prunable = True
+        for dep, _ in group:
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+                prunable &= dep.target.module not in ignored_set
+        if prunable:
+            yield group
+
+
+def _flattens(group, item) -> bool:
+    """A reshape in a group is a flatten into a linear layer when the group's linear items read whole
+    spatial blocks per channel (Torch-Pruning's flatten mapping); a channel shuffle is not."""
+    for other in group.items:
+        module = other.dep.target.module
+        if isinstance(module, nn.Linear) and len(other.idxs) % max(len(group[0].idxs), 1) == 0:
+            return True
+    return False
+
+
+def _width(module: nn.Module, role: str) -> int:
+    if role == "consumer":
+        return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+    if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        return module.num_features
+    return module.weight.shape[0]
 
 
 def coupled_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_GroupSpec]:
@@ -190,7 +358,7 @@ def _build_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Group
     inputs = channel_states(model, structure.gm, used_map)
     groups = []
     for spec in structure.groups:
-        consumers, producers, actions, blocked = [], [], [], spec.blocked
+        consumers, producers, actions, blocked, reason = [], [], [], spec.blocked, spec.reason
         for it in spec.items:
             module = mods[it.name]
             actions.append((module, it.handler, it.idxs, it.roots))
@@ -200,12 +368,19 @@ def _build_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Group
                 calls = inputs.get(module)
                 if not calls:
                     blocked = True
+                    reason = reason or f"{it.name} is not called as a module in the traced graph"
                     continue
                 states = calls[0]
                 if any(not np.array_equal(c, calls[0], equal_nan=True) for c in calls[1:]):
                     states = np.full_like(calls[0], np.nan)  # a shared layer seeing different inputs
-                consumers.append(_Consumer(module, it.idxs, it.roots, used_map[module], states, _foldable(module)))
-        g = _Group(spec.size, consumers, producers, actions, blocked, np.zeros(spec.size, dtype=bool))
+                if _is_grouped(module):  # constants are not folded into a grouped conv (zeros still go)
+                    consumers.append(_Consumer(module, it.idxs, it.roots, _block_diagonal(module, used_map[module]),
+                                               states, False))
+                else:
+                    consumers.append(_Consumer(module, it.idxs, it.roots, used_map[module], states,
+                                               _foldable(module)))
+        g = _Group(spec.size, consumers, producers, actions, blocked, np.zeros(spec.size, dtype=bool), reason,
+                   spec.root)
         # the channel kept when all are removable: the one whose producers have the fewest nonzero weights
         nnz = np.zeros(spec.size)
         for layer, idxs, roots in producers:

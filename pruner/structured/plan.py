@@ -2,27 +2,44 @@
 constant channels into consumers' biases, and rebuilding the layers in one batch."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 
 from ..channel_states import used_weights
-from .groups import _Group
+from .groups import _Group, _is_grouped
 
 
 def _plan_exact(groups: list[_Group]) -> None:
-    """Mark removable channels, iterating until removing outputs stops freeing inputs."""
+    """Mark removable channels, iterating until removing outputs stops freeing inputs.
+
+    A grouped conv loses whole blocks only (one block: a group's inputs and its outputs, which live in two coupled
+    groups): a block where either side is not wholly removable is kept, and the plan reruns with those channels
+    held, until every grouped conv's blocks are all-or-nothing."""
+    held = [np.zeros(g.size, dtype=bool) for g in groups]
+    for _ in range(64):
+        _plan_fixpoint(groups, held)
+        if not _hold_partial_blocks(groups, held):
+            return
+    for g in groups:  # not settled (never seen): keep everything rather than guess
+        g.removable = np.zeros(g.size, dtype=bool)
+
+
+def _plan_fixpoint(groups: list[_Group], held: list[np.ndarray]) -> None:
     removed_out: dict[nn.Module, np.ndarray] = {}
     for g in groups:
+        g.removable = np.zeros(g.size, dtype=bool)
         for layer, idxs, roots in g.producers:
             removed_out.setdefault(layer, np.zeros(layer.weight.shape[0], dtype=bool))
     changed = True
     while changed:
         changed = False
-        for g in groups:
+        for g, hold in zip(groups, held):
             if g.blocked or g.size <= 1:
                 continue
-            ok = np.ones(g.size, dtype=bool)
+            ok = ~hold
             for c in g.consumers:
                 dead = removed_out.get(c.layer)
                 used = c.used if dead is None or not dead.any() else c.used[~dead]
@@ -37,6 +54,45 @@ def _plan_exact(groups: list[_Group]) -> None:
                 changed = True
                 for layer, idxs, roots in g.producers:
                     removed_out[layer][idxs] = ok[roots]
+
+
+def _grouped_sides(groups: list[_Group]) -> dict[nn.Module, dict[str, list[tuple[int, np.ndarray, np.ndarray]]]]:
+    """For each grouped conv: where its inputs and its outputs sit, as (group index, channel idxs, roots)."""
+    sides: dict[nn.Module, dict[str, list]] = {}
+    for gi, g in enumerate(groups):
+        for c in g.consumers:
+            if _is_grouped(c.layer):
+                sides.setdefault(c.layer, {"in": [], "out": []})["in"].append((gi, c.idxs, c.roots))
+        for layer, idxs, roots in g.producers:
+            if _is_grouped(layer):
+                sides.setdefault(layer, {"in": [], "out": []})["out"].append((gi, idxs, roots))
+    return sides
+
+
+def _hold_partial_blocks(groups: list[_Group], held: list[np.ndarray]) -> bool:
+    """Hold every planned channel of a grouped conv block that cannot go whole; True when anything was held."""
+    any_held = False
+    for layer, sides in _grouped_sides(groups).items():
+        n_in, n_out, blocks = layer.in_channels, layer.out_channels, layer.groups
+        gone_in, gone_out = np.zeros(n_in, dtype=bool), np.zeros(n_out, dtype=bool)
+        seen_in, seen_out = np.zeros(n_in, dtype=bool), np.zeros(n_out, dtype=bool)
+        for side, gone, seen in (("in", gone_in, seen_in), ("out", gone_out, seen_out)):
+            for gi, idxs, roots in sides[side]:
+                gone[idxs] |= groups[gi].removable[roots] & (not groups[gi].blocked)
+                seen[idxs] = True
+        whole = (gone_in.reshape(blocks, -1).all(1) & seen_in.all()) & (gone_out.reshape(blocks, -1).all(1)
+                                                                          & seen_out.all())
+        if whole.all():
+            whole[0] = False  # a grouped conv keeps one block
+        partial_in = gone_in & ~np.repeat(whole, n_in // blocks)
+        partial_out = gone_out & ~np.repeat(whole, n_out // blocks)
+        for side, partial in (("in", partial_in), ("out", partial_out)):
+            for gi, idxs, roots in sides[side]:
+                hit = partial[idxs] & groups[gi].removable[roots]
+                if hit.any():
+                    held[gi][roots[hit]] = True
+                    any_held = True
+    return any_held
 
 
 def _plan_drop(groups: list[_Group]) -> None:
@@ -78,11 +134,106 @@ def _fold_constants(groups: list[_Group]) -> int:
 
 
 def _execute(groups: list[_Group]) -> None:
-    """Rebuild every layer without its planned channels (each group's handlers, one pass)."""
+    """Rebuild every layer without its planned channels (each group's handlers, one pass; grouped convs by
+    whole blocks, here, since Torch-Pruning's handler keeps the group count)."""
+    grouped: dict[nn.Module, np.ndarray] = {}
     for g in groups:
         if not g.removable.any():
             continue
         for module, handler, idxs, roots in g.actions:
             hit = g.removable[roots]
-            if hit.any():
+            if hit.any() and not _is_grouped(module):
                 handler(module, idxs[hit].tolist())
+        sides = [(layer, idxs, roots, "out_channels") for layer, idxs, roots in g.producers] + \
+                [(c.layer, c.idxs, c.roots, "in_channels") for c in g.consumers]
+        for layer, idxs, roots, width in sides:
+            hit = g.removable[roots]
+            if _is_grouped(layer) and hit.any():
+                gone = grouped.setdefault(layer, np.zeros(layer.groups, dtype=bool))
+                gone[np.unique(idxs[hit] // (getattr(layer, width) // layer.groups))] = True
+    for module, gone in grouped.items():
+        _drop_blocks(module, gone)
+
+
+@torch.no_grad()
+def _drop_blocks(conv: nn.Conv2d, gone: np.ndarray) -> None:
+    """Remove whole groups (their inputs and outputs) from a grouped conv."""
+    keep = np.flatnonzero(~gone)
+    k_out, k_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+    rows = torch.as_tensor((keep[:, None] * k_out + np.arange(k_out)[None, :]).reshape(-1))
+    conv.weight = nn.Parameter(conv.weight.detach()[rows].clone())
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.detach()[rows].clone())
+    conv.groups, conv.out_channels, conv.in_channels = len(keep), len(keep) * k_out, len(keep) * k_in
+
+
+def _explain(groups: list[_Group], limit: int = 12) -> list[str]:
+    """Why channels that are zero or constant were kept: one line per blocked group holding some, and per
+    grouped conv whose zero channels do not fill whole groups."""
+    notes: list[str] = []
+    for g in groups:
+        const = np.zeros(g.size, dtype=bool)
+        for c in g.consumers:
+            np.logical_or.at(const, c.roots, ~np.isnan(c.states[c.idxs]))
+        kept = const & ~g.removable
+        if g.blocked and g.reason:  # said whether or not its channels are known zero: the analysis stopped here
+            notes.append(f"kept the {g.size} channels of {g.root} whole: {g.reason}")
+            continue
+        if not kept.any():
+            continue
+        if any(_is_grouped(c.layer) for c in g.consumers) or any(_is_grouped(p[0]) for p in g.producers):
+            layer = next(c.layer for c in g.consumers if _is_grouped(c.layer)) if any(
+                _is_grouped(c.layer) for c in g.consumers) else next(p[0] for p in g.producers if _is_grouped(p[0]))
+            notes.append(f"kept {int(kept.sum())} zero/constant channel(s) of {g.size}: a grouped conv "
+                         f"({layer.groups} groups) loses whole groups only, and these do not fill one")
+    unique = list(dict.fromkeys(notes))
+    return unique[:limit] + ([f"... and {len(unique) - limit} more"] if len(unique) > limit else [])
+
+
+def _units(groups: list[_Group]) -> list[list[_Group]]:
+    """Groups that must be rebuilt together: those joined by a grouped conv (its blocks span two groups)."""
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for sides in _grouped_sides(groups).values():
+        members = [gi for side in ("in", "out") for gi, _, _ in sides[side]]
+        for gi in members[1:]:
+            parent[find(gi)] = find(members[0])
+    units: dict[int, list[_Group]] = {}
+    for gi, g in enumerate(groups):
+        units.setdefault(find(gi), []).append(g)
+    return list(units.values())
+
+
+def _execute_verified(groups: list[_Group], check) -> tuple[int, list[str]]:
+    """Rebuild unit by unit, running ``check`` (None when the model still computes its reference output, else
+    the problem in words) after each; a unit that breaks the output is put back as it was and named.
+
+    The slow path, taken only when the one-batch rebuild was not exact: it finds the groups whose mapping the
+    planner got wrong (an op it does not understand) and keeps those whole, so the rest is still pruned."""
+    folded, notes = 0, []
+    for unit in _units(groups):
+        if not any(g.removable.any() for g in unit):
+            continue
+        touched = {id(m): m for g in unit for m in [a[0] for a in g.actions] + [c.layer for c in g.consumers]}
+        saved = {key: copy.deepcopy(m.__dict__) for key, m in touched.items()}
+        n = _fold_constants(unit)
+        _execute(unit)
+        problem = check()
+        if problem is None:
+            folded += n
+            continue
+        for key, m in touched.items():
+            m.__dict__.clear()
+            m.__dict__.update(saved[key])
+        for g in unit:
+            g.removable = np.zeros(g.size, dtype=bool)
+        notes.append(f"kept the channels of {', '.join(g.root for g in unit)}: removing them {problem} "
+                     "(an operation the planner does not understand is near)")
+    return folded, notes
+

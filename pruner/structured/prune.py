@@ -27,7 +27,7 @@ from ..fuse import fuse_conv_bn
 from ..metrics import count_macs, count_params
 from .align import pad_channels
 from .groups import _build_groups, _is_layer
-from .plan import _execute, _fold_constants, _plan_drop, _plan_exact
+from .plan import _execute, _execute_verified, _explain, _fold_constants, _plan_drop, _plan_exact
 from .report import LayerChange, PruneReport
 
 MODES = ("exact", "drop")
@@ -52,6 +52,28 @@ def output_deviation(reference: nn.Module, candidate: nn.Module, example_inputs:
         max_diff = max(max_diff, float((out.double() - ref.double()).abs().max()))
         max_out = max(max_out, float(ref.abs().max()))
     return max_diff, max_out
+
+
+@torch.no_grad()
+def _reference_outputs(reference: nn.Module, example_inputs: torch.Tensor) -> torch.Tensor:
+    return reference(example_inputs)
+
+
+@torch.no_grad()
+def _problem(reference: nn.Module, candidate: nn.Module, example_inputs: torch.Tensor, rtol: float,
+             reference_out: torch.Tensor | None = None) -> str | None:
+    """None when ``candidate`` computes ``reference``'s output on the example within ``rtol``; else what is wrong."""
+    ref = _reference_outputs(reference, example_inputs) if reference_out is None else reference_out
+    try:
+        out = candidate(example_inputs)
+    except Exception as exc:  # a rebuilt layer no longer fits its input: the mapping was wrong
+        return f"broke the model ({type(exc).__name__})"
+    if out.shape != ref.shape:
+        return f"changed the output shape to {tuple(out.shape)}"
+    diff = float((out.double() - ref.double()).abs().max())
+    if diff > rtol * max(float(ref.abs().max()), 1e-12):
+        return f"changed the output by {diff:.3g}"
+    return None
 
 
 def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode: str = "exact",
@@ -80,10 +102,21 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
         t1 = time.perf_counter()
         groups = _build_groups(work, example_inputs)
         (_plan_exact if mode == "exact" else _plan_drop)(groups)
+        notes = _explain(groups)
         t2 = time.perf_counter()
         widths_before = _layer_widths(work)
         folded = _fold_constants(groups) if mode == "exact" else 0
         _execute(groups)
+        if mode == "exact" and _problem(reference, work, example_inputs, rtol) is not None:
+            # some group was mapped wrongly (an op the planner does not understand): rebuild group by group from
+            # a fresh fused copy, keeping whole every group that breaks the output, and say which
+            work = fuse_conv_bn(reference)
+            groups = _build_groups(work, example_inputs)
+            _plan_exact(groups)
+            reference_out = _reference_outputs(reference, example_inputs)
+            folded, kept = _execute_verified(groups, lambda: _problem(reference, work, example_inputs, rtol,
+                                                                      reference_out))
+            notes += kept
         padded = pad_channels(work, example_inputs, align)
         t3 = time.perf_counter()
         widths_after = _layer_widths(work)
@@ -94,7 +127,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
             fuse_seconds=t1 - t0, plan_seconds=t2 - t1, prune_seconds=t3 - t2,
             max_abs_diff=max_diff, max_abs_output=max_out, channels_folded=folded,
             layers=[LayerChange(n, widths_before[n], widths_after[n]) for n in widths_before],
-            align=align, channels_padded=padded,
+            align=align, channels_padded=padded, notes=notes,
         )
     finally:
         reference.train(was_training)

@@ -29,6 +29,7 @@ class PruneReport:
     layers: list[LayerChange] = field(default_factory=list)
     align: int = 1  # widths rounded up to multiples of this with zero channels (1: not aligned)
     channels_padded: int = 0  # zero channels added for the alignment
+    notes: list[str] = field(default_factory=list)  # groups kept whole although they hold zero channels, and why
 
     @property
     def rel_diff(self) -> float:
@@ -60,4 +61,5 @@ class PruneReport:
         rows.append(f"time         fuse {self.fuse_seconds * 1e3:.1f} ms, plan {self.plan_seconds * 1e3:.1f} ms, "
                     f"prune {self.prune_seconds * 1e3:.1f} ms")
         rows.append(f"max |diff|   {self.max_abs_diff:.3g} (relative {self.rel_diff:.3g}, mode={self.mode})")
+        rows += [f"note         {note}" for note in self.notes]
         return "\n".join(rows)
