@@ -6,11 +6,14 @@ from typing import List, Optional
 
 import typer
 
+from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP
+
 from edgeshift.core.commands import handle_errors
 
 
 def export(
-    sources: List[Path] = typer.Argument(..., help="Checkpoint files and/or run directories (level_<k>/...)."),
+    sources: Optional[List[Path]] = typer.Argument(None, help="Checkpoint files and/or run directories "
+                                                              "(level_<k>/...); or --arch with --weights."),
     out: Path = typer.Option(..., "-o", "--out", help="The portfolio file to write (.zip)."),
     data: Optional[str] = typer.Option(None, help="Test data for accuracy: 'generated', an ImageFolder root or "
                                                   "a CIFAR-10 python folder. Without it accuracy is not measured."),
@@ -28,11 +31,19 @@ def export(
     calibration_method: str = typer.Option("minmax", help="INT8: minmax | entropy | percentile."),
     memory: bool = typer.Option(True, help="Measure each session's peak memory in a fresh process."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing portfolio."),
+    arch: Optional[str] = typer.Option(None, help=SOURCE_HELP + " Exported as the variant 'dense'."),
+    arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[int] = typer.Option(None, min=1, help=INPUT_SIZE_HELP),
+    num_classes: Optional[int] = typer.Option(None, min=1, help="Class count of the model source."),
 ) -> None:
     """Export variants to ONNX, profile them, drop dominated ones and pack one DEFLATE portfolio."""
     from edgeshift.exporter.export_cmd import export_portfolio
+    from edgeshift.pruner.cli import _model_spec
 
-    path = export_portfolio(sources, out, data=data, test_samples=test_samples, prune=prune, profile=profile,
+    spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
+    path = export_portfolio(list(sources or []), out, spec=spec, data=data, test_samples=test_samples, prune=prune,
+                            profile=profile,
                             threads=threads, latency_iterations=iterations, int8=int8,
                             calibration_samples=calibration_samples, calibration_method=calibration_method,
                             measure_memory=memory, force=force, align=align)

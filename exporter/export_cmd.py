@@ -15,8 +15,9 @@ LEVEL_RE = re.compile(r"^level_(\d+)$")
 @dataclass
 class Source:
     name: str  # variant name
-    checkpoint: Path
+    checkpoint: Path | None  # None: built from ``spec``
     recipe: str
+    spec: object = None  # a model source with its weights (edgeshift.pruner.models.sources.ModelSpec)
 
 
 def discover_sources(paths: list[Path]) -> list[Source]:
@@ -49,7 +50,7 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
                      prune: bool = True, profile: str = "host", threads: int | None = None,
                      latency_iterations: int | None = None, int8: bool = False, calibration_samples: int = 64,
                      calibration_method: str = "minmax", measure_memory: bool = True, force: bool = False,
-                     align: int = 1) -> Path:
+                     align: int = 1, spec=None) -> Path:
     """Load each source, prune it exactly (sparse checkpoints shrink, pruned ones are unchanged; widths rounded
     up to multiples of ``align`` with zero channels), and build one portfolio with accuracy measured through
     ONNX Runtime on ``data``'s test split and latency under the device ``profile``. ``int8`` adds an INT8 variant
@@ -59,7 +60,7 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     import torch
     from torch import nn
 
-    from edgeshift.pruner.checkpoint import load_checkpoint
+    from edgeshift.pruner.checkpoint import load_checkpoint, load_model
     from edgeshift.pruner.data import load_dataset
     from edgeshift.pruner.models.zoo import input_shape
     from edgeshift.pruner.structured import prune_zero_channels
@@ -83,10 +84,19 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     device_profile = load_profile(profile)  # an unknown name or a bad file fails before any work
     check_output_path(out, force)
     sources = discover_sources(paths)
+    if spec is not None:
+        if "dense" in {s.name for s in sources}:
+            raise EdgeshiftError("--arch's model is the variant 'dense', and a source is already named so; "
+                                 "rename that file")
+        sources.insert(0, Source("dense", None, f"{spec.source}" + (" with its weights" if spec.weights else ""),
+                                 spec))
+    if not sources:
+        raise EdgeshiftError("nothing to export: pass checkpoint files or run directories, or --arch SOURCE "
+                             "(with --weights FILE)")
     models, reports, recipes, totals, nonzeros = {}, {}, {}, {}, {}
     arch = None
     for s in sources:
-        model, _ = load_checkpoint(s.checkpoint)
+        model, _ = load_model(s.checkpoint, s.spec) if s.spec is not None else load_checkpoint(s.checkpoint)
         name = model.edgeshift_arch["name"]
         if arch is not None and name != arch["name"]:
             raise EdgeshiftError(f"{s.checkpoint} is a {name}, the other sources are {arch['name']}: "

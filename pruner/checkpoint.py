@@ -20,14 +20,47 @@ FORMAT = "edgeshift-checkpoint"
 VERSION = 1
 
 
+# Attributes that hold a module's widths: recorded for any module pruning resized (a timm Conv2dSame, a
+# BatchNormAct2d, a GroupNorm, ...), whose class is then rebuilt by its source and given these widths.
+WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
+               "num_channels", "num_groups", "normalized_shape")
+
+
+def _resized_spec(m: nn.Module, ref: nn.Module) -> dict | None:
+    """A module of its source's class whose tensors changed shape (or appeared, as a bias folded in)."""
+    own = {**{k: v for k, v in m._parameters.items() if v is not None},
+           **{k: v for k, v in m._buffers.items() if v is not None}}
+    theirs = {**{k: v for k, v in ref._parameters.items() if v is not None},
+              **{k: v for k, v in ref._buffers.items() if v is not None}}
+    if own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own) and all(
+            getattr(m, a) == getattr(ref, a) for a in WIDTH_ATTRS if a in vars(m)):
+        return None
+    attrs = {a: (list(v) if isinstance(v, tuple) else v) for a in WIDTH_ATTRS if a in vars(m)
+             for v in [getattr(m, a)]}  # plain attributes only (a property derives from its children)
+    tensors = {k: {"shape": list(v.shape), "parameter": k in m._parameters} for k, v in own.items()}
+    return {"type": "Resized", "attrs": attrs, "tensors": tensors}
+
+
+def _resize(module: nn.Module, spec: dict) -> nn.Module:
+    for attr, value in spec["attrs"].items():
+        setattr(module, attr, tuple(value) if attr == "normalized_shape" else value)
+    for name, t in spec["tensors"].items():
+        empty = torch.empty(t["shape"])
+        if t["parameter"]:
+            module._parameters[name] = nn.Parameter(empty)
+        else:
+            module._buffers[name] = empty
+    return module
+
+
 def _layer_spec(m: nn.Module) -> dict | None:
-    if isinstance(m, nn.Conv2d):
+    if type(m) is nn.Conv2d:
         return {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
                 "stride": list(m.stride), "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
                 "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None}
-    if isinstance(m, nn.Linear):
+    if type(m) is nn.Linear:
         return {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
-    if isinstance(m, nn.BatchNorm2d):
+    if type(m) is nn.BatchNorm2d:
         return {"type": "BatchNorm2d", "features": m.num_features, "eps": m.eps, "momentum": m.momentum}
     return None
 
@@ -49,35 +82,62 @@ def _build_layer(spec: dict) -> nn.Module:
 
 def architecture_of(model: nn.Module) -> dict:
     """The data needed to rebuild ``model``: its zoo recipe plus the shape of every layer."""
+    from .fuse import NormActRemainder
+
     arch = getattr(model, "edgeshift_arch", None)
     if arch is None:
-        raise EdgeshiftError("model was not built by the edgeshift zoo (edgeshift.pruner.create_model); cannot record it")
+        raise EdgeshiftError("model was not built from a model source (edgeshift.pruner.models.sources.create: a "
+                             "zoo name, timm/NAME, torchvision/NAME or package.module:function); cannot record it")
     reference = dict(_reference_model(arch).named_modules())
     layers = {}
     for name, m in model.named_modules():
         spec = _layer_spec(m)
+        ref = reference.get(name)
         if spec is not None:
             layers[name] = spec
-        elif isinstance(m, nn.Identity) and name in reference and not isinstance(reference[name], nn.Identity):
+        elif isinstance(m, nn.Identity) and ref is not None and not isinstance(ref, nn.Identity):
             layers[name] = {"type": "Identity"}  # a BN fused away, or a layer or block removed
+        elif isinstance(m, NormActRemainder) and ref is not None and not isinstance(ref, NormActRemainder):
+            layers[name] = {"type": "NormActRemainder"}  # a norm+activation's norm fused away
+        elif ref is not None and type(ref) is type(m):
+            resized = _resized_spec(m, ref)
+            if resized is not None:
+                layers[name] = resized
+        elif any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            raise EdgeshiftError(f"cannot record module {name!r} ({type(m).__name__}): it is not in model "
+                                 f"{arch['name']!r} as built from its source")
     return {**arch, "layers": layers}
 
 
 def _reference_model(arch: dict) -> nn.Module:
-    from .models import zoo
+    from .models import sources
 
-    return zoo.get(arch["name"], num_classes=arch["num_classes"], input_size=arch["input_size"],
-                        **arch.get("kwargs", {}))
+    from .fuse import reparameterize
+
+    model = sources.create(arch["name"], num_classes=arch["num_classes"], input_size=arch["input_size"],
+                           kwargs=arch.get("kwargs", {}))
+    if arch.get("reparameterized"):  # its multi-branch blocks were folded into single convs
+        model.eval()
+        reparameterize(model)
+    return model
 
 
 def build_from_architecture(arch: dict) -> nn.Module:
     """Rebuild the (possibly pruned and fused) module structure recorded by ``architecture_of``."""
+    from .fuse import NormActRemainder
+
     model = _reference_model(arch)
     known = dict(model.named_modules())
     for name, spec in arch.get("layers", {}).items():
         if name not in known:
             raise EdgeshiftError(f"checkpoint names layer {name!r}, which architecture {arch['name']!r} does not have")
-        model.set_submodule(name, _build_layer(spec))
+        if spec["type"] == "Resized":
+            _resize(known[name], spec)
+        elif spec["type"] == "NormActRemainder":
+            ref = known[name]
+            model.set_submodule(name, NormActRemainder(getattr(ref, "drop", None) or nn.Identity(), ref.act))
+        else:
+            model.set_submodule(name, _build_layer(spec))
     model.edgeshift_arch = {k: v for k, v in arch.items() if k != "layers"}  # keeps e.g. the normalisation
     return model
 
@@ -126,3 +186,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             from None
     model.eval()
     return model, payload
+
+
+def load_model(checkpoint: str | os.PathLike | None = None, spec=None) -> tuple[nn.Module, dict]:
+    """A build command's model: an edgeshift checkpoint, or a model source with its weights
+    (``sources.ModelSpec``); exactly one. Returns (model in eval mode, the checkpoint dict or its stand-in)."""
+    if (checkpoint is None) == (spec is None):
+        raise EdgeshiftError("pass either a checkpoint or --arch SOURCE (with --weights FILE for trained weights), "
+                             "not both and not neither")
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint)
+    model = spec.build()
+    return model, {"format": FORMAT, "version": VERSION, "arch": model.edgeshift_arch, "masks": {},
+                   "meta": {"source": spec.source, **({"weights": str(spec.weights)} if spec.weights else {})}}
+

@@ -19,14 +19,54 @@ def _check_outputs(force: bool, *paths: Optional[Path]) -> None:
             check_output_path(path, force)
 
 
+SOURCE_HELP = ("Model source: a zoo name (resnet20, ...), timm/NAME, torchvision/NAME or a factory of your own, "
+               "package.module:function.")
+
+
+def _arch_option(required: bool = False):
+    return typer.Option(... if required else None, "--arch", help=SOURCE_HELP)
+
+
+def _model_spec(arch: Optional[str], arch_kwargs: Optional[str], weights: Optional[Path],
+                input_size: Optional[int], num_classes: Optional[int]):
+    """The model source the options name (None without --arch); the other options only go with --arch."""
+    from edgeshift.core.errors import EdgeshiftError
+    from edgeshift.pruner.models.sources import ModelSpec, parse, parse_kwargs
+
+    if arch is None:
+        given = [flag for flag, value in (("--arch-kwargs", arch_kwargs), ("--weights", weights),
+                                          ("--input-size", input_size)) if value]
+        if given:
+            raise EdgeshiftError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with --arch SOURCE; a "
+                                 "checkpoint already records its model")
+        return None
+    parse(arch)  # an unknown source fails here, before any work
+    if weights is not None:
+        from edgeshift.core.errors import require_file
+
+        require_file(weights, "weights file")
+    return ModelSpec(arch, tuple(sorted(parse_kwargs(arch_kwargs).items())), str(weights) if weights else None,
+                     input_size, num_classes)
+
+
+ARCH_KWARGS_HELP = """Keyword arguments of the model source, as a JSON object: '{"width": 8}'."""
+WEIGHTS_HELP = "A trained state dict for the model source (loaded with weights_only=True)."
+INPUT_SIZE_HELP = "Square input side. Default: the source's (zoo, torchvision 224, timm's config)."
+
+
 class PruneMode(str, Enum):
     exact = "exact"
     drop = "drop"
 
 
 def prune(
-    checkpoint: Path = typer.Argument(..., help="An edgeshift checkpoint of a (sparse) zoo model."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="An edgeshift checkpoint of a (sparse) model; or --arch."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the pruned checkpoint."),
+    arch: Optional[str] = _arch_option(),
+    arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[int] = typer.Option(None, min=1, help=INPUT_SIZE_HELP),
+    num_classes: Optional[int] = typer.Option(None, min=1, help="Class count of the model source."),
     mode: PruneMode = typer.Option(PruneMode.exact, help="exact: never change outputs; drop: the published rule."),
     align: int = typer.Option(1, min=1, help="Round widths up to multiples of this with zero channels (exact); "
                                              "8 helps ONNX Runtime with several intra-op threads."),
@@ -38,8 +78,9 @@ def prune(
     """Remove every channel of a sparse model that cannot change its output; print the report."""
     from edgeshift.pruner.prune_cmd import prune_checkpoint
 
+    spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
     _check_outputs(force, out, json_out)
-    report = prune_checkpoint(checkpoint, out, mode=mode.value, batch=batch, seed=seed, align=align)
+    report = prune_checkpoint(checkpoint, out, mode=mode.value, batch=batch, seed=seed, align=align, spec=spec)
     typer.echo(report.table())
     if json_out is not None:
         from edgeshift.core.atomic import write_text_atomic
@@ -56,7 +97,8 @@ class SparsityAverage(str, Enum):
 
 
 def pai_cmd(
-    arch: str = typer.Option(..., help="Zoo architecture to initialise (vgg16, resnet20, ...)."),
+    arch: str = typer.Option(..., help=SOURCE_HELP),
+    arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
     sparsity: float = typer.Option(..., help="Fraction P of the conv and linear weights removed, in (0, 1)."),
     out: Path = typer.Option(..., "-o", "--out", help="Checkpoint to write: the initialised model and its masks."),
     scorer: str = typer.Option("magnitude", help="Unstructured scorer: magnitude, synflow or random."),
@@ -85,15 +127,19 @@ def pai_cmd(
     from edgeshift.exporter.profile import cpu_measurer
     from edgeshift.pruner.pai import PaiConfig, save_pai
 
+    from edgeshift.pruner.models.sources import parse_kwargs
+
     cfg = PaiConfig(arch=arch, sparsity=sparsity, scorer=scorer, mode=mode, average=average.value,
-                    num_classes=num_classes, input_size=input_size, seed=seed, profile=profile)
+                    num_classes=num_classes, input_size=input_size, seed=seed, profile=profile,
+                    arch_kwargs=tuple(sorted(parse_kwargs(arch_kwargs).items())))
     report = save_pai(cfg, out, json_out, cpu_measurer(cfg.latency_threads, cfg.latency_iterations))
     typer.echo(report.table())
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 
 
 def layerprune_cmd(
-    checkpoint: Path = typer.Argument(..., help="A trained edgeshift checkpoint (unfused, e.g. from `train`)."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="A trained edgeshift checkpoint (unfused, e.g. from "
+                                                           "`train`); or --arch with --weights."),
     criterion: str = typer.Option(..., help="imprint, weight-norm, taylor, bn-scale or ensemble."),
     out: Path = typer.Option(..., "-o", "--out", help="Checkpoint to write: the layer-pruned (fine-tuned) model."),
     data: str = typer.Option(..., help="The data the model was trained on: 'generated', an ImageFolder root or a "
@@ -111,10 +157,16 @@ def layerprune_cmd(
     test_samples: Optional[int] = typer.Option(None, help="Measure accuracy on a stratified subset of this size."),
     imprint_samples: int = typer.Option(2000, help="Training images the data-driven criteria see."),
     seed: int = typer.Option(0),
+    arch: Optional[str] = _arch_option(),
+    arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[int] = typer.Option(None, min=1, help=INPUT_SIZE_HELP),
+    num_classes: Optional[int] = typer.Option(None, min=1, help="Class count of the model source."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Rank layers and residual blocks, remove the least useful in one shot, fine-tune; print the report."""
+    spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
     _check_outputs(force, out, json_out)
     from edgeshift.exporter.profile import OrtMeasurer
     from edgeshift.pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
@@ -127,7 +179,7 @@ def layerprune_cmd(
                                  True)
     report = layerprune_checkpoint(checkpoint, out, cfg, data=data, finetune=finetune, train_samples=train_samples,
                                    test_samples=test_samples, json_out=json_out, measure=OrtMeasurer(cfg.profile),
-                                   say=typer.echo)
+                                   say=typer.echo, spec=spec)
     typer.echo(report.table())
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 
@@ -153,7 +205,10 @@ def _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay, sc
 
 
 def imp(
-    arch: str = typer.Option(..., help="Zoo architecture (vgg16, resnet20, ...)."),
+    arch: str = typer.Option(..., help=SOURCE_HELP),
+    arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP + " Level 0 trains from them."),
+    input_size: Optional[int] = typer.Option(None, min=1, help=INPUT_SIZE_HELP),
     data: str = typer.Option(..., help="'generated', an ImageFolder root (<root>/train|test/<class>/*.jpg) or a "
                                        "CIFAR-10 python folder."),
     levels: int = typer.Option(5, min=0, help="Levels after the dense one: level k keeps (1-f)^k of the weights."),
@@ -181,8 +236,10 @@ def imp(
 
     if not 0 < prune_fraction < 1:
         raise typer.BadParameter("must be in (0, 1)", param_hint="--prune-fraction")
+    spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
     cfg = RunConfig(arch=arch, data=data, method=method.value, prune_fraction=prune_fraction,
-                    rewind_step=rewind_step, train_samples=train_samples, test_samples=test_samples, seed=seed)
+                    rewind_step=rewind_step, train_samples=train_samples, test_samples=test_samples, seed=seed,
+                    arch_kwargs=spec.kwargs, weights=spec.weights, input_size=input_size)
     train_cfg = _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed,
                               augment)
     rows = run_sparse(out, cfg, train_cfg, levels, num_classes=num_classes)
@@ -193,7 +250,10 @@ def imp(
 
 
 def train_cmd(
-    arch: Optional[str] = typer.Option(None, help="Zoo architecture (a fresh model); or pass --init."),
+    arch: Optional[str] = typer.Option(None, help=SOURCE_HELP + " Or pass --init."),
+    arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP + " Training starts from them."),
+    input_size: Optional[int] = typer.Option(None, min=1, help=INPUT_SIZE_HELP),
     init: Optional[Path] = typer.Option(None, help="Start from this checkpoint instead, enforcing its masks "
                                                     "(e.g. the output of `edgeshift pai`)."),
     data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
@@ -218,11 +278,14 @@ def train_cmd(
     from edgeshift.pruner import distributed
     from edgeshift.pruner.train_checkpoint import train_checkpoint
 
+    spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
     check_output_path(out, force)
     res, world = train_checkpoint(out, _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay,
                                                      schedule, warmup, seed, augment),
                                   data=data, arch=arch, init=init, num_classes=num_classes,
-                                  train_samples=train_samples, test_samples=test_samples, seed=seed)
+                                  train_samples=train_samples, test_samples=test_samples, seed=seed,
+                                  arch_kwargs=dict(spec.kwargs) if spec else None,
+                                  weights=spec.weights if spec else None, input_size=input_size)
     if distributed.is_main():
         typer.echo(f"test accuracy {100 * res.test_accuracy:.2f}% after {res.steps} steps ({res.seconds:.0f} s, "
                    f"{world} process{'es' if world > 1 else ''}); wrote {out}")

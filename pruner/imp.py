@@ -33,7 +33,7 @@ from edgeshift.core.errors import EdgeshiftError
 from . import distributed, sparse
 from .checkpoint import save_checkpoint
 from .data import Dataset
-from .models import zoo
+from .models import sources
 from .train import TrainConfig, config_dict, set_determinism, train
 
 METHODS = ("imp", "magnitude", "random", "synflow")
@@ -43,7 +43,7 @@ METHODS = ("imp", "magnitude", "random", "synflow")
 class RunConfig:
     """Everything that decides a run's results (the level count only decides how far it goes)."""
 
-    arch: str  # zoo architecture
+    arch: str  # model source: a zoo name, timm/NAME, torchvision/NAME or package.module:function
     data: str  # 'generated' or a dataset path
     method: str = "imp"  # imp | magnitude | random | synflow
     prune_fraction: float = 0.5  # of the remaining weights, per level (0.2 is the classic IMP rate)
@@ -51,10 +51,21 @@ class RunConfig:
     train_samples: int | None = None  # use a stratified subset of the training set
     test_samples: int | None = None  # ... and of the test set
     seed: int = 0  # initialisation, data order, random scorer
+    arch_kwargs: tuple[tuple[str, object], ...] = ()  # keyword arguments of the model source
+    weights: str | None = None  # a trained state dict the model starts from (instead of its initialisation)
+    input_size: int | None = None  # square input side; default: the source's
 
     def hash(self, train: TrainConfig) -> str:
-        blob = json.dumps({"run": asdict(self), "train": config_dict(train)}, sort_keys=True)
+        run = asdict(self)
+        for key in ("arch_kwargs", "weights", "input_size"):  # added later: at their defaults, old runs resume
+            if not run[key]:
+                del run[key]
+        blob = json.dumps({"run": run, "train": config_dict(train)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def size(self) -> int:
+        """The square input side this run's model takes."""
+        return sources.input_size_of(self.arch, self.input_size, dict(self.arch_kwargs))
 
 
 def load_data(cfg: RunConfig, num_classes: int | None, size: int) -> tuple[Dataset, Dataset]:
@@ -80,7 +91,10 @@ def build_model(cfg: RunConfig, num_classes: int, data: Dataset, arch_kwargs: di
     """The run's freshly initialised model (seeded: every call gives the same weights), with the data's
     normalisation recorded so the exporter can put it in the manifest."""
     set_determinism(cfg.seed)
-    m = zoo.get(cfg.arch, num_classes=num_classes, **(arch_kwargs or {}))
+    m = sources.create(cfg.arch, num_classes=num_classes, input_size=cfg.input_size,
+                       kwargs={**dict(cfg.arch_kwargs), **(arch_kwargs or {})})
+    if cfg.weights:
+        sources.load_weights(m, cfg.weights, cfg.arch)
     m.edgeshift_arch["normalisation"] = {"mean": list(data.mean), "std": list(data.std)}
     return m
 
@@ -102,8 +116,13 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig) -> di
         else:
             old = json.loads(meta.read_text())
             if old.get("config_hash") != doc["config_hash"]:
-                diff = sorted(k for part in ("run", "train") for k in doc[part]
-                              if old.get(part, {}).get(k) != doc[part][k])
+                def same(part: str, key: str) -> bool:  # as JSON (tuples are lists); a later key at its default
+                    theirs = old.get(part, {})
+                    if key not in theirs:
+                        return not doc[part][key]
+                    return theirs[key] == json.loads(json.dumps(doc[part][key], default=str))
+
+                diff = sorted(k for part in ("run", "train") for k in doc[part] if not same(part, k))
                 raise EdgeshiftError(f"{run_dir} holds a run with another configuration (differs in: "
                                      f"{', '.join(diff)}); use a new --out or the same options")
     distributed.barrier()  # every process has looked before anything is written
@@ -159,11 +178,11 @@ def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: in
         raise EdgeshiftError(f"unknown method {cfg.method!r}; known: {', '.join(METHODS)}")
     if not 0 < cfg.prune_fraction < 1:
         raise EdgeshiftError(f"--prune-fraction must be in (0, 1), got {cfg.prune_fraction}")
-    entry = zoo.entry(cfg.arch)
+    size = cfg.size()  # an unknown or unbuildable model source fails here, before anything is written
     distributed.init_from_env()
     prepare_run_dir(run_dir, cfg, train_cfg)
     distributed.barrier()
-    train_ds, test_ds = load_data(cfg, num_classes, entry.input_size)
+    train_ds, test_ds = load_data(cfg, num_classes, size)
     classes = num_classes or train_ds.num_classes
 
     fresh_model = functools.partial(build_model, cfg, classes, train_ds, arch_kwargs)

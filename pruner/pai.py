@@ -33,7 +33,7 @@ from edgeshift.core.registry import Registry
 from . import sparse
 from .metrics import count_macs, count_params
 from .measure import ModelMeasurer
-from .models import zoo
+from .models import sources, zoo
 
 AVERAGES = ("layer-mean", "global")
 
@@ -86,7 +86,7 @@ class PaiConfig:
         if not 0.0 < float(self.sparsity) < 1.0:
             raise EdgeshiftError(f"sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.95 removes 95% of "
                                  "the weights")
-        zoo.entry(self.arch)
+        sources.parse(self.arch)
         sparse.get(self.scorer)
         get_mode(self.mode)
         if self.average not in AVERAGES:
@@ -303,7 +303,8 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
         raise ValueError("pai(cfg) with cfg.profile needs a measurer (edgeshift.exporter.profile.cpu_measurer)")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = zoo.get(cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size, **dict(cfg.arch_kwargs))
+    model = sources.create(cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size,
+                           kwargs=dict(cfg.arch_kwargs))
     model.eval()
     example = _example(model, 1)
     params_dense, macs_dense = count_params(model), count_macs(model, example)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_model, save_checkpoint
 from .models.zoo import input_shape
 from .structured import PruneReport, prune_zero_channels
 
@@ -15,12 +15,13 @@ def example_inputs_for(model: torch.nn.Module, batch: int = 2, seed: int = 0) ->
     return torch.randn(input_shape(model, batch), generator=torch.Generator().manual_seed(seed))
 
 
-def prune_checkpoint(checkpoint: Path, out: Path, *, mode: str = "exact", batch: int = 2,
-                     seed: int = 0, align: int = 1) -> PruneReport:
-    model, payload = load_checkpoint(checkpoint)
+def prune_checkpoint(checkpoint: Path | None, out: Path, *, mode: str = "exact", batch: int = 2,
+                     seed: int = 0, align: int = 1, spec=None) -> PruneReport:
+    """Prune a checkpoint, or a model source with its weights (``spec``), and save the result."""
+    model, payload = load_model(checkpoint, spec)
     pruned, report = prune_zero_channels(model, example_inputs_for(model, batch, seed), mode=mode, align=align)
     meta = dict(payload.get("meta", {}))
     meta["prune_report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
-    meta["pruned_from"] = str(checkpoint)
+    meta["pruned_from"] = str(checkpoint if checkpoint is not None else spec.weights or spec.source)
     save_checkpoint(pruned, out, meta=meta)
     return report

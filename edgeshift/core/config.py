@@ -57,6 +57,8 @@ def _describe(tp: Any) -> str:
         return "any value"
     if tp is type(None):
         return "null"
+    if tp is Any:
+        return "any value"
     if _is_union(tp):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is Literal:
@@ -76,6 +78,8 @@ class _Bad(Exception):
 
 def _convert(tp: Any, value: Any, where: str, source: str, error: type[EdgeshiftError]) -> Any:
     if tp is Any:
+        return value
+    if tp is Any:  # free-form (a model factory's keyword arguments): TOML already typed it
         return value
     if _is_union(tp):
         for arg in typing.get_args(tp):

@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgeshift.core.config import load, load_toml, setting
 from edgeshift.core.errors import InputFileError, require_file
@@ -37,7 +38,11 @@ def _counts(values: tuple[int, ...]) -> str | None:
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = setting("resnet20", "zoo architecture")
+    arch: str = setting("resnet20", "model source: a zoo name, timm/NAME, torchvision/NAME or "
+                                    "package.module:function")
+    kwargs: dict[str, Any] = setting({}, "keyword arguments of the model source (a TOML table)")
+    weights: str = setting("", "a trained state dict the model starts from (empty: its initialisation)")
+    input_size: int = setting(0, "square input side (0: the source's)", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class OutputSection:
 
 
 # keys added to [deploy] after run folders existed, with their defaults
+LATER_MODEL_KEYS: dict[str, Any] = {"kwargs": {}, "weights": "", "input_size": 0}
 LATER_DEPLOY_KEYS = {"align": 1, "int8": False, "calibration_samples": 64, "calibration_method": "minmax"}
 
 
@@ -111,9 +117,10 @@ class PipelineConfig:
         """What the run folder is named by and checked against: everything but where it goes."""
         doc = asdict(self)
         doc.pop("output")
-        for key, default in LATER_DEPLOY_KEYS.items():
-            if doc["deploy"][key] == default:
-                del doc["deploy"][key]  # at its default a later-added key keeps earlier run folders resumable
+        for section, keys in (("deploy", LATER_DEPLOY_KEYS), ("model", LATER_MODEL_KEYS)):
+            for key, default in keys.items():
+                if doc[section][key] == default:
+                    del doc[section][key]  # at its default a later-added key keeps earlier run folders resumable
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -27,7 +27,8 @@ def run_config(cfg: PipelineConfig, method: str):
     return RunConfig(arch=cfg.model.arch, data=cfg.data.path, method=method,
                      prune_fraction=cfg.method.prune_fraction, rewind_step=cfg.method.rewind_step,
                      train_samples=cfg.data.train_samples or None, test_samples=cfg.data.test_samples or None,
-                     seed=cfg.train.seed)
+                     seed=cfg.train.seed, arch_kwargs=tuple(sorted(cfg.model.kwargs.items())),
+                     weights=cfg.model.weights or None, input_size=cfg.model.input_size or None)
 
 
 def _sparse(cfg: PipelineConfig, variants: Path) -> list[Path]:
@@ -58,19 +59,20 @@ def dense(cfg: PipelineConfig, variants: Path) -> Path:
 @METHODS.register("pai", help="pruning at initialisation (edgeshift pai), then trained (edgeshift train --init)")
 def _pai(cfg: PipelineConfig, variants: Path) -> list[Path]:
     from edgeshift.pruner.imp import load_data
-    from edgeshift.pruner.models import zoo
     from edgeshift.pruner.pai import PaiConfig, save_pai
     from edgeshift.pruner.train_checkpoint import train_checkpoint
 
     m = cfg.method
     sources = [dense(cfg, variants)]
-    classes = load_data(run_config(cfg, "pai"), None, zoo.entry(cfg.model.arch).input_size)[0].num_classes
+    run = run_config(cfg, "pai")
+    classes = load_data(run, None, run.size())[0].num_classes
     for p in m.sparsities:
         path, init = variants / f"pai-{float(p):g}.pt", variants / f"pai-{float(p):g}-init.pt"
         if not path.exists():
             if not init.exists():
                 save_pai(PaiConfig(cfg.model.arch, float(p), scorer=m.scorer, mode=m.pai_mode, num_classes=classes,
-                                   seed=cfg.train.seed, profile=False), init)
+                                   seed=cfg.train.seed, profile=False, input_size=run.input_size,
+                                   arch_kwargs=run.arch_kwargs), init)
             train_checkpoint(path, train_config(cfg), data=cfg.data.path, init=init,
                              train_samples=cfg.data.train_samples or None, test_samples=cfg.data.test_samples or None,
                              seed=cfg.train.seed)

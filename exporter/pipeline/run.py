@@ -35,10 +35,13 @@ def validate(cfg: PipelineConfig) -> None:
     ranges were checked by the loader)."""
     from edgeshift.pruner import sparse
     from edgeshift.pruner.layers import criteria
-    from edgeshift.pruner.models import zoo
+    from edgeshift.pruner.models import sources
     from edgeshift.pruner.pai import get_mode
 
-    zoo.entry(cfg.model.arch)
+    # the model is built (and its weights loaded) once here: an unknown source, a factory that does not import or
+    # weights of another model fail before anything is written
+    sources.ModelSpec(cfg.model.arch, tuple(sorted(cfg.model.kwargs.items())), cfg.model.weights or None,
+                      cfg.model.input_size or None).build()
     device_profiles.load_profile(cfg.deploy.profile)
     policies.get(cfg.deploy.policy)
     if cfg.data.path != "generated" and not Path(cfg.data.path).exists():

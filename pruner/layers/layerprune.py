@@ -224,17 +224,17 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
 def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, finetune=None,
                           train_samples: int | None = None, test_samples: int | None = None,
                           json_out=None, measure: ModelMeasurer,
-                          say: Callable[[str], None] = lambda message: None) -> LayerPruneReport:
+                          say: Callable[[str], None] = lambda message: None, spec=None) -> LayerPruneReport:
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
     import json
 
     from edgeshift.core.atomic import write_text_atomic
 
-    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..checkpoint import load_model, save_checkpoint
     from ..data import load_dataset
 
     cfg.validate()
-    model, payload = load_checkpoint(checkpoint)
+    model, payload = load_model(checkpoint, spec)
     arch = model.edgeshift_arch
     removable_candidates(model, cfg.remove)  # an impossible budget is refused before minutes of loading
     say(f"loading {data}")

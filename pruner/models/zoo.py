@@ -47,7 +47,13 @@ def input_shape(model, batch: int = 1) -> tuple[int, int, int, int]:
     if arch is None:
         raise ValueError("model was not built by the zoo; pass example inputs explicitly")
     size = arch["input_size"]
-    return (batch, int(arch["kwargs"].get("in_channels", 3)), size, size)
+    channels = arch["kwargs"].get("in_channels", arch["kwargs"].get("in_chans"))
+    if channels is None:  # a model from another source: its first conv says
+        import torch
+
+        first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        channels = first.in_channels if first is not None else 3
+    return (batch, int(channels), size, size)
 
 
 def reinitialise(model, seed: int = 0) -> None:
