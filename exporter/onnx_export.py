@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import warnings
@@ -65,11 +66,43 @@ def _ort_outputs(onnx_bytes: bytes, batches: list[np.ndarray]) -> list[np.ndarra
     return [sess.run(None, {INPUT_NAME: b})[0] for b in batches]
 
 
+@contextlib.contextmanager
+def _exportable_adaptive_pooling():
+    """During export, an adaptive average pool whose output size does not divide its input (a VGG head's 7x7 pool
+    on a small input) is computed as two matrix products with constant averaging matrices, which ONNX can hold;
+    torch's exporter refuses the op itself. Same windows, same averages: exact up to float rounding."""
+    import torch
+    import torch.nn.functional as F
+
+    original = F.adaptive_avg_pool2d
+
+    def averaging(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+        a = torch.zeros(n_out, n_in, dtype=like.dtype)
+        for i in range(n_out):
+            start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)  # torch's window bounds
+            a[i, start:end] = 1.0 / (end - start)
+        return a
+
+    def pool(x, output_size):
+        sizes = (output_size, output_size) if not isinstance(output_size, (tuple, list)) else tuple(output_size)
+        h, w = int(x.shape[-2]), int(x.shape[-1])  # concrete: the tracer would otherwise record shape arithmetic
+        out_h, out_w = (h if sizes[0] is None else int(sizes[0])), (w if sizes[1] is None else int(sizes[1]))
+        if h % out_h == 0 and w % out_w == 0:
+            return original(x, output_size)
+        return torch.einsum("oh,nchw,pw->ncop", averaging(h, out_h, x), x, averaging(w, out_w, x))
+
+    F.adaptive_avg_pool2d = pool
+    try:
+        yield
+    finally:
+        F.adaptive_avg_pool2d = original
+
+
 def _torch_to_onnx_bytes(model, example_inputs, opset: int) -> bytes:
     import torch
 
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _exportable_adaptive_pooling():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example_inputs,), buf, dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,

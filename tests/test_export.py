@@ -72,3 +72,24 @@ def test_model_that_fails_to_export_is_a_clear_error(tmp_path):
 def test_output_in_missing_directory(tmp_path):
     with pytest.raises(EdgeshiftError, match="output directory does not exist"):
         export_onnx(make("resnet20", {}, 32), inputs_for(32), tmp_path / "no" / "m.onnx")
+
+
+class SmallPoolHead(nn.Module):
+    """A VGG-style head pooling adaptively to a size that does not divide the feature map (2x2 -> 3x3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=8, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.fc = nn.Linear(36, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
+
+
+def test_adaptive_pool_to_a_size_that_does_not_divide_exports_exactly(tmp_path):
+    from edgeshift.exporter import export_onnx
+
+    model = SmallPoolHead().eval()
+    report = export_onnx(model, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7)), tmp_path / "m.onnx")  # checks batch 1 and 2 through ORT
+    assert report.rel_diff < 1e-5 and "Einsum" in report.op_counts
