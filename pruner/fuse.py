@@ -14,9 +14,10 @@ from edgeshift.core.errors import ModelNotTraceableError
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
     """The modules and functions timm marks as not traceable (where timm is already imported: a timm model)."""
     fx_mod = sys.modules.get("timm.layers._fx")
-    if fx_mod is None:
+    try:
+        return tuple(fx_mod.get_notrace_modules()), tuple(fx_mod.get_notrace_functions())
+    except Exception:  # no timm, or a timm whose private helpers moved: trace without its lists
         return (), ()
-    return tuple(fx_mod.get_notrace_modules()), tuple(fx_mod.get_notrace_functions())
 
 
 class Tracer(fx.Tracer):
@@ -127,6 +128,17 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 REPARAMETERIZE_METHODS = ("reparameterize", "switch_to_deploy")
 
 
+def _takes_no_arguments(fn) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params)
+
+
 @torch.no_grad()
 def reparameterize(model: nn.Module) -> int:
     """Fold every re-parameterisable multi-branch block of ``model`` (in place, eval mode) into its single
@@ -138,7 +150,7 @@ def reparameterize(model: nn.Module) -> int:
             continue
         for method in REPARAMETERIZE_METHODS:
             fn = getattr(m, method, None)
-            if callable(fn):
+            if callable(fn) and _takes_no_arguments(fn):  # a VAE's reparameterize(mu, logvar) is not one
                 fn()
                 folded += 1
                 break

@@ -124,6 +124,9 @@ def test_grouped_conv_loses_whole_groups_only_and_depthwise_follows():
     assert widths(pruned)["dw"] == 6  # channel 6 is a grouped conv output: alone in its group, it stays
     assert any("grouped conv" in note for note in report.notes)
     check_exact(model, pruned)
+    aligned, _ = prune_zero_channels(model, fresh(), align=4)  # alignment leaves groups through a grouped conv
+    assert aligned.grouped.groups == 3 and widths(aligned)["conv1"] == 6 and widths(aligned)["dw"] == 6
+    check_exact(model, aligned)
 
 
 class SplitNet(nn.Module):

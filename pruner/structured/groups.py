@@ -2,10 +2,9 @@
 structure (cached by signature), with every consumer of each channel and what it reads."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -333,10 +332,17 @@ def coupled_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Grou
     was_training = model.training
     model.eval()
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs[:1],))
+        with _tolerant_index_mapping() as unmapped, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*unwrapped")
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs[:1],))
+            specs = _group_specs(dg, model, output_layers(model, gm), unmapped)
     finally:
         model.train(was_training)
-    return _group_specs(dg, model, output_layers(model, gm))
+    mods = dict(model.named_modules())
+    for spec in specs:  # surgery here (alignment, PaI) resizes layers one-to-one: a grouped conv stays whole
+        if not spec.blocked and any(_is_grouped(mods[it.name]) for it in spec.items):
+            spec.blocked, spec.reason = True, f"a grouped conv reads or writes the channels of {spec.root}"
+    return specs
 
 
 def _structure(model: nn.Module, example_inputs: torch.Tensor) -> _Structure:
