@@ -186,3 +186,21 @@ def test_pruned_models_of_any_source_round_trip_through_a_checkpoint(tmp_path, m
         assert payload["arch"]["name"] == "patterns_factory:build" and payload["arch"]["kwargs"] == {"kind": kind}
         assert widths(loaded) == widths(pruned)
         check_exact(pruned, loaded)
+
+
+def test_train_imp_and_pai_take_a_factory_with_its_options(user_dir):
+    fast = ["--data", "generated", "--batch-size", "32", "--train-samples", "64", "--test-samples", "32",
+            "--iterations", "2"]
+    result = runner.invoke(app, ["train", *MODEL_ARGS, *fast, "-o", "t.pt"])
+    assert result.exit_code == 0, result.output
+    trained, _ = load_checkpoint(user_dir / "t.pt")
+    assert trained.edgeshift_arch["name"] == "mymodels:build" and trained.conv1.out_channels == 8
+    result = runner.invoke(app, ["imp", *MODEL_ARGS, *fast, "--levels", "1", "--out", "run"])
+    assert result.exit_code == 0, result.output
+    level1, payload = load_checkpoint(user_dir / "run" / "level_1" / "checkpoint.pt")
+    assert level1.edgeshift_arch["kwargs"] == {"width": 8} and payload["masks"]
+    result = runner.invoke(app, ["pai", "--arch", "mymodels:build", "--arch-kwargs", '{"width": 16}',
+                                 "--input-size", "32", "--sparsity", "0.5", "--all-layers", "--no-profile", "-o", "pai.pt"])
+    assert result.exit_code == 0, result.output
+    pai, _ = load_checkpoint(user_dir / "pai.pt")
+    assert pai.edgeshift_arch["kwargs"] == {"width": 16} and pai.conv1.out_channels < 16
