@@ -13,6 +13,7 @@ Needs timm and torchvision importable (a user's machine; see BENCHMARKS.md for h
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -100,6 +101,9 @@ def run_one(label: str, source: str, size: int, classes: int) -> dict:
                    seconds=round(time.perf_counter() - t0, 2))
         return row
     seconds = time.perf_counter() - t0
+    with torch.no_grad():  # in float64: what is left is the float32 rounding of fused weights, or a real error
+        ref64, out64 = copy.deepcopy(model).double()(x.double()), copy.deepcopy(pruned).double()(x.double())
+    row["rel_diff_float64"] = float((ref64 - out64).abs().max() / ref64.abs().max())
     row.update(outcome="exact", params_before=before, params_after=count_params(pruned),
                removed=round(1 - count_params(pruned) / before, 4), seconds=round(seconds, 2),
                rel_diff=report.rel_diff, notes=list(getattr(report, "notes", [])))
@@ -114,21 +118,23 @@ def run_one(label: str, source: str, size: int, classes: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     """One table row per architecture: outcome, parameters removed, prune time, deviations, BN left, why."""
-    out = ["| architecture | source | outcome | params removed | prune time | max dev (rel) | ONNX dev (rel) | "
-           "BN left in ONNX | kept whole, and why (first note) |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| architecture | source | outcome | params removed | prune time | max dev (rel) | in float64 | "
+           "ONNX dev (rel) | BN left in ONNX | kept whole, and why (first note) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r["outcome"] == "exact":
             note = (r["notes"][0] if r["notes"] else "").replace("|", "/")
             note = note if len(note) < 140 else note[:137] + "..."
             out.append(f"| {r['architecture']} | `{r['source']}` | exact | {r['removed']:.1%} | {r['seconds']:.2f} s | "
-                       f"{r['rel_diff']:.1e} | {r.get('onnx_rel_diff', float('nan')):.1e} | {r.get('bn_left', '')} "
+                       f"{r['rel_diff']:.1e} | {r['rel_diff_float64']:.1e} | "
+                       f"{r.get('onnx_rel_diff', float('nan')):.1e} | {r.get('bn_left', '')} "
                        f"| {note} |")
         else:
             reason = r.get("reason", "").splitlines()[0].replace("|", "/")
             reason = reason if len(reason) < 140 else reason[:137] + "..."
             removed = f"{r['removed']:.1%}" if "removed" in r else ""
             out.append(f"| {r['architecture']} | `{r['source']}` | {r['outcome']} | {removed} | "
-                       f"{r.get('seconds', 0):.2f} s | {r.get('rel_diff', float('nan')):.1e} | | | {reason} |")
+                       f"{r.get('seconds', 0):.2f} s | {r.get('rel_diff', float('nan')):.1e} | | | | {reason} |")
     return "\n".join(out)
 
 
@@ -152,6 +158,7 @@ def main() -> int:
         rows.append(row)
         if row["outcome"] == "exact":
             print(f"{label:<24} removed {row['removed']:6.1%}  {row['seconds']:6.2f} s  dev {row['rel_diff']:.2g}"
+                  f" (f64 {row['rel_diff_float64']:.2g})"
                   f"  onnx dev {row.get('onnx_rel_diff', float('nan')):.2g}  BN left {row.get('bn_left')}"
                   + (f"  ({'; '.join(row['notes'])[:200]})" if row["notes"] else ""), flush=True)
         else:
