@@ -60,7 +60,7 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     import torch
     from torch import nn
 
-    from edgeshift.pruner.checkpoint import load_checkpoint, load_model
+    from edgeshift.pruner.checkpoint import load_model
     from edgeshift.pruner.data import load_dataset
     from edgeshift.pruner.models.zoo import input_shape
     from edgeshift.pruner.structured import prune_zero_channels
@@ -96,7 +96,7 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
     models, reports, recipes, totals, nonzeros = {}, {}, {}, {}, {}
     arch = None
     for s in sources:
-        model, _ = load_model(s.checkpoint, s.spec) if s.spec is not None else load_checkpoint(s.checkpoint)
+        model, _ = load_model(s.checkpoint, s.spec)
         name = model.edgeshift_arch["name"]
         if arch is not None and name != arch["name"]:
             raise EdgeshiftError(f"{s.checkpoint} is a {name}, the other sources are {arch['name']}: "

@@ -25,7 +25,7 @@ from edgeshift.runtime.simulate import result_document, simulate_file
 from ..export_cmd import export_portfolio
 from ..report import write_report
 from .config import PipelineConfig
-from .methods import build_variants
+from .methods import build_variants, run_config
 
 BUILTIN_TRACE = "time_s,rps,cpu_share\n0,20,1\n10,400,1\n20,1500,0.6\n30,400,1\n40,20,1\n"
 
@@ -40,8 +40,8 @@ def validate(cfg: PipelineConfig) -> None:
 
     # the model is built (and its weights loaded) once here: an unknown source, a factory that does not import or
     # weights of another model fail before anything is written
-    sources.ModelSpec(cfg.model.arch, tuple(sorted(cfg.model.kwargs.items())), cfg.model.weights or None,
-                      cfg.model.input_size or None).build()
+    run = run_config(cfg, cfg.method.name)
+    sources.ModelSpec(run.arch, run.arch_kwargs, run.weights, run.input_size).build()
     device_profiles.load_profile(cfg.deploy.profile)
     policies.get(cfg.deploy.policy)
     if cfg.data.path != "generated" and not Path(cfg.data.path).exists():
