@@ -129,6 +129,34 @@ def test_grouped_conv_loses_whole_groups_only_and_depthwise_follows():
     check_exact(model, aligned)
 
 
+class WideGroupedNet(nn.Module):
+    """A ResNeXt-style bottleneck: 1x1 conv, grouped 3x3 conv (3 groups of 4), 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12)
+        self.grouped, self.bn2 = nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.BatchNorm2d(12)
+        self.conv3 = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.conv3(F.relu(self.bn2(self.grouped(x)))).mean((2, 3))
+
+
+def test_grouped_conv_loses_equally_many_channels_from_every_group():
+    model = WideGroupedNet().eval()
+    plant(model.bn1, zero=[0, 5, 6, 9])  # per group 1, 2, 1 zero inputs: one goes from each group
+    plant(model.bn2, zero=[1, 2, 4, 8, 11])  # per group 2, 1, 2 zero outputs: one goes from each group
+    pruned, report = prune_zero_channels(model, fresh())
+    assert pruned.grouped.groups == 3 and pruned.grouped.in_channels == 9 and pruned.grouped.out_channels == 9
+    assert widths(pruned)["conv1"] == 9 and pruned.conv3.in_channels == 9
+    assert tuple(pruned.grouped.weight.shape) == (9, 3, 3, 3)
+    assert any("same number of channels from every group" in note for note in report.notes)
+    check_exact(model, pruned)
+    dropped, _ = prune_zero_channels(model, fresh(), mode="drop")  # the published rule keeps groups equal too
+    assert dropped.grouped.groups == 3 and dropped.grouped.out_channels == 9
+
+
 class SplitNet(nn.Module):
     """Res2Net / CSP / Ghost: channels split into chunks, each processed, concatenated again."""
 

@@ -50,7 +50,7 @@ def _is_layer(m: nn.Module) -> bool:
 
 
 def _is_grouped(m: nn.Module) -> bool:
-    """A grouped conv that is not depthwise: its channels go in whole blocks (one per group)."""
+    """A grouped conv that is not depthwise: it loses whole groups, or equally many channels from each group."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
 
 
@@ -209,7 +209,7 @@ def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: froze
                 continue
             if _is_depthwise(module):
                 role = "follow"  # in and out of one channel: decided by what its consumers see
-            elif _is_layer(module):  # grouped convs too: whole blocks go, in and out together (plan.py)
+            elif _is_layer(module):  # grouped convs too: equal groups kept (plan.py)
                 role = "producer" if dg.is_out_channel_pruning_fn(handler) else "consumer"
                 has_consumer |= role == "consumer"
             elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):

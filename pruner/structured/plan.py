@@ -69,24 +69,40 @@ def _grouped_sides(groups: list[_Group]) -> dict[nn.Module, dict[str, list[tuple
     return sides
 
 
+def _realisable(gone_in: np.ndarray, gone_out: np.ndarray, blocks: int, whole_ok: bool = True,
+                in_ok: bool = True, out_ok: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Of a grouped conv's planned input and output removals, those one grouped conv can still express: whole
+    groups (inputs and outputs together, one group always kept), and in every other group the same number of
+    inputs and the same number of outputs (ONNX's Conv needs equal groups), at least one of each kept."""
+    g_in, g_out = gone_in.reshape(blocks, -1), gone_out.reshape(blocks, -1)
+    whole = g_in.all(1) & g_out.all(1) & whole_ok
+    if whole.all():
+        whole[0] = False
+    keep_in, keep_out = np.zeros_like(g_in), np.zeros_like(g_out)
+    keep_in[whole], keep_out[whole] = True, True
+    rest = np.flatnonzero(~whole)
+    for side, gone, keep, ok in ((0, g_in, keep_in, in_ok), (1, g_out, keep_out, out_ok)):
+        k = min(int(gone[rest].sum(1).min()), gone.shape[1] - 1) if ok else 0
+        for g in rest if k else ():
+            keep[g, np.flatnonzero(gone[g])[:k]] = True
+    return keep_in.reshape(-1), keep_out.reshape(-1)
+
+
 def _hold_partial_blocks(groups: list[_Group], held: list[np.ndarray]) -> bool:
-    """Hold every planned channel of a grouped conv block that cannot go whole; True when anything was held."""
+    """Hold every planned channel of a grouped conv that one grouped conv cannot lose (``_realisable``); True
+    when anything was held."""
     any_held = False
     for layer, sides in _grouped_sides(groups).items():
-        n_in, n_out, blocks = layer.in_channels, layer.out_channels, layer.groups
+        n_in, n_out = layer.in_channels, layer.out_channels
         gone_in, gone_out = np.zeros(n_in, dtype=bool), np.zeros(n_out, dtype=bool)
         seen_in, seen_out = np.zeros(n_in, dtype=bool), np.zeros(n_out, dtype=bool)
         for side, gone, seen in (("in", gone_in, seen_in), ("out", gone_out, seen_out)):
             for gi, idxs, roots in sides[side]:
                 gone[idxs] |= groups[gi].removable[roots] & (not groups[gi].blocked)
                 seen[idxs] = True
-        whole = (gone_in.reshape(blocks, -1).all(1) & seen_in.all()) & (gone_out.reshape(blocks, -1).all(1)
-                                                                          & seen_out.all())
-        if whole.all():
-            whole[0] = False  # a grouped conv keeps one block
-        partial_in = gone_in & ~np.repeat(whole, n_in // blocks)
-        partial_out = gone_out & ~np.repeat(whole, n_out // blocks)
-        for side, partial in (("in", partial_in), ("out", partial_out)):
+        ok_in, ok_out = _realisable(gone_in, gone_out, layer.groups, seen_in.all() and seen_out.all(),
+                                    bool(seen_in.all()), bool(seen_out.all()))
+        for side, partial in (("in", gone_in & ~ok_in), ("out", gone_out & ~ok_out)):
             for gi, idxs, roots in sides[side]:
                 hit = partial[idxs] & groups[gi].removable[roots]
                 if hit.any():
@@ -96,17 +112,24 @@ def _hold_partial_blocks(groups: list[_Group], held: list[np.ndarray]) -> bool:
 
 
 def _plan_drop(groups: list[_Group]) -> None:
-    """The published rule: a channel goes when all its producing filters are zero (their bias is ignored)."""
+    """The published rule: a channel goes when all its producing filters are zero (their bias is ignored); a
+    grouped conv's channels only as ``_realisable`` allows."""
+    held = [np.zeros(g.size, dtype=bool) for g in groups]
+    for _ in range(64):
+        for g, hold in zip(groups, held):
+            if g.blocked or g.size <= 1 or not g.producers:
+                continue
+            ok = ~hold
+            for layer, idxs, roots in g.producers:
+                zero = ~used_weights(layer)[idxs].any(1)
+                np.logical_and.at(ok, roots, zero)
+            if ok.all():
+                ok[g.keep_one] = False
+            g.removable = ok
+        if not _hold_partial_blocks(groups, held):
+            return
     for g in groups:
-        if g.blocked or g.size <= 1 or not g.producers:
-            continue
-        ok = np.ones(g.size, dtype=bool)
-        for layer, idxs, roots in g.producers:
-            zero = ~used_weights(layer)[idxs].any(1)
-            np.logical_and.at(ok, roots, zero)
-        if ok.all():
-            ok[g.keep_one] = False
-        g.removable = ok
+        g.removable = np.zeros(g.size, dtype=bool)
 
 
 @torch.no_grad()
@@ -134,9 +157,9 @@ def _fold_constants(groups: list[_Group]) -> int:
 
 
 def _execute(groups: list[_Group]) -> None:
-    """Rebuild every layer without its planned channels (each group's handlers, one pass; grouped convs by
-    whole blocks, here, since Torch-Pruning's handler keeps the group count)."""
-    grouped: dict[nn.Module, np.ndarray] = {}
+    """Rebuild every layer without its planned channels (each group's handlers, one pass; grouped convs here,
+    since Torch-Pruning's handler keeps the group count and equal widths)."""
+    grouped: dict[nn.Module, dict[str, np.ndarray]] = {}
     for g in groups:
         if not g.removable.any():
             continue
@@ -149,27 +172,40 @@ def _execute(groups: list[_Group]) -> None:
         for layer, idxs, roots, width in sides:
             hit = g.removable[roots]
             if _is_grouped(layer) and hit.any():
-                gone = grouped.setdefault(layer, np.zeros(layer.groups, dtype=bool))
-                gone[np.unique(idxs[hit] // (getattr(layer, width) // layer.groups))] = True
+                gone = grouped.setdefault(layer, {"in_channels": np.zeros(layer.in_channels, dtype=bool),
+                                                  "out_channels": np.zeros(layer.out_channels, dtype=bool)})
+                gone[width][idxs[hit]] = True
     for module, gone in grouped.items():
-        _drop_blocks(module, gone)
+        _shrink_grouped(module, gone["in_channels"], gone["out_channels"])
 
 
 @torch.no_grad()
-def _drop_blocks(conv: nn.Conv2d, gone: np.ndarray) -> None:
-    """Remove whole groups (their inputs and outputs) from a grouped conv."""
-    keep = np.flatnonzero(~gone)
-    k_out, k_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
-    rows = torch.as_tensor((keep[:, None] * k_out + np.arange(k_out)[None, :]).reshape(-1))
-    conv.weight = nn.Parameter(conv.weight.detach()[rows].clone())
+def _shrink_grouped(conv: nn.Conv2d, gone_in: np.ndarray, gone_out: np.ndarray) -> None:
+    """Remove from a grouped conv whole groups (inputs and outputs gone together) and, from every other group,
+    the same number of inputs and of outputs; any other pattern is a planning error."""
+    blocks = conv.groups
+    g_in, g_out = gone_in.reshape(blocks, -1), gone_out.reshape(blocks, -1)
+    whole = g_in.all(1) & g_out.all(1)
+    keep = np.flatnonzero(~whole)
+    n_in, n_out = {int(n) for n in g_in[keep].sum(1)}, {int(n) for n in g_out[keep].sum(1)}
+    if len(keep) == 0 or len(n_in) != 1 or len(n_out) != 1:
+        raise RuntimeError(f"planned removals leave unequal groups in a grouped conv ({conv})")
+    k_out = conv.out_channels // blocks
+    rows = np.concatenate([g * k_out + np.flatnonzero(~g_out[g]) for g in keep])
+    cols = np.stack([np.flatnonzero(~g_in[g]) for g in keep])  # [kept groups, inputs kept per group]
+    per_group = len(rows) // len(keep)
+    weight = conv.weight.detach()[torch.as_tensor(rows)]
+    index = torch.as_tensor(np.repeat(cols, per_group, axis=0))[:, :, None, None].expand(
+        -1, -1, *weight.shape[2:])
+    conv.weight = nn.Parameter(torch.gather(weight, 1, index).clone())
     if conv.bias is not None:
-        conv.bias = nn.Parameter(conv.bias.detach()[rows].clone())
-    conv.groups, conv.out_channels, conv.in_channels = len(keep), len(keep) * k_out, len(keep) * k_in
+        conv.bias = nn.Parameter(conv.bias.detach()[torch.as_tensor(rows)].clone())
+    conv.groups, conv.out_channels, conv.in_channels = len(keep), len(rows), len(keep) * cols.shape[1]
 
 
 def _explain(groups: list[_Group], limit: int = 12) -> list[str]:
     """Why channels that are zero or constant were kept: one line per blocked group holding some, and per
-    grouped conv whose zero channels do not fill whole groups."""
+    grouped conv whose zero channels are more in some groups than in others."""
     notes: list[str] = []
     for g in groups:
         const = np.zeros(g.size, dtype=bool)
@@ -185,7 +221,8 @@ def _explain(groups: list[_Group], limit: int = 12) -> list[str]:
             layer = next(c.layer for c in g.consumers if _is_grouped(c.layer)) if any(
                 _is_grouped(c.layer) for c in g.consumers) else next(p[0] for p in g.producers if _is_grouped(p[0]))
             notes.append(f"kept {int(kept.sum())} zero/constant channel(s) of {g.size}: a grouped conv "
-                         f"({layer.groups} groups) loses whole groups only, and these do not fill one")
+                         f"({layer.groups} groups) loses whole groups or the same number of channels from every "
+                         "group, and these are beyond that")
     unique = list(dict.fromkeys(notes))
     return unique[:limit] + ([f"... and {len(unique) - limit} more"] if len(unique) > limit else [])
 
