@@ -140,7 +140,7 @@ def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = 
     if not path.parent.is_dir():
         raise EdgeshiftError(f"output directory does not exist: {path.parent}")
     notes: list[str] = []
-    fused = fuse_conv_bn(model)  # a copy in eval mode; the caller's model is untouched
+    fused = fuse_conv_bn(model, example_inputs=example_inputs[:1])  # a copy in eval mode; the caller's is untouched
     gen = torch.Generator().manual_seed(0)
     batches_t = [example_inputs, example_inputs[:1]] + [torch.randn(example_inputs.shape, generator=gen)
                                                         for _ in range(random_batches)]

@@ -2,6 +2,7 @@
 weight and bias, after folding re-parameterisable multi-branch blocks into one conv."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
@@ -20,28 +21,136 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
         return (), ()
 
 
+class _TraceInsideFailed(Exception):
+    """Tracing into a module timm marks as not traceable failed: trace again with it as one node."""
+
+    def __init__(self, kind: type) -> None:
+        super().__init__(kind.__name__)
+        self.kind = kind
+
+
 class Tracer(fx.Tracer):
     """fx's tracer, keeping as single nodes: every BatchNorm (subclasses too, e.g. timm's BatchNormAct2d, a norm
     with its activation inside: one per-channel, elementwise module to the planner and the fuser), and what timm
-    marks as not traceable."""
+    marks as not traceable.
 
-    def __init__(self) -> None:
+    Given ``example_inputs``, it traces into timm's not-traceable modules instead (their control flow is on
+    shapes: VGG's head pools when its input is under 7x7), deciding each such branch at the example's shape;
+    the graph is then for that input shape only, which is what pruning and export are for. A module whose
+    forward still cannot be traced (control flow on values) stays one node: ``trace`` retries with it in
+    ``opaque``."""
+
+    _MAX_DECISIONS = 64  # shape branches decided by running the graph so far; past this, the module stays a node
+
+    def __init__(self, example_inputs: torch.Tensor | None = None, opaque: frozenset[type] = frozenset()) -> None:
         modules, functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
         self._leaves = modules
+        self._example = example_inputs
+        self._opaque = opaque
+        self._decisions = 0
+
+    def _traced_into(self, m: nn.Module) -> bool:
+        return (self._example is not None and bool(self._leaves) and isinstance(m, self._leaves)
+                and type(m) not in self._opaque and not isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (self._leaves and isinstance(m, self._leaves)):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return True
+        if self._leaves and isinstance(m, self._leaves):
+            return not self._traced_into(m)
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m, forward, args, kwargs):
+        if not self._traced_into(m):
+            return super().call_module(m, forward, args, kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except _TraceInsideFailed:
+            raise
+        except Exception as exc:
+            raise _TraceInsideFailed(type(m)) from exc
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; a model fx cannot trace raises ModelNotTraceableError."""
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on the input's shape, decided at the example's shape; any other branch cannot be traced."""
+        if self._example is None or self._decisions >= self._MAX_DECISIONS or _reads_values(obj.node):
+            return super().to_bool(obj)
+        self._decisions += 1
+        return bool(self._evaluate(obj.node))
+
+    @torch.no_grad()
+    def _evaluate(self, node: fx.Node):
+        needed, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n not in needed:
+                needed.add(n)
+                stack.extend(n.all_input_nodes)
+        graph, env = fx.Graph(), {}
+        for n in self.graph.nodes:
+            if n in needed:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        graph.output(env[node])
+        modes = {m: m.training for m in self.root.modules()}
+        self.root.eval()  # never update batch statistics while deciding a branch
+        try:
+            with _not_tracing():
+                return fx.GraphModule(self.root, graph)(self._example)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+
+@contextlib.contextmanager
+def _not_tracing():
+    """Run real modules in the middle of a trace: fx's patches of ``nn.Module.__call__`` lifted for the block
+    (fx's own private helper; a torch without it cannot decide branches, and the module stays one node)."""
+    from torch.fx import _symbolic_trace as st
+
+    revert = getattr(st, "_maybe_revert_all_patches", None)
+    if revert is None or not hasattr(st, "_is_fx_tracing_flag"):
+        raise RuntimeError("this torch cannot run modules during a trace")
+    flag = st._is_fx_tracing_flag
+    st._is_fx_tracing_flag = False
     try:
-        tracer = Tracer()
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        with revert():
+            yield
+    finally:
+        st._is_fx_tracing_flag = flag
+
+
+def _reads_values(node: fx.Node) -> bool:
+    """Whether ``node`` depends on a tensor's values, not only on shapes (``x.shape``, ``x.size()``, ``x.dim()``)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if (n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim")
+                or n.op == "call_method" and n.target in ("size", "dim")):
+            continue
+        if n.op in ("placeholder", "get_attr", "call_module"):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def trace(model: nn.Module, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; a model fx cannot trace raises ModelNotTraceableError. With
+    ``example_inputs`` the graph may be specialised to their shape (see ``Tracer``)."""
+    opaque: frozenset[type] = frozenset()
+    try:
+        while True:
+            tracer = Tracer(example_inputs, opaque)
+            try:
+                graph = tracer.trace(model)
+            except _TraceInsideFailed as failed:
+                if failed.kind in opaque:
+                    raise failed.__cause__ or failed from None
+                opaque = opaque | {failed.kind}
+                continue
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types for untraceable code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotTraceableError(
@@ -91,10 +200,11 @@ def _remainder(bn: nn.Module) -> nn.Module:
     return NormActRemainder(getattr(bn, "drop", None) or nn.Identity(), bn.act)
 
 
-def conv_bn_pairs(model: nn.Module, gm: fx.GraphModule | None = None) -> list[tuple[str, str]]:
+def conv_bn_pairs(model: nn.Module, gm: fx.GraphModule | None = None,
+                  example_inputs: torch.Tensor | None = None) -> list[tuple[str, str]]:
     """(conv name, bn name) for every BatchNorm2d (or norm+activation) whose only input is a Conv2d read by
     nothing else."""
-    gm = gm or trace(model)
+    gm = gm or trace(model, example_inputs)
     mods = dict(model.named_modules())
     pairs = []
     for node in gm.graph.nodes:
@@ -161,10 +271,12 @@ def reparameterize(model: nn.Module) -> int:
     return folded
 
 
-def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fuse_conv_bn(model: nn.Module, inplace: bool = False, example_inputs: torch.Tensor | None = None
+                 ) -> nn.Module:
     """Return ``model`` in eval mode with each Conv2d->BatchNorm2d pair folded and the BN replaced by Identity.
 
     BatchNorms not directly after a conv are left in place. The input model is untouched unless ``inplace``.
+    ``example_inputs`` lets the trace decide branches on the input's shape (see ``Tracer``).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -172,7 +284,7 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     reparameterize(model)
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return model  # nothing to fuse: no need to trace
-    for conv_name, bn_name in conv_bn_pairs(model):
+    for conv_name, bn_name in conv_bn_pairs(model, example_inputs=example_inputs):
         fold_bn_into_conv(model.get_submodule(conv_name), model.get_submodule(bn_name))
         model.set_submodule(bn_name, _remainder(model.get_submodule(bn_name)))
     return model

@@ -360,3 +360,55 @@ def test_group_analysis_that_does_not_settle_is_bounded_and_named(monkeypatch):
     assert widths(pruned) == widths(model.eval())
     assert any("did not settle" in note for note in report.notes), report.notes
     check_exact(model, pruned)
+
+
+class ShapeBranchHead(nn.Module):
+    """timm's VGG head: pools its input up to the conv's kernel when it is smaller (control flow on a shape)."""
+
+    def __init__(self, c_in, c_out, kernel=4):
+        super().__init__()
+        self.kernel = kernel
+        self.fc1 = nn.Conv2d(c_in, c_out, kernel)
+
+    def forward(self, x):
+        if x.shape[-2] < self.kernel or x.shape[-1] < self.kernel:
+            x = F.adaptive_avg_pool2d(x, (max(self.kernel, x.shape[-2]), max(self.kernel, x.shape[-1])))
+        return self.fc1(x).flatten(1)
+
+
+class ShapeBranchNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.BatchNorm2d(8)
+        self.head = ShapeBranchHead(8, 5)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn1(self.conv1(x))))
+
+
+def test_a_branch_on_the_input_shape_is_decided_at_the_example_shape(tmp_path):
+    from edgeshift.exporter import export_onnx
+
+    model = ShapeBranchNet().eval()
+    plant(model.bn1, zero=[1, 2, 6], constant=[4])  # constant: the head pools, then its unpadded conv folds it
+    pruned, report = prune_zero_channels(model, fresh((2, 3, 8, 8)))  # 2x2 features: the head pools to 4x4
+    assert widths(pruned)["conv1"] == 4 and pruned.head.fc1.in_channels == 4
+    assert report.channels_folded == 1
+    check_exact(model, pruned, (2, 3, 8, 8))
+    exported = export_onnx(pruned, fresh((2, 3, 8, 8)), tmp_path / "p.onnx")  # checked against torch inside
+    assert exported.params == sum(p.numel() for p in pruned.parameters())
+
+
+class ValueBranchNet(ShapeBranchNet):
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        if x.sum() > 0:  # control flow on values: no graph holds for every input
+            x = x * 2
+        return self.head(x)
+
+
+def test_a_branch_on_values_still_cannot_be_traced():
+    from edgeshift.core.errors import ModelNotTraceableError
+
+    with pytest.raises(ModelNotTraceableError, match="cannot be traced"):
+        prune_zero_channels(ValueBranchNet().eval(), fresh((2, 3, 8, 8)))

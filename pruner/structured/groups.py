@@ -128,7 +128,7 @@ def _signature(model: nn.Module, input_shape: tuple) -> tuple:
 
 def _analyse_structure(model: nn.Module, example_inputs: torch.Tensor) -> _Structure:
     """Trace the (fused) model once: fx graph with node shapes, and Torch-Pruning's coupled groups by name."""
-    gm = trace(model)
+    gm = trace(model, example_inputs[:1])
     ignored = output_layers(model, gm)
     # One forward through ShapeProp gives Torch-Pruning its trace and channel_states its node shapes. It runs on
     # meta tensors swapped in for every parameter and buffer: shapes and the autograd graph, no arithmetic.
@@ -328,7 +328,7 @@ def coupled_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Grou
 
     Cheaper than the meta-tensor analysis ``prune_zero_channels`` needs when the model is small enough to run.
     """
-    gm = trace(model)
+    gm = trace(model, example_inputs[:1])
     was_training = model.training
     model.eval()
     try:

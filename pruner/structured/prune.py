@@ -107,7 +107,8 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
     reference.eval()
     try:
         t0 = time.perf_counter()
-        work = fuse_conv_bn(reference)  # deep copy: the input model is never modified
+        # a deep copy: the input model is never modified
+        work = fuse_conv_bn(reference, example_inputs=example_inputs[:1])
         t1 = time.perf_counter()
         groups = _build_groups(work, example_inputs)
         (_plan_exact if mode == "exact" else _plan_drop)(groups)
@@ -122,7 +123,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
         if mode == "exact" and (deviation is None or deviation[0] > rtol * max(deviation[1], 1e-12)):
             # some group was mapped wrongly (an op the planner does not understand): rebuild group by group from
             # a fresh fused copy, keeping whole every group that breaks the output, and say which
-            work = fuse_conv_bn(reference)
+            work = fuse_conv_bn(reference, example_inputs=example_inputs[:1])
             groups = _build_groups(work, example_inputs)
             _plan_exact(groups)
             reference_out = _reference_outputs(reference, example_inputs)
