@@ -153,8 +153,9 @@ _MOVING_OPS = {tp.ops.OPTYPE.SPLIT: "a channel split", tp.ops.OPTYPE.SLICE: "a c
 @contextlib.contextmanager
 def _tolerant_index_mapping():
     """Build Torch-Pruning's graph even where its index mapping fails on an op (a channel shuffle's reshape
-    divides by zero); the ops it failed on are yielded, and groups through them are kept whole."""
-    from torch_pruning.dependency import index_mapping
+    divides by zero), with every channel split's chunk widths right (``_order_split_chunks``); the ops it failed
+    on are yielded, and groups through them are kept whole."""
+    from torch_pruning.dependency import index_mapping, shape_infer
 
     unmapped: set = set()
     originals = {name: getattr(index_mapping, name) for name in dir(index_mapping)
@@ -168,13 +169,54 @@ def _tolerant_index_mapping():
                 unmapped.add(node.module)
         return wrapped
 
+    init_shapes = shape_infer.init_shape_information
+
+    def init_shapes_in_chunk_order(graph):
+        init_shapes(graph)
+        _order_split_chunks(graph, unmapped)
+
     for name, fn in originals.items():
         setattr(index_mapping, name, tolerant(fn))
+    shape_infer.init_shape_information = init_shapes_in_chunk_order
     try:
         yield unmapped
     finally:
         for name, fn in originals.items():
             setattr(index_mapping, name, fn)
+        shape_infer.init_shape_information = init_shapes
+
+
+def _split_sizes(grad_fn) -> list[int] | None:
+    """The chunk widths of a split along channels, from its autograd node; None when it is not one."""
+    dim, sizes = getattr(grad_fn, "_saved_dim", None), getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if dim is None or sizes is None or not (0 <= dim < len(sizes)) or dim != 1:
+        return None
+    if hasattr(grad_fn, "_saved_split_sizes"):
+        return [int(n) for n in grad_fn._saved_split_sizes]
+    step, total = int(getattr(grad_fn, "_saved_split_size", 0)), int(sizes[1])
+    return [min(step, total - start) for start in range(0, total, step)] if step > 0 else None
+
+
+def _order_split_chunks(graph, unmapped: set) -> None:
+    """Torch-Pruning maps a split's i-th consumer, in the order it met them, to the i-th chunk (Res2Net's chunks
+    are met last to first; CSP's second chunk has two consumers) and sizes every chunk like the first. Give each
+    consumer edge its own chunk's width (the chunk is the autograd edge's output number), which the widths of
+    concatenations are inferred from; a consumer reading several chunks leaves the split unmapped.
+
+    Groups through a split are kept whole (pruning would change the chunk widths the model's code splits at), so
+    Torch-Pruning's search stops at a split: beyond it, it would only wander (into ShuffleNet's shuffles)."""
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT:
+            continue
+        node.dependencies = []  # reached, never passed: its group is kept whole
+        sizes = _split_sizes(node.grad_fn)
+        chunks = [[nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
+                  for out in node.outputs]
+        if sizes is None or any(len(c) != 1 or c[0] >= len(sizes) for c in chunks):
+            unmapped.add(node.module)
+            continue
+        node.module.split_sizes = [sizes[c[0]] for c in chunks]  # per consumer edge, as Torch-Pruning reads it
+        node.module.offsets = None  # its own mapping (chunk by discovery order) is skipped: nothing to map
 
 
 def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: frozenset | set = frozenset()
@@ -195,11 +237,11 @@ def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: froze
             idxs = np.asarray(item.idxs, dtype=np.int64)
             roots = np.asarray(item.root_idxs, dtype=np.int64)
             op_type = item.dep.target.type
-            if module in unmapped:
-                reason = reason or f"its channels pass a reshape that moves them (a channel shuffle?) after {root_name}"
-                continue
             if op_type in _MOVING_OPS:
                 reason = reason or f"its channels pass {_MOVING_OPS[op_type]} after {root_name}"
+                continue
+            if module in unmapped:
+                reason = reason or f"its channels pass a reshape that moves them (a channel shuffle?) after {root_name}"
                 continue
             if op_type == tp.ops.OPTYPE.RESHAPE and not _flattens(group, item):
                 reason = reason or f"its channels pass a reshape that moves them after {root_name}"
