@@ -100,6 +100,29 @@ def _layer_output(layer: nn.Module, inp: np.ndarray, used: np.ndarray) -> np.nda
     return np.where(blocked, np.nan, const)
 
 
+SPLITS = {torch.split, torch.chunk, "split", "chunk"}
+
+
+def _split_states(node: fx.Node, x: np.ndarray) -> list[np.ndarray] | None:
+    """Per chunk of a split or chunk (from the chunks' recorded shapes): a slice of the channels along dim 1,
+    all of them along any other dim."""
+    metas = node.meta.get("tensor_meta")
+    if not isinstance(metas, (tuple, list)) or not all(hasattr(m, "shape") for m in metas) or not metas:
+        return None
+    ndim = len(metas[0].shape)
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if not isinstance(dim, int) or ndim < 2:
+        return None
+    dim = dim + ndim if dim < 0 else dim
+    if dim != 1:
+        return [x.copy() for _ in metas]
+    widths = [int(m.shape[1]) for m in metas]
+    if sum(widths) != len(x):
+        return None
+    starts = np.cumsum([0] + widths)
+    return [x[a:b].copy() for a, b in zip(starts[:-1], starts[1:])]
+
+
 def _flatten_states(values: np.ndarray, shape: tuple) -> np.ndarray:
     spatial = int(np.prod(shape[2:])) if len(shape) > 2 else 1
     return np.repeat(values, spatial)
@@ -142,7 +165,7 @@ def channel_states(model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, n
     if example_inputs is not None:
         ShapeProp(gm).propagate(example_inputs)
     mods = dict(model.named_modules())
-    states: dict[fx.Node, np.ndarray | float | None] = {}
+    states: dict[fx.Node, np.ndarray | list | float | None] = {}
     layer_inputs: dict[nn.Module, list[np.ndarray]] = {}
 
     def state(arg):
@@ -203,6 +226,11 @@ def channel_states(model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, n
                 if all(d not in (0, 1) and d is not None for d in dims) and _shape(node) is not None \
                         and len(_shape(node)) >= 2:
                     out = x.copy()
+            elif fn in SPLITS and isinstance(x, np.ndarray):
+                out = _split_states(node, x)
+            elif fn is operator.getitem and isinstance(x, list) and isinstance(node.args[1], int) \
+                    and -len(x) <= node.args[1] < len(x):
+                out = x[node.args[1]]
             elif fn == torch.cat:
                 parts = [state(a) for a in node.args[0]]
                 dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

@@ -32,11 +32,15 @@ def _resized_spec(m: nn.Module, ref: nn.Module) -> dict | None:
            **{k: v for k, v in m._buffers.items() if v is not None}}
     theirs = {**{k: v for k, v in ref._parameters.items() if v is not None},
               **{k: v for k, v in ref._buffers.items() if v is not None}}
+    split_widths = dict(vars(m).get("edgeshift_split_widths", {}))  # chunk widths its code splits at (plan.py)
     if own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own) and all(
-            getattr(m, a) == getattr(ref, a) for a in WIDTH_ATTRS if a in vars(m)):
+            getattr(m, a) == getattr(ref, a) for a in WIDTH_ATTRS if a in vars(m)) and \
+            all(getattr(ref, a, None) == v for a, v in split_widths.items()):
         return None
     attrs = {a: (list(v) if isinstance(v, tuple) else v) for a in WIDTH_ATTRS if a in vars(m)
              for v in [getattr(m, a)]}  # plain attributes only (a property derives from its children)
+    if split_widths:
+        attrs.update(split_widths, edgeshift_split_widths=split_widths)
     tensors = {k: {"shape": list(v.shape), "parameter": k in m._parameters} for k, v in own.items()}
     return {"type": "Resized", "attrs": attrs, "tensors": tensors}
 

@@ -175,14 +175,53 @@ class SplitNet(nn.Module):
         return self.conv3(x).mean((2, 3))
 
 
-def test_channel_split_group_is_kept_with_a_reason_and_the_rest_pruned():
+def test_a_chunked_group_loses_equally_many_channels_from_every_chunk():
     model = SplitNet().eval()
-    plant(model.bn1, zero=[1, 6])
+    plant(model.bn1, zero=[1, 2, 6])  # chunk a: 1 and 2, chunk b: 6 -> one from each
     plant(model.bn2, zero=[0, 3, 5])
     pruned, report = prune_zero_channels(model, fresh())
-    assert widths(pruned)["conv1"] == 8  # through the split: kept whole
-    assert widths(pruned)["conv2"] == 5  # elsewhere the zero channels still go
-    assert any("split" in note and "conv1" in note for note in report.notes), report.notes
+    assert widths(pruned)["conv1"] == 6 and pruned.branch.in_channels == 3 and widths(pruned)["branch"] == 4
+    assert widths(pruned)["conv2"] == 5 and pruned.conv2.in_channels == 7  # branch's 4 and chunk b's 3
+    assert any("chunks must lose equally many" in note for note in report.notes), report.notes
+    check_exact(model, pruned)
+
+
+class Res2Block(nn.Module):
+    """Res2Net's bottleneck: chunks of ``self.width`` channels, each added to the previous branch's output
+    (``first``: not added), the last passed on, all concatenated."""
+
+    def __init__(self, first: bool, width: int = 4, scale: int = 3):
+        super().__init__()
+        self.width, self.first = width, first
+        self.conv1, self.bn1 = nn.Conv2d(3, width * scale, 1), nn.BatchNorm2d(width * scale)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale - 1))
+        self.conv3 = nn.Conv2d(width * scale, 4, 1)
+
+    def forward(self, x):
+        spx = torch.split(F.relu(self.bn1(self.conv1(x))), self.width, 1)
+        outs, sp = [], None
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 or self.first else sp + spx[i]
+            sp = F.relu(bn(conv(sp)))
+            outs.append(sp)
+        return self.conv3(torch.cat(outs + [spx[-1]], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_res2net_split_at_a_width_attribute_loses_equally_from_every_chunk(first):
+    model = Res2Block(first).eval()
+    # chunks 0..3, 4..7, 8..11: one zero channel goes from each; chunk 1 is added to convs.0's output, so there
+    # a channel goes only where both are zero (5 and convs.0's 1)
+    plant(model.bn1, zero=[1, 2, 5, 9, 10])
+    plant(model.bns[0], zero=[1, 3])
+    plant(model.bns[1], zero=[0])
+    pruned, _ = prune_zero_channels(model, fresh())
+    assert pruned.width == 3 and widths(pruned)["conv1"] == 9  # the block's own split width follows
+    assert widths(pruned)["convs.1"] == 3  # its zero channel 0 goes (convs.1 feeds only the concatenation)
+    # first: both of convs.0's zero channels go; else it is coupled to chunk 1 by the add: only 1 (with 5)
+    assert widths(pruned)["convs.0"] == (2 if first else 3)
+    assert pruned.conv3.in_channels == widths(pruned)["convs.0"] + 3 + 3
     check_exact(model, pruned)
 
 
@@ -412,3 +451,34 @@ def test_a_branch_on_values_still_cannot_be_traced():
 
     with pytest.raises(ModelNotTraceableError, match="cannot be traced"):
         prune_zero_channels(ValueBranchNet().eval(), fresh((2, 3, 8, 8)))
+
+
+class CSPNet(nn.Module):
+    """CSP's split at a width computed in forward (no attribute holds it), next to other branches that are
+    concatenated into one consumer with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels = 8
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.block, self.bnb = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.other, self.bno = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(14, 4, 1)
+
+    def forward(self, x):
+        a, b = F.relu(self.bn1(self.conv1(x))).split(self.channels // 2, dim=1)
+        z = torch.cat([a, F.relu(self.bnb(self.block(b))), F.relu(self.bno(self.other(x)))], 1)
+        return self.conv2(z).mean((2, 3))
+
+
+def test_a_split_the_model_cannot_follow_is_put_back_and_the_rest_still_goes():
+    model = CSPNet().eval()
+    plant(model.bn1, zero=[1, 5])  # one per chunk: planned, but the code keeps splitting at 4
+    plant(model.bnb, zero=[0])
+    plant(model.bno, zero=[2], constant=[4])  # the constant folds into conv2 through the concatenation
+    pruned, report = prune_zero_channels(model, fresh())
+    assert widths(pruned)["conv1"] == 8  # put back, and said so
+    assert any("conv1" in note and "broke the model" in note for note in report.notes), report.notes
+    assert widths(pruned)["block"] == 3 and widths(pruned)["other"] == 4 and pruned.conv2.in_channels == 4 + 3 + 4
+    assert report.channels_folded == 1
+    check_exact(model, pruned)

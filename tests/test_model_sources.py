@@ -172,20 +172,22 @@ def test_pipeline_refuses_a_bad_factory_before_writing(user_dir):
 
 def test_pruned_models_of_any_source_round_trip_through_a_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "patterns_factory.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom test_any_cnn import NormActNet, GroupedNet\n"
-        "def build(kind='normact'):\n    return NormActNet() if kind == 'normact' else GroupedNet()\n"
+        "import sys\nsys.path.insert(0, %r)\nfrom test_any_cnn import NormActNet, GroupedNet, Res2Block\n"
+        "def build(kind='normact'):\n"
+        "    return {'normact': NormActNet, 'grouped': GroupedNet, 'res2': lambda: Res2Block(True)}[kind]()\n"
         % str(Path(__file__).parent))
     monkeypatch.syspath_prepend(str(tmp_path))
-    for kind, bn_names in (("normact", ("bn1", "bn2")), ("grouped", ("bn1", "bn2"))):
+    for kind, bn_names in (("normact", ("bn1", "bn2")), ("grouped", ("bn1", "bn2")), ("res2", ("bn1", "bns.0"))):
         model = sources.create("patterns_factory:build", input_size=16, kwargs={"kind": kind}).eval()
-        plant_bn(getattr(model, bn_names[0]), zero=[2, 3])
-        plant_bn(getattr(model, bn_names[1]), zero=[2, 3, 6])
+        plant_bn(model.get_submodule(bn_names[0]), zero=[2, 3] if kind != "res2" else [1, 5, 9])
+        plant_bn(model.get_submodule(bn_names[1]), zero=[2, 3, 6] if kind != "res2" else [0])
         pruned, _ = prune_zero_channels(model, fresh())
         save_checkpoint(pruned, tmp_path / f"{kind}.pt")
         loaded, payload = load_checkpoint(tmp_path / f"{kind}.pt")
         assert payload["arch"]["name"] == "patterns_factory:build" and payload["arch"]["kwargs"] == {"kind": kind}
         assert widths(loaded) == widths(pruned)
         check_exact(pruned, loaded)
+    assert loaded.width == 3  # the Res2Net block's split width, recorded with its layers
 
 
 def test_train_imp_and_pai_take_a_factory_with_its_options(user_dir):

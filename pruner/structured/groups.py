@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -87,6 +87,7 @@ class _Group:
     reason: str = ""  # why it is blocked, in words naming a module
     root: str = ""
     keep_one: int = 0  # channel kept when every channel is removable
+    splits: list = field(default_factory=list)  # as in _GroupSpec: chunks lose equally many channels
 
 
 @dataclass
@@ -105,6 +106,7 @@ class _GroupSpec:
     blocked: bool
     reason: str = ""  # why a blocked group is kept whole (empty: its channels reach the output, or unblocked)
     root: str = ""  # the layer whose output channels the group is, by name
+    splits: list = field(default_factory=list)  # per channel split passed: (roots, chunk of each, chunks)
 
 
 @dataclass
@@ -119,9 +121,15 @@ STRUCTURE_CACHE: dict[tuple, _Structure] = {}
 _STRUCTURE_CACHE_SIZE = 16
 
 
+def _plain_attributes(m: nn.Module) -> tuple:
+    """A module's plain settings (``self.first``, ``self.width``): forward code may branch on them."""
+    return tuple(sorted((k, v) for k, v in vars(m).items()
+                        if not k.startswith("_") and k != "training" and type(v) in (bool, int, float, str)))
+
+
 def _signature(model: nn.Module, input_shape: tuple) -> tuple:
     layers = tuple((name, type(m).__qualname__, tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
-                    getattr(m, "groups", None))
+                    getattr(m, "groups", None), _plain_attributes(m))
                    for name, m in model.named_modules())
     return type(model).__module__, type(model).__qualname__, tuple(input_shape[1:]), layers
 
@@ -141,11 +149,12 @@ def _analyse_structure(model: nn.Module, example_inputs: torch.Tensor) -> _Struc
         dg = tp.DependencyGraph().build_dependency(
             wrapper, example_inputs=(torch.empty_like(example_inputs[:1], device="meta"),),
             forward_fn=lambda module, inputs: functional_call(module, meta, inputs))
-        return _Structure(gm, _group_specs(dg, model, ignored, unmapped))
+        return _Structure(gm, _group_specs(dg, model, ignored, unmapped, _forward_order(model, gm)))
 
 
 # Torch-Pruning's parameter-free ops that move channels to other positions: a group through one is kept whole
-# (split/chunk, slices, unbind, expand, and reshapes other than flattening into a linear layer).
+# (a split it cannot map per chunk, slices, unbind, expand, and reshapes other than flattening into a linear
+# layer). A mapped split is passed, its chunks losing equally many channels (plan.py).
 _MOVING_OPS = {tp.ops.OPTYPE.SPLIT: "a channel split", tp.ops.OPTYPE.SLICE: "a channel slice",
                tp.ops.OPTYPE.UNBIND: "an unbind", tp.ops.OPTYPE.EXPAND: "an expand"}
 
@@ -167,21 +176,32 @@ def _tolerant_index_mapping():
                 return fn(graph, node)
             except Exception:
                 unmapped.add(node.module)
+                node.dependencies = []  # reached, never passed: beyond it the search would only wander
         return wrapped
 
+    originals["update_split_index_mapping"] = _update_split_index_mapping
     init_shapes = shape_infer.init_shape_information
 
     def init_shapes_in_chunk_order(graph):
         init_shapes(graph)
         _order_split_chunks(graph, unmapped)
+        _cut_at_transposes(graph, unmapped)
 
+    update_all = index_mapping.update_index_mapping
+
+    def update_all_then_order(graph):
+        update_all(graph)
+        _concat_before_split(graph)
+
+    originals["update_index_mapping"] = update_all_then_order
+    restore = {name: getattr(index_mapping, name) for name in originals}
     for name, fn in originals.items():
-        setattr(index_mapping, name, tolerant(fn))
+        setattr(index_mapping, name, fn if name == "update_index_mapping" else tolerant(fn))
     shape_infer.init_shape_information = init_shapes_in_chunk_order
     try:
         yield unmapped
     finally:
-        for name, fn in originals.items():
+        for name, fn in restore.items():
             setattr(index_mapping, name, fn)
         shape_infer.init_shape_information = init_shapes
 
@@ -199,34 +219,92 @@ def _split_sizes(grad_fn) -> list[int] | None:
 
 def _order_split_chunks(graph, unmapped: set) -> None:
     """Torch-Pruning maps a split's i-th consumer, in the order it met them, to the i-th chunk (Res2Net's chunks
-    are met last to first; CSP's second chunk has two consumers) and sizes every chunk like the first. Give each
-    consumer edge its own chunk's width (the chunk is the autograd edge's output number), which the widths of
-    concatenations are inferred from; a consumer reading several chunks leaves the split unmapped.
-
-    Groups through a split are kept whole (pruning would change the chunk widths the model's code splits at), so
-    Torch-Pruning's search stops at a split: beyond it, it would only wander (into ShuffleNet's shuffles)."""
+    are met last to first; CSP's second chunk has two consumers) and sizes every chunk like the first. Record
+    which chunk each consumer edge reads (the autograd edge's output number) and the chunks' true widths, for
+    ``_update_split_index_mapping`` and for the widths of concatenations Torch-Pruning infers; a split it cannot
+    map that way (a consumer reading several chunks, a split along another axis) is left unmapped, and the
+    search stops there."""
     for node in graph.module2node.values():
         if node.type != tp.ops.OPTYPE.SPLIT:
             continue
-        node.dependencies = []  # reached, never passed: its group is kept whole
         sizes = _split_sizes(node.grad_fn)
         chunks = [[nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
                   for out in node.outputs]
         if sizes is None or any(len(c) != 1 or c[0] >= len(sizes) for c in chunks):
             unmapped.add(node.module)
+            node.dependencies = []
             continue
         node.module.split_sizes = [sizes[c[0]] for c in chunks]  # per consumer edge, as Torch-Pruning reads it
-        node.module.offsets = None  # its own mapping (chunk by discovery order) is skipped: nothing to map
+        node.module.edgeshift_chunks = [c[0] for c in chunks]
+        node.module.offsets = [int(sum(sizes[:i])) for i in range(len(sizes) + 1)]
 
 
-def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: frozenset | set = frozenset()
-                 ) -> list[_GroupSpec]:
+_TRANSPOSES = ("TransposeBackward", "PermuteBackward")
+
+
+def _cut_at_transposes(graph, unmapped: set) -> None:
+    """Torch-Pruning reads a transpose or permute as channel-preserving (its default for unknown ops); one moves
+    channels (ShuffleNet's shuffle: reshape, transpose, reshape). Leave them unmapped and stop the search there:
+    their groups are kept whole, and the search does not wander on through the shuffles for seconds."""
+    for node in graph.module2node.values():
+        if type(node.grad_fn).__name__.startswith(_TRANSPOSES):
+            unmapped.add(node.module)
+            node.dependencies = []
+
+
+def _concat_before_split(graph) -> None:
+    """A chunk read directly by a concatenation (Res2Net's last chunk): going back from the concatenation to the
+    split, Torch-Pruning applies the split's mapping before the concatenation's, shifting indices it should
+    first select. Put them in order on those dependencies."""
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT or getattr(node.module, "edgeshift_chunks", None) is None:
+            continue
+        for out in node.outputs:
+            if out.type != tp.ops.OPTYPE.CONCAT:
+                continue
+            for dep in out.dependencies:
+                if dep.target == node:  # idempotent: Torch-Pruning re-runs its mappings for every group
+                    kinds = {type(m).__name__: m for m in dep.index_mapping if m is not None}
+                    dep.index_mapping[:] = [kinds.get("_ConcatIndexMapping"), kinds.get("_SplitIndexMapping")]
+
+
+def _update_split_index_mapping(graph, node) -> None:
+    """Torch-Pruning's split mapping, each consumer edge mapped to the chunk it reads (``_order_split_chunks``)."""
+    from torch_pruning.dependency.index_mapping import _SplitIndexMapping
+
+    chunks = getattr(node.module, "edgeshift_chunks", None)
+    if node.type != tp.ops.OPTYPE.SPLIT or chunks is None or not node.enable_index_mapping:
+        return
+    offsets = node.module.offsets
+    for reverse in (False, True):
+        done: set[int] = set()
+        for out, nr in zip(node.outputs, chunks):
+            for dep in (out.dependencies if reverse else node.dependencies):
+                if id(dep) not in done and dep.target == (node if reverse else out):
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[nr:nr + 2], reverse=reverse)
+                    done.add(id(dep))
+                    break
+
+
+def _forward_order(model: nn.Module, gm: fx.GraphModule) -> dict[nn.Module, int]:
+    """Each module's first call in the traced graph: groups are rooted at the earliest layer, so a layer whose
+    channels a split hands to several branches roots one group over all its chunks."""
+    mods = dict(model.named_modules())
+    order: dict[nn.Module, int] = {}
+    for i, node in enumerate(gm.graph.nodes):
+        if node.op == "call_module" and node.target in mods:
+            order.setdefault(mods[node.target], i)
+    return order
+
+
+def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: frozenset | set = frozenset(),
+                 order: dict[nn.Module, int] | None = None) -> list[_GroupSpec]:
     """Torch-Pruning's coupled channel groups, by module name, with each item's role; a group we cannot map
     one-to-one is blocked, with the reason naming a module."""
     names = {m: n for n, m in model.named_modules()}
     specs = []
-    for group in _all_groups(dg, ignored, names, specs):
-        items, reason, has_consumer = [], "", False
+    for group in _all_groups(dg, ignored, names, specs, order or {}):
+        items, reason, has_consumer, splits = [], "", False, []
         size = len(group[0].idxs)
         makers = list(dict.fromkeys(names[it.dep.target.module] for it in group.items
                                     if _is_layer(it.dep.target.module) and it.dep.target.module in names
@@ -237,6 +315,11 @@ def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: froze
             idxs = np.asarray(item.idxs, dtype=np.int64)
             roots = np.asarray(item.root_idxs, dtype=np.int64)
             op_type = item.dep.target.type
+            if op_type == tp.ops.OPTYPE.SPLIT and module not in unmapped and \
+                    getattr(module, "edgeshift_chunks", None) is not None:
+                offsets = np.asarray(module.offsets)
+                splits.append((roots, np.searchsorted(offsets, idxs, side="right") - 1, len(offsets) - 1))
+                continue
             if op_type in _MOVING_OPS:
                 reason = reason or f"its channels pass {_MOVING_OPS[op_type]} after {root_name}"
                 continue
@@ -272,7 +355,7 @@ def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: froze
                     continue
             items.append(_ItemSpec(names[module], handler, idxs, roots, role))
         # no consumer: the channels reach the model output directly
-        specs.append(_GroupSpec(size, items, bool(reason) or not has_consumer, reason, root_name))
+        specs.append(_GroupSpec(size, items, bool(reason) or not has_consumer, reason, root_name, splits))
     return specs
 
 
@@ -311,13 +394,13 @@ def _bounded_group_growth():
         Group.add_dep, _FlattenIndexMapping.__call__ = original, flatten
 
 
-def _all_groups(dg, ignored: list[nn.Module], names: dict, specs: list[_GroupSpec]):
+def _all_groups(dg, ignored: list[nn.Module], names: dict, specs: list[_GroupSpec], order: dict[nn.Module, int]):
     """Torch-Pruning's ``get_all_groups``, one root at a time: a root whose group Torch-Pruning cannot follow
     (an index mapping it does not support) becomes a blocked group of its own, with the reason, instead of an
     error for the whole model."""
     visited: set[nn.Module] = set()
     ignored_set = set(ignored) | set(dg.IGNORED_LAYERS_IN_TRACING)
-    for m in list(dg.module2node.keys()):
+    for m in sorted(dg.module2node.keys(), key=lambda m: order.get(m, len(order))):
         if m in ignored_set or m in visited or not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         pruner = dg.get_pruner_of_module(m)
@@ -377,13 +460,15 @@ def coupled_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Grou
         with _tolerant_index_mapping() as unmapped, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*unwrapped")
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs[:1],))
-            specs = _group_specs(dg, model, output_layers(model, gm), unmapped)
+            specs = _group_specs(dg, model, output_layers(model, gm), unmapped, _forward_order(model, gm))
     finally:
         model.train(was_training)
     mods = dict(model.named_modules())
     for spec in specs:  # surgery here (alignment, PaI) resizes layers one-to-one: a grouped conv stays whole
         if not spec.blocked and any(_is_grouped(mods[it.name]) for it in spec.items):
             spec.blocked, spec.reason = True, f"a grouped conv reads or writes the channels of {spec.root}"
+        elif not spec.blocked and spec.splits:
+            spec.blocked, spec.reason = True, f"the channels of {spec.root} pass a channel split"
     return specs
 
 
@@ -428,7 +513,7 @@ def _build_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Group
                     consumers.append(_Consumer(module, it.idxs, it.roots, used_map[module], states,
                                                _foldable(module)))
         g = _Group(spec.size, consumers, producers, actions, blocked, np.zeros(spec.size, dtype=bool), reason,
-                   spec.root)
+                   spec.root, splits=spec.splits)
         # the channel kept when all are removable: the one whose producers have the fewest nonzero weights
         nnz = np.zeros(spec.size)
         for layer, idxs, roots in producers:

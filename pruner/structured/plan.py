@@ -6,9 +6,10 @@ import copy
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
-from ..channel_states import used_weights
+from ..channel_states import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, used_weights
+from ..fuse import NormActRemainder
 from .groups import _Group, _is_grouped
 
 
@@ -21,7 +22,7 @@ def _plan_exact(groups: list[_Group]) -> None:
     held = [np.zeros(g.size, dtype=bool) for g in groups]
     for _ in range(64):
         _plan_fixpoint(groups, held)
-        if not _hold_partial_blocks(groups, held):
+        if not _hold_unequal(groups, held):
             return
     for g in groups:  # not settled (never seen): keep everything rather than guess
         g.removable = np.zeros(g.size, dtype=bool)
@@ -111,6 +112,30 @@ def _hold_partial_blocks(groups: list[_Group], held: list[np.ndarray]) -> bool:
     return any_held
 
 
+def _hold_uneven_chunks(groups: list[_Group], held: list[np.ndarray]) -> bool:
+    """Hold planned channels of a channel split beyond the fewest any of its chunks loses: the model's code
+    splits at one width (Res2Net: ``torch.split(x, self.width, 1)``) or into equal parts (``chunk``), so every
+    chunk must lose equally many. True when anything was held."""
+    any_held = False
+    for g, hold in zip(groups, held):
+        for roots, chunk, n_chunks in g.splits:
+            gone = g.removable[roots] & (not g.blocked)
+            per_chunk = [np.unique(roots[(chunk == c) & gone]) for c in range(n_chunks)]
+            widths = [len(np.unique(roots[chunk == c])) for c in range(n_chunks)]
+            k = min(min(len(p) for p in per_chunk), min(widths) - 1)
+            for p in per_chunk:
+                extra = p[max(k, 0):]
+                if len(extra) and not hold[extra].all():
+                    hold[extra] = True
+                    any_held = True
+    return any_held
+
+
+def _hold_unequal(groups: list[_Group], held: list[np.ndarray]) -> bool:
+    """Hold what grouped convs and channel splits cannot lose (both run: their holds interact)."""
+    return _hold_partial_blocks(groups, held) | _hold_uneven_chunks(groups, held)
+
+
 def _plan_drop(groups: list[_Group]) -> None:
     """The published rule: a channel goes when all its producing filters are zero (their bias is ignored); a
     grouped conv's channels only as ``_realisable`` allows."""
@@ -126,16 +151,17 @@ def _plan_drop(groups: list[_Group]) -> None:
             if ok.all():
                 ok[g.keep_one] = False
             g.removable = ok
-        if not _hold_partial_blocks(groups, held):
+        if not _hold_unequal(groups, held):
             return
     for g in groups:
         g.removable = np.zeros(g.size, dtype=bool)
 
 
 @torch.no_grad()
-def _fold_constants(groups: list[_Group]) -> int:
-    """Move constant channels that are about to be removed into their consumers' biases."""
-    folded = 0
+def _fold_constants(groups: list[_Group], removed: dict | None = None) -> int:
+    """Move constant channels that are about to be removed into their consumers' biases (``removed`` as in
+    ``_execute``: input channels the consumers already lost)."""
+    folded, removed = 0, {} if removed is None else removed
     for g in groups:
         if not g.removable.any():
             continue
@@ -146,9 +172,12 @@ def _fold_constants(groups: list[_Group]) -> int:
             mask = ~np.isnan(s) & (s != 0) & c.used[:, idx].any(0)
             if not mask.any():
                 continue
+            handler = next((h for m, h, i, _ in g.actions if m is c.layer and i is c.idxs), None)
+            before = np.asarray(sorted(removed.get((id(c.layer), handler), ())), dtype=np.int64)
+            cols = idx[mask] - np.searchsorted(before, idx[mask])  # positions in the layer as it is
             w = c.layer.weight.detach().double()
             w = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)  # [out, in]
-            delta = (w[:, torch.as_tensor(idx[mask])] * torch.as_tensor(s[mask])).sum(1)
+            delta = (w[:, torch.as_tensor(cols)] * torch.as_tensor(s[mask])).sum(1)
             if c.layer.bias is None:
                 c.layer.bias = nn.Parameter(torch.zeros(c.layer.weight.shape[0], dtype=c.layer.weight.dtype))
             c.layer.bias.add_(delta.to(c.layer.bias.dtype))
@@ -156,17 +185,22 @@ def _fold_constants(groups: list[_Group]) -> int:
     return folded
 
 
-def _execute(groups: list[_Group]) -> None:
+def _execute(groups: list[_Group], removed: dict | None = None) -> None:
     """Rebuild every layer without its planned channels (each group's handlers, one pass; grouped convs here,
-    since Torch-Pruning's handler keeps the group count and equal widths)."""
+    since Torch-Pruning's handler keeps the group count and equal widths). ``removed`` carries, between calls
+    on parts of one plan, the original indices each layer already lost, so that later calls hit the right ones."""
+    removed = {} if removed is None else removed
     grouped: dict[nn.Module, dict[str, np.ndarray]] = {}
+    # one call per layer and dimension with every group's indices: a layer reading a concatenation is in several
+    # groups, and indices are positions in the layer as it was
+    pending: dict[tuple[int, object], tuple[nn.Module, object, set[int]]] = {}
     for g in groups:
         if not g.removable.any():
             continue
         for module, handler, idxs, roots in g.actions:
             hit = g.removable[roots]
             if hit.any() and not _is_grouped(module):
-                handler(module, idxs[hit].tolist())
+                pending.setdefault((id(module), handler), (module, handler, set()))[2].update(idxs[hit].tolist())
         sides = [(layer, idxs, roots, "out_channels") for layer, idxs, roots in g.producers] + \
                 [(c.layer, c.idxs, c.roots, "in_channels") for c in g.consumers]
         for layer, idxs, roots, width in sides:
@@ -175,6 +209,11 @@ def _execute(groups: list[_Group]) -> None:
                 gone = grouped.setdefault(layer, {"in_channels": np.zeros(layer.in_channels, dtype=bool),
                                                   "out_channels": np.zeros(layer.out_channels, dtype=bool)})
                 gone[width][idxs[hit]] = True
+    for key, (module, handler, idxs) in pending.items():
+        before = np.asarray(sorted(removed.get(key, ())), dtype=np.int64)
+        wanted = np.asarray(sorted(idxs), dtype=np.int64)
+        handler(module, (wanted - np.searchsorted(before, wanted)).tolist())  # positions in the layer as it is
+        removed[key] = set(before.tolist()) | idxs
     for module, gone in grouped.items():
         _shrink_grouped(module, gone["in_channels"], gone["out_channels"])
 
@@ -203,6 +242,50 @@ def _shrink_grouped(conv: nn.Conv2d, gone_in: np.ndarray, gone_out: np.ndarray) 
     conv.groups, conv.out_channels, conv.in_channels = len(keep), len(rows), len(keep) * cols.shape[1]
 
 
+_PASS_THROUGH = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Dropout,
+                 nn.BatchNorm2d, NormActRemainder)
+
+
+def _producer_width(model: nn.Module, node: fx.Node) -> int | None:
+    """The channel count now reaching ``node``: the out channels of the conv behind a chain of per-channel
+    modules (what a split in a block's code splits)."""
+    mods = dict(model.named_modules())
+    while isinstance(node, fx.Node) and node.args and (
+            node.op == "call_module" and isinstance(mods.get(node.target), _PASS_THROUGH)
+            or node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS
+            or node.op == "call_method" and node.target in ELEMENTWISE_METHODS):
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(mods.get(node.target), nn.Conv2d):
+        return mods[node.target].out_channels
+    return None
+
+
+def _resize_splits(model: nn.Module, gm: fx.GraphModule) -> None:
+    """After channels went equally from every chunk of a ``torch.split(x, width, 1)``, give the module whose
+    code splits the new chunk width: its one integer attribute equal to the old one (Res2Net's ``self.width``).
+    The new widths are recorded on the module (``edgeshift_split_widths``) for checkpoints. ``chunk`` needs
+    nothing; a split the planner cannot resize this way is caught by the output check (kept whole there)."""
+    for node in gm.graph.nodes:
+        if not (node.op == "call_function" and node.target is torch.split or
+                node.op == "call_method" and node.target == "split"):
+            continue
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
+                                                                         node.kwargs.get("split_size"))
+        metas, stack = node.meta.get("tensor_meta"), node.meta.get("nn_module_stack") or {"": ("", None)}
+        if not isinstance(size, int) or not isinstance(metas, (tuple, list)):
+            continue
+        width = _producer_width(model, node.args[0])
+        if width is None or width % len(metas) or any(int(m.shape[1]) != size for m in metas):
+            continue
+        owner = model.get_submodule(list(stack.values())[-1][0])
+        recorded = vars(owner).get("edgeshift_split_widths", {})
+        names = list(recorded) or [a for a, v in vars(owner).items()
+                                   if type(v) is int and v == size and not a.startswith("_")]
+        if len(names) == 1 and getattr(owner, names[0]) != width // len(metas):
+            setattr(owner, names[0], width // len(metas))
+            owner.edgeshift_split_widths = {names[0]: width // len(metas)}
+
+
 def _explain(groups: list[_Group], limit: int = 12) -> list[str]:
     """Why channels that are zero or constant were kept: one line per blocked group holding some, and per
     grouped conv whose zero channels are more in some groups than in others."""
@@ -217,6 +300,9 @@ def _explain(groups: list[_Group], limit: int = 12) -> list[str]:
             continue
         if not kept.any():
             continue
+        if g.splits:
+            notes.append(f"kept {int(kept.sum())} zero/constant channel(s) of {g.root}: they pass a channel split, "
+                         "whose chunks must lose equally many")
         if any(_is_grouped(c.layer) for c in g.consumers) or any(_is_grouped(p[0]) for p in g.producers):
             layer = next(c.layer for c in g.consumers if _is_grouped(c.layer)) if any(
                 _is_grouped(c.layer) for c in g.consumers) else next(p[0] for p in g.producers if _is_grouped(p[0]))
@@ -247,20 +333,22 @@ def _units(groups: list[_Group]) -> list[list[_Group]]:
     return list(units.values())
 
 
-def _execute_verified(groups: list[_Group], check) -> tuple[int, list[str]]:
+def _execute_verified(groups: list[_Group], check, resize_splits) -> tuple[int, list[str]]:
     """Rebuild unit by unit, running ``check`` (None when the model still computes its reference output, else
     the problem in words) after each; a unit that breaks the output is put back as it was and named.
 
     The slow path, taken only when the one-batch rebuild was not exact: it finds the groups whose mapping the
     planner got wrong (an op it does not understand) and keeps those whole, so the rest is still pruned."""
-    folded, notes = 0, []
+    folded, notes, removed = 0, [], {}
     for unit in _units(groups):
         if not any(g.removable.any() for g in unit):
             continue
         touched = {id(m): m for g in unit for m in [a[0] for a in g.actions] + [c.layer for c in g.consumers]}
         saved = {key: copy.deepcopy(m.__dict__) for key, m in touched.items()}
-        n = _fold_constants(unit)
-        _execute(unit)
+        n = _fold_constants(unit, removed)
+        removed_before = {key: set(v) for key, v in removed.items()}
+        _execute(unit, removed)
+        resize_splits()
         problem = check()
         if problem is None:
             folded += n
@@ -268,6 +356,9 @@ def _execute_verified(groups: list[_Group], check) -> tuple[int, list[str]]:
         for key, m in touched.items():
             m.__dict__.clear()
             m.__dict__.update(saved[key])
+        removed.clear()
+        removed.update(removed_before)
+        resize_splits()
         for g in unit:
             g.removable = np.zeros(g.size, dtype=bool)
         notes.append(f"kept the channels of {', '.join(g.root for g in unit)}: removing them {problem} "

@@ -26,8 +26,9 @@ from edgeshift.core.errors import EdgeshiftError, NotExactError
 from ..fuse import fuse_conv_bn
 from ..metrics import count_macs, count_params
 from .align import pad_channels
-from .groups import _build_groups, _is_layer
-from .plan import _execute, _execute_verified, _explain, _fold_constants, _plan_drop, _plan_exact
+from .groups import _build_groups, _is_layer, _structure
+from .plan import (_execute, _execute_verified, _explain, _fold_constants, _plan_drop, _plan_exact,
+                   _resize_splits)
 from .report import LayerChange, PruneReport
 
 MODES = ("exact", "drop")
@@ -111,12 +112,14 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
         work = fuse_conv_bn(reference, example_inputs=example_inputs[:1])
         t1 = time.perf_counter()
         groups = _build_groups(work, example_inputs)
+        gm = _structure(work, example_inputs).gm
         (_plan_exact if mode == "exact" else _plan_drop)(groups)
         notes = _explain(groups)
         t2 = time.perf_counter()
         widths_before = _layer_widths(work)
         folded = _fold_constants(groups) if mode == "exact" else 0
         _execute(groups)
+        _resize_splits(work, gm)
         t_check = time.perf_counter()
         deviation = _measured(reference, work, example_inputs, random_batches)  # None: the rebuild broke the model
         checking = time.perf_counter() - t_check
@@ -125,10 +128,12 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
             # a fresh fused copy, keeping whole every group that breaks the output, and say which
             work = fuse_conv_bn(reference, example_inputs=example_inputs[:1])
             groups = _build_groups(work, example_inputs)
+            gm = _structure(work, example_inputs).gm
             _plan_exact(groups)
             reference_out = _reference_outputs(reference, example_inputs)
-            folded, kept = _execute_verified(groups, lambda: _problem(reference, work, example_inputs, rtol,
-                                                                      reference_out))
+            folded, kept = _execute_verified(
+                groups, lambda: _problem(reference, work, example_inputs, rtol, reference_out),
+                lambda: _resize_splits(work, gm))
             notes += kept
             deviation = None
         padded = pad_channels(work, example_inputs, align)
