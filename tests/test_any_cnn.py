@@ -482,3 +482,11 @@ def test_a_split_the_model_cannot_follow_is_put_back_and_the_rest_still_goes():
     assert widths(pruned)["block"] == 3 and widths(pruned)["other"] == 4 and pruned.conv2.in_channels == 4 + 3 + 4
     assert report.channels_folded == 1
     check_exact(model, pruned)
+
+
+def test_an_input_too_small_for_the_model_is_the_callers_mistake():
+    from edgeshift.core.errors import EdgeshiftError
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 5)).eval()
+    with pytest.raises(EdgeshiftError, match=r"does not run on inputs shaped \(2, 3, 6, 6\).*input size it takes"):
+        prune_zero_channels(model, fresh((2, 3, 6, 6)))

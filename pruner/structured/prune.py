@@ -86,6 +86,17 @@ def _problem(reference: nn.Module, candidate: nn.Module, example_inputs: torch.T
     return None
 
 
+@torch.no_grad()
+def _runs_on(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """A model that cannot run on the example (an input too small for its kernels) is the caller's mistake."""
+    try:
+        model(example_inputs[:1])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgeshiftError(f"the model does not run on inputs shaped {tuple(example_inputs.shape)} ({first}); "
+                             "give an input size it takes") from None
+
+
 def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode: str = "exact",
                         rtol: float = DEFAULT_RTOL, random_batches: int = 3,
                         align: int = 1) -> tuple[nn.Module, PruneReport]:
@@ -107,6 +118,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
     was_training = reference.training
     reference.eval()
     try:
+        _runs_on(reference, example_inputs)
         t0 = time.perf_counter()
         # a deep copy: the input model is never modified
         work = fuse_conv_bn(reference, example_inputs=example_inputs[:1])
