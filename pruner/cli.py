@@ -184,6 +184,59 @@ def layerprune_cmd(
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 
 
+class Pricing(str, Enum):
+    latency = "latency"
+    macs = "macs"
+
+
+def slim_cmd(
+    checkpoint: Optional[Path] = typer.Argument(None, help="A trained edgeshift checkpoint (unfused, e.g. from "
+                                                           "`train`); or --arch with --weights."),
+    target: float = typer.Option(..., help="The slim model's cost as a fraction of the dense model's, in (0, 1]: "
+                                           "0.5 = half the dense p50 under --profile."),
+    out: Path = typer.Option(..., "-o", "--out", help="Checkpoint to write: the slim (pruned, fine-tuned) model."),
+    data: str = typer.Option(..., help="The data the model was trained on: 'generated', an ImageFolder root or a "
+                                       "CIFAR-10 python folder."),
+    pricing: Pricing = typer.Option(Pricing.latency, help="What a channel costs: latency (every layer timed "
+                                                          "under --profile over a width sweep) or macs."),
+    profile: str = typer.Option("host", help="Device profile (name or TOML file) for prices and latencies."),
+    gate_epochs: float = typer.Option(1.0, help="Epochs the gates learn with the model."),
+    epochs: float = typer.Option(1.0, min=0, help="Fine-tuning epochs after, closed channels held at zero."),
+    lr: float = typer.Option(0.01, help="Peak learning rate of the weights (cosine), both phases."),
+    batch_size: int = typer.Option(128, min=1),
+    align: int = typer.Option(8, min=1, help="Every group keeps a multiple of this many channels (1: any width)."),
+    train_samples: Optional[int] = typer.Option(None, help="Train on a stratified subset of this size."),
+    test_samples: Optional[int] = typer.Option(None, help="Measure accuracy on a stratified subset of this size."),
+    seed: int = typer.Option(0),
+    arch: Optional[str] = _arch_option(),
+    arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    input_size: Optional[int] = typer.Option(None, min=1, help=INPUT_SIZE_HELP),
+    num_classes: Optional[int] = typer.Option(None, min=1, help="Class count of the model source."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Learn each layer's width on a trained model (learned filter masks priced by device latency) to a target
+    fraction of its cost, fine-tune, prune exactly; print the report."""
+    from edgeshift.pruner.slim import SlimConfig, slim_checkpoint
+
+    cfg = SlimConfig(target=target, pricing=pricing.value, gate_epochs=gate_epochs, finetune_epochs=epochs, lr=lr,
+                     batch_size=batch_size, align=align, seed=seed)
+    cfg.validate()
+    spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
+    _check_outputs(force, out, json_out)
+    from edgeshift.exporter.layer_prices import LatencyPricer, MacsPricer
+    from edgeshift.exporter.profile import OrtMeasurer
+
+    measure = OrtMeasurer(profile)
+    pricer = LatencyPricer(measure.profile) if pricing is Pricing.latency else MacsPricer()
+    report = slim_checkpoint(checkpoint, out, cfg, data=data, pricer=pricer, measure=measure,
+                             train_samples=train_samples, test_samples=test_samples, json_out=json_out, spec=spec,
+                             say=typer.echo)
+    typer.echo(report.table())
+    typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
+
+
 class Method(str, Enum):
     imp = "imp"
     magnitude = "magnitude"
@@ -297,3 +350,4 @@ def register(app: typer.Typer) -> None:
     app.command("imp")(handle_errors(imp))
     app.command("pai")(handle_errors(pai_cmd))
     app.command("layerprune")(handle_errors(layerprune_cmd))
+    app.command("slim")(handle_errors(slim_cmd))

@@ -195,3 +195,21 @@ def load_dataset(spec: str, split: str = "train", *, generated_size: int = 2000,
     if (root / "batches.meta").is_file():
         return load_cifar10(root, split)
     return load_imagefolder(root, split)
+
+
+def model_splits(data: str, arch: dict, *, train_samples: int | None = None, test_samples: int | None = None,
+                 seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The training and test splits of ``data`` for a model of ``arch`` (its class count and input size),
+    optionally stratified subsets; refuses data with another class count."""
+    from edgeshift.core.errors import EdgeshiftError
+
+    train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
+    test = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
+    if train.num_classes != arch["num_classes"]:
+        raise EdgeshiftError(f"the data has {train.num_classes} classes, the model {arch['num_classes']}: pass the "
+                             "data it was trained on")
+    if train_samples:
+        train = train.subset(train_samples, seed)
+    if test_samples:
+        test = test.subset(test_samples, seed)
+    return train, test

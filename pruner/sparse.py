@@ -37,8 +37,8 @@ def density(mask: Mask) -> float:
 
 @torch.no_grad()
 def apply_mask(model: nn.Module, mask: Mask) -> None:
-    """Zero every masked weight in place."""
-    params = prunable(model)
+    """Zero every masked parameter in place (conv and linear weights; batch-norm scales and shifts too)."""
+    params = dict(model.named_parameters())
     for k, m in mask.items():
         params[k].mul_(m.to(params[k].dtype))
 

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -115,13 +116,25 @@ class _Progress:
             sys.stderr.flush()
 
 
+class Regulariser(Protocol):
+    """A term trained alongside the task loss (learned masks): its loss, its own update after each optimiser step
+    (its parameters are not the model's: it steps them itself), and what it logs per epoch."""
+
+    def loss(self) -> torch.Tensor: ...
+
+    def after_step(self) -> None: ...
+
+    def log(self) -> dict: ...
+
+
 def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, *, mask: Mask | None = None,
           start_step: int = 0, rewind_step: int | None = None, log_path: Path | None = None,
-          progress: bool = True, label: str = "train") -> TrainResult:
+          progress: bool = True, label: str = "train", regulariser: Regulariser | None = None) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to the end of the schedule; returns the result.
 
     With ``mask`` the masked weights are zeroed before training and after every optimiser step. With
-    ``rewind_step`` the model state at that step (before its update) is captured for IMP rewinding.
+    ``rewind_step`` the model state at that step (before its update) is captured for IMP rewinding. With
+    ``regulariser`` its loss is added to the task loss and its parameters trained too.
     """
     xs, ys = to_tensor(train_ds)
     xt, yt = to_tensor(test_ds)
@@ -159,9 +172,13 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
                     g["lr"] = cfg.lr_at(step, total)
                 out = net(x)
                 loss = F.cross_entropy(out, ys[idx])
+                if regulariser is not None:
+                    loss = loss + regulariser.loss()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if regulariser is not None:
+                    regulariser.after_step()
                 if mask is not None:
                     apply_mask(model, mask)
                 step += 1
@@ -175,6 +192,8 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
                 row = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(loss_n, 1),
                        "train_accuracy": correct / max(loss_n, 1), "test_accuracy": acc,
                        "lr": cfg.lr_at(step - 1, total), "seconds": time.perf_counter() - t0}
+                if regulariser is not None:
+                    row.update(regulariser.log())
                 history.append(row)
                 bar.epoch(row)
                 if log:

@@ -25,6 +25,7 @@ FAST = {  # appended to training commands: a few steps on a small subset
     "imp": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "layerprune": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50", "--imprint-samples",
                    "100"],
+    "slim": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "export": ["--iterations", "5", "--no-memory", "--test-samples", "100"],  # profiling length, not behaviour
 }
 
@@ -82,7 +83,7 @@ def test_training_commands_are_shortened_wherever_the_cli_is_launched_from():
 
 def test_the_readme_lists_the_commands_this_test_runs():
     seen = {shlex.split(c)[1] for c in commands() if c.startswith("edgeshift ")}
-    assert {"train", "imp", "prune", "pai", "layerprune", "pipeline", "export", "inspect", "report", "profiles",
+    assert {"train", "imp", "prune", "pai", "layerprune", "slim", "pipeline", "export", "inspect", "report", "profiles",
             "bench", "run", "simulate"} <= seen
     assert "make demo" in " ".join(commands()) and "make test" in " ".join(commands())
 

@@ -231,22 +231,14 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
     from edgeshift.core.atomic import write_text_atomic
 
     from ..checkpoint import load_model, save_checkpoint
-    from ..data import load_dataset
+    from ..data import model_splits
 
     cfg.validate()
     model, payload = load_model(checkpoint, spec)
     arch = model.edgeshift_arch
     removable_candidates(model, cfg.remove)  # an impossible budget is refused before minutes of loading
     say(f"loading {data}")
-    train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
-    test = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
-    if train.num_classes != arch["num_classes"]:
-        raise EdgeshiftError(f"the data has {train.num_classes} classes, the model {arch['num_classes']}: pass the "
-                             "data it was trained on")
-    if train_samples:
-        train = train.subset(train_samples, cfg.seed)
-    if test_samples:
-        test = test.subset(test_samples, cfg.seed)
+    train, test = model_splits(data, arch, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
     pruned, report = layerprune(model, cfg, train, test, finetune, mask=payload.get("masks") or None,
                                 measure=measure, say=say)
     params = dict(pruned.named_parameters())

@@ -1,0 +1,236 @@
+"""``edgeshift slim``: a trained model's widths chosen by learned filter masks, priced by device latency (issue 16).
+
+The gates (``learned_masks.LearnedMasks``) train with the model for ``gate_epochs`` until the priced cost meets the
+target; the closed gates become exact zeros; the model fine-tunes ``finetune_epochs`` with those zeros held
+(``train(mask=...)``); ``prune_zero_channels`` removes them exactly. The report gives the widths training chose,
+the deviation of the pruned model from the gated one, and the dense and slim p50 measured under the profile.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from edgeshift.core.errors import EdgeshiftError
+
+from .data import Dataset
+from .learned_masks import GateConfig, LayerPrice, LearnedMasks
+from .measure import ModelMeasurer
+from .metrics import count_macs, count_params
+from .models.zoo import input_shape
+
+__all__ = ["SlimConfig", "SlimReport", "LayerPricer", "slim", "slim_checkpoint", "PRICINGS"]
+
+PRICINGS = ("latency", "macs")
+
+
+class PriceModelLike(Protocol):
+    layers: dict[str, tuple[float, float]]
+    overhead: float
+    unit: str
+
+    def to_dict(self) -> dict: ...
+
+
+class LayerPricer(Protocol):
+    """Prices every conv/linear layer of a model as ``fixed + per_mac * MACs`` (``edgeshift.exporter.layer_prices``:
+    measured through ONNX Runtime under a device profile, or MACs alone)."""
+
+    name: str
+
+    def prices(self, model: nn.Module, example_inputs: torch.Tensor) -> PriceModelLike: ...
+
+
+@dataclass(frozen=True)
+class SlimConfig:
+    """Learned masks on a trained model: the target and the training budgets."""
+
+    target: float = 0.5  # the slim model's priced cost as a fraction of the dense model's, in (0, 1]
+    pricing: str = "latency"  # latency: each layer timed under the profile over a width sweep | macs
+    gate_epochs: float = 1.0  # epochs the gates learn with the model (the target is met by their end)
+    finetune_epochs: float = 1.0  # epochs the model then fine-tunes with the closed channels held at zero
+    lr: float = 0.01  # the weights' peak learning rate in both phases (cosine)
+    batch_size: int = 128
+    gate_lr: float = GateConfig.gate_lr  # the gates' SGD learning rate
+    weight: float | None = None  # initial pull of the sparsity loss on the dearest gate (None: from the steps)
+    adapt: float = GateConfig.adapt  # per-step factor (1 + adapt) by which the pull moves toward the target
+    align: int = 8  # every group keeps a multiple of this many channels (ONNX Runtime's CPU kernels block by 8)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0 < self.target <= 1:
+            raise EdgeshiftError(f"the target is a fraction of the dense model's cost in (0, 1], got {self.target}")
+        if self.pricing not in PRICINGS:
+            raise EdgeshiftError(f"unknown pricing {self.pricing!r}; known: {', '.join(PRICINGS)}")
+        if self.gate_epochs <= 0 or self.finetune_epochs < 0:
+            raise EdgeshiftError("gate epochs must be > 0 and fine-tune epochs >= 0")
+        self.gates().validate()
+
+    def gates(self) -> GateConfig:
+        return GateConfig(target=self.target, gate_lr=self.gate_lr, weight=self.weight, adapt=self.adapt,
+                          align=self.align)
+
+
+@dataclass
+class SlimReport:
+    """What slimming did, measured."""
+
+    target: float
+    pricing: str
+    price_unit: str
+    predicted_ratio: float  # the slim model's priced cost over the dense model's
+    floor_ratio: float  # the least the gates could reach (one channel per group)
+    macs_ratio: float
+    params_before: int
+    params_after: int
+    p50_dense_ms: float | None = None
+    p50_slim_ms: float | None = None
+    accuracy_dense: float | None = None
+    accuracy_gated: float | None = None  # after gate training, closed channels zeroed, before fine-tuning
+    accuracy_after: float | None = None  # after fine-tuning (the pruned model, through ONNX Runtime)
+    max_rel_deviation: float = 0.0  # pruned model vs the gated model it came from
+    shares: dict[str, float] = field(default_factory=dict)  # per coupled group: the share of channels kept
+    widths: dict[str, list[int]] = field(default_factory=dict)  # per layer: [before, after]
+    gates_closed: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    profile: str = ""
+
+    @property
+    def measured_ratio(self) -> float | None:
+        if self.p50_dense_ms and self.p50_slim_ms:
+            return self.p50_slim_ms / self.p50_dense_ms
+        return None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "measured_ratio": self.measured_ratio}
+
+    def table(self) -> str:
+        def pct(a):
+            return "-" if a is None else f"{100 * a:.2f}%"
+
+        lines = [f"target {self.target:g} of the dense model's {self.pricing} price (profile {self.profile}): "
+                 f"predicted {self.predicted_ratio:.3f}, MACs {self.macs_ratio:.3f}"
+                 + (f", measured p50 {self.p50_dense_ms:.3f} -> {self.p50_slim_ms:.3f} ms "
+                    f"({self.measured_ratio:.3f})" if self.measured_ratio is not None else ""),
+                 f"top-1 dense {pct(self.accuracy_dense)}, gated {pct(self.accuracy_gated)}, fine-tuned "
+                 f"{pct(self.accuracy_after)}; params {self.params_before:,} -> {self.params_after:,}; "
+                 f"deviation {self.max_rel_deviation:.1e} of the largest output",
+                 "channels kept per group: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.shares.items())]
+        if self.floor_ratio > self.target:
+            lines.append(f"the target is below what widths alone reach ({self.floor_ratio:.3f}: one channel per "
+                         "group); remove layers too (edgeshift layerprune) to go further")
+        return "\n".join(lines)
+
+
+def _example(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    return torch.randn(input_shape(model, batch), generator=torch.Generator().manual_seed(0))
+
+
+def _p50_pair(dense: nn.Module, slim_model: nn.Module, measure: ModelMeasurer, rounds: int = 3) -> tuple[float, float]:
+    """Median p50 of each over ``rounds`` alternating measurements (a drift of the machine lands on both)."""
+    x = _example(dense, measure.batch_size)
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(measure.latency(dense, x)[0]["p50_ms"])
+        b.append(measure.latency(slim_model, x)[0]["p50_ms"])
+    return statistics.median(a), statistics.median(b)
+
+
+def prepare(model: nn.Module, cfg: SlimConfig, pricer: LayerPricer) -> tuple[LearnedMasks, PriceModelLike]:
+    """The gates on ``model``, priced: refuses a model with no prunable group before anything is measured."""
+    cfg.validate()
+    example = _example(model)
+    LearnedMasks(model, example, cfg.gates()).detach_hooks()  # no prunable group: refused before the sweep
+    prices = pricer.prices(model, example)
+    layer_prices = {k: LayerPrice(a, b) for k, (a, b) in prices.layers.items()}
+    return LearnedMasks(model, example, cfg.gates(), layer_prices, prices.overhead), prices
+
+
+def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pricer: LayerPricer,
+         measure: ModelMeasurer, say: Callable[[str], None] = lambda message: None
+         ) -> tuple[nn.Module, SlimReport]:
+    """Learn ``model``'s widths to the target, fine-tune, prune exactly; returns (pruned model, report). The input
+    model is not modified."""
+    import copy
+
+    from .structured import prune_zero_channels
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    t0 = time.perf_counter()
+    dense = model.eval()
+    work = copy.deepcopy(dense)
+    say(f"pricing every layer ({cfg.pricing}" + (f", timed under profile {measure.profile_name})"
+                                                 if cfg.pricing == "latency" else ")"))
+    masks, prices = prepare(work, cfg, pricer)
+    steps = max(1, int(cfg.gate_epochs * len(train) / cfg.batch_size))
+    say(f"learning the gates: {steps} steps on {len(train)} images, target {cfg.target:g} "
+        f"(floor {masks.floor_ratio:.3f})")
+    masks.plan(steps)
+    gate_cfg = TrainConfig(iterations=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    result = run_training(work, train, test, gate_cfg, regulariser=masks, label="gates")
+    history = list(result.history)
+    masks.meet_target()
+    shares, closed, predicted = masks.shares(), masks.closed(), masks.cost_ratio()
+    work.eval()
+    example = _example(dense)
+    with torch.no_grad():
+        gated_out = work(example)
+    held = masks.harden()
+    with torch.no_grad():
+        drift = float((work(example) - gated_out).abs().max()) / max(float(gated_out.abs().max()), 1e-12)
+    if drift > 1e-5:
+        raise RuntimeError(f"hardening the gates changed the model's outputs ({drift:.1e})")  # a bug of ours
+    x, y = test.normalised(), test.labels
+    accuracy_gated = measure.top1(work, x, y)
+    if cfg.finetune_epochs > 0:
+        ft_steps = max(1, int(cfg.finetune_epochs * len(train) / cfg.batch_size))
+        say(f"fine-tuning {ft_steps} steps with the {closed} closed channels held at zero")
+        ft = TrainConfig(iterations=ft_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+        history += list(run_training(work, train, test, ft, mask=held, label="fine-tune").history)
+    work.eval()
+    pruned, prune_report = prune_zero_channels(work, example)
+    say("measuring the dense and the slim model under the profile")
+    p50_dense, p50_slim = _p50_pair(dense, pruned, measure)
+    report = SlimReport(
+        target=cfg.target, pricing=cfg.pricing, price_unit=prices.unit, predicted_ratio=predicted,
+        floor_ratio=masks.floor_ratio, macs_ratio=count_macs(pruned, example[:1]) / count_macs(dense, example[:1]),
+        params_before=count_params(dense), params_after=count_params(pruned), p50_dense_ms=p50_dense,
+        p50_slim_ms=p50_slim, accuracy_dense=measure.top1(dense, x, y), accuracy_gated=accuracy_gated,
+        accuracy_after=measure.top1(pruned, x, y), max_rel_deviation=prune_report.rel_diff,
+        shares=shares, widths={c.name: [c.channels_before, c.channels_after] for c in prune_report.layers},
+        gates_closed=closed, history=history, seconds=time.perf_counter() - t0, profile=measure.profile_name)
+    return pruned, report
+
+
+def slim_checkpoint(checkpoint, out, cfg: SlimConfig, *, data: str, pricer: LayerPricer, measure: ModelMeasurer,
+                    train_samples: int | None = None, test_samples: int | None = None, json_out=None, spec=None,
+                    say: Callable[[str], None] = lambda message: None) -> SlimReport:
+    """``edgeshift slim``: checkpoint (or model source) in, slim checkpoint (and JSON report) out, atomically;
+    nothing is written unless the whole run succeeds."""
+    import json
+
+    from edgeshift.core.atomic import write_text_atomic
+
+    from .checkpoint import load_model, save_checkpoint
+    from .data import model_splits
+
+    cfg.validate()
+    model, payload = load_model(checkpoint, spec)
+    LearnedMasks(model, _example(model), cfg.gates()).detach_hooks()  # no prunable group: refused before the data
+    arch = model.edgeshift_arch
+    say(f"loading {data}")
+    train, test = model_splits(data, arch, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
+    pruned, report = slim(model, train, test, cfg, pricer=pricer, measure=measure, say=say)
+    meta = {"test_accuracy": report.accuracy_after,
+            "slim": {k: v for k, v in report.to_dict().items() if k != "history"},
+            "pruned_from": str(checkpoint if checkpoint is not None else spec.weights or spec.source)}
+    save_checkpoint(pruned, out, meta=meta)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2))
+    return report
