@@ -165,8 +165,7 @@ class LearnedMasks(nn.Module):
             out_w = m.weight.shape[0]
             in_w = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
             self._layers.append(_CostedLayer(name, sizes[m] * kernel / (1 if _is_depthwise(m) else groups),
-                                             _is_depthwise(m), out_w, in_w,
-                                             price=(prices or {}).get(name, LayerPrice())))
+                                             _is_depthwise(m), out_w, in_w))
         by_name = {c.name: c for c in self._layers}
         for gi, spec in enumerate(specs):
             for it in spec.items:
@@ -175,24 +174,32 @@ class LearnedMasks(nn.Module):
                     continue
                 side = layer.out_gates if it.role in ("producer", "follow") else layer.in_gates
                 side.append((gi, torch.as_tensor(it.idxs), torch.as_tensor(it.roots)))
-        self.overhead = float(overhead)
-        with torch.no_grad():
-            self.dense_cost = float(self._cost([torch.ones(s.size) for s in specs]))
-            self.floor_cost = float(self._cost([(torch.arange(s.size) < cfg.align).float() for s in specs]))
-        # the weight is in units of the dearest gate: its pull on the loss starts at ``cfg.weight``
-        ones = [torch.ones(s.size, requires_grad=True) for s in specs]
-        (self._cost(ones) / self.dense_cost).backward()
-        dearest = max(float(o.grad.max()) for o in ones)
-        self._dearest = dearest
-        self.weight = (cfg.weight or 0.01) / dearest
-        # each gate's step is scaled by dearest / its price (a diagonal preconditioner: the balance points do not
-        # move): every gate drifts shut at one speed, and a closed gate reopens when its task gradient per unit of
-        # price beats the weight, so channels close in order of importance per cost, not of cost alone
-        self._step_scale = [dearest / o.grad.clamp(min=dearest / 100) for o in ones]
+        self._sizes = [s.size for s in specs]
+        self.set_prices(prices or {}, overhead)
         self.optimizer = torch.optim.SGD(self.logits.parameters(), lr=cfg.gate_lr)
         self._hooks: list = []
         self.total_steps, self.step = 0, 0
         self.attach()
+
+    def set_prices(self, prices: dict[str, LayerPrice], overhead: float = 0.0) -> None:
+        """Price every layer (MACs where ``prices`` has no entry) and derive from it the dense and floor costs,
+        the initial weight and each gate's step scale; before training."""
+        for layer in self._layers:
+            layer.price = prices.get(layer.name, LayerPrice())
+        self.overhead = float(overhead)
+        with torch.no_grad():
+            self.dense_cost = float(self._cost([torch.ones(n) for n in self._sizes]))
+            self.floor_cost = float(self._cost([(torch.arange(n) < self.cfg.align).float() for n in self._sizes]))
+        # the weight is in units of the dearest gate: its pull on the loss starts at ``cfg.weight``
+        ones = [torch.ones(n, requires_grad=True) for n in self._sizes]
+        (self._cost(ones) / self.dense_cost).backward()
+        dearest = max(float(o.grad.max()) for o in ones)
+        self._dearest = dearest
+        self.weight = (self.cfg.weight or 0.01) / dearest
+        # each gate's step is scaled by dearest / its price (a diagonal preconditioner: the balance points do not
+        # move): every gate drifts shut at one speed, and a closed gate reopens when its task gradient per unit of
+        # price beats the weight, so channels close in order of importance per cost, not of cost alone
+        self._step_scale = [dearest / o.grad.clamp(min=dearest / 100) for o in ones]
 
     def plan(self, total_steps: int) -> None:
         """Tell the gates how many steps they train: the target ramps over ``ramp`` of them and, without a given

@@ -145,10 +145,12 @@ def prepare(model: nn.Module, cfg: SlimConfig, pricer: LayerPricer) -> tuple[Lea
     """The gates on ``model``, priced: refuses a model with no prunable group before anything is measured."""
     cfg.validate()
     example = _example(model)
-    LearnedMasks(model, example, cfg.gates()).detach_hooks()  # no prunable group: refused before the sweep
+    masks = LearnedMasks(model, example, cfg.gates())  # no prunable group: refused before the sweep
+    masks.detach_hooks()  # the dense model is what is timed, without the gates' multiplications
     prices = pricer.prices(model, example)
-    layer_prices = {k: LayerPrice(a, b) for k, (a, b) in prices.layers.items()}
-    return LearnedMasks(model, example, cfg.gates(), layer_prices, prices.overhead), prices
+    masks.attach()
+    masks.set_prices({k: LayerPrice(a, b) for k, (a, b) in prices.layers.items()}, prices.overhead)
+    return masks, prices
 
 
 def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pricer: LayerPricer,
