@@ -104,7 +104,7 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
 
 
 @pytest.mark.parametrize("doc, message", [
-    ({"modle": {}}, "unknown section [modle]; known: model, data, method, train, deploy, output"),
+    ({"modle": {}}, "unknown section [modle]; known: model, data, method, train, deploy, variants, output"),
     ({"train": {"epoch": 3}}, "unknown key 'train.epoch'; known in [train]: batch_size, epochs, lr"),
     ({"train": {"epochs": "3"}}, "train.epochs must be int, got str '3'"),
     ({"method": {"name": "obd"}}, "unknown method 'obd'; known: imp, layerprune, magnitude, pai, random, synflow"),

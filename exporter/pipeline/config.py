@@ -5,6 +5,7 @@
     [method]  name = "imp"                # imp | magnitude | random | synflow | pai | layerprune
     [train]   epochs, batch_size, lr, warmup, weight_decay, seed
     [deploy]  profile, policy, trace, export_test_samples, latency_iterations, align, int8, calibration_*
+    [variants] targets = [0.75, 0.5]     # latency targets instead of [method]'s variants (targets.py)
     [output]  dir = "out/pipeline"
 
 Loaded by ``edgeshift.core.config``: an unknown section or key, or a value of the wrong type, is an error naming
@@ -67,6 +68,38 @@ class MethodSection:
     finetune_epochs: int = setting(1, "layerprune: fine-tuning epochs per variant", minimum=0)
 
 
+TARGET_FAMILIES = ("slim", "layerprune", "layerprune+slim")
+
+
+def _targets(values: tuple[float, ...]) -> str | None:
+    return None if all(0 < v <= 1 for v in values) else ("must be fractions of the dense model's p50 in (0, 1], "
+                                                         "e.g. [0.75, 0.5]")
+
+
+def _families(values: tuple[str, ...]) -> str | None:
+    unknown = [v for v in values if v not in TARGET_FAMILIES]
+    if unknown or not values:
+        return f"must be some of {', '.join(TARGET_FAMILIES)}" + (f" (not {unknown[0]!r})" if unknown else "")
+    return None
+
+
+@dataclass(frozen=True)
+class VariantsSection:
+    targets: tuple[float, ...] = setting((), "latency targets, fractions of the dense model's p50 under [deploy] "
+                                             "profile, in (0, 1]: per target, the most accurate candidate that "
+                                             "meets it (empty: [method]'s variants)", check=_targets)
+    dense: str = setting("", "targets: an edgeshift checkpoint of the trained dense model to start from (empty: "
+                             "train one per [train])")
+    candidates: tuple[str, ...] = setting(TARGET_FAMILIES, "targets: candidate families, some of slim (learned "
+                                                           "widths) | layerprune | layerprune+slim",
+                                          check=_families)
+    finetune_epochs: float = setting(1.0, "targets: every candidate's training budget in epochs (slim: half "
+                                          "learns the gates, half fine-tunes)", minimum=0.01)
+    lr: float = setting(0.01, "targets: peak learning rate of that training (small: the model is trained)")
+    align: int = setting(8, "targets: slim keeps widths multiples of this (ONNX Runtime's CPU kernels block by 8)",
+                         minimum=1)
+
+
 @dataclass(frozen=True)
 class TrainSection:
     epochs: int = setting(3, "per level / per variant", minimum=1)
@@ -111,12 +144,15 @@ class PipelineConfig:
     method: MethodSection = field(default_factory=MethodSection)
     train: TrainSection = field(default_factory=TrainSection)
     deploy: DeploySection = field(default_factory=DeploySection)
+    variants: VariantsSection = field(default_factory=VariantsSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def hash(self) -> str:
         """What the run folder is named by and checked against: everything but where it goes."""
         doc = asdict(self)
         doc.pop("output")
+        if self.variants == VariantsSection():
+            del doc["variants"]  # added later: at its defaults, earlier run folders stay resumable
         for section, keys in (("deploy", LATER_DEPLOY_KEYS), ("model", LATER_MODEL_KEYS)):
             for key, default in keys.items():
                 if doc[section][key] == default:

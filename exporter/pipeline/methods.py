@@ -44,11 +44,14 @@ for _name, _help in (("imp", "iterative magnitude pruning with rewinding"), ("ma
 
 
 def dense(cfg: PipelineConfig, variants: Path) -> Path:
-    """The dense trained model (level 0 of a sparse run with no levels), shared by pai and layerprune, copied to
-    ``variants/dense.pt`` so the portfolio calls it ``dense``."""
+    """The dense trained model (``[variants] dense``, or level 0 of a sparse run with no levels), shared by pai,
+    layerprune and the targets, copied to ``variants/dense.pt`` so the portfolio calls it ``dense``."""
     from edgeshift.pruner.imp import run_sparse
 
     path = variants / "dense.pt"
+    if not path.exists() and cfg.variants.dense:
+        with atomic_path(path) as tmp:
+            shutil.copyfile(cfg.variants.dense, tmp)
     if not path.exists():
         run_sparse(variants / "dense-run", run_config(cfg, "imp"), train_config(cfg), 0)
         with atomic_path(path) as tmp:
@@ -103,7 +106,12 @@ def _layerprune(cfg: PipelineConfig, variants: Path) -> list[Path]:
 
 
 def build_variants(cfg: PipelineConfig, out: Path) -> list[Path]:
-    """Step 1: the method's checkpoints (resumable); returns the sources for the exporter."""
+    """Step 1: the method's checkpoints, or with ``[variants] targets`` each target's candidates (resumable);
+    returns the sources for the exporter."""
     variants = out / "variants"
     variants.mkdir(exist_ok=True)
+    if cfg.variants.targets:
+        from .targets import build_target_variants
+
+        return build_target_variants(cfg, variants, dense(cfg, variants))
     return METHODS.get(cfg.method.name)(cfg, variants)

@@ -51,8 +51,38 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.method.name == "pai":
         get_mode(cfg.method.pai_mode)
         sparse.get(cfg.method.scorer)
-    if cfg.method.name == "layerprune":
+    if cfg.method.name == "layerprune" or cfg.variants.targets:
         criteria.get(cfg.method.criterion)
+    if cfg.variants.targets:
+        validate_targets(cfg)
+
+
+def validate_targets(cfg: PipelineConfig) -> None:
+    """The model the targets start from can make every family of candidates asked for."""
+    import torch
+
+    from edgeshift.pruner.checkpoint import load_checkpoint
+    from edgeshift.pruner.layers.layerprune import removable_candidates
+    from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
+    from edgeshift.pruner.models import sources
+    from edgeshift.pruner.models.zoo import input_shape
+
+    v = cfg.variants
+    if v.dense:
+        require_file(v.dense, "dense checkpoint ([variants] dense)")
+        model = load_checkpoint(v.dense)[0]
+    else:
+        run = run_config(cfg, cfg.method.name)
+        model = sources.ModelSpec(run.arch, run.arch_kwargs, run.weights, run.input_size).build()
+    families = set(v.candidates)
+    try:
+        if families & {"slim", "layerprune+slim"}:
+            example = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
+            LearnedMasks(model, example, GateConfig(target=0.5)).detach_hooks()
+        if families & {"layerprune", "layerprune+slim"}:
+            removable_candidates(model)
+    except EdgeshiftError as exc:
+        raise EdgeshiftError(f"[variants] candidates = {list(v.candidates)}: {exc}") from None
 
 
 def _step(n: int, total: int, text: str) -> None:
@@ -92,6 +122,20 @@ def summary_rows(portfolio: Path, bench: dict, sim: dict) -> list[list[str]]:
     return rows
 
 
+def write_targets(portfolio: Path, bench: dict, targets: tuple[float, ...], path: Path) -> list[str]:
+    """Per target, the variant that serves it (``targets.choose``) from this bench, written to ``path``."""
+    from .targets import choice_lines, choose
+
+    with Portfolio.open(portfolio) as pf:
+        top1 = {name: pf.info(name).top1 for name in pf.names}
+    choices = choose(targets, bench, top1)
+    dense_p50 = next(v["p50_ms"] for v in bench["variants"] if v["name"] == "dense")
+    lines = choice_lines(choices, dense_p50)
+    write_text_atomic(path, json.dumps({"dense_p50_ms": dense_p50, "targets": [asdict(c) for c in choices],
+                                        "lines": lines}, indent=2))
+    return lines
+
+
 SUMMARY_HEADER = ["variant", "params", "KB deflated", "top-1", "p50 ms", "p95 ms", "ladder", "simulated s active"]
 
 
@@ -102,7 +146,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     t0 = time.perf_counter()
     out = prepare_output(cfg)
     total = 6
-    _step(1, total, f"variants: {cfg.model.arch} on {cfg.data.path}, method {cfg.method.name} -> {out / 'variants'}")
+    made = (f"candidates for targets {', '.join(f'{t:g}' for t in cfg.variants.targets)} of the dense p50"
+            if cfg.variants.targets else f"method {cfg.method.name}")
+    _step(1, total, f"variants: {cfg.model.arch} on {cfg.data.path}, {made} -> {out / 'variants'}")
     sources = build_variants(cfg, out)
     portfolio = out / "portfolio.zip"
     _step(2, total, f"exact structured pruning, ONNX export, profiling -> {portfolio}")
@@ -127,13 +173,24 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         res, lines = simulate_file(portfolio, trace, cfg.deploy.policy, profile)
         print("\n".join(lines))
         write_text_atomic(sim_path, json.dumps(result_document(res), indent=2))
+    if cfg.variants.targets:
+        targets_path = out / "targets.json"
+        print(f"== targets {', '.join(f'{t:g}' for t in cfg.variants.targets)} of the dense p50 -> {targets_path}",
+              flush=True)
+        lines = write_targets(portfolio, json.loads(bench_path.read_text()), cfg.variants.targets, targets_path)
+        print("\n".join(lines))
     _step(5, total, f"report -> {out / 'portfolio.md'}, {out / 'portfolio.png'}")
     write_report(portfolio, out)
     _step(6, total, "summary")
     rows = summary_rows(portfolio, json.loads(bench_path.read_text()), json.loads(sim_path.read_text()))
     echo_table(rows, SUMMARY_HEADER)
     sim = json.loads(sim_path.read_text())
-    write_text_atomic(out / "summary.md", markdown_table(rows, SUMMARY_HEADER))
+    summary = markdown_table(rows, SUMMARY_HEADER)
+    if cfg.variants.targets:
+        lines = json.loads((out / "targets.json").read_text())["lines"]
+        print("\n".join(lines))
+        summary += "\n" + "".join(f"- {line}\n" for line in lines)
+    write_text_atomic(out / "summary.md", summary)
     print(f"{len(rows)} variants in {portfolio.stat().st_size / 1024:.0f} KB; {len(sim.get('switches', []))} "
           f"switches in the simulated trace; {time.perf_counter() - t0:.0f} s this run")
     print(f"everything is in {out}")

@@ -1,0 +1,133 @@
+"""Latency targets in the pipeline ([variants] targets): candidates sized from the measured removal ladder, the
+choice per target from one bench, the whole run on generated data, and the refusals."""
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from device_helpers import ROOT
+from edgeshift.cli import app
+from edgeshift.exporter.pipeline import load_config
+from edgeshift.exporter.pipeline.targets import CandidatePlan, choose, plan_candidates
+from edgeshift.pruner.checkpoint import load_checkpoint
+
+runner = CliRunner()
+
+FAMILIES = ("slim", "layerprune", "layerprune+slim")
+
+
+def test_candidates_are_sized_from_the_measured_ladder():
+    ratios = {"fp32": [1.0, 0.9, 0.7, 0.55, 0.45], "int8": [0.6, 0.5, 0.4, 0.3, 0.25]}
+    plans = plan_candidates((0.75, 0.5, 0.2), FAMILIES, ratios)
+    # 0.75: FP32 needs 2 blocks removed; the combination removes 1 and slims 0.75/0.9 of the rest; INT8 of the
+    # dense model already meets it, so no INT8-sized candidate is made
+    assert [p.name for p in plans[0.75]] == ["lp2", "slim0.75", "lp1-slim0.833"]
+    # 0.5: FP32 lp4, slim 0.5, lp2 + slim 0.5/0.7; INT8: lp1 (0.5), slim to 0.5/0.6, lp1 + slim 0.5/0.5 = lp1
+    assert [p.name for p in plans[0.5]] == ["lp4", "slim0.5", "lp2-slim0.714", "lp1", "slim0.833"]
+    # 0.2: no removal count reaches it in either form; slim and the combination still try
+    assert [p.name for p in plans[0.2]] == ["slim0.2", "lp2-slim0.286", "slim0.333", "lp2-slim0.5"]
+    assert plan_candidates((0.5,), ("layerprune",), ratios)[0.5] == [CandidatePlan(4, 1.0), CandidatePlan(1, 1.0)]
+
+
+def test_each_target_gets_the_most_accurate_variant_that_meets_it():
+    bench = {"variants": [{"name": "dense", "p50_ms": 1.0}, {"name": "a", "p50_ms": 0.7},
+                          {"name": "b", "p50_ms": 0.45}, {"name": "c", "p50_ms": 0.4}]}
+    top1 = {"dense": 0.9, "a": 0.88, "b": 0.8, "c": 0.85}
+    got = {c.target: c for c in choose((1.0, 0.75, 0.5, 0.3), bench, top1)}
+    assert got[1.0].variant == "dense" and got[0.75].variant == "a"
+    assert got[0.5].variant == "c" and got[0.5].candidates == 2 and got[0.5].ratio == pytest.approx(0.4)
+    assert got[0.3].variant is None and got[0.3].fastest == "c" and got[0.3].fastest_ratio == pytest.approx(0.4)
+
+
+def test_the_shipped_targets_config_loads():
+    cfg = load_config(Path(ROOT) / "configs" / "targets-resnet20.toml")
+    assert cfg.variants.targets == (0.75, 0.5, 0.33, 0.25) and cfg.deploy.int8
+
+
+TARGETS = """
+[model]
+arch = "resnet20"
+[data]
+path = "generated"
+train_samples = 200
+test_samples = 100
+[train]
+epochs = 1
+batch_size = 100
+warmup = 0
+[deploy]
+export_test_samples = 100
+latency_iterations = 5
+[variants]
+targets = [0.6]
+finetune_epochs = 1
+align = 1
+[output]
+dir = "{out}"
+"""
+
+
+def test_pipeline_targets_build_every_family_and_choose_what_meets_each_target(tmp_path):
+    config = tmp_path / "t.toml"
+    out = tmp_path / "out"
+    config.write_text(TARGETS.format(out=out))
+    result = runner.invoke(app, ["pipeline", str(config)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "variants" / "plan.json").read_text())["0.6"]
+    names = [p["name"] for p in plan]
+    assert any(n.startswith("lp") and "slim" not in n for n in names)  # layer removal
+    assert any(n.startswith("slim") for n in names)  # learned widths
+    assert any(n.startswith("lp") and "-slim" in n for n in names)  # both
+    for name in names:
+        model, payload = load_checkpoint(out / "variants" / f"{name}.pt")
+        if "slim" in name:
+            assert payload["meta"]["slim"]["max_rel_deviation"] < 1e-4  # pruned exactly
+            assert payload["meta"]["slim"]["shares"]  # the widths training chose
+    bench = json.loads((out / "portfolio.bench.json").read_text())
+    manifest = json.loads(zipfile.ZipFile(out / "portfolio.zip").read("manifest.json"))
+    top1 = {v["name"]: v["accuracy"]["top1"] for v in manifest["variants"]}
+    p50 = {v["name"]: v["p50_ms"] for v in bench["variants"]}
+    doc = json.loads((out / "targets.json").read_text())
+    (choice,) = doc["targets"]
+    if choice["variant"] is None:  # none met it: the fastest is named, and nothing was within
+        assert min(p50.values()) > 0.6 * p50["dense"] and choice["fastest"] == min(p50, key=p50.get)
+    else:
+        within = [n for n in p50 if p50[n] <= 0.6 * p50["dense"]]
+        assert choice["variant"] in within and top1[choice["variant"]] == max(top1[n] for n in within)
+    assert doc["lines"][0].startswith("target 0.6 (") and doc["lines"][0] in result.output
+    assert doc["lines"][0] in (out / "summary.md").read_text()
+    again = runner.invoke(app, ["pipeline", str(config)])
+    assert again.exit_code == 0 and "candidate " not in again.output and "epoch" not in again.output
+
+
+NO_GROUP = '''
+from torch import nn
+
+
+def build(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, num_classes, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+'''
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("targets = [0.6]", "targets = [1.5]", "variants.targets must be fractions of the dense model's p50 in (0, 1]"),
+    ("targets = [0.6]", "targets = [0, 0.5]", "variants.targets must be fractions of the dense model's p50"),
+    ("align = 1", 'candidates = ["widths"]', "variants.candidates must be some of slim, layerprune, "
+                                            "layerprune+slim (not 'widths')"),
+    ("align = 1", 'dense = "missing.pt"', "dense checkpoint ([variants] dense) not found: missing.pt"),
+    ('arch = "resnet20"', 'arch = "nogroup:build"\ninput_size = 16', "has no prunable channel group"),
+    ('path = "generated"', 'path = "no/such/folder"', "data folder not found: no/such/folder"),
+])
+def test_pipeline_targets_refuse_bad_input_in_one_line_writing_nothing(old, new, message, tmp_path, monkeypatch):
+    (tmp_path / "nogroup.py").write_text(NO_GROUP)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = TARGETS.format(out=tmp_path / "out")
+    assert old in text
+    (tmp_path / "t.toml").write_text(text.replace(old, new))
+    result = runner.invoke(app, ["pipeline", "t.toml"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "out").exists()
