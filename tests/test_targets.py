@@ -37,7 +37,7 @@ def test_each_target_gets_the_most_accurate_variant_that_meets_it():
     top1 = {"dense": 0.9, "a": 0.88, "b": 0.8, "c": 0.85}
     got = {c.target: c for c in choose((1.0, 0.75, 0.5, 0.3), bench, top1)}
     assert got[1.0].variant == "dense" and got[0.75].variant == "a"
-    assert got[0.5].variant == "c" and got[0.5].candidates == 2 and got[0.5].ratio == pytest.approx(0.4)
+    assert got[0.5].variant == "c" and got[0.5].met_by == 2 and got[0.5].ratio == pytest.approx(0.4)
     assert got[0.3].variant is None and got[0.3].fastest == "c" and got[0.3].fastest_ratio == pytest.approx(0.4)
 
 

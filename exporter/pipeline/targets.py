@@ -176,7 +176,7 @@ class TargetChoice:
     p50_ms: float | None
     ratio: float | None
     top1: float | None
-    candidates: int  # variants that met it
+    met_by: int  # how many variants meet it
     fastest: str = ""  # when none met it: the fastest variant, and its ratio
     fastest_ratio: float | None = None
 
@@ -210,5 +210,5 @@ def choice_lines(choices: list[TargetChoice], dense_p50: float) -> list[str]:
         else:
             top1 = "-" if c.top1 is None else f"{100 * c.top1:.2f}%"
             lines.append(f"target {c.target:g} ({c.target * dense_p50:.3f} ms): {c.variant}, p50 {c.p50_ms:.3f} ms "
-                         f"({c.ratio:.2f}x dense), top-1 {top1}, best of {c.candidates} that meet it")
+                         f"({c.ratio:.2f}x dense), top-1 {top1}, best of {c.met_by} that meet it")
     return lines
