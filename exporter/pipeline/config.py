@@ -96,8 +96,9 @@ class VariantsSection:
     finetune_epochs: float = setting(1.0, "targets: every candidate's training budget in epochs (slim: half "
                                           "learns the gates, half fine-tunes)", minimum=0.01)
     lr: float = setting(0.01, "targets: peak learning rate of that training (small: the model is trained)")
-    align: int = setting(8, "targets: slim keeps widths multiples of this (ONNX Runtime's CPU kernels block by 8)",
-                         minimum=1)
+    align: int = setting(8, "targets: slim keeps widths multiples of this (on AVX-512, ONNX Runtime's blocked "
+                            "layout is 16 wide and 8-wide convs add layout reorders: BENCHMARKS.md, 'Latency "
+                            "targets')", minimum=1)
 
 
 @dataclass(frozen=True)
