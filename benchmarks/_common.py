@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: synthetic sparse models and the VGG-16 portfolio the runtime benchmarks use.
+"""Shared benchmark helpers: synthetic sparse models, the VGG-16 portfolio the runtime benchmarks use, and the
+uniform L1 width-pruning baseline the CIFAR-10 comparisons measure against.
 
 Synthetic sparsity: each filter gets a log-normal scale, then global magnitude pruning keeps 1/compression of
 the conv+linear weights, so whole filters die as they do in trained sparse models. It stands in for trained
@@ -67,3 +68,20 @@ def ensure_vgg16_portfolio(path: str | None, default: str = "/tmp/edgeshift-benc
         print(f"building {p} (synthetic sparse VGG-16 at 1x, 4x, 16x, 64x, exactly pruned) ...", flush=True)
         build_vgg16_portfolio(p)
     return p
+
+
+def width_pruned(model: nn.Module, ratio: float) -> nn.Module:
+    """Uniform L1-norm filter pruning of every prunable group (Torch-Pruning's ``MagnitudePruner``, p=1), the
+    classifier (the last Linear) kept: the baseline the CIFAR-10 comparisons measure edgeshift against."""
+    import copy
+
+    import torch_pruning as tp
+    from edgeshift.pruner.models.zoo import input_shape
+
+    m = copy.deepcopy(model).eval()
+    last = [x for x in m.modules() if isinstance(x, nn.Linear)][-1:]
+    pruner = tp.pruner.MagnitudePruner(m, torch.randn(input_shape(m, 1)), importance=tp.importance.MagnitudeImportance(
+        p=1), pruning_ratio=ratio, ignored_layers=last)
+    pruner.step()
+    m.edgeshift_arch = model.edgeshift_arch
+    return m

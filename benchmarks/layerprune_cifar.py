@@ -17,26 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import width_pruned
+
 
 def edgeshift(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "edgeshift", *args], check=True)
-
-
-def width_pruned(model, ratio: float):
-    """Uniform L1-norm filter pruning of every prunable group (Torch-Pruning), classifier kept."""
-    import copy
-
-    import torch
-    import torch_pruning as tp
-
-    from edgeshift.pruner.models.zoo import input_shape
-
-    m = copy.deepcopy(model).eval()
-    pruner = tp.pruner.MagnitudePruner(m, torch.randn(input_shape(m, 1)), importance=tp.importance.MagnitudeImportance(
-        p=1), pruning_ratio=ratio, ignored_layers=[m.fc])
-    pruner.step()
-    m.edgeshift_arch = model.edgeshift_arch
-    return m
 
 
 def interleaved_p50(models: dict, profile, rounds: int) -> dict:

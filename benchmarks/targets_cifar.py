@@ -18,6 +18,8 @@ import json
 import re
 from pathlib import Path
 
+from _common import width_pruned
+
 METHODS = ("uniform L1", "layer removal", "learned masks", "removal + masks")
 
 
@@ -34,25 +36,6 @@ def method_of(name: str) -> str:
     else:
         kind = "removal + masks"
     return kind + (" + INT8" if name.endswith("-int8") else "")
-
-
-def width_pruned(model, ratio: float):
-    """Uniform L1-norm filter pruning of every prunable group (Torch-Pruning), classifier kept."""
-    import copy
-
-    import torch
-    import torch_pruning as tp
-    from torch import nn
-
-    from edgeshift.pruner.models.zoo import input_shape
-
-    m = copy.deepcopy(model).eval()
-    last = [x for x in m.modules() if isinstance(x, nn.Linear)][-1:]
-    pruner = tp.pruner.MagnitudePruner(m, torch.randn(input_shape(m, 1)), importance=tp.importance.MagnitudeImportance(
-        p=1), pruning_ratio=ratio, ignored_layers=last)
-    pruner.step()
-    m.edgeshift_arch = model.edgeshift_arch
-    return m
 
 
 def main() -> None:
