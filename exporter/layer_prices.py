@@ -88,8 +88,9 @@ def layer_graph(g: _Geometry, batch: int = 1) -> bytes:
 
 def _geometries(model, example_inputs) -> list[_Geometry]:
     """Every conv and linear layer the forward on ``example_inputs`` runs, with its input size."""
-    import torch
     from torch import nn
+
+    from edgeshift.pruner.metrics import forward_with_hooks
 
     seen: dict[str, _Geometry] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -103,16 +104,8 @@ def _geometries(model, example_inputs) -> list[_Geometry]:
         else:
             seen[name] = _Geometry(name, "linear", m.in_features, m.out_features)
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs[:1])
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example_inputs, [(m, hook) for m in model.modules()
+                                               if isinstance(m, (nn.Conv2d, nn.Linear))])
     return list(seen.values())
 
 

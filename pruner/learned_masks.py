@@ -21,6 +21,7 @@ from torch import nn
 from edgeshift.core.errors import EdgeshiftError
 
 from .fuse import conv_bn_pairs
+from .metrics import forward_with_hooks
 from .sparse import Mask
 from .structured.groups import _is_depthwise, coupled_groups
 
@@ -98,17 +99,11 @@ class _CostedLayer:
 def _spatial_sizes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Output positions per sample of every conv (1 for a linear layer), from one forward."""
     sizes: dict[nn.Module, int] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: sizes.__setitem__(m, int(np.prod(o.shape[2:])) or 1))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs[:1])
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    def record(m: nn.Module, inputs, output) -> None:
+        sizes[m] = int(np.prod(output.shape[2:])) or 1
+
+    forward_with_hooks(model, example_inputs, [(m, record) for m in model.modules()
+                                               if isinstance(m, (nn.Conv2d, nn.Linear))])
     return sizes
 
 
