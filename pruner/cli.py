@@ -52,6 +52,8 @@ def _model_spec(arch: Optional[str], arch_kwargs: Optional[str], weights: Option
 ARCH_KWARGS_HELP = """Keyword arguments of the model source, as a JSON object: '{"width": 8}'."""
 WEIGHTS_HELP = "A trained state dict for the model source (loaded with weights_only=True)."
 INPUT_SIZE_HELP = "Square input side. Default: the source's (zoo, torchvision 224, timm's config)."
+DISTILL_HELP = ("Share of the training loss matching the input model's softened outputs (knowledge distillation, "
+                "temperature 4), in [0, 1); 0: labels only.")
 
 
 class PruneMode(str, Enum):
@@ -156,6 +158,7 @@ def layerprune_cmd(
     train_samples: Optional[int] = typer.Option(None, help="Fine-tune on a stratified subset of this size."),
     test_samples: Optional[int] = typer.Option(None, help="Measure accuracy on a stratified subset of this size."),
     imprint_samples: int = typer.Option(2000, help="Training images the data-driven criteria see."),
+    distill: float = typer.Option(0.0, help=DISTILL_HELP),
     seed: int = typer.Option(0),
     arch: Optional[str] = _arch_option(),
     arch_kwargs: Optional[str] = typer.Option(None, help=ARCH_KWARGS_HELP),
@@ -173,13 +176,17 @@ def layerprune_cmd(
 
     cfg = LayerPruneConfig(criterion=criterion, remove=remove, latency_budget_ms=latency_budget, profile=profile,
                            imprint_samples=imprint_samples, seed=seed)
+    from edgeshift.pruner.distill import DistillConfig
+
+    distillation = DistillConfig(weight=distill)
+    distillation.validate()
     finetune = None
     if epochs or iterations:
         finetune = _train_config(epochs, iterations, batch_size, lr, 0.9, weight_decay, Schedule.cosine, 0, seed,
                                  True)
     report = layerprune_checkpoint(checkpoint, out, cfg, data=data, finetune=finetune, train_samples=train_samples,
                                    test_samples=test_samples, json_out=json_out, measure=OrtMeasurer(cfg.profile),
-                                   say=typer.echo, spec=spec)
+                                   distill=distillation, say=typer.echo, spec=spec)
     typer.echo(report.table())
     typer.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
 
@@ -205,6 +212,7 @@ def slim_cmd(
     lr: float = typer.Option(0.01, help="Peak learning rate of the weights (cosine), both phases."),
     batch_size: int = typer.Option(128, min=1),
     align: int = typer.Option(8, min=1, help="Every group keeps a multiple of this many channels (1: any width)."),
+    distill: float = typer.Option(0.0, help=DISTILL_HELP),
     train_samples: Optional[int] = typer.Option(None, help="Train on a stratified subset of this size."),
     test_samples: Optional[int] = typer.Option(None, help="Measure accuracy on a stratified subset of this size."),
     seed: int = typer.Option(0),
@@ -221,7 +229,7 @@ def slim_cmd(
     from edgeshift.pruner.slim import SlimConfig, slim_checkpoint
 
     cfg = SlimConfig(target=target, pricing=pricing.value, gate_epochs=gate_epochs, finetune_epochs=epochs, lr=lr,
-                     batch_size=batch_size, align=align, seed=seed)
+                     batch_size=batch_size, align=align, distill=distill, seed=seed)
     cfg.validate()
     spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
     _check_outputs(force, out, json_out)

@@ -18,6 +18,7 @@ from torch import nn
 from edgeshift.core.errors import EdgeshiftError
 
 from .data import Dataset
+from .distill import DistillConfig, Teacher
 from .learned_masks import GateConfig, LayerPrice, LearnedMasks
 from .measure import ModelMeasurer
 from .metrics import count_macs, count_params
@@ -59,6 +60,7 @@ class SlimConfig:
     weight: float | None = None  # initial pull of the sparsity loss on the dearest gate (None: from the steps)
     adapt: float = GateConfig.adapt  # per-step factor (1 + adapt) by which the pull moves toward the target
     align: int = 8  # every group keeps a multiple of this many channels (ONNX Runtime's CPU kernels block by 8)
+    distill: float = 0.0  # share of the loss matching the dense model's softened outputs, both phases; 0 = off
     seed: int = 0
 
     def validate(self) -> None:
@@ -69,6 +71,10 @@ class SlimConfig:
         if self.gate_epochs <= 0 or self.finetune_epochs < 0:
             raise EdgeshiftError("gate epochs must be > 0 and fine-tune epochs >= 0")
         self.gates().validate()
+        self.distillation().validate()
+
+    def distillation(self) -> DistillConfig:
+        return DistillConfig(weight=self.distill)
 
     def gates(self) -> GateConfig:
         return GateConfig(target=self.target, gate_lr=self.gate_lr, weight=self.weight, adapt=self.adapt,
@@ -96,6 +102,7 @@ class SlimReport:
     shares: dict[str, float] = field(default_factory=dict)  # per coupled group: the share of channels kept
     widths: dict[str, list[int]] = field(default_factory=dict)  # per layer: [before, after]
     gates_closed: int = 0
+    distill: float = 0.0  # share of the training loss that matched the dense model (knowledge distillation)
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     profile: str = ""
@@ -175,7 +182,8 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         f"(floor {masks.floor_ratio:.3f})")
     masks.plan(steps)
     gate_cfg = TrainConfig(iterations=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    result = run_training(work, train, test, gate_cfg, regulariser=masks, label="gates")
+    teacher = Teacher(dense, cfg.distillation()) if cfg.distillation().enabled else None
+    result = run_training(work, train, test, gate_cfg, regulariser=masks, label="gates", teacher=teacher)
     history = list(result.history)
     masks.meet_target()
     shares, closed, predicted = masks.shares(), masks.closed(), masks.cost_ratio()
@@ -194,7 +202,7 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         ft_steps = max(1, int(cfg.finetune_epochs * len(train) / cfg.batch_size))
         say(f"fine-tuning {ft_steps} steps with the {closed} closed channels held at zero")
         ft = TrainConfig(iterations=ft_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-        history += list(run_training(work, train, test, ft, mask=held, label="fine-tune").history)
+        history += list(run_training(work, train, test, ft, mask=held, label="fine-tune", teacher=teacher).history)
     work.eval()
     pruned, prune_report = prune_zero_channels(work, example)
     say("measuring the dense and the slim model under the profile")
@@ -206,7 +214,8 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         p50_slim_ms=p50_slim, accuracy_dense=measure.top1(dense, x, y), accuracy_gated=accuracy_gated,
         accuracy_after=measure.top1(pruned, x, y), max_rel_deviation=prune_report.rel_diff,
         shares=shares, widths={c.name: [c.channels_before, c.channels_after] for c in prune_report.layers},
-        gates_closed=closed, history=history, seconds=time.perf_counter() - t0, profile=measure.profile_name)
+        gates_closed=closed, distill=cfg.distill, history=history, seconds=time.perf_counter() - t0,
+        profile=measure.profile_name)
     return pruned, report
 
 

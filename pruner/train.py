@@ -17,6 +17,7 @@ from torch import nn
 
 from . import distributed
 from .data import Dataset
+from .distill import Teacher
 from .sparse import Mask, apply_mask
 
 
@@ -129,12 +130,14 @@ class Regulariser(Protocol):
 
 def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, *, mask: Mask | None = None,
           start_step: int = 0, rewind_step: int | None = None, log_path: Path | None = None,
-          progress: bool = True, label: str = "train", regulariser: Regulariser | None = None) -> TrainResult:
+          progress: bool = True, label: str = "train", regulariser: Regulariser | None = None,
+          teacher: Teacher | None = None) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to the end of the schedule; returns the result.
 
     With ``mask`` the masked weights are zeroed before training and after every optimiser step. With
     ``rewind_step`` the model state at that step (before its update) is captured for IMP rewinding. With
-    ``regulariser`` its loss is added to the task loss and its parameters trained too.
+    ``regulariser`` its loss is added to the task loss and its parameters trained too. With ``teacher`` the task
+    loss is blended with distillation from it, on the same augmented batch.
     """
     xs, ys = to_tensor(train_ds)
     xt, yt = to_tensor(test_ds)
@@ -172,6 +175,8 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
                     g["lr"] = cfg.lr_at(step, total)
                 out = net(x)
                 loss = F.cross_entropy(out, ys[idx])
+                if teacher is not None:
+                    loss = teacher.loss(x, out, loss)
                 if regulariser is not None:
                     loss = loss + regulariser.loss()
                 opt.zero_grad(set_to_none=True)

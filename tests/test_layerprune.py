@@ -151,6 +151,8 @@ def test_latency_budget_met_without_removal_removes_nothing(trained, tmp_path):
     (["--criterion", "l1", "--remove", "1"], "unknown layer criterion 'l1'; known:"),
     (["--criterion", "imprint", "--remove", "1", "--latency-budget", "3"], "give exactly one budget"),
     (["--criterion", "imprint", "--remove", "1", "--profile", "pi3"], "unknown device profile 'pi3'"),
+    (["--criterion", "imprint", "--remove", "1", "--distill", "1"], "distillation weight is a share of the loss in "
+                                                                     "[0, 1), got 1.0"),
 ])
 def test_layerprune_cli_bad_input(trained, args, message, tmp_path):
     result = runner.invoke(app, ["layerprune", str(trained), "--data", "generated", "--epochs", "0",

@@ -150,6 +150,7 @@ def test_slim_meets_the_target_under_host_and_prunes_exactly(trained, tmp_path):
     (["--target", "1.5"], "the target is a fraction of the dense model's cost in (0, 1], got 1.5"),
     (["--target", "0"], "in (0, 1], got 0.0"),
     (["--target", "0.5", "--data", "no/such/folder"], "no/such/folder"),
+    (["--target", "0.5", "--distill", "-0.1"], "distillation weight is a share of the loss in [0, 1), got -0.1"),
 ])
 def test_slim_bad_input_is_one_line_and_writes_nothing(trained, args, message, tmp_path):
     data = [] if "--data" in args else ["--data", "generated"]

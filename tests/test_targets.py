@@ -64,6 +64,7 @@ latency_iterations = 5
 targets = [0.6]
 finetune_epochs = 1
 align = 1
+distill = 0.5
 [output]
 dir = "{out}"
 """
@@ -82,6 +83,7 @@ def test_pipeline_targets_build_every_family_and_choose_what_meets_each_target(t
     assert any(n.startswith("lp") and "-slim" in n for n in names)  # both
     for name in names:
         model, payload = load_checkpoint(out / "variants" / f"{name}.pt")
+        assert payload["meta"]["distill"] == 0.5  # every candidate learned from the dense model too
         if "slim" in name:
             assert payload["meta"]["slim"]["max_rel_deviation"] < 1e-4  # pruned exactly
             assert payload["meta"]["slim"]["shares"]  # the widths training chose
@@ -119,6 +121,7 @@ def build(num_classes=10):
     ("align = 1", 'dense = "missing.pt"', "dense checkpoint ([variants] dense) not found: missing.pt"),
     ('arch = "resnet20"', 'arch = "nogroup:build"\ninput_size = 16', "has no prunable channel group"),
     ('path = "generated"', 'path = "no/such/folder"', "data folder not found: no/such/folder"),
+    ("distill = 0.5", "distill = 1.0", "variants.distill must be a share of the loss in [0, 1), e.g. 0.9"),
 ])
 def test_pipeline_targets_refuse_bad_input_in_one_line_writing_nothing(old, new, message, tmp_path, monkeypatch):
     (tmp_path / "nogroup.py").write_text(NO_GROUP)

@@ -76,6 +76,10 @@ def _targets(values: tuple[float, ...]) -> str | None:
                                                          "e.g. [0.75, 0.5]")
 
 
+def _distill_weight(value: float) -> str | None:
+    return None if 0 <= value < 1 else "must be a share of the loss in [0, 1), e.g. 0.9"
+
+
 def _families(values: tuple[str, ...]) -> str | None:
     unknown = [v for v in values if v not in TARGET_FAMILIES]
     if unknown or not values:
@@ -99,6 +103,9 @@ class VariantsSection:
     align: int = setting(8, "targets: slim keeps widths multiples of this (on AVX-512, ONNX Runtime's blocked "
                             "layout is 16 wide and 8-wide convs add layout reorders: BENCHMARKS.md, 'Latency "
                             "targets')", minimum=1)
+    distill: float = setting(0.0, "targets: share of every candidate's training loss that matches the dense "
+                                  "model's softened outputs (knowledge distillation, temperature 4), in [0, 1); "
+                                  "0: labels only", check=_distill_weight)
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,10 @@ class OutputSection:
     dir: str = setting("out/pipeline", "everything goes here")
 
 
-# keys added to [deploy] after run folders existed, with their defaults
+# keys added to [deploy], [model] and [variants] after run folders existed, with their defaults
 LATER_MODEL_KEYS: dict[str, Any] = {"kwargs": {}, "weights": "", "input_size": 0}
 LATER_DEPLOY_KEYS = {"align": 1, "int8": False, "calibration_samples": 64, "calibration_method": "minmax"}
+LATER_VARIANTS_KEYS = {"distill": 0.0}
 
 
 @dataclass(frozen=True)
@@ -154,9 +162,10 @@ class PipelineConfig:
         doc.pop("output")
         if self.variants == VariantsSection():
             del doc["variants"]  # added later: at its defaults, earlier run folders stay resumable
-        for section, keys in (("deploy", LATER_DEPLOY_KEYS), ("model", LATER_MODEL_KEYS)):
+        for section, keys in (("deploy", LATER_DEPLOY_KEYS), ("model", LATER_MODEL_KEYS),
+                              ("variants", LATER_VARIANTS_KEYS)):
             for key, default in keys.items():
-                if doc[section][key] == default:
+                if section in doc and doc[section][key] == default:
                     del doc[section][key]  # at its default a later-added key keeps earlier run folders resumable
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

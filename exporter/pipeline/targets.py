@@ -8,6 +8,9 @@ dense model, each trained on the same budget (``[variants] finetune_epochs``):
   fine-tunes with the closed channels held at zero;
 - ``lp<k>-slim<s>``: ``k`` blocks removed, then slimmed to ``s`` of what is left, on the same two halves.
 
+With ``[variants] distill`` every candidate's training also matches the dense model's softened outputs
+(knowledge distillation, ``edgeshift.pruner.distill``).
+
 How strong each candidate must be is measured, not guessed from MACs: the dense model with 0..n blocks removed
 (and their INT8 forms when ``[deploy] int8``) is exported and timed in one interleaved run under the profile
 (``removal.json``); ``lp<k>`` takes the least ``k`` whose p50 meets the target, the combination half of it with
@@ -119,6 +122,7 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path)
     from edgeshift.core.atomic import atomic_path
     from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
     from edgeshift.pruner.data import model_splits
+    from edgeshift.pruner.distill import DistillConfig
     from edgeshift.pruner.layers.layerprune import LayerPruneConfig, layerprune
     from edgeshift.pruner.slim import SlimConfig, slim
     from edgeshift.pruner.train import TrainConfig
@@ -152,16 +156,18 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path)
             tune = None if plan.slim < 1 else TrainConfig(iterations=steps, batch_size=cfg.train.batch_size,
                                                           lr=v.lr, weight_decay=cfg.train.weight_decay,
                                                           seed=cfg.train.seed)
-            model, report = layerprune(dense, lp, train, test, tune, measure=measure)
+            model, report = layerprune(dense, lp, train, test, tune, measure=measure,
+                                       distill=DistillConfig(weight=v.distill))
             meta["layerprune"] = {"removed": report.removed, "accuracy_after": report.accuracy_after}
             meta["test_accuracy"] = report.accuracy_after
         if plan.slim < 1:
             sc = SlimConfig(target=plan.slim, gate_epochs=v.finetune_epochs / 2, finetune_epochs=v.finetune_epochs / 2,
-                            lr=v.lr, batch_size=cfg.train.batch_size, align=v.align, seed=cfg.train.seed)
+                            lr=v.lr, batch_size=cfg.train.batch_size, align=v.align, distill=v.distill,
+                            seed=cfg.train.seed)
             model, sr = slim(model, train, test, sc, pricer=pricer, measure=measure)
             meta["slim"] = {k: val for k, val in sr.to_dict().items() if k != "history"}
             meta["test_accuracy"] = sr.accuracy_after
-        meta["pruned_from"] = str(dense_path)
+        meta["pruned_from"], meta["distill"] = str(dense_path), v.distill
         with atomic_path(path) as tmp:
             save_checkpoint(model, tmp, meta=meta)
     return sources

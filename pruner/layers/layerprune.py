@@ -17,6 +17,7 @@ from torch import nn
 from edgeshift.core.errors import EdgeshiftError
 
 from ..data import Dataset
+from ..distill import DistillConfig, Teacher
 from ..metrics import count_macs, count_params
 from ..measure import ModelMeasurer
 from ..models.zoo import input_shape
@@ -171,14 +172,15 @@ def choose_removal(model: nn.Module, candidates: list[Candidate], scores: dict[s
 
 
 def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, test: Dataset | None = None,
-               finetune=None, mask: dict | None = None, *, measure: ModelMeasurer,
+               finetune=None, mask: dict | None = None, *, measure: ModelMeasurer, distill: DistillConfig | None = None,
                say: Callable[[str], None] = lambda message: None) -> tuple[nn.Module, LayerPruneReport]:
     """Rank ``model``'s candidates with ``cfg.criterion``, remove to the budget, optionally fine-tune.
 
-    ``finetune`` is a ``edgeshift.pruner.train.TrainConfig`` (None: no fine-tuning; it then needs ``train`` and ``test``),
-    enforcing ``mask`` (a sparse model's, restricted to the layers that remain) if given. The input model is not
-    modified. Accuracies are measured when ``test`` is given. ``measure`` times and scores the models through
-    ONNX Runtime under the device profile (``edgeshift.exporter.profile.OrtMeasurer(cfg.profile)``).
+    ``finetune`` is a ``edgeshift.pruner.train.TrainConfig`` (None: no fine-tuning; it then needs ``train`` and
+    ``test``), enforcing ``mask`` (a sparse model's, restricted to the layers that remain) if given. The input
+    model is not modified. With ``distill`` the fine-tune also learns from ``model``'s softened outputs
+    (knowledge distillation). Accuracies are measured when ``test`` is given. ``measure`` times and scores the
+    models through ONNX Runtime under the device profile (``edgeshift.exporter.profile.OrtMeasurer(cfg.profile)``).
     """
     cfg.validate()
     model = model.eval()
@@ -213,17 +215,19 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
             raise EdgeshiftError("fine-tuning needs the training and test data")
         params = dict(pruned.named_parameters())
         kept = {k: v for k, v in (mask or {}).items() if k in params} or None
-        result = run_training(pruned, train, test, finetune, mask=kept, label="fine-tune")
+        teacher = Teacher(model, distill) if distill is not None and distill.enabled else None
+        result = run_training(pruned, train, test, finetune, mask=kept, label="fine-tune", teacher=teacher)
         pruned.eval()
         report.accuracy_after = onnx_top1(pruned, test, measure)
-        report.finetune = {**config_dict(finetune), "seconds": result.seconds, "steps": result.steps,
+        report.finetune = {**config_dict(finetune), **({"distill": asdict(distill)} if teacher else {}),
+                           "seconds": result.seconds, "steps": result.steps,
                            "train_samples": len(train)}
     return pruned, report
 
 
 def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, finetune=None,
                           train_samples: int | None = None, test_samples: int | None = None,
-                          json_out=None, measure: ModelMeasurer,
+                          json_out=None, measure: ModelMeasurer, distill: DistillConfig | None = None,
                           say: Callable[[str], None] = lambda message: None, spec=None) -> LayerPruneReport:
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
     import json
@@ -240,7 +244,7 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
     say(f"loading {data}")
     train, test = model_splits(data, arch, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
     pruned, report = layerprune(model, cfg, train, test, finetune, mask=payload.get("masks") or None,
-                                measure=measure, say=say)
+                                measure=measure, distill=distill, say=say)
     params = dict(pruned.named_parameters())
     masks = {k: v for k, v in (payload.get("masks") or {}).items() if k in params}
     meta = {k: v for k, v in payload.get("meta", {}).items() if k in ("test_accuracy",)}
