@@ -2,12 +2,12 @@
 
 Takes a finished `edgeshift pipeline` run with `[variants] targets` (its dense model and candidates: layer removal
 `lp<k>`, learned widths `slim<s>`, both `lp<k>-slim<s>`), adds Torch-Pruning's uniform L1 width pruning of the same
-dense model at `--l1` ratios trained on the same budget (the run's `finetune_epochs`, `lr`, batch and training
-split), then measures every model and its INT8 form (qoperator/uint8, 64 calibration images) through ONNX Runtime:
-top-1 on the full test split, and p50 under the profile with every model timed against all the others in one
-interleaved run. Per target and method: the most accurate variant whose p50 meets it. Writes `compare.json`,
-`compare.md`, `compare.png` and each model's ONNX (for `benchmarks/op_breakdown.py`) into `RUN/compare`;
-the L1 checkpoints are kept there, so a rerun skips their training.
+dense model at `--l1` ratios trained on the same budget (the run's `finetune_epochs`, `lr`, batch, training
+split and `distill`), then measures every model and its INT8 form (qoperator/uint8, 64 calibration images)
+through ONNX Runtime: top-1 on the full test split, and p50 under the profile with every model timed against all
+the others in one interleaved run. Per target and method: the most accurate variant whose p50 meets it. Writes
+`compare.json`, `compare.md`, `compare.png` and each model's ONNX (for `benchmarks/op_breakdown.py`) into
+`RUN/compare`; the L1 checkpoints are kept there, so a rerun skips their training.
 
     python benchmarks/targets_cifar.py --run /tmp/edgeshift-bench/targets-r20 [--l1 0.3 0.5 0.6 0.7]
 """
@@ -49,6 +49,7 @@ def main() -> None:
     from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
     from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
     from edgeshift.pruner.data import model_splits
+    from edgeshift.pruner.distill import DistillConfig, Teacher
     from edgeshift.pruner.models.zoo import input_shape
     from edgeshift.pruner.train import TrainConfig, train
     from edgeshift.runtime.session import create_session
@@ -66,6 +67,8 @@ def main() -> None:
     train_ds, test_small = model_splits(data["path"], dense.edgeshift_arch, train_samples=data["train_samples"] or None,
                                         test_samples=data["test_samples"] or None, seed=tr["seed"])
     steps = max(1, round(v["finetune_epochs"] * len(train_ds) / tr["batch_size"]))
+    distill = DistillConfig(weight=v.get("distill", 0.0))
+    teacher = Teacher(dense, distill) if distill.enabled else None
     for r in args.l1:
         path = out / f"l1-{r:g}.pt"
         if not path.exists():
@@ -73,8 +76,8 @@ def main() -> None:
             model = width_pruned(dense, r)
             train(model, train_ds, test_small, TrainConfig(iterations=steps, batch_size=tr["batch_size"], lr=v["lr"],
                                                            weight_decay=tr["weight_decay"], seed=tr["seed"]),
-                  label=f"l1-{r:g}")
-            save_checkpoint(model.eval(), path, meta={"uniform_l1": r})
+                  label=f"l1-{r:g}", teacher=teacher)
+            save_checkpoint(model.eval(), path, meta={"uniform_l1": r, "distill": distill.weight})
 
     _, test = model_splits(data["path"], dense.edgeshift_arch, seed=tr["seed"])  # the full test split
     x_test, y_test = test.normalised(), test.labels
