@@ -100,6 +100,11 @@ def test_pipeline_targets_build_every_family_and_choose_what_meets_each_target(t
         assert choice["variant"] in within and top1[choice["variant"]] == max(top1[n] for n in within)
     assert doc["lines"][0].startswith("target 0.6 (") and doc["lines"][0] in result.output
     assert doc["lines"][0] in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text().splitlines()
+    for name in names:  # every candidate in the summary: what was removed, the widths chosen, the deviation
+        (line,) = [line for line in summary if line.startswith(f"- {name}: ")]
+        assert "distilled 0.5" in line and "% after training" in line
+        assert ("removed layers." in line) == name.startswith("lp") and ("exact to" in line) == ("slim" in name)
     again = runner.invoke(app, ["pipeline", str(config)])
     assert again.exit_code == 0 and "candidate " not in again.output and "epoch" not in again.output
 

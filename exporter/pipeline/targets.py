@@ -218,3 +218,34 @@ def choice_lines(choices: list[TargetChoice], dense_p50: float) -> list[str]:
             lines.append(f"target {c.target:g} ({c.target * dense_p50:.3f} ms): {c.variant}, p50 {c.p50_ms:.3f} ms "
                          f"({c.ratio:.2f}x dense), top-1 {top1}, best of {c.met_by} that meet it")
     return lines
+
+
+def candidate_lines(variants: Path) -> list[str]:
+    """One line per candidate in ``variants`` (its checkpoint's meta): the blocks removed, the widths training chose
+    (share of channels kept per coupled group, named by its first layer), the deviation of the exact prune, the
+    distillation weight and the top-1 measured after training (on the run's test subset)."""
+    from edgeshift.pruner.checkpoint import read_checkpoint
+
+    plan = json.loads((variants / "plan.json").read_text())
+    lines = []
+    for name in sorted({p["name"] for ps in plan.values() for p in ps}):
+        path = variants / f"{name}.pt"
+        if not path.exists():
+            continue
+        meta = read_checkpoint(path).get("meta", {})
+        parts = []
+        if "layerprune" in meta:
+            parts.append(f"removed {', '.join(meta['layerprune']['removed'])}")
+        if "slim" in meta:
+            s = meta["slim"]
+            kept = ", ".join(f"{group.split(',')[0]} {100 * share:.0f}%" for group, share in s["shares"].items())
+            measured = s.get("measured_ratio")
+            parts.append(f"widths priced {s['predicted_ratio']:.2f} of dense (MACs {s['macs_ratio']:.2f}"
+                         + (f", measured {measured:.2f}x" if measured else "") + f"), kept {kept}; "
+                         f"exact to {s['max_rel_deviation']:.1e}")
+        if meta.get("distill"):
+            parts.append(f"distilled {meta['distill']:g}")
+        if meta.get("test_accuracy") is not None:
+            parts.append(f"top-1 {100 * meta['test_accuracy']:.2f}% after training")
+        lines.append(f"{name}: " + "; ".join(parts))
+    return lines
