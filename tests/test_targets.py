@@ -11,7 +11,8 @@ from device_helpers import ROOT
 from edgeshift.cli import app
 from edgeshift.exporter.pipeline import load_config
 from edgeshift.exporter.pipeline.targets import CandidatePlan, choose, plan_candidates
-from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+from edgeshift.pruner.models import get
 
 runner = CliRunner()
 
@@ -127,9 +128,11 @@ def build(num_classes=10):
     ('arch = "resnet20"', 'arch = "nogroup:build"\ninput_size = 16', "has no prunable channel group"),
     ('path = "generated"', 'path = "no/such/folder"', "data folder not found: no/such/folder"),
     ("distill = 0.5", "distill = 1.0", "variants.distill must be a share of the loss in [0, 1), e.g. 0.9"),
+    ("align = 1", 'dense = "vgg.pt"', "[variants] dense is a vgg11 checkpoint but [model] arch is 'resnet20'"),
 ])
 def test_pipeline_targets_refuse_bad_input_in_one_line_writing_nothing(old, new, message, tmp_path, monkeypatch):
     (tmp_path / "nogroup.py").write_text(NO_GROUP)
+    save_checkpoint(get("vgg11"), tmp_path / "vgg.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     text = TARGETS.format(out=tmp_path / "out")

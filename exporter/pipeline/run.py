@@ -71,6 +71,9 @@ def validate_targets(cfg: PipelineConfig) -> None:
     if v.dense:
         require_file(v.dense, "dense checkpoint ([variants] dense)")
         model = load_checkpoint(v.dense)[0]
+        if model.edgeshift_arch["name"] != cfg.model.arch:
+            raise EdgeshiftError(f"[variants] dense is a {model.edgeshift_arch['name']} checkpoint but [model] arch "
+                                 f"is {cfg.model.arch!r}; make them the same model")
     else:
         run = run_config(cfg, cfg.method.name)
         model = sources.ModelSpec(run.arch, run.arch_kwargs, run.weights, run.input_size).build()
