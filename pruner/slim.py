@@ -161,10 +161,11 @@ def prepare(model: nn.Module, cfg: SlimConfig, pricer: LayerPricer) -> tuple[Lea
 
 
 def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pricer: LayerPricer,
-         measure: ModelMeasurer, say: Callable[[str], None] = lambda message: None
+         measure: ModelMeasurer, teacher: nn.Module | None = None, say: Callable[[str], None] = lambda message: None
          ) -> tuple[nn.Module, SlimReport]:
     """Learn ``model``'s widths to the target, fine-tune, prune exactly; returns (pruned model, report). The input
-    model is not modified."""
+    model is not modified. With ``cfg.distill`` both phases also learn from ``teacher`` (default: ``model``; pass
+    the original dense model when ``model`` is itself a pruned, not yet fine-tuned one)."""
     import copy
 
     from .structured import prune_zero_channels
@@ -182,8 +183,8 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         f"(floor {masks.floor_ratio:.3f})")
     masks.plan(steps)
     gate_cfg = TrainConfig(iterations=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    teacher = Teacher(dense, cfg.distillation()) if cfg.distillation().enabled else None
-    result = run_training(work, train, test, gate_cfg, regulariser=masks, label="gates", teacher=teacher)
+    distill = Teacher(teacher if teacher is not None else dense, cfg.distillation()) if cfg.distill > 0 else None
+    result = run_training(work, train, test, gate_cfg, regulariser=masks, label="gates", teacher=distill)
     history = list(result.history)
     masks.meet_target()
     shares, closed, predicted = masks.shares(), masks.closed(), masks.cost_ratio()
@@ -202,7 +203,7 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         ft_steps = max(1, int(cfg.finetune_epochs * len(train) / cfg.batch_size))
         say(f"fine-tuning {ft_steps} steps with the {closed} closed channels held at zero")
         ft = TrainConfig(iterations=ft_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-        history += list(run_training(work, train, test, ft, mask=held, label="fine-tune", teacher=teacher).history)
+        history += list(run_training(work, train, test, ft, mask=held, label="fine-tune", teacher=distill).history)
     work.eval()
     pruned, prune_report = prune_zero_channels(work, example)
     say("measuring the dense and the slim model under the profile")

@@ -1,11 +1,14 @@
 """Knowledge distillation from the model a variant was made from (issue 16): the loss, and its effect."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from device_helpers import ROOT
 from edgeshift.core.errors import EdgeshiftError
 from edgeshift.pruner.data import generated_dataset
 from edgeshift.pruner.distill import DistillConfig, Teacher
@@ -61,3 +64,44 @@ def test_a_distilled_student_agrees_with_its_teacher_more_than_one_trained_on_la
     assert agreement[0.9] > agreement[0.0] + 0.2, agreement
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # weights and BN stats untouched
     assert not teacher.training
+
+
+class Constant(nn.Module):
+    """A teacher certain of one class whatever the image."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, x):
+        return F.one_hot(torch.full((len(x),), self.label), 10).float() * 20
+
+
+def test_slim_distills_from_the_teacher_it_is_given(tmp_path):
+    """The pipeline slims a block-removed model that has not been fine-tuned; it must learn from the dense model,
+    not from that damaged input: ``slim(teacher=...)`` is the one distilled from."""
+    from edgeshift.exporter.layer_prices import MacsPricer
+    from edgeshift.exporter.profile import OrtMeasurer
+    from edgeshift.pruner.models import get
+    from edgeshift.pruner.slim import SlimConfig, slim
+
+    data = generated_dataset(200, size=16, seed=5)
+    test = generated_dataset(100, size=16, seed=5, split_seed=1)
+    torch.manual_seed(0)
+    model = get("resnet20", width=8, input_size=16).eval()
+    x, _ = to_tensor(test)
+    with torch.no_grad():
+        rare = int(torch.bincount(model(x).argmax(1), minlength=10).argmin())  # a class the input model rarely says
+    quick = tmp_path / "quick.toml"  # host, timed briefly: only the outputs matter here
+    host = (Path(ROOT) / "device_profiles" / "host.toml").read_text()
+    quick.write_text(host.replace('name = "host"', 'name = "quick"').replace("iterations = 2000", "iterations = 20")
+                     .replace("rounds = 10", "rounds = 2").replace("warmup = 50", "warmup = 2"))
+    measure = OrtMeasurer(str(quick))
+    cfg = SlimConfig(target=0.9, pricing="macs", gate_epochs=1, finetune_epochs=1, lr=0.1, batch_size=50,
+                     distill=0.95)
+    share = {}
+    for name, teacher in (("given", Constant(rare)), ("default", None)):
+        student, _ = slim(model, data, test, cfg, pricer=MacsPricer(), measure=measure, teacher=teacher)
+        with torch.no_grad():
+            share[name] = float((student.eval()(x).argmax(1) == rare).float().mean())
+    assert share["given"] > 0.9 and share["default"] < 0.5, share

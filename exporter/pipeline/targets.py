@@ -164,7 +164,7 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path)
             sc = SlimConfig(target=plan.slim, gate_epochs=v.finetune_epochs / 2, finetune_epochs=v.finetune_epochs / 2,
                             lr=v.lr, batch_size=cfg.train.batch_size, align=v.align, distill=v.distill,
                             seed=cfg.train.seed)
-            model, sr = slim(model, train, test, sc, pricer=pricer, measure=measure)
+            model, sr = slim(model, train, test, sc, pricer=pricer, measure=measure, teacher=dense)
             meta["slim"] = {k: val for k, val in sr.to_dict().items() if k != "history"}
             meta["test_accuracy"] = sr.accuracy_after
         meta["pruned_from"], meta["distill"] = str(dense_path), v.distill
