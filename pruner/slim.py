@@ -59,7 +59,7 @@ class SlimConfig:
     gate_lr: float = GateConfig.gate_lr  # the gates' SGD learning rate
     weight: float | None = None  # initial pull of the sparsity loss on the dearest gate (None: from the steps)
     adapt: float = GateConfig.adapt  # per-step factor (1 + adapt) by which the pull moves toward the target
-    align: int = 8  # every group keeps a multiple of this many channels (ONNX Runtime's CPU kernels block by 8)
+    align: int = 8  # every group keeps a multiple of this many channels (16 is faster on AVX-512: BENCHMARKS.md)
     distill: float = 0.0  # share of the loss matching the dense model's softened outputs, both phases; 0 = off
     seed: int = 0
 
@@ -183,8 +183,8 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         f"(floor {masks.floor_ratio:.3f})")
     masks.plan(steps)
     gate_cfg = TrainConfig(iterations=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    distill = Teacher(teacher if teacher is not None else dense, cfg.distillation()) if cfg.distill > 0 else None
-    result = run_training(work, train, test, gate_cfg, regulariser=masks, label="gates", teacher=distill)
+    tutor = Teacher(teacher if teacher is not None else dense, cfg.distillation()) if cfg.distill > 0 else None
+    result = run_training(work, train, test, gate_cfg, regulariser=masks, label="gates", teacher=tutor)
     history = list(result.history)
     masks.meet_target()
     shares, closed, predicted = masks.shares(), masks.closed(), masks.cost_ratio()
@@ -203,7 +203,7 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         ft_steps = max(1, int(cfg.finetune_epochs * len(train) / cfg.batch_size))
         say(f"fine-tuning {ft_steps} steps with the {closed} closed channels held at zero")
         ft = TrainConfig(iterations=ft_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-        history += list(run_training(work, train, test, ft, mask=held, label="fine-tune", teacher=distill).history)
+        history += list(run_training(work, train, test, ft, mask=held, label="fine-tune", teacher=tutor).history)
     work.eval()
     pruned, prune_report = prune_zero_channels(work, example)
     say("measuring the dense and the slim model under the profile")
