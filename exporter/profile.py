@@ -122,6 +122,14 @@ class OrtMeasurer:
         feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
         return time_session(session, feed, self.profile, batch=int(example_inputs.shape[0])).to_dict(), size
 
+    def latencies(self, models: dict, example_inputs) -> dict[str, dict]:
+        from .onnx_export import INPUT_NAME
+
+        sessions = {name: self._session(m, example_inputs)[0] for name, m in models.items()}
+        feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
+        stats = time_interleaved_sessions(sessions, feed, self.profile, batch=int(example_inputs.shape[0]))
+        return {name: s.to_dict() for name, s in stats.items()}
+
     def top1(self, model, x: np.ndarray, y: np.ndarray) -> float:
         import torch
 

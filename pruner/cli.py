@@ -212,6 +212,8 @@ def slim_cmd(
     lr: float = typer.Option(0.01, help="Peak learning rate of the weights (cosine), both phases."),
     batch_size: int = typer.Option(128, min=1),
     align: int = typer.Option(8, min=1, help="Every group keeps a multiple of this many channels (1: any width)."),
+    pad_to: int = typer.Option(16, min=1, help="Also time the widths rounded up to multiples of this (zero "
+                                               "channels, exact) and keep them if faster under --profile."),
     distill: float = typer.Option(0.0, help=DISTILL_HELP),
     train_samples: Optional[int] = typer.Option(None, help="Train on a stratified subset of this size."),
     test_samples: Optional[int] = typer.Option(None, help="Measure accuracy on a stratified subset of this size."),
@@ -229,7 +231,7 @@ def slim_cmd(
     from edgeshift.pruner.slim import SlimConfig, slim_checkpoint
 
     cfg = SlimConfig(target=target, pricing=pricing.value, gate_epochs=gate_epochs, finetune_epochs=epochs, lr=lr,
-                     batch_size=batch_size, align=align, distill=distill, seed=seed)
+                     batch_size=batch_size, align=align, pad_to=pad_to, distill=distill, seed=seed)
     cfg.validate()
     spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
     _check_outputs(force, out, json_out)

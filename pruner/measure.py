@@ -30,6 +30,10 @@ class ModelMeasurer(Protocol):
         """(p50_ms/p95_ms/p99_ms/throughput/batch/calls, ONNX bytes) for batches shaped like ``example_inputs``."""
         ...
 
+    def latencies(self, models: dict[str, nn.Module], example_inputs: torch.Tensor) -> dict[str, dict]:
+        """Each model's p50_ms/p95_ms/... timed against the others in one interleaved run (for comparisons)."""
+        ...
+
     def top1(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         """Top-1 accuracy on preprocessed inputs ``x`` (float32 NCHW) and labels ``y``."""
         ...

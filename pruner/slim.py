@@ -3,11 +3,12 @@
 The gates (``learned_masks.LearnedMasks``) train with the model for ``gate_epochs`` until the priced cost meets the
 target; the closed gates become exact zeros; the model fine-tunes ``finetune_epochs`` with those zeros held
 (``train(mask=...)``); ``prune_zero_channels`` removes them exactly. The report gives the widths training chose,
-the deviation of the pruned model from the gated one, and the dense and slim p50 measured under the profile.
+the deviation of the pruned model from the gated one, and the dense and slim p50 measured under the profile. The
+widths as trained and the same rounded up to multiples of ``pad_to`` (zero channels: exact) are timed together
+with the dense model, and the padding is kept only where it measured faster (``choose_alignment``).
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -24,7 +25,7 @@ from .measure import ModelMeasurer
 from .metrics import count_macs, count_params
 from .models.zoo import input_shape
 
-__all__ = ["SlimConfig", "SlimReport", "LayerPricer", "slim", "slim_checkpoint", "PRICINGS"]
+__all__ = ["SlimConfig", "SlimReport", "LayerPricer", "choose_alignment", "slim", "slim_checkpoint", "PRICINGS"]
 
 PRICINGS = ("latency", "macs")
 
@@ -59,7 +60,8 @@ class SlimConfig:
     gate_lr: float = GateConfig.gate_lr  # the gates' SGD learning rate
     weight: float | None = None  # initial pull of the sparsity loss on the dearest gate (None: from the steps)
     adapt: float = GateConfig.adapt  # per-step factor (1 + adapt) by which the pull moves toward the target
-    align: int = 8  # every group keeps a multiple of this many channels (16 is faster on AVX-512: BENCHMARKS.md)
+    align: int = 8  # every group keeps a multiple of this many channels while the gates learn
+    pad_to: int = 16  # also time the widths rounded up to multiples of this (zero channels, exact); kept if faster
     distill: float = 0.0  # share of the loss matching the dense model's softened outputs, both phases; 0 = off
     seed: int = 0
 
@@ -70,6 +72,9 @@ class SlimConfig:
             raise EdgeshiftError(f"unknown pricing {self.pricing!r}; known: {', '.join(PRICINGS)}")
         if self.gate_epochs <= 0 or self.finetune_epochs < 0:
             raise EdgeshiftError("gate epochs must be > 0 and fine-tune epochs >= 0")
+        if self.pad_to < 1:
+            raise EdgeshiftError(f"pad_to is a channel multiple >= 1 (1 or <= align: widths kept as trained), "
+                                 f"got {self.pad_to}")
         self.gates().validate()
         self.distillation().validate()
 
@@ -94,7 +99,9 @@ class SlimReport:
     params_before: int
     params_after: int
     p50_dense_ms: float | None = None
-    p50_slim_ms: float | None = None
+    p50_slim_ms: float | None = None  # of the widths kept (as trained, or padded where that measured faster)
+    align: int = 1  # the widths kept are multiples of this (the chosen one of align_p50_ms)
+    align_p50_ms: dict[str, float] = field(default_factory=dict)  # p50 per channel multiple, one interleaved run
     accuracy_dense: float | None = None
     accuracy_gated: float | None = None  # after gate training, closed channels zeroed, before fine-tuning
     accuracy_after: float | None = None  # after fine-tuning (the pruned model, through ONNX Runtime)
@@ -128,6 +135,10 @@ class SlimReport:
                  f"{pct(self.accuracy_after)}; params {self.params_before:,} -> {self.params_after:,}; "
                  f"deviation {self.max_rel_deviation:.1e} of the largest output",
                  "channels kept per group: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.shares.items())]
+        if len(self.align_p50_ms) > 1:
+            lines.append("widths in multiples of " + ", ".join(f"{a}: p50 {ms:.3f} ms" for a, ms in
+                                                               self.align_p50_ms.items())
+                         + f" (measured together); kept multiples of {self.align}")
         if self.floor_ratio > self.target:
             lines.append(f"the target is below what widths alone reach ({self.floor_ratio:.3f}: one channel per "
                          "group); remove layers too (edgeshift layerprune) to go further")
@@ -138,14 +149,17 @@ def _example(model: nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(input_shape(model, batch), generator=torch.Generator().manual_seed(0))
 
 
-def _p50_pair(dense: nn.Module, slim_model: nn.Module, measure: ModelMeasurer, rounds: int = 3) -> tuple[float, float]:
-    """Median p50 of each over ``rounds`` alternating measurements (a drift of the machine lands on both)."""
-    x = _example(dense, measure.batch_size)
-    a, b = [], []
-    for _ in range(rounds):
-        a.append(measure.latency(dense, x)[0]["p50_ms"])
-        b.append(measure.latency(slim_model, x)[0]["p50_ms"])
-    return statistics.median(a), statistics.median(b)
+PAD_MARGIN = 0.03  # padded widths carry more weights: kept only if their p50 is at least this much lower
+
+
+def choose_alignment(p50_ms: dict[int, float], trained: int, margin: float = PAD_MARGIN) -> int:
+    """The channel multiple to keep: the fastest measured, but a padding (any multiple other than ``trained``)
+    only when it beats the widths as trained by more than ``margin`` (a smaller gain is within a shared machine's
+    noise and not worth the extra weights)."""
+    best = min(p50_ms, key=lambda a: p50_ms[a])
+    if best != trained and p50_ms[best] > (1 - margin) * p50_ms[trained]:
+        return trained
+    return best
 
 
 def prepare(model: nn.Module, cfg: SlimConfig, pricer: LayerPricer) -> tuple[LearnedMasks, PriceModelLike]:
@@ -205,14 +219,24 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
         ft = TrainConfig(iterations=ft_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
         history += list(run_training(work, train, test, ft, mask=held, label="fine-tune", teacher=tutor).history)
     work.eval()
-    pruned, prune_report = prune_zero_channels(work, example)
-    say("measuring the dense and the slim model under the profile")
-    p50_dense, p50_slim = _p50_pair(dense, pruned, measure)
+    versions = {cfg.align: prune_zero_channels(work, example)}
+    if cfg.pad_to > cfg.align:
+        padded = prune_zero_channels(work, example, align=cfg.pad_to)
+        if padded[1].channels_padded and count_params(padded[0]) < count_params(dense):  # a padding back to dense
+            versions[cfg.pad_to] = padded                                                 # widths is not a slim model
+    say("measuring the dense and the slim model under the profile"
+        + (f", widths as trained and padded to multiples of {cfg.pad_to}" if len(versions) > 1 else ""))
+    timed = measure.latencies({"dense": dense, **{str(a): m for a, (m, _) in versions.items()}},
+                              _example(dense, measure.batch_size))
+    align_p50 = {a: timed[str(a)]["p50_ms"] for a in versions}
+    kept = choose_alignment(align_p50, cfg.align)
+    pruned, prune_report = versions[kept]
     report = SlimReport(
         target=cfg.target, pricing=cfg.pricing, price_unit=prices.unit, predicted_ratio=predicted,
         floor_ratio=masks.floor_ratio, macs_ratio=count_macs(pruned, example[:1]) / count_macs(dense, example[:1]),
-        params_before=count_params(dense), params_after=count_params(pruned), p50_dense_ms=p50_dense,
-        p50_slim_ms=p50_slim, accuracy_dense=measure.top1(dense, x, y), accuracy_gated=accuracy_gated,
+        params_before=count_params(dense), params_after=count_params(pruned), p50_dense_ms=timed["dense"]["p50_ms"],
+        p50_slim_ms=align_p50[kept], align=kept, align_p50_ms={str(a): ms for a, ms in align_p50.items()},
+        accuracy_dense=measure.top1(dense, x, y), accuracy_gated=accuracy_gated,
         accuracy_after=measure.top1(pruned, x, y), max_rel_deviation=prune_report.rel_diff,
         shares=shares, widths={c.name: [c.channels_before, c.channels_after] for c in prune_report.layers},
         gates_closed=closed, distill=cfg.distill, history=history, seconds=time.perf_counter() - t0,

@@ -13,6 +13,7 @@ from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
+from edgeshift.pruner.slim import choose_alignment
 from edgeshift.pruner.structured import prune_zero_channels
 
 runner = CliRunner()
@@ -107,6 +108,48 @@ def test_bad_gate_settings_and_models_without_groups_are_refused():
         LearnedMasks(nn.Sequential(nn.Conv2d(3, 4, 1)), batch(), GateConfig())
     with pytest.raises(EdgeshiftError, match="align >= 1"):
         LearnedMasks(Tiny(), batch(), GateConfig(align=0))
+
+
+def test_a_padding_is_kept_only_when_it_measured_faster_by_the_margin():
+    assert choose_alignment({8: 1.0, 16: 0.9}, trained=8) == 16
+    assert choose_alignment({8: 1.0, 16: 0.98}, trained=8) == 8  # 2% is within the margin: not worth the weights
+    assert choose_alignment({8: 1.0, 16: 1.2}, trained=8) == 8
+    assert choose_alignment({8: 1.0}, trained=8) == 8
+
+
+def test_slim_times_its_widths_padded_and_keeps_the_faster_exactly(tmp_path):
+    from pathlib import Path
+
+    from edgeshift.exporter.layer_prices import MacsPricer
+    from edgeshift.exporter.profile import OrtMeasurer
+    from edgeshift.pruner.data import generated_dataset
+    from edgeshift.pruner.models import get
+    from edgeshift.pruner.slim import SlimConfig, slim
+
+    data, test = generated_dataset(128, size=16, seed=3), generated_dataset(64, size=16, seed=3, split_seed=1)
+    torch.manual_seed(0)
+    dense = get("resnet20", input_size=16).eval()
+    quick = tmp_path / "quick.toml"  # host, timed briefly: which alignment wins does not matter, only consistency
+    host = (Path(__file__).parents[1] / "device_profiles" / "host.toml").read_text()
+    quick.write_text(host.replace('name = "host"', 'name = "quick"').replace("iterations = 2000", "iterations = 40")
+                     .replace("rounds = 10", "rounds = 4").replace("warmup = 50", "warmup = 5"))
+    cfg = SlimConfig(target=0.4, pricing="macs", gate_epochs=1, finetune_epochs=0, batch_size=32, align=4, pad_to=16)
+    pruned, report = slim(dense, data, test, cfg, pricer=MacsPricer(), measure=OrtMeasurer(str(quick)))
+    assert set(report.align_p50_ms) == {"4", "16"}, report.align_p50_ms  # some group is not a multiple of 16
+    assert report.align == choose_alignment({int(a): ms for a, ms in report.align_p50_ms.items()}, trained=4)
+    assert report.p50_slim_ms == report.align_p50_ms[str(report.align)]
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    dense_widths = [m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % report.align == 0 or w == d for w, d in zip(widths, dense_widths)), widths
+    assert sum(widths) < sum(dense_widths) and report.max_rel_deviation < 1e-5
+    assert f"kept multiples of {report.align}" in report.table()
+
+
+def test_slim_refuses_a_bad_pad_multiple():
+    from edgeshift.pruner.slim import SlimConfig
+
+    with pytest.raises(EdgeshiftError, match="pad_to is a channel multiple >= 1"):
+        SlimConfig(pad_to=0).validate()
 
 
 # -- `edgeshift slim` ----------------------------------------------------------------------------------------

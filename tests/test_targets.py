@@ -88,6 +88,7 @@ def test_pipeline_targets_build_every_family_and_choose_what_meets_each_target(t
         if "slim" in name:
             assert payload["meta"]["slim"]["max_rel_deviation"] < 1e-4  # pruned exactly
             assert payload["meta"]["slim"]["shares"]  # the widths training chose
+            assert "1" in payload["meta"]["slim"]["align_p50_ms"]  # the widths as trained were timed ([variants])
     bench = json.loads((out / "portfolio.bench.json").read_text())
     manifest = json.loads(zipfile.ZipFile(out / "portfolio.zip").read("manifest.json"))
     top1 = {v["name"]: v["accuracy"]["top1"] for v in manifest["variants"]}

@@ -100,9 +100,11 @@ class VariantsSection:
     finetune_epochs: float = setting(1.0, "targets: every candidate's training budget in epochs (slim: half "
                                           "learns the gates, half fine-tunes)", minimum=0.01)
     lr: float = setting(0.01, "targets: peak learning rate of that training (small: the model is trained)")
-    align: int = setting(8, "targets: slim keeps widths multiples of this (on AVX-512, ONNX Runtime's blocked "
-                            "layout is 16 wide and 8-wide convs add layout reorders: BENCHMARKS.md, 'Latency "
-                            "targets')", minimum=1)
+    align: int = setting(8, "targets: slim keeps widths multiples of this while its gates learn", minimum=1)
+    pad_to: int = setting(16, "targets: slim also times its widths rounded up to multiples of this (zero channels, "
+                              "exact) and keeps them where faster under the profile (on AVX-512 ONNX Runtime's "
+                              "blocked layout is 16 wide: BENCHMARKS.md, 'Latency targets'); 1: as trained",
+                          minimum=1)
     distill: float = setting(0.0, "targets: share of every candidate's training loss that matches the dense "
                                   "model's softened outputs (knowledge distillation, temperature 4), in [0, 1); "
                                   "0: labels only", check=_distill_weight)
@@ -143,7 +145,7 @@ class OutputSection:
 # keys added to [deploy], [model] and [variants] after run folders existed, with their defaults
 LATER_MODEL_KEYS: dict[str, Any] = {"kwargs": {}, "weights": "", "input_size": 0}
 LATER_DEPLOY_KEYS = {"align": 1, "int8": False, "calibration_samples": 64, "calibration_method": "minmax"}
-LATER_VARIANTS_KEYS = {"distill": 0.0}
+LATER_VARIANTS_KEYS = {"distill": 0.0, "pad_to": 16}
 
 
 @dataclass(frozen=True)

@@ -162,8 +162,8 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path)
             meta["test_accuracy"] = report.accuracy_after
         if plan.slim < 1:
             sc = SlimConfig(target=plan.slim, gate_epochs=v.finetune_epochs / 2, finetune_epochs=v.finetune_epochs / 2,
-                            lr=v.lr, batch_size=cfg.train.batch_size, align=v.align, distill=v.distill,
-                            seed=cfg.train.seed)
+                            lr=v.lr, batch_size=cfg.train.batch_size, align=v.align, pad_to=v.pad_to,
+                            distill=v.distill, seed=cfg.train.seed)
             model, sr = slim(model, train, test, sc, pricer=pricer, measure=measure, teacher=dense)
             meta["slim"] = {k: val for k, val in sr.to_dict().items() if k != "history"}
             meta["test_accuracy"] = sr.accuracy_after
@@ -222,8 +222,9 @@ def choice_lines(choices: list[TargetChoice], dense_p50: float) -> list[str]:
 
 def candidate_lines(variants: Path) -> list[str]:
     """One line per candidate in ``variants`` (its checkpoint's meta): the blocks removed, the widths training chose
-    (share of channels kept per coupled group, named by its first layer), the deviation of the exact prune, the
-    distillation weight and the top-1 measured after training (on the run's test subset)."""
+    (share of channels kept per coupled group, named by its first layer), the channel multiple kept with the p50s
+    that chose it, the deviation of the exact prune, the distillation weight and the top-1 measured after training
+    (on the run's test subset)."""
     from edgeshift.pruner.checkpoint import read_checkpoint
 
     plan = json.loads((variants / "plan.json").read_text())
@@ -242,7 +243,10 @@ def candidate_lines(variants: Path) -> list[str]:
             measured = s.get("measured_ratio")
             parts.append(f"widths priced {s['predicted_ratio']:.2f} of dense (MACs {s['macs_ratio']:.2f}"
                          + (f", measured {measured:.2f}x" if measured else "") + f"), kept {kept}; "
-                         f"exact to {s['max_rel_deviation']:.1e}")
+                         + (f"widths multiples of {s['align']} (p50 " + ", ".join(
+                             f"{a}: {ms:.3f} ms" for a, ms in s["align_p50_ms"].items()) + "); "
+                            if len(s.get("align_p50_ms", {})) > 1 else "")
+                         + f"exact to {s['max_rel_deviation']:.1e}")
         if meta.get("distill"):
             parts.append(f"distilled {meta['distill']:g}")
         if meta.get("test_accuracy") is not None:
