@@ -3,7 +3,8 @@
 Takes a finished `edgeshift pipeline` run with `[variants] targets` (its dense model and candidates: layer removal
 `lp<k>`, learned widths `slim<s>`, both `lp<k>-slim<s>`), adds Torch-Pruning's uniform L1 width pruning of the same
 dense model at `--l1` ratios trained on the same budget (the run's `finetune_epochs`, `lr`, batch, training
-split and `distill`), then measures every model and its INT8 form (qoperator/uint8, 64 calibration images)
+split and `distill`), then measures every model and its INT8 form (64 calibration images; with the profile's
+`format = "auto"` both qoperator/uint8 and qdq/int8 are timed and the faster kept, as the pipeline does)
 through ONNX Runtime: top-1 on the full test split, and p50 under the profile with every model timed against all
 the others in one interleaved run. Per target and method: the most accurate variant whose p50 meets it. Writes
 `compare.json`, `compare.md`, `compare.png` and each model's ONNX (for `benchmarks/op_breakdown.py`) into
@@ -46,7 +47,7 @@ def main() -> None:
     from edgeshift.device_profiles import load_profile
     from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes
     from edgeshift.exporter.profile import TestData, onnx_accuracy, time_interleaved_sessions
-    from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
+    from edgeshift.exporter.quantize import Calibration, quantize_onnx, schemes_for
     from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
     from edgeshift.pruner.data import model_splits
     from edgeshift.pruner.distill import DistillConfig, Teacher
@@ -82,7 +83,7 @@ def main() -> None:
     _, test = model_splits(data["path"], dense.edgeshift_arch, seed=tr["seed"])  # the full test split
     x_test, y_test = test.normalised(), test.labels
     calibration = Calibration(train_ds.normalised(np.arange(64)), "minmax", train_ds.name)
-    scheme = Int8Scheme("qoperator", "uint8")
+    schemes = schemes_for(profile.quantization)  # host: "auto", both formats timed per model, the faster kept
     paths = {p.stem: p for p in sorted((args.run / "variants").glob("*.pt"))}
     paths.update({p.stem: p for p in sorted(out.glob("l1-*.pt"))})
     x1 = torch.randn(input_shape(dense, 1), generator=torch.Generator().manual_seed(0))
@@ -91,12 +92,21 @@ def main() -> None:
         model = load_checkpoint(path)[0]
         fp32 = onnx_bytes(model, x1)
         graphs[name] = fp32
-        graphs[f"{name}-int8"] = quantize_onnx(fp32, calibration, scheme, name=name)
+        forms = {sc.label: quantize_onnx(fp32, calibration, sc, name=name) for sc in schemes}
+        if len(forms) > 1:
+            timed = time_interleaved_sessions({k: create_session(g, profile) for k, g in forms.items()},
+                                              {INPUT_NAME: x1.numpy()}, profile, batch=1)
+            label = min(timed, key=lambda k: timed[k].p50_ms)
+            print(f"{name}-int8: " + ", ".join(f"{k} {t.p50_ms:.3f} ms" for k, t in timed.items()) + f" -> {label}")
+        else:
+            label = next(iter(forms))
+        graphs[f"{name}-int8"] = forms[label]
         params = sum(p.numel() for p in model.parameters())
         for n in (name, f"{name}-int8"):
             (out / "onnx" / f"{n}.onnx").write_bytes(graphs[n])
             top1 = onnx_accuracy(create_session(graphs[n], profile), TestData(x_test, y_test))[0]
-            rows[n] = {"name": n, "method": method_of(n), "params": params, "top1": top1}
+            rows[n] = {"name": n, "method": method_of(n), "params": params, "top1": top1,
+                       "int8_format": label if n.endswith("-int8") else None}
             print(f"{n}: top-1 {100 * top1:.2f}%", flush=True)
     print(f"timing {len(graphs)} models against each other under profile {profile.name}", flush=True)
     sessions = {n: create_session(raw, profile) for n, raw in graphs.items()}
