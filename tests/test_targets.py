@@ -42,9 +42,10 @@ def test_each_target_gets_the_most_accurate_variant_that_meets_it():
     assert got[0.3].variant is None and got[0.3].fastest == "c" and got[0.3].fastest_ratio == pytest.approx(0.4)
 
 
-def test_the_shipped_targets_config_loads():
-    cfg = load_config(Path(ROOT) / "configs" / "targets-resnet20.toml")
-    assert cfg.variants.targets == (0.75, 0.5, 0.33, 0.25) and cfg.deploy.int8
+@pytest.mark.parametrize("name, arch", [("targets-resnet20", "resnet20"), ("targets-vgg16", "vgg16")])
+def test_the_shipped_targets_configs_load(name, arch):
+    cfg = load_config(Path(ROOT) / "configs" / f"{name}.toml")
+    assert cfg.variants.targets == (0.75, 0.5, 0.33, 0.25) and cfg.deploy.int8 and cfg.model.arch == arch
 
 
 TARGETS = """
