@@ -49,7 +49,7 @@ from .profile import (
     time_interleaved_sessions,
     timing_profile,
 )
-from .quantize import Calibration, agreement, quantize_onnx, schemes_for
+from .quantize import Calibration, agreement, fastest_int8
 
 
 
@@ -162,23 +162,16 @@ def _int8_variants(fp32: dict[str, _Built], calibration: Calibration, profile: D
                    test_data: TestData | None, feed: dict, say: Callable[[str], None]) -> dict[str, _Built]:
     """An INT8 variant of every FP32 one in the profile's format; with ``format = "auto"`` every candidate is
     timed against the others (interleaved, under the profile) and the fastest kept."""
-    schemes = schemes_for(profile.quantization)
     out = {}
     for name, src in fp32.items():
         qname = f"{name}-int8"
         if not NAME_RE.match(qname):
             raise EdgeshiftError(f"variant name {name!r} is too long to name its INT8 variant; shorten it")
-        candidates = {s.label: (s, quantize_onnx(src.data, calibration, s, name=name)) for s in schemes}
-        sessions = {label: create_session(data, profile) for label, (_, data) in candidates.items()}
-        chosen, timed = next(iter(candidates)), None
-        if len(candidates) > 1:
-            stats = time_interleaved_sessions(sessions, feed, profile, batch=1)
-            timed = {label: round(st.p50_ms, 4) for label, st in stats.items()}
-            chosen = min(stats, key=lambda label: stats[label].p50_ms)
+        choice = fastest_int8(src.data, calibration, profile, feed, name=name)
+        scheme, data, session, timed = choice.scheme, choice.data, choice.session, choice.candidates_p50_ms
+        if timed is not None:
             say(f"   {qname}: format auto, p50 " + ", ".join(f"{k} {v:.3f} ms" for k, v in timed.items())
-                + f" -> {chosen}")
-        scheme, data = candidates[chosen]
-        session = sessions[chosen]
+                + f" -> {scheme.label}")
         logits = top1 = top5 = agree = deviation = None
         if test_data is not None and len(test_data.y) and src.logits is not None:
             logits = onnx_logits(session, test_data.x)

@@ -20,10 +20,10 @@ from typing import Literal
 import numpy as np
 
 from edgeshift.core.errors import EdgeshiftError
-from edgeshift.device_profiles.profile import QuantizationSettings
+from edgeshift.device_profiles.profile import DeviceProfile, QuantizationSettings
 
-__all__ = ["CALIBRATION_METHODS", "Calibration", "Int8Scheme", "QuantizationError", "agreement", "quantize_onnx",
-           "schemes_for"]
+__all__ = ["CALIBRATION_METHODS", "Calibration", "Int8Choice", "Int8Scheme", "QuantizationError", "agreement",
+           "fastest_int8", "quantize_onnx", "schemes_for"]
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
@@ -124,6 +124,36 @@ def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, 
     finally:
         logging.getLogger().setLevel(quiet)
     return data
+
+
+@dataclass
+class Int8Choice:
+    """The INT8 form kept for one FP32 model, and what chose it."""
+
+    scheme: Int8Scheme
+    data: bytes  # the INT8 ONNX model
+    session: object  # an ONNX Runtime session of ``data`` under the profile
+    candidates_p50_ms: dict[str, float] | None  # p50 of every format timed (``format = "auto"``), else None
+
+
+def fastest_int8(fp32: bytes, calibration: Calibration, profile: DeviceProfile, feed: dict, *,
+                 name: str = "model") -> Int8Choice:
+    """The INT8 form of ``fp32`` in the profile's format; with ``format = "auto"`` every candidate format is built
+    and timed against the others (interleaved, under the profile, batch 1) and the one with the lowest p50 kept.
+    The portfolio and the benchmarks choose through this one function, so they choose alike."""
+    from edgeshift.runtime.session import create_session
+
+    from .profile import time_interleaved_sessions
+
+    built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes_for(profile.quantization)}
+    sessions = {label: create_session(data, profile) for label, (_, data) in built.items()}
+    chosen, timed = next(iter(built)), None
+    if len(built) > 1:
+        stats = time_interleaved_sessions(sessions, feed, profile, batch=1)
+        timed = {label: round(st.p50_ms, 4) for label, st in stats.items()}
+        chosen = min(stats, key=lambda label: stats[label].p50_ms)
+    scheme, data = built[chosen]
+    return Int8Choice(scheme, data, sessions[chosen], timed)
 
 
 def agreement(reference_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:

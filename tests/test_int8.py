@@ -19,7 +19,15 @@ from edgeshift.device_profiles.profile import QuantizationSettings
 from edgeshift.exporter.onnx_export import onnx_bytes
 from edgeshift.exporter.portfolio import build_portfolio
 from edgeshift.exporter.profile import TestData
-from edgeshift.exporter.quantize import Calibration, Int8Scheme, QuantizationError, agreement, quantize_onnx, schemes_for
+from edgeshift.exporter.quantize import (
+    Calibration,
+    Int8Scheme,
+    QuantizationError,
+    agreement,
+    fastest_int8,
+    quantize_onnx,
+    schemes_for,
+)
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.runtime.portfolio import Portfolio
 
@@ -61,6 +69,21 @@ def test_auto_tries_both_formats_and_a_fixed_one_only_itself():
     assert [s.label for s in schemes_for(QuantizationSettings(format="auto"))] == ["qoperator/uint8", "qdq/int8"]
     assert [s.label for s in schemes_for(QuantizationSettings(format="qdq", activations="uint8"))] == ["qdq/uint8"]
     assert load_profile("rpi4").quantization.format == "qdq" and load_profile("host").quantization.format == "auto"
+
+
+def test_fastest_int8_times_every_auto_format_and_keeps_the_lowest_p50(resnet):
+    _, fp32, x = resnet
+    quick = dataclasses.replace(load_profile("host"), benchmark=dataclasses.replace(
+        load_profile("host").benchmark, warmup=2, iterations=10, rounds=2))
+    feed = {"input": x[:1]}
+    auto = fastest_int8(fp32, Calibration(x[:16]), quick, feed, name="r20")
+    assert auto.candidates_p50_ms is not None and set(auto.candidates_p50_ms) == {"qoperator/uint8", "qdq/int8"}
+    assert auto.scheme.label == min(auto.candidates_p50_ms, key=auto.candidates_p50_ms.__getitem__)
+    assert auto.session.run(None, feed)[0].shape == (1, 10)
+    qdq = dataclasses.replace(quick, quantization=QuantizationSettings(format="qdq", activations="int8"))
+    fixed = fastest_int8(fp32, Calibration(x[:16]), qdq, feed, name="r20")
+    assert fixed.candidates_p50_ms is None and fixed.scheme.label == "qdq/int8"  # the profile's format, not timed
+    assert "DequantizeLinear" in _ops(fixed.data) and "QLinearConv" not in _ops(fixed.data)
 
 
 def test_a_model_ort_cannot_quantize_is_one_clear_error(tmp_path, monkeypatch):
