@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=CKPT",
                     help="checkpoints trained on another budget, timed in the same run, not counted as a method")
     args = ap.parse_args()
+    bad = [e for e in args.extra if "=" not in e or not e.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--extra takes NAME=CHECKPOINT, got {bad[0]!r}")
     extra = dict(e.split("=", 1) for e in args.extra)
     cfg = json.loads((args.run / "pipeline.json").read_text())["config"]
     v, data, tr = cfg["variants"], cfg["data"], cfg["train"]
@@ -115,8 +118,8 @@ def main() -> None:
         else:
             keep = round(sum(m.numel() for m in mask.values()) / c)
             mask = sparse.get("magnitude").score(model, mask, keep, tr["seed"])
-            model = load_checkpoint(out / "imp" / f"imp{c // 2}x-sparse.pt")[0] if k > 1 else \
-                load_checkpoint(args.run / "variants" / "dense.pt")[0]
+            if k == 1:  # a copy: the dense model itself is the teacher and must stay as trained
+                model = load_checkpoint(args.run / "variants" / "dense.pt")[0]
             print(f"IMP level {k} ({c}x, {100 * sparse.density(mask):.2f}% of the weights): {steps} fine-tuning "
                   "steps", flush=True)
             train(model, train_ds, test_small, train_cfg, mask=mask, label=f"imp{c}x", teacher=teacher)
