@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from device_helpers import ROOT
 from edgeshift.cli import app
 from edgeshift.exporter.pipeline import load_config
-from edgeshift.exporter.pipeline.targets import CandidatePlan, choose, plan_candidates
+from edgeshift.exporter.pipeline.targets import (CandidatePlan, choose, int8_close, int8_cover_lines, plan_candidates,
+                                                 removal_ladder)
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.models import get
 
@@ -30,6 +31,50 @@ def test_candidates_are_sized_from_the_measured_ladder():
     # 0.2: no removal count reaches it in either form; slim and the combination still try
     assert [p.name for p in plans[0.2]] == ["slim0.2", "lp2-slim0.286", "slim0.333", "lp2-slim0.5"]
     assert plan_candidates((0.5,), ("layerprune",), ratios)[0.5] == [CandidatePlan(4, 1.0), CandidatePlan(1, 1.0)]
+    # the dense INT8 form as accurate as the dense model: 0.75, which it meets (0.6), gets no FP32-sized candidate
+    # (and needs no INT8-sized one); 0.5, which it does not meet, is planned as before
+    close = plan_candidates((0.75, 0.5), FAMILIES, ratios, int8_close=True)
+    assert close[0.75] == [] and close[0.5] == plans[0.5]
+
+
+def test_fp32_candidates_are_skipped_only_where_int8_was_measured_as_accurate():
+    ladder = {"ratios": {"fp32": [1.0, 0.7], "int8": [0.4, 0.3]}, "dense_top1": {"fp32": 0.850, "int8": 0.847}}
+    assert int8_close(ladder, 0.5)  # 0.3 points lost
+    assert not int8_close(ladder, 0.2)
+    assert not int8_close(ladder | {"dense_top1": {"fp32": 0.85, "int8": 0.86}}, -1)  # negative: never skip
+    assert not int8_close({"ratios": ladder["ratios"]}, 0.5)  # not measured (INT8 off, or an older ladder)
+    (line,) = int8_cover_lines((0.75, 0.33), ladder, 0.5)  # 0.33 is below the dense INT8 form's 0.4
+    assert line == ("target 0.75: the dense model's INT8 form meets it (0.40x, top-1 84.70% vs 85.00% FP32, within "
+                    "0.5 points): no FP32-sized candidate trained")
+    assert int8_cover_lines((0.75,), ladder, 0.2) == []
+
+
+def test_the_removal_ladder_times_every_int8_format_and_keeps_the_faster_per_step(tmp_path):
+    from edgeshift.exporter.pipeline.config import parse_config
+    from edgeshift.pruner.data import model_splits
+    from edgeshift.pruner.models.resnet import CifarResNet
+
+    cfg = parse_config({"data": {"path": "generated"}, "deploy": {"int8": True, "calibration_samples": 16},
+                        "variants": {"targets": [0.5]}})
+    dense = CifarResNet(14, 10).eval()  # four removable blocks: a short ladder
+    dense.edgeshift_arch = get("resnet20").edgeshift_arch
+    train, test = model_splits("generated", dense.edgeshift_arch, train_samples=100, test_samples=50)
+    out = tmp_path / "removal.json"
+    doc = removal_ladder(dense, train, test, cfg, out)
+    steps = len(doc["order"]) + 1
+    assert steps == 5 and doc["profile"] == "host"
+    labels = {"qoperator/uint8", "qdq/int8"}  # host's format is "auto": both are built and timed
+    assert set(doc["p50_ms"]) == {f"fp32-{k}" for k in range(steps)} | {
+        f"int8-{label}-{k}" for label in labels for k in range(steps)}
+    for k in range(steps):
+        fastest = min(labels, key=lambda label: doc["p50_ms"][f"int8-{label}-{k}"])
+        assert doc["int8_formats"][k] == fastest
+        assert doc["ratios"]["int8"][k] == pytest.approx(doc["p50_ms"][f"int8-{fastest}-{k}"] / doc["dense_p50_ms"])
+        assert doc["ratios"]["fp32"][k] == pytest.approx(doc["p50_ms"][f"fp32-{k}"] / doc["dense_p50_ms"])
+    assert doc["ratios"]["fp32"][0] == 1.0 and 0 <= doc["dense_top1"]["int8"] <= 1
+    assert doc["dense_top1"]["fp32"] in {i / 50 for i in range(51)}  # top-1 on the 50 test images
+    assert json.loads(out.read_text()) == doc
+    assert removal_ladder(dense, train, test, cfg, out) == doc  # a resumed run reuses the measurement
 
 
 def test_each_target_gets_the_most_accurate_variant_that_meets_it():
@@ -111,6 +156,27 @@ def test_pipeline_targets_build_every_family_and_choose_what_meets_each_target(t
     again = runner.invoke(app, ["pipeline", str(config)])
     assert again.exit_code == 0 and "candidate " not in again.output and "epoch" not in again.output
 
+
+
+def test_a_target_the_dense_int8_form_meets_trains_no_fp32_candidate(tmp_path):
+    """A resumed run whose removal ladder measured the dense INT8 form as accurate and fast enough for the target:
+    no candidate is trained, and the run says why, on the console and in its summary."""
+    config, out = tmp_path / "t.toml", tmp_path / "out"
+    config.write_text(TARGETS.format(out=out).replace("targets = [0.6]", "targets = [0.9]").replace(
+        "latency_iterations = 5", "latency_iterations = 5\nint8 = true\ncalibration_samples = 16"))
+    cfg = load_config(config)
+    (out / "variants").mkdir(parents=True)
+    (out / "pipeline.json").write_text(json.dumps({"config_hash": cfg.hash()}))
+    (out / "variants" / "removal.json").write_text(json.dumps({
+        "profile": "host", "order": [], "dense_p50_ms": 1.0, "p50_ms": {},
+        "ratios": {"fp32": [1.0], "int8": [0.5]}, "dense_top1": {"fp32": 0.5, "int8": 0.5}}))
+    result = runner.invoke(app, ["pipeline", str(config)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "variants" / "plan.json").read_text()) == {"0.9": []}
+    line = ("target 0.9: the dense model's INT8 form meets it (0.50x, top-1 50.00% vs 50.00% FP32, within 0.5 "
+            "points): no FP32-sized candidate trained")
+    assert line in result.output and f"- {line}" in (out / "summary.md").read_text()
+    assert "training steps" not in result.output  # no candidate trained
 
 NO_GROUP = '''
 from torch import nn

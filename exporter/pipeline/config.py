@@ -105,6 +105,10 @@ class VariantsSection:
                               "exact) and keeps them where faster under the profile (on AVX-512 ONNX Runtime's "
                               "blocked layout is 16 wide: BENCHMARKS.md, 'Latency targets'); 1: as trained",
                           minimum=1)
+    int8_loss_ok: float = setting(0.5, "targets, with [deploy] int8: where the dense model's INT8 form meets a "
+                                       "target and loses at most this many points of top-1 on the test samples, "
+                                       "no FP32-sized candidate is trained for that target (on a short budget none "
+                                       "comes that close); negative: train them anyway")
     distill: float = setting(0.0, "targets: share of every candidate's training loss that matches the dense "
                                   "model's softened outputs (knowledge distillation, temperature 4), in [0, 1); "
                                   "0: labels only", check=_distill_weight)
@@ -145,7 +149,7 @@ class OutputSection:
 # keys added to [deploy], [model] and [variants] after run folders existed, with their defaults
 LATER_MODEL_KEYS: dict[str, Any] = {"kwargs": {}, "weights": "", "input_size": 0}
 LATER_DEPLOY_KEYS = {"align": 1, "int8": False, "calibration_samples": 64, "calibration_method": "minmax"}
-LATER_VARIANTS_KEYS = {"distill": 0.0, "pad_to": 16}
+LATER_VARIANTS_KEYS = {"distill": 0.0, "pad_to": 16, "int8_loss_ok": 0.5}
 
 
 @dataclass(frozen=True)

@@ -193,10 +193,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         lines = json.loads((out / "targets.json").read_text())["lines"]
         print("\n".join(lines))
         summary += "\n" + "".join(f"- {line}\n" for line in lines)
-        from .targets import candidate_lines
+        from .targets import candidate_lines, int8_cover_lines
 
         summary += "\nCandidates (each trained on the same budget; top-1 on the run's test subset):\n\n" + "".join(
             f"- {line}\n" for line in candidate_lines(out / "variants"))
+        ladder = json.loads((out / "variants" / "removal.json").read_text())
+        summary += "".join(f"- {line}\n" for line in int8_cover_lines(cfg.variants.targets, ladder,
+                                                                       cfg.variants.int8_loss_ok))
     write_text_atomic(out / "summary.md", summary)
     print(f"{len(rows)} variants in {portfolio.stat().st_size / 1024:.0f} KB; {len(sim.get('switches', []))} "
           f"switches in the simulated trace; {time.perf_counter() - t0:.0f} s this run")

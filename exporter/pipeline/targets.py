@@ -12,11 +12,14 @@ With ``[variants] distill`` every candidate's training also matches the dense mo
 (knowledge distillation, ``edgeshift.pruner.distill``).
 
 How strong each candidate must be is measured, not guessed from MACs: the dense model with 0..n blocks removed
-(and their INT8 forms when ``[deploy] int8``) is exported and timed in one interleaved run under the profile
-(``removal.json``); ``lp<k>`` takes the least ``k`` whose p50 meets the target, the combination half of it with
-the slim price making up the rest, and the slim price for an INT8 form is the target over INT8's measured speed-up
-of the dense model. Every candidate then goes into the portfolio (with its INT8 form when enabled), where it is
-timed against the others; ``choose`` picks, per target, the most accurate variant whose p50 on the bench meets it.
+(and their INT8 forms when ``[deploy] int8``, every format the profile allows, the faster kept per step as the
+portfolio keeps it per variant) is exported and timed in one interleaved run under the profile (``removal.json``);
+``lp<k>`` takes the least ``k`` whose p50 meets the target, the combination half of it with the slim price making
+up the rest, and the slim price for an INT8 form is the target over INT8's measured speed-up of the dense model.
+A target the dense INT8 form meets, with its top-1 within ``[variants] int8_loss_ok`` of the dense model's, gets
+no FP32-sized candidate. Every candidate then goes into the portfolio (with its INT8 form when enabled), where it
+is timed against the others; ``choose`` picks, per target, the most accurate variant whose p50 on the bench meets
+it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from edgeshift.core.atomic import write_text_atomic
 
 from .config import PipelineConfig
 
-__all__ = ["CandidatePlan", "TargetChoice", "plan_candidates", "build_target_variants", "choose", "choice_lines"]
+__all__ = ["CandidatePlan", "TargetChoice", "plan_candidates", "int8_close", "int8_cover_lines", "removal_ladder",
+           "build_target_variants", "choose", "choice_lines"]
 
 
 @dataclass(frozen=True)
@@ -45,15 +49,19 @@ class CandidatePlan:
         return "-".join(parts) or "dense"
 
 
-def plan_candidates(targets: tuple[float, ...], families: tuple[str, ...], ratios: dict[str, list[float]]
-                    ) -> dict[float, list[CandidatePlan]]:
+def plan_candidates(targets: tuple[float, ...], families: tuple[str, ...], ratios: dict[str, list[float]], *,
+                    int8_close: bool = False) -> dict[float, list[CandidatePlan]]:
     """Per target, the candidates of each family, sized from the measured p50 ratios of the removal ladder
     (``ratios[form][k]``: ``k`` blocks removed, in that form, over the dense FP32 model; forms "fp32" and, with
-    INT8, "int8"). A family that cannot reach a target (no removal count meets it) has no candidate there."""
+    INT8, "int8"). A family that cannot reach a target (no removal count meets it) has no candidate there. With
+    ``int8_close`` (the dense model's INT8 form measured as accurate as it, within ``[variants] int8_loss_ok``), a
+    target the dense INT8 form meets gets no FP32-sized candidate: trained on a short budget, none comes as close."""
     plans: dict[float, list[CandidatePlan]] = {}
     for t in targets:
         out: list[CandidatePlan] = []
         for form, ladder in ratios.items():
+            if form == "fp32" and int8_close and ratios.get("int8", [math.inf])[0] <= t:
+                continue
             # the least k whose form meets the target (the dense model alone counts when it does)
             k = next((i for i, r in enumerate(ladder) if r <= t), None)
             base = ladder[0]  # this form's dense ratio: 1 for FP32, INT8's speed-up for INT8
@@ -70,9 +78,29 @@ def plan_candidates(targets: tuple[float, ...], families: tuple[str, ...], ratio
     return plans
 
 
-def _removal_ladder(dense, train, cfg: PipelineConfig, out: Path) -> dict:
+def int8_close(ladder: dict, loss_ok: float) -> bool:
+    """Whether the removal ladder measured the dense model's INT8 form within ``loss_ok`` points of its FP32 top-1
+    (False where it did not measure it: INT8 off, or a ladder cached before it was measured; and where ``loss_ok``
+    is negative)."""
+    top1 = ladder.get("dense_top1") or {}
+    return loss_ok >= 0 and bool(top1) and 100 * (top1["fp32"] - top1["int8"]) <= loss_ok
+
+
+def int8_cover_lines(targets: tuple[float, ...], ladder: dict, loss_ok: float) -> list[str]:
+    """Why a target has no FP32-sized candidate: the dense INT8 form meets it, as accurate as the dense model."""
+    if not int8_close(ladder, loss_ok):
+        return []
+    ratio, top1 = ladder["ratios"]["int8"][0], ladder["dense_top1"]
+    return [f"target {t:g}: the dense model's INT8 form meets it ({ratio:.2f}x, top-1 {100 * top1['int8']:.2f}% vs "
+            f"{100 * top1['fp32']:.2f}% FP32, within {loss_ok:g} points): no FP32-sized candidate trained"
+            for t in targets if ratio <= t]
+
+
+def removal_ladder(dense, train, test, cfg: PipelineConfig, out: Path) -> dict:
     """The dense model with its least useful 0..n blocks removed, exported and timed interleaved under the profile
-    (FP32, and INT8 when enabled); cached in ``out`` (a resumed run reuses the measurement)."""
+    (FP32, and INT8 when enabled: every format the profile allows, as the portfolio's ``fastest_int8`` would choose,
+    the faster kept per step); with INT8, also the dense model's top-1 in both forms on ``test``. Cached in ``out``
+    (a resumed run reuses the measurement)."""
     import numpy as np
     import torch
 
@@ -83,7 +111,7 @@ def _removal_ladder(dense, train, cfg: PipelineConfig, out: Path) -> dict:
     from edgeshift.runtime.session import create_session
 
     from ..onnx_export import INPUT_NAME, onnx_bytes
-    from ..profile import time_interleaved_sessions
+    from ..profile import TestData, onnx_accuracy, time_interleaved_sessions
     from ..quantize import Calibration, quantize_onnx, schemes_for
 
     if out.is_file():
@@ -96,22 +124,29 @@ def _removal_ladder(dense, train, cfg: PipelineConfig, out: Path) -> dict:
         candidates, scores = rank_candidates(dense, lp.criterion, criterion_data(train, train.num_classes, lp))
         order = sorted((c.name for c in candidates), key=lambda n: scores[n])
     batch = profile.serving.batch_size
+    steps = range(len(order) + 1)
     x = torch.randn(input_shape(dense, batch), generator=torch.Generator().manual_seed(0))
-    graphs = {f"fp32-{k}": onnx_bytes(remove_candidates(dense, order[:k], candidates).eval(), x)
-              for k in range(len(order) + 1)}
-    if cfg.deploy.int8:
+    graphs = {f"fp32-{k}": onnx_bytes(remove_candidates(dense, order[:k], candidates).eval(), x) for k in steps}
+    schemes = schemes_for(profile.quantization) if cfg.deploy.int8 else []
+    if schemes:
         calibration = Calibration(train.normalised(np.arange(min(cfg.deploy.calibration_samples, len(train)))),
                                   cfg.deploy.calibration_method, train.name)
-        scheme = schemes_for(profile.quantization)[0]
-        graphs.update({f"int8-{k}": quantize_onnx(graphs[f"fp32-{k}"], calibration, scheme, name=f"lp{k}")
-                       for k in range(len(order) + 1)})
+        graphs.update({f"int8-{s.label}-{k}": quantize_onnx(graphs[f"fp32-{k}"], calibration, s, name=f"lp{k}")
+                       for s in schemes for k in steps})
     sessions = {name: create_session(raw, profile) for name, raw in graphs.items()}
     stats = time_interleaved_sessions(sessions, {INPUT_NAME: x.numpy()}, profile, batch=batch)
     dense_p50 = stats["fp32-0"].p50_ms
-    doc = {"profile": profile.name, "order": order, "dense_p50_ms": dense_p50,
-           "p50_ms": {name: s.p50_ms for name, s in stats.items()},
-           "ratios": {form: [stats[f"{form}-{k}"].p50_ms / dense_p50 for k in range(len(order) + 1)]
-                      for form in (("fp32", "int8") if cfg.deploy.int8 else ("fp32",))}}
+    doc: dict = {"profile": profile.name, "order": order, "dense_p50_ms": dense_p50,
+                 "p50_ms": {name: s.p50_ms for name, s in stats.items()},
+                 "ratios": {"fp32": [stats[f"fp32-{k}"].p50_ms / dense_p50 for k in steps]}}
+    if schemes:  # per step the faster format, as the portfolio keeps per variant
+        formats = [min((s.label for s in schemes), key=lambda label: stats[f"int8-{label}-{k}"].p50_ms)
+                   for k in steps]
+        doc["int8_formats"] = formats
+        doc["ratios"]["int8"] = [stats[f"int8-{formats[k]}-{k}"].p50_ms / dense_p50 for k in steps]
+        held_out = TestData(test.normalised(), test.labels, test.name)
+        doc["dense_top1"] = {"fp32": onnx_accuracy(sessions["fp32-0"], held_out)[0],
+                             "int8": onnx_accuracy(sessions[f"int8-{formats[0]}-0"], held_out)[0]}
     write_text_atomic(out, json.dumps(doc, indent=2))
     return doc
 
@@ -135,8 +170,10 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path)
     train, test = model_splits(cfg.data.path, dense.edgeshift_arch, train_samples=cfg.data.train_samples or None,
                                test_samples=cfg.data.test_samples or None, seed=cfg.train.seed)
     print(f"timing the dense model with 0..n blocks removed under profile {cfg.deploy.profile}", flush=True)
-    ladder = _removal_ladder(dense, train, cfg, variants / "removal.json")
-    plans = plan_candidates(v.targets, v.candidates, ladder["ratios"])
+    ladder = removal_ladder(dense, train, test, cfg, variants / "removal.json")
+    plans = plan_candidates(v.targets, v.candidates, ladder["ratios"], int8_close=int8_close(ladder, v.int8_loss_ok))
+    for line in int8_cover_lines(v.targets, ladder, v.int8_loss_ok):
+        print(line, flush=True)
     write_text_atomic(variants / "plan.json", json.dumps(
         {f"{t:g}": [asdict(p) | {"name": p.name} for p in ps] for t, ps in plans.items()}, indent=2))
     unique = {p.name: p for ps in plans.values() for p in ps}
