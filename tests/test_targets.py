@@ -33,7 +33,7 @@ def test_candidates_are_sized_from_the_measured_ladder():
     assert plan_candidates((0.5,), ("layerprune",), ratios)[0.5] == [CandidatePlan(4, 1.0), CandidatePlan(1, 1.0)]
     # the dense INT8 form as accurate as the dense model: 0.75, which it meets (0.6), gets no FP32-sized candidate
     # (and needs no INT8-sized one); 0.5, which it does not meet, is planned as before
-    close = plan_candidates((0.75, 0.5), FAMILIES, ratios, int8_close=True)
+    close = plan_candidates((0.75, 0.5), FAMILIES, ratios, int8_as_accurate=True)
     assert close[0.75] == [] and close[0.5] == plans[0.5]
 
 

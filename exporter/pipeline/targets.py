@@ -50,17 +50,18 @@ class CandidatePlan:
 
 
 def plan_candidates(targets: tuple[float, ...], families: tuple[str, ...], ratios: dict[str, list[float]], *,
-                    int8_close: bool = False) -> dict[float, list[CandidatePlan]]:
+                    int8_as_accurate: bool = False) -> dict[float, list[CandidatePlan]]:
     """Per target, the candidates of each family, sized from the measured p50 ratios of the removal ladder
     (``ratios[form][k]``: ``k`` blocks removed, in that form, over the dense FP32 model; forms "fp32" and, with
     INT8, "int8"). A family that cannot reach a target (no removal count meets it) has no candidate there. With
-    ``int8_close`` (the dense model's INT8 form measured as accurate as it, within ``[variants] int8_loss_ok``), a
-    target the dense INT8 form meets gets no FP32-sized candidate: trained on a short budget, none comes as close."""
+    ``int8_as_accurate`` (the dense model's INT8 form measured as accurate as it, within ``[variants]
+    int8_loss_ok``), a target the dense INT8 form meets gets no FP32-sized candidate: trained on a short budget,
+    none comes as close."""
     plans: dict[float, list[CandidatePlan]] = {}
     for t in targets:
         out: list[CandidatePlan] = []
         for form, ladder in ratios.items():
-            if form == "fp32" and int8_close and ratios.get("int8", [math.inf])[0] <= t:
+            if form == "fp32" and int8_as_accurate and ratios.get("int8", [math.inf])[0] <= t:
                 continue
             # the least k whose form meets the target (the dense model alone counts when it does)
             k = next((i for i, r in enumerate(ladder) if r <= t), None)
@@ -171,7 +172,8 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path)
                                test_samples=cfg.data.test_samples or None, seed=cfg.train.seed)
     print(f"timing the dense model with 0..n blocks removed under profile {cfg.deploy.profile}", flush=True)
     ladder = removal_ladder(dense, train, test, cfg, variants / "removal.json")
-    plans = plan_candidates(v.targets, v.candidates, ladder["ratios"], int8_close=int8_close(ladder, v.int8_loss_ok))
+    plans = plan_candidates(v.targets, v.candidates, ladder["ratios"],
+                            int8_as_accurate=int8_close(ladder, v.int8_loss_ok))
     for line in int8_cover_lines(v.targets, ladder, v.int8_loss_ok):
         print(line, flush=True)
     write_text_atomic(variants / "plan.json", json.dumps(
