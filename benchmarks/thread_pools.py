@@ -45,7 +45,7 @@ def _measure(model: bytes, mode: str, profile_name: str, repeats: int) -> list[l
     from edgeshift.device_profiles import load_profile
     from edgeshift.exporter.profile import time_interleaved_sessions
     from edgeshift.runtime.measure import percentile_stats
-    from edgeshift.runtime.session import create_session, session_plan
+    from edgeshift.runtime.session import create_session, session_options, session_plan
 
     profile = load_profile(profile_name)
     if mode == "force-stop":
@@ -54,7 +54,7 @@ def _measure(model: bytes, mode: str, profile_name: str, repeats: int) -> list[l
     if mode == "shared":
         plan = session_plan(profile)
         ort.set_global_thread_pool_sizes(plan.intra_op_threads, plan.inter_op_threads)
-        opts = ort.SessionOptions()
+        opts = session_options(profile, plan)  # the profile's settings, on the process's pool
         opts.use_per_session_threads = False
         sessions = {f"copy{i}": ort.InferenceSession(model, opts, providers=list(plan.providers))
                     for i in range(COPIES)}
