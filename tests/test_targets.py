@@ -157,7 +157,6 @@ def test_pipeline_targets_build_every_family_and_choose_what_meets_each_target(t
     assert again.exit_code == 0 and "candidate " not in again.output and "epoch" not in again.output
 
 
-
 def test_a_target_the_dense_int8_form_meets_trains_no_fp32_candidate(tmp_path):
     """A resumed run whose removal ladder measured the dense INT8 form as accurate and fast enough for the target:
     no candidate is trained, and the run says why, on the console and in its summary."""
@@ -177,6 +176,7 @@ def test_a_target_the_dense_int8_form_meets_trains_no_fp32_candidate(tmp_path):
             "points): no FP32-sized candidate trained")
     assert line in result.output and f"- {line}" in (out / "summary.md").read_text()
     assert "training steps" not in result.output  # no candidate trained
+
 
 NO_GROUP = '''
 from torch import nn
