@@ -23,9 +23,15 @@ class LatencyStats:
     batch: int
     calls: int
     round_p50_ms: tuple[float, ...] = ()  # interleaved timing: the median of each round, in round order
+    thread_pool: str = ""  # interleaved timing: "shared" (one pool, a process of its own) or "per-session"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> LatencyStats:
+        """The inverse of ``to_dict`` (a JSON round trip turns the rounds' tuple into a list)."""
+        return cls(**{**doc, "round_p50_ms": tuple(doc.get("round_p50_ms", ()))})
 
 
 def percentile_stats(seconds: Sequence[float], batch: int) -> LatencyStats:
