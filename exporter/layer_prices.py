@@ -15,8 +15,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeshift.device_profiles import DeviceProfile, load_profile
-from edgeshift.runtime.measure import time_interleaved
-from edgeshift.runtime.session import create_session
+from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
 
 __all__ = ["LatencyPricer", "MacsPricer", "PriceModel", "layer_graph"]
 
@@ -144,9 +143,8 @@ class LatencyPricer:
         self.iterations, self.rounds = iterations, rounds
 
     def _time(self, graphs: dict[str, tuple[bytes, dict]]) -> dict[str, float]:
-        sessions = {k: (create_session(raw, self.profile), feed) for k, (raw, feed) in graphs.items()}
-        calls = {k: (lambda s=s, f=f: s.run(None, f)) for k, (s, f) in sessions.items()}
-        stats = time_interleaved(calls, warmup=20, iterations=self.iterations * len(calls), rounds=self.rounds)
+        settings = TimingSettings(warmup=20, iterations=self.iterations * len(graphs), rounds=self.rounds)
+        stats = time_graphs({k: Graph(raw, feed) for k, (raw, feed) in graphs.items()}, self.profile, settings)
         return {k: v.p50_ms for k, v in stats.items()}
 
     def prices(self, model, example_inputs) -> PriceModel:

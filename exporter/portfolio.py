@@ -46,7 +46,7 @@ from .profile import (
     deflated_size,
     onnx_logits,
     profile_threads,
-    time_interleaved_sessions,
+    time_interleaved_models,
     timing_profile,
 )
 from .quantize import Calibration, agreement, fastest_int8
@@ -265,7 +265,7 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
             built.update(_int8_variants(dict(built), int8, timing, test_data, feed, say))
         say(f"== timing {len(built)} variants against each other under profile {timing.name} ({threads_used} "
             f"threads, {timing.benchmark.rounds} interleaved rounds)")
-        stats = time_interleaved_sessions({n: b.session for n, b in built.items()}, feed, timing, batch=1)
+        stats = time_interleaved_models({n: b.data for n, b in built.items()}, feed, timing, batch=1)
         machine = machine_label()
         dropped: list[dict] = []
         for name, b in list(built.items()):
@@ -277,8 +277,9 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
                 del built[name]
         for name, b in built.items():
             b.session = None  # release before the memory probes
-            b.entry["latency"] = {**stats[name].to_dict(), "threads": threads_used, "machine": machine,
-                                  "profile": timing.name}
+            latency = stats[name].to_dict()
+            del latency["thread_pool"]  # how it was timed; not a manifest field (schema 2)
+            b.entry["latency"] = {**latency, "threads": threads_used, "machine": machine, "profile": timing.name}
             peak = None
             if measure_memory:
                 path = Path(tmp) / f"{name}.probe.onnx"

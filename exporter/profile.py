@@ -1,8 +1,9 @@
 """Variant profiling: what each exported variant costs and delivers, measured through ONNX Runtime.
 
 The one way the build side times a model: a session from ``edgeshift.runtime.session.create_session`` under a
-device profile, warm-up excluded, percentiles from ``time_calls``, or from ``time_interleaved`` where variants are
-compared (the portfolio's latencies, INT8 against FP32, the ladder). ``OrtMeasurer`` offers it to the pruner
+device profile, warm-up excluded, percentiles from ``time_calls``, or, where variants are compared (the portfolio's
+latencies, INT8 against FP32, the ladder), from one interleaved run in a process of its own on one thread pool
+(``edgeshift.runtime.timing_process``). ``OrtMeasurer`` offers it to the pruner
 (``edgeshift.pruner.measure.ModelMeasurer``), which measures with it but never imports it.
 """
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeshift.device_profiles import DeviceProfile, cpu_profile, load_profile
-from edgeshift.runtime.measure import LatencyStats, time_calls, time_interleaved
+from edgeshift.runtime.measure import LatencyStats, time_calls
 from edgeshift.runtime.session import create_session
+from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
 
 DEFLATE_LEVEL = 9
 
@@ -74,14 +76,13 @@ def profile_threads(profile: DeviceProfile) -> int:
     return int(t) if isinstance(t, int) and t > 0 else os.cpu_count() or 1
 
 
-def time_interleaved_sessions(sessions: dict, feed: dict, profile: DeviceProfile, *, batch: int
-                              ) -> dict[str, LatencyStats]:
-    """Every session timed against the others in one interleaved run with the profile's warm-up, iterations,
-    rounds and time cap (``edgeshift.runtime.measure.time_interleaved``)."""
-    b = profile.benchmark
-    calls = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
-    return time_interleaved(calls, warmup=b.warmup, iterations=b.iterations, rounds=b.rounds,
-                            max_seconds=b.max_seconds, batch=batch)
+def time_interleaved_models(models: dict[str, bytes], feed: dict, profile: DeviceProfile, *, batch: int
+                            ) -> dict[str, LatencyStats]:
+    """Every ONNX model timed against the others on ``feed`` in one interleaved run with the profile's warm-up,
+    iterations, rounds and time cap, in a process of its own whose sessions share one thread pool
+    (``edgeshift.runtime.timing_process``)."""
+    return time_graphs({name: Graph(raw, feed) for name, raw in models.items()}, profile,
+                       TimingSettings.of_profile(profile, batch))
 
 
 def time_session(session, feed: dict, profile: DeviceProfile, *, batch: int) -> LatencyStats:
@@ -125,9 +126,11 @@ class OrtMeasurer:
     def latencies(self, models: dict, example_inputs) -> dict[str, dict]:
         from .onnx_export import INPUT_NAME
 
-        sessions = {name: self._session(m, example_inputs)[0] for name, m in models.items()}
+        from .onnx_export import onnx_bytes
+
+        raws = {name: onnx_bytes(m.eval(), example_inputs) for name, m in models.items()}
         feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
-        stats = time_interleaved_sessions(sessions, feed, self.profile, batch=int(example_inputs.shape[0]))
+        stats = time_interleaved_models(raws, feed, self.profile, batch=int(example_inputs.shape[0]))
         return {name: s.to_dict() for name, s in stats.items()}
 
     def top1(self, model, x: np.ndarray, y: np.ndarray) -> float:

@@ -143,17 +143,16 @@ def fastest_int8(fp32: bytes, calibration: Calibration, profile: DeviceProfile, 
     The portfolio and the benchmarks choose through this one function, so they choose alike."""
     from edgeshift.runtime.session import create_session
 
-    from .profile import time_interleaved_sessions
+    from .profile import time_interleaved_models
 
     built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes_for(profile.quantization)}
-    sessions = {label: create_session(data, profile) for label, (_, data) in built.items()}
     chosen, timed = next(iter(built)), None
     if len(built) > 1:
-        stats = time_interleaved_sessions(sessions, feed, profile, batch=1)
+        stats = time_interleaved_models({label: data for label, (_, data) in built.items()}, feed, profile, batch=1)
         timed = {label: round(st.p50_ms, 4) for label, st in stats.items()}
         chosen = min(stats, key=lambda label: stats[label].p50_ms)
     scheme, data = built[chosen]
-    return Int8Choice(scheme, data, sessions[chosen], timed)
+    return Int8Choice(scheme, data, create_session(data, profile), timed)
 
 
 def agreement(reference_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:

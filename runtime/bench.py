@@ -4,7 +4,6 @@ interleaved run, and the ladder those figures give. Torch-free."""
 from __future__ import annotations
 
 import csv
-import functools
 import gc
 import io
 import json
@@ -16,9 +15,10 @@ import numpy as np
 from edgeshift.core.atomic import write_text_atomic
 
 from .ladder import bench_ladder
-from .measure import machine_fingerprint, time_interleaved
+from .measure import machine_fingerprint
 from .portfolio import Portfolio
 from .session import absorb_first_session_cost, engine_cached, session_for_variant, session_plan
+from .timing_process import Graph, TimingSettings, time_graphs
 
 
 @dataclass
@@ -40,6 +40,7 @@ class VariantBench:
     round_p50_ms: tuple[float, ...] = ()  # the median of each interleaved round
     providers: tuple[str, ...] = ()  # what the session really runs on (ORT's get_providers)
     engine_cached: bool | None = None  # its compiled engine came from the profile's cache (None: no engine cache)
+    thread_pool: str = ""  # "shared": timed in a process of its own on one pool; "per-session": in this one
 
 
 def _rss_mb() -> float:
@@ -51,7 +52,8 @@ def _rss_mb() -> float:
 def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = None) -> list[VariantBench]:
     """Inflate and create each variant's session under ``profile``, then time them all against each other in one
     interleaved run (warm-up excluded, ``benchmark.rounds`` rounds), so that a drift of the device falls on every
-    variant alike and the ladder compares like with like."""
+    variant alike and the ladder compares like with like. Creation cost and memory are measured here, the
+    timing in a process of its own whose sessions share one thread pool (``edgeshift.runtime.timing_process``)."""
     batch = profile.serving.batch_size
     shape = [batch if d is None else d for d in portfolio.input_spec.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -59,25 +61,26 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     plans = {n: session_plan(profile, portfolio.info(n).sha256) for n in names}
     cached = {n: engine_cached(plan) for n, plan in plans.items()}  # before any session is made
     absorb_first_session_cost(portfolio, profile)
-    built = {}
+    made: dict[str, tuple[float, float, float]] = {}  # inflate ms, create ms, RSS growth MB
+    inputs: dict[str, str] = {}
+    providers: dict[str, tuple[str, ...]] = {}
+    sessions = []  # alive until every variant is made: each one's memory is measured beside the others
     for name in names:
         gc.collect()
         before = _rss_mb()
         session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, plan=plans[name])
-        inp = session.get_inputs()[0].name
-        session.run(None, {inp: x})
-        built[name] = (session, inp, inflate_ms, create_ms, _rss_mb() - before, cached[name])
-    b = profile.benchmark
-    stats = time_interleaved(
-        {name: functools.partial(s.run, None, {inp: x}) for name, (s, inp, *_) in built.items()},
-        warmup=b.warmup,
-        iterations=b.iterations,
-        rounds=b.rounds,
-        max_seconds=b.max_seconds,
-        batch=batch,
-    )
+        inputs[name] = session.get_inputs()[0].name
+        session.run(None, {inputs[name]: x})
+        made[name] = (inflate_ms, create_ms, _rss_mb() - before)
+        providers[name] = tuple(session.get_providers())
+        sessions.append(session)
+        del session
+    del sessions
+    gc.collect()
+    graphs = {name: Graph(portfolio.inflate(name), {inputs[name]: x}, portfolio.info(name).sha256) for name in names}
+    stats = time_graphs(graphs, profile, TimingSettings.of_profile(profile, batch))
     results = []
-    for name, (session, _, inflate_ms, create_ms, growth, engine_was_cached) in built.items():
+    for name, (inflate_ms, create_ms, growth) in made.items():
         info, st = portfolio.info(name), stats[name]
         results.append(
             VariantBench(
@@ -96,8 +99,9 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
                 info.top1,
                 info.sha256,
                 st.round_p50_ms,
-                tuple(session.get_providers()),
-                engine_was_cached,
+                providers[name],
+                cached[name],
+                st.thread_pool,
             )
         )
     return results

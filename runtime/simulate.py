@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -90,10 +89,10 @@ def measure_variants(
     import numpy as np
 
     from .ladder import LadderPoint, build_ladder, ladder_accuracy
-    from .measure import time_interleaved
     from .session import absorb_first_session_cost, session_for_variant
+    from .timing_process import Graph, TimingSettings, time_graphs
 
-    costs, sessions = {}, {}
+    costs, inputs = {}, {}
     shape = [1 if d is None else d for d in portfolio.input_spec.shape]
     x = np.zeros(shape, np.float32)
     absorb_first_session_cost(portfolio, profile)
@@ -103,13 +102,13 @@ def measure_variants(
         name = sess.get_inputs()[0].name
         sess.run(None, {name: x})
         costs[v.name] = (time.perf_counter() - t0) * 1e3
-        sessions[v.name] = (sess, name)
-    stats = time_interleaved(
-        {n: functools.partial(s.run, None, {i: x}) for n, (s, i) in sessions.items()},
-        warmup=10,
-        iterations=iterations,
-        rounds=min(profile.benchmark.rounds, iterations),
-        batch=1,
+        inputs[v.name] = name
+        del sess
+    settings = TimingSettings(warmup=10, iterations=iterations, rounds=min(profile.benchmark.rounds, iterations))
+    stats = time_graphs(
+        {v.name: Graph(portfolio.inflate(v.name), {inputs[v.name]: x}, v.sha256) for v in portfolio.variants},
+        profile,
+        settings,
     )
     views, points = {}, []
     for i, v in enumerate(portfolio.variants):

@@ -22,6 +22,7 @@ def test_bench_writes_json_and_csv(tmp_path):
     assert doc["fingerprint"]["onnxruntime"] and doc["profile"] == "host"
     for v in doc["variants"]:
         assert 0 < v["p50_ms"] <= v["p95_ms"] <= v["p99_ms"] and v["create_ms"] > 0 and v["throughput"] > 0
+        assert v["thread_pool"] == "shared"  # timed in a process of its own, on one pool
     rows = list(csv.DictReader((tmp_path / "b.csv").read_text().splitlines()))
     assert [r["name"] for r in rows] == ["w4", "w8", "w16", "w32"]
 

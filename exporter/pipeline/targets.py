@@ -112,7 +112,7 @@ def removal_ladder(dense, train, test, cfg: PipelineConfig, out: Path) -> dict:
     from edgeshift.runtime.session import create_session
 
     from ..onnx_export import INPUT_NAME, onnx_bytes
-    from ..profile import TestData, onnx_accuracy, time_interleaved_sessions
+    from ..profile import TestData, onnx_accuracy, time_interleaved_models
     from ..quantize import Calibration, quantize_onnx, schemes_for
 
     if out.is_file():
@@ -134,8 +134,7 @@ def removal_ladder(dense, train, test, cfg: PipelineConfig, out: Path) -> dict:
                                   cfg.deploy.calibration_method, train.name)
         graphs.update({f"int8-{s.label}-{k}": quantize_onnx(graphs[f"fp32-{k}"], calibration, s, name=f"lp{k}")
                        for s in schemes for k in steps})
-    sessions = {name: create_session(raw, profile) for name, raw in graphs.items()}
-    stats = time_interleaved_sessions(sessions, {INPUT_NAME: x.numpy()}, profile, batch=batch)
+    stats = time_interleaved_models(graphs, {INPUT_NAME: x.numpy()}, profile, batch=batch)
     dense_p50 = stats["fp32-0"].p50_ms
     doc: dict = {"profile": profile.name, "order": order, "dense_p50_ms": dense_p50,
                  "p50_ms": {name: s.p50_ms for name, s in stats.items()},
@@ -146,8 +145,9 @@ def removal_ladder(dense, train, test, cfg: PipelineConfig, out: Path) -> dict:
         doc["int8_formats"] = formats
         doc["ratios"]["int8"] = [stats[f"int8-{formats[k]}-{k}"].p50_ms / dense_p50 for k in steps]
         held_out = TestData(test.normalised(), test.labels, test.name)
-        doc["dense_top1"] = {"fp32": onnx_accuracy(sessions["fp32-0"], held_out)[0],
-                             "int8": onnx_accuracy(sessions[f"int8-{formats[0]}-0"], held_out)[0]}
+        doc["dense_top1"] = {"fp32": onnx_accuracy(create_session(graphs["fp32-0"], profile), held_out)[0],
+                             "int8": onnx_accuracy(create_session(graphs[f"int8-{formats[0]}-0"], profile),
+                                                   held_out)[0]}
     write_text_atomic(out, json.dumps(doc, indent=2))
     return doc
 
