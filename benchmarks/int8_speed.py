@@ -49,7 +49,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from edgeshift.exporter.profile import onnx_accuracy, TestData, time_interleaved_sessions, timing_profile
+    from edgeshift.exporter.profile import onnx_accuracy, TestData, time_interleaved_models, timing_profile
     from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
     from edgeshift.pruner.checkpoint import load_checkpoint
     from edgeshift.pruner.data import load_dataset
@@ -85,8 +85,7 @@ def main() -> None:
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         for threads in args.threads:
             profile = timing_profile(args.profile, threads=threads)
-            sessions = {k: create_session(v, profile) for k, v in blobs.items()}
-            stats = time_interleaved_sessions(sessions, {"input": x}, profile, batch=1)
+            stats = time_interleaved_models(blobs, {"input": x}, profile, batch=1)
             row["p50_ms"][threads] = {k: s.p50_ms for k, s in stats.items()}
             row["speedup"][threads] = {k: stats["fp32"].p50_ms / s.p50_ms for k, s in stats.items() if k != "fp32"}
             print(f"{name} {threads} thread(s): " + ", ".join(f"{k} {s.p50_ms:.3f} ms" for k, s in stats.items())

@@ -61,7 +61,7 @@ def main() -> None:
     from edgeshift.core.atomic import write_text_atomic
     from edgeshift.device_profiles import load_profile
     from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes
-    from edgeshift.exporter.profile import TestData, onnx_accuracy, time_interleaved_sessions
+    from edgeshift.exporter.profile import TestData, onnx_accuracy, time_interleaved_models
     from edgeshift.exporter.quantize import Calibration, fastest_int8
     from edgeshift.pruner import sparse
     from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
@@ -165,8 +165,7 @@ def main() -> None:
                        "int8_format": choice.scheme.label if n.endswith("-int8") else None}
             print(f"{n}: top-1 {100 * top1:.2f}%", flush=True)
     print(f"timing {len(graphs)} models against each other under profile {profile.name}", flush=True)
-    sessions = {n: create_session(raw, profile) for n, raw in graphs.items()}
-    stats = time_interleaved_sessions(sessions, feed, profile, batch=1)
+    stats = time_interleaved_models(graphs, feed, profile, batch=1)
     base = stats["dense"].p50_ms
     for n, s in stats.items():
         rows[n].update(p50_ms=s.p50_ms, p95_ms=s.p95_ms, ratio=s.p50_ms / base)
