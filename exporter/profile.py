@@ -124,9 +124,7 @@ class OrtMeasurer:
         return time_session(session, feed, self.profile, batch=int(example_inputs.shape[0])).to_dict(), size
 
     def latencies(self, models: dict, example_inputs) -> dict[str, dict]:
-        from .onnx_export import INPUT_NAME
-
-        from .onnx_export import onnx_bytes
+        from .onnx_export import INPUT_NAME, onnx_bytes
 
         raws = {name: onnx_bytes(m.eval(), example_inputs) for name, m in models.items()}
         feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
