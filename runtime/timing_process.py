@@ -173,14 +173,14 @@ def _time_here(
     from .session import create_session
 
     sessions = {name: create_session(g.model, profile, g.variant_sha256) for name, g in graphs.items()}
-    return _time_sessions(sessions, graphs, settings, PER_SESSION)
+    return _time_sessions(sessions, {name: g.feed for name, g in graphs.items()}, settings, PER_SESSION)
 
 
 def _time_sessions(
-    sessions: dict, graphs: Mapping[str, Graph], settings: TimingSettings, pool: str
+    sessions: dict, feeds: Mapping[str, Mapping[str, np.ndarray]], settings: TimingSettings, pool: str
 ) -> dict[str, LatencyStats]:
     calls: dict[str, Callable[[], object]] = {
-        name: functools.partial(s.run, None, dict(graphs[name].feed)) for name, s in sessions.items()
+        name: functools.partial(s.run, None, dict(feeds[name])) for name, s in sessions.items()
     }
     stats = time_interleaved(
         calls,
@@ -210,32 +210,29 @@ def _serve(stdin: IO[bytes]) -> dict:
     header = json.loads(stdin.readline())
     profile = parse_profile(header["profile"], header["profile"].get("name") or "profile")
     settings = TimingSettings(**header["settings"])
-    graphs, plans = {}, {}
-    for spec in header["graphs"]:
-        model = _read_exactly(stdin, spec["model_bytes"])
+    threads = session_plan(profile)
+    ort.set_global_thread_pool_sizes(threads.intra_op_threads, threads.inter_op_threads)  # before any session
+    sessions, feeds = {}, {}
+    for spec in header["graphs"]:  # each model's bytes go once its session is made: sessions and feeds stay
+        name, model = spec["name"], _read_exactly(stdin, spec["model_bytes"])
         feed = {}
         for f in spec["feed"]:
             dtype = np.dtype(f["dtype"])
             size = int(np.prod(f["shape"], dtype=np.int64)) * dtype.itemsize
             feed[f["name"]] = np.frombuffer(_read_exactly(stdin, size), dtype).reshape(f["shape"])
-        graphs[spec["name"]] = Graph(model, feed, spec["variant_sha256"])
-        plans[spec["name"]] = session_plan(profile, spec["variant_sha256"])
-    first = next(iter(plans.values()))
-    ort.set_global_thread_pool_sizes(first.intra_op_threads, first.inter_op_threads)  # before any session
-    sessions = {}
-    for name, g in graphs.items():
-        plan = plans[name]
+        feeds[name] = feed
+        plan = session_plan(profile, spec["variant_sha256"])
         if plan.engine_dir is not None:
             os.makedirs(plan.engine_dir, exist_ok=True)
         opts = session_options(profile, plan)
         opts.use_per_session_threads = False
         try:
             sessions[name] = ort.InferenceSession(
-                g.model, opts, providers=list(plan.providers), provider_options=[dict(o) for o in plan.provider_options]
+                model, opts, providers=list(plan.providers), provider_options=[dict(o) for o in plan.provider_options]
             )
         except Exception as e:  # noqa: BLE001 - ORT's own error classes; reported in one line
             raise TimingError(f"graph {name!r}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from e
-    stats = _time_sessions(sessions, graphs, settings, SHARED)
+    stats = _time_sessions(sessions, feeds, settings, SHARED)
     return {"stats": {name: s.to_dict() for name, s in stats.items()}}
 
 
