@@ -53,18 +53,28 @@ def session_options(profile, plan: SessionPlan):
     return opts
 
 
-def create_session(model: bytes | str, profile, variant_sha256: str | None = None, plan: SessionPlan | None = None):
+def create_session(
+    model: bytes | str,
+    profile,
+    variant_sha256: str | None = None,
+    plan: SessionPlan | None = None,
+    *,
+    shared_pool: bool = False,
+):
     """A session under ``profile`` from ONNX bytes or the path of an in-memory file (``Portfolio.inflated_path``);
     ``variant_sha256`` names the variant's own engine folder where the profile caches compiled engines. ``plan``:
-    one already made for this variant (``session_plan``), so a switch plans once."""
+    one already made for this variant (``session_plan``), so a switch plans once. ``shared_pool``: run on the
+    process's one thread pool (``set_global_thread_pool_sizes``, ``edgeshift.runtime.timing_process``)."""
     import onnxruntime as ort
 
     plan = plan or session_plan(profile, variant_sha256)
     if plan.engine_dir is not None:
         os.makedirs(plan.engine_dir, exist_ok=True)
+    options = session_options(profile, plan)
+    options.use_per_session_threads = not shared_pool
     return ort.InferenceSession(
         model,
-        session_options(profile, plan),
+        options,
         providers=list(plan.providers),
         provider_options=[dict(o) for o in plan.provider_options],
     )

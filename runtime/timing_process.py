@@ -205,7 +205,7 @@ def _serve(stdin: IO[bytes]) -> dict:
     import onnxruntime as ort
     from edgeshift.device_profiles.profile import parse_profile
 
-    from .session import session_options, session_plan
+    from .session import create_session, session_plan
 
     header = json.loads(stdin.readline())
     profile = parse_profile(header["profile"], header["profile"].get("name") or "profile")
@@ -221,17 +221,11 @@ def _serve(stdin: IO[bytes]) -> dict:
             size = int(np.prod(f["shape"], dtype=np.int64)) * dtype.itemsize
             feed[f["name"]] = np.frombuffer(_read_exactly(stdin, size), dtype).reshape(f["shape"])
         feeds[name] = feed
-        plan = session_plan(profile, spec["variant_sha256"])
-        if plan.engine_dir is not None:
-            os.makedirs(plan.engine_dir, exist_ok=True)
-        opts = session_options(profile, plan)
-        opts.use_per_session_threads = False
-        try:
-            sessions[name] = ort.InferenceSession(
-                model, opts, providers=list(plan.providers), provider_options=[dict(o) for o in plan.provider_options]
-            )
-        except Exception as e:  # noqa: BLE001 - ORT's own error classes; reported in one line
-            raise TimingError(f"graph {name!r}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from e
+        try:  # made and run once on its feed, so a graph or feed ORT refuses is named here, in one line
+            sessions[name] = create_session(model, profile, spec["variant_sha256"], shared_pool=True)
+            sessions[name].run(None, feed)
+        except Exception as e:  # noqa: BLE001 - ORT's own error classes
+            raise TimingError(f"graph {name!r}: {' '.join(str(e).split()) or type(e).__name__}") from e
     stats = _time_sessions(sessions, feeds, settings, SHARED)
     return {"stats": {name: s.to_dict() for name, s in stats.items()}}
 
