@@ -41,8 +41,23 @@ A profile file::
     per_channel = true
     reduce_range = false          # 7-bit weights: x86 without VNNI, where u8 x s8 products can saturate
 
+    [limits]                      # what a portfolio, image or file may cost this device before it is refused
+    variant_mb = 512              # the largest variant inflated in memory
+    max_variants = 64
+    max_nodes = 20000             # per variant, subgraphs included
+    max_initializers = 20000
+    memory_mb = 1536              # what loading and running one variant may add, in its vetting process
+    load_seconds = 60.0           # a variant's session made and run once, at most
+    run_seconds = 10.0            # one warm-up call, at most
+    image_megapixels = 40.0       # an image's pixels, checked before it is decoded
+    file_mb = 16                  # a bench result or load trace, checked before it is parsed
+
 Every key, its default and its help are stated once, in the dataclasses below; ``edgeshift.core.config`` loads
-them, so an unknown key or a value of the wrong type is an error naming the file and the key. Torch-free.
+them, so an unknown key, a value of the wrong type or out of range is an error naming the file and the key.
+
+A profile comes from somewhere else, like a portfolio, so what reaches ONNX Runtime from it is an allow-list:
+session config entries (``SESSION_CONFIG``), providers and their options (``PROVIDER_OPTIONS``), each value
+checked; some entries ONNX Runtime knows name files or folders it then reads. Torch-free.
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Union
+from typing import Callable, Iterable, Literal, Union
 
 from edgeshift.core.config import load, read_toml, setting
 from edgeshift.core.errors import ProfileError
@@ -61,8 +76,86 @@ ExecutionMode = Literal["sequential", "parallel"]
 OptionValue = Union[str, int, float, bool]
 
 
+def max_threads() -> int:
+    """The most threads a profile may ask for here: a few per core (a profile written for a larger device still
+    loads), never the tens of thousands that make ONNX Runtime's thread pool crash the process."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+_BOOL = ("0", "1")
+_TRUE_FALSE = ("True", "False", "true", "false", "1", "0")
+
+# Session config entries a profile may set, and the values each may take. ONNX Runtime has many more; some name
+# files or folders it then reads (external initializers, compiled-model caches), so anything else is refused.
+SESSION_CONFIG: dict[str, tuple[str, ...]] = {
+    "session.intra_op.allow_spinning": _BOOL,
+    "session.inter_op.allow_spinning": _BOOL,
+    "session.force_spinning_stop": _BOOL,
+    "session.set_denormal_as_zero": _BOOL,
+    "session.disable_prepacking": _BOOL,
+    "session.qdqisint8allowed": _BOOL,
+    "session.disable_quant_qdq": _BOOL,
+    "session.enable_quant_qdq_cleanup": _BOOL,
+    "session.disable_cpu_ep_fallback": _BOOL,
+    "mlas.enable_gemm_fastmath_arm64_bfloat16": _BOOL,
+}
+
+
+def _count(maximum: int) -> Callable[[str], bool]:
+    return lambda v: v.isdigit() and len(v) <= 20 and int(v) <= maximum
+
+
+def _one_of(*choices: str) -> Callable[[str], bool]:
+    return lambda v: v in choices
+
+
+_THREADS = "threads"  # checked against max_threads() when the profile is loaded
+# Providers a profile may name, and the options each may be given (a check of the value as a string). Options
+# that name files (TensorRT's caches: the kit sets those from engine_cache, per variant; QNN's backend library;
+# calibration tables) are not among them.
+PROVIDER_OPTIONS: dict[str, dict[str, Callable[[str], bool] | str]] = {
+    "CPUExecutionProvider": {},
+    "XnnpackExecutionProvider": {"intra_op_num_threads": _THREADS},
+    "CUDAExecutionProvider": {
+        "device_id": _count(64),
+        "gpu_mem_limit": _count(2**50),
+        "arena_extend_strategy": _one_of("kNextPowerOfTwo", "kSameAsRequested"),
+        "cudnn_conv_algo_search": _one_of("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
+        "do_copy_in_default_stream": _one_of(*_TRUE_FALSE),
+    },
+    "TensorrtExecutionProvider": {
+        "device_id": _count(64),
+        "trt_max_workspace_size": _count(2**50),
+        "trt_fp16_enable": _one_of(*_TRUE_FALSE),
+        "trt_builder_optimization_level": _count(5),
+        "trt_max_partition_iterations": _count(10_000),
+        "trt_min_subgraph_size": _count(10_000),
+    },
+    "OpenVINOExecutionProvider": {"device_type": _one_of("CPU", "GPU", "NPU"), "num_of_threads": _THREADS},
+    "CoreMLExecutionProvider": {},
+    "NnapiExecutionProvider": {},
+    "ACLExecutionProvider": {},
+    "ArmNNExecutionProvider": {},
+    "DnnlExecutionProvider": {},
+}
+
+
 def _providers(value: tuple[str, ...]) -> str | None:
-    return "must be a non-empty list of provider names" if not value else None
+    if not value:
+        return "must be a non-empty list of provider names"
+    unknown = [p for p in value if p not in PROVIDER_OPTIONS]
+    if unknown:
+        return f"names {unknown[0]!r}, not a provider this kit knows ({', '.join(PROVIDER_OPTIONS)})"
+    return None
+
+
+def _session_config(value: dict[str, str]) -> str | None:
+    for key, v in value.items():
+        if key not in SESSION_CONFIG:
+            return f"has {key!r}, not an entry a profile may set ({', '.join(SESSION_CONFIG)})"
+        if v not in SESSION_CONFIG[key]:
+            return f"has {key} = {v!r}; expected one of {', '.join(SESSION_CONFIG[key])}"
+    return None
 
 
 def _share(value: float) -> str | None:
@@ -79,7 +172,9 @@ class ProviderOverrides:
 
     intra_op_threads: Union[int, None] = setting(None, "ORT's intra-op threads (unset: [execution]'s)", minimum=0)
     inter_op_threads: Union[int, None] = setting(None, "ORT's inter-op threads (unset: [execution]'s)", minimum=0)
-    session_config: dict[str, str] = setting({}, "ORT session config entries, added to [execution]'s")
+    session_config: dict[str, str] = setting(
+        {}, "ORT session config entries, added to [execution]'s (an allow-list)", check=_session_config
+    )
 
 
 @dataclass(frozen=True)
@@ -93,8 +188,12 @@ class ExecutionSettings:
     inter_op_threads: int = setting(1, "threads across operators (parallel mode only)", minimum=0)
     graph_optimization: GraphOptimization = setting("all", "ORT graph optimisation level")
     execution_mode: ExecutionMode = setting("sequential", "ORT execution mode")
-    session_config: dict[str, str] = setting({}, "ORT session config entries")
-    provider_options: dict[str, dict[str, OptionValue]] = setting({}, "provider name -> its options")
+    session_config: dict[str, str] = setting(
+        {}, f"ORT session config entries, only these: {', '.join(SESSION_CONFIG)}", check=_session_config
+    )
+    provider_options: dict[str, dict[str, OptionValue]] = setting(
+        {}, "provider name -> its options (an allow-list per provider)"
+    )
     when: dict[str, ProviderOverrides] = setting(
         {}, "provider name -> settings that replace these when it is the first present (threads per provider)"
     )
@@ -107,10 +206,10 @@ class ExecutionSettings:
 
 @dataclass(frozen=True)
 class ServingSettings:
-    batch_size: int = setting(1, "requests per inference call", minimum=1)
-    latency_target_ms: float = setting(100.0, "the p95 the latency-slo policy aims for", minimum=0)
+    batch_size: int = setting(1, "requests per inference call", minimum=1, maximum=1024)
+    latency_target_ms: float = setting(100.0, "the p95 the latency-slo policy aims for", minimum=0, maximum=1e6)
     memory_budget_mb: Union[int, Literal["auto"]] = setting(
-        1024, "what the runtime may use for sessions; 'auto': half the available memory", minimum=0
+        1024, "what the runtime may use for sessions; 'auto': half the available memory", minimum=0, maximum=2**24
     )
     preload_neighbours: bool = setting(False, "keep the neighbours' sessions warm for sub-ms switches")
     switch_cpu_share: float = setting(
@@ -120,11 +219,11 @@ class ServingSettings:
 
 @dataclass(frozen=True)
 class BenchmarkSettings:
-    warmup: int = setting(10, "untimed calls before timing", minimum=0)
-    iterations: int = setting(100, "timed calls at most", minimum=1)
-    max_seconds: float = setting(20.0, "per variant, at most", minimum=0)
+    warmup: int = setting(10, "untimed calls before timing", minimum=0, maximum=10_000)
+    iterations: int = setting(100, "timed calls at most", minimum=1, maximum=1_000_000)
+    max_seconds: float = setting(20.0, "per variant, at most", minimum=0, maximum=3600)
     rounds: int = setting(
-        5, "interleaved timing rounds when variants are compared (noise = spread of rounds)", minimum=1
+        5, "interleaved timing rounds when variants are compared (noise = spread of rounds)", minimum=1, maximum=1000
     )
     ladder_min_gain: float = setting(
         0.10,
@@ -155,6 +254,25 @@ class QuantizationSettings:
 
 
 @dataclass(frozen=True)
+class LimitsSettings:
+    """What untrusted input may cost this device before it is refused: every bound is checked before the work it
+    bounds (a size before inflating or parsing, a pixel count before decoding, a graph's counts before ONNX Runtime
+    sees it), and loading a variant runs in a process of its own under ``memory_mb`` and ``load_seconds``."""
+
+    variant_mb: int = setting(512, "the largest variant inflated in memory (MB)", minimum=1, maximum=2047)
+    max_variants: int = setting(64, "variants in one portfolio, at most", minimum=1, maximum=1024)
+    max_nodes: int = setting(20_000, "operators in one variant, subgraphs included", minimum=1, maximum=1_000_000)
+    max_initializers: int = setting(20_000, "weights in one variant", minimum=1, maximum=1_000_000)
+    memory_mb: int = setting(
+        1536, "what loading and running one variant may add to its vetting process (MB)", minimum=64, maximum=2**20
+    )
+    load_seconds: float = setting(60.0, "one variant's session made and run once, at most", minimum=1, maximum=3600)
+    run_seconds: float = setting(10.0, "one warm-up call, at most", minimum=0.1, maximum=600)
+    image_megapixels: float = setting(40.0, "an image's pixels, checked before decoding", minimum=0.01, maximum=1000)
+    file_mb: int = setting(16, "a bench result or load trace, checked before parsing (MB)", minimum=1, maximum=1024)
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     name: str = setting("", "the profile's name (default: the file's stem)")
     description: str = setting("", "the device, in words")
@@ -162,6 +280,7 @@ class DeviceProfile:
     serving: ServingSettings = dataclasses.field(default_factory=ServingSettings)
     benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
     quantization: QuantizationSettings = dataclasses.field(default_factory=QuantizationSettings)
+    limits: LimitsSettings = dataclasses.field(default_factory=LimitsSettings)
     source: str = dataclasses.field(default="", init=False)  # the file it came from
 
 
@@ -282,6 +401,8 @@ def parse_profile(document: dict, source: str) -> DeviceProfile:
                 f"{source}: [execution.when.{name}] names a provider not in execution.providers "
                 f"({', '.join(ex.providers)})"
             )
+    _check_threads(ex, source)
+    _check_provider_options(ex.provider_options, source)
     execution = dataclasses.replace(
         ex,
         intra_op_threads=os.cpu_count() or 1 if ex.intra_op_threads == "auto" else ex.intra_op_threads,
@@ -293,6 +414,40 @@ def parse_profile(document: dict, source: str) -> DeviceProfile:
     profile = dataclasses.replace(p, name=p.name or Path(source).stem, execution=execution, serving=serving)
     object.__setattr__(profile, "source", source)
     return profile
+
+
+def _check_threads(ex: ExecutionSettings, source: str) -> None:
+    most = max_threads()
+    counts: dict[str, object] = {
+        "execution.intra_op_threads": ex.intra_op_threads,
+        "execution.inter_op_threads": ex.inter_op_threads,
+    }
+    for name, o in ex.when.items():
+        counts[f"execution.when.{name}.intra_op_threads"] = o.intra_op_threads
+        counts[f"execution.when.{name}.inter_op_threads"] = o.inter_op_threads
+    for where, n in counts.items():
+        if isinstance(n, int) and n > most:
+            raise ProfileError(
+                f"{source}: {where} = {n} is more than {most} (4 per core of this machine's {os.cpu_count()})"
+            )
+
+
+def _check_provider_options(options: dict[str, dict[str, OptionValue]], source: str) -> None:
+    for provider, opts in options.items():
+        if provider not in PROVIDER_OPTIONS:
+            raise ProfileError(
+                f"{source}: execution.provider_options names {provider!r}, not a provider this kit knows"
+            )
+        allowed = PROVIDER_OPTIONS[provider]
+        for key, value in opts.items():
+            where = f"execution.provider_options.{provider}.{key}"
+            if key not in allowed:
+                known = ", ".join(allowed) or "none"
+                raise ProfileError(f"{source}: {where} is not an option a profile may set (for {provider}: {known})")
+            check, text = allowed[key], str(value).strip()
+            ok = _count(max_threads())(text) if check == _THREADS else callable(check) and check(text)
+            if not ok:
+                raise ProfileError(f"{source}: {where} = {value!r} is not a valid value")
 
 
 def load_profile_file(path: str | os.PathLike) -> DeviceProfile:

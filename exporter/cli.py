@@ -9,6 +9,7 @@ import typer
 from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP
 
 from edgeshift.core.commands import handle_errors
+from edgeshift.device_profiles import load_profile
 
 
 def export(
@@ -49,7 +50,7 @@ def export(
                             measure_memory=memory, force=force, align=align)
     from edgeshift.runtime.inspect_cmd import print_portfolio
 
-    print_portfolio(path)
+    print_portfolio(path, load_profile(profile), load=False)
     typer.echo(f"wrote {path}")
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeshift.core.atomic import write_text_atomic
+from edgeshift.core.errors import PortfolioError
 
 from .ladder import bench_ladder
 from .measure import machine_fingerprint
 from .portfolio import Portfolio
-from .session import absorb_first_session_cost, engine_cached, session_for_variant, session_plan
-from .timing_process import Graph, TimingSettings, time_graphs
+from .session import absorb_first_session_cost, engine_cached, run_bounded, session_for_variant, session_plan
+from .timing_process import Graph, TimingError, TimingSettings, time_graphs
 
 
 @dataclass
@@ -50,35 +51,41 @@ def _rss_mb() -> float:
 
 
 def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = None) -> list[VariantBench]:
-    """Inflate and create each variant's session under ``profile``, then time them all against each other in one
-    interleaved run (warm-up excluded, ``benchmark.rounds`` rounds), so that a drift of the device falls on every
-    variant alike and the ladder compares like with like. Creation cost and memory are measured here, the
-    timing in a process of its own whose sessions share one thread pool (``edgeshift.runtime.timing_process``)."""
+    """Time every variant under ``profile`` against the others in one interleaved run (warm-up excluded,
+    ``benchmark.rounds`` rounds), so that a drift of the device falls on every variant alike and the ladder
+    compares like with like; then inflate and create each one's session here. The timing runs in a process of its
+    own whose sessions share one thread pool, under the profile's limits (``edgeshift.runtime.timing_process``);
+    creation cost and memory are measured here."""
     batch = profile.serving.batch_size
-    shape = [batch if d is None else d for d in portfolio.input_spec.shape]
+    spec = portfolio.input_spec
+    shape = [batch if d is None else d for d in spec.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     names = variants or portfolio.names
     plans = {n: session_plan(profile, portfolio.info(n).sha256) for n in names}
     cached = {n: engine_cached(plan) for n, plan in plans.items()}  # before any session is made
+    # Timed first, in a process of its own under the profile's limits: an untrusted variant is loaded there before
+    # this process makes its session.
+    graphs = {name: Graph(portfolio.inflate(name), {spec.name: x}, portfolio.info(name).sha256) for name in names}
+    try:
+        stats = time_graphs(graphs, profile, TimingSettings.of_profile(profile, batch), kind="variant")
+    except TimingError as exc:
+        raise PortfolioError(f"{portfolio.path}: {exc}") from None
+    del graphs
     absorb_first_session_cost(portfolio, profile)
     made: dict[str, tuple[float, float, float]] = {}  # inflate ms, create ms, RSS growth MB
-    inputs: dict[str, str] = {}
     providers: dict[str, tuple[str, ...]] = {}
     sessions = []  # alive until every variant is made: each one's memory is measured beside the others
     for name in names:
         gc.collect()
         before = _rss_mb()
         session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, plan=plans[name])
-        inputs[name] = session.get_inputs()[0].name
-        session.run(None, {inputs[name]: x})
+        run_bounded(session, {spec.name: x}, profile.limits.run_seconds, f"{portfolio.path}: variant {name!r}")
         made[name] = (inflate_ms, create_ms, _rss_mb() - before)
         providers[name] = tuple(session.get_providers())
         sessions.append(session)
         del session
     del sessions
     gc.collect()
-    graphs = {name: Graph(portfolio.inflate(name), {inputs[name]: x}, portfolio.info(name).sha256) for name in names}
-    stats = time_graphs(graphs, profile, TimingSettings.of_profile(profile, batch))
     results = []
     for name, (inflate_ms, create_ms, growth) in made.items():
         info, st = portfolio.info(name), stats[name]
@@ -184,7 +191,7 @@ def bench_rows(results: list[VariantBench], ladder: list[str] | None = None) -> 
 def bench_file(path: str | Path, profile, variants: list[str] | None = None) -> tuple[dict, list[VariantBench]]:
     """Open the portfolio at ``path`` and bench it under ``profile``: (document, results). The document's
     ``ladder`` is the one these figures give (fastest first)."""
-    with Portfolio.open(path) as pf:
+    with Portfolio.open(path, profile.limits) as pf:
         for name in variants or []:
             pf.info(name)
         results = bench_portfolio(pf, profile, variants or None)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .portfolio import Portfolio
-from .session import engine_cached, session_for_variant, session_plan
+from .session import engine_cached, run_bounded, session_for_variant, session_plan
 
 
 @dataclass
@@ -85,6 +85,6 @@ def build_slot(
     shape = [profile.serving.batch_size if not isinstance(d, int) else d for d in inp.shape]
     zeros = np.zeros(shape, dtype=dtype)
     for _ in range(warmup_runs):
-        session.run(None, {inp.name: zeros})
+        run_bounded(session, {inp.name: zeros}, profile.limits.run_seconds, f"{portfolio.path}: variant {name!r}")
     warm_ms = (time.perf_counter() - t2) * 1e3
     return Built(Slot(name, session, inp.name), inflate_ms, create_ms, warm_ms, yielded[0] * 1e3, cached)

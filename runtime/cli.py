@@ -11,18 +11,22 @@ import typer
 from edgeshift import device_profiles
 from edgeshift.core.commands import handle_errors
 from edgeshift.core.tables import echo_table
+from edgeshift.core.text import printable
 
 from . import policies
 
 
 def inspect(
     portfolio: Path = typer.Argument(..., help="A portfolio file (.zip)."),
-    verify: bool = typer.Option(True, help="Inflate every variant and check its sha256."),
+    verify: bool = typer.Option(
+        True, help="Check every variant's sha256 and load and run each once, bounded by the profile's limits."
+    ),
+    profile: str = typer.Option("host", help="A device profile name or a .toml path (its [limits] apply)."),
 ) -> None:
-    """Show a portfolio's manifest as a table (torch-free)."""
+    """Show a portfolio's manifest as a table (torch-free); exit non-zero if any variant cannot be served."""
     from .inspect_cmd import print_portfolio
 
-    print_portfolio(portfolio, verify)
+    print_portfolio(portfolio, device_profiles.load_profile(profile), verify)
 
 
 def bench(
@@ -85,10 +89,11 @@ def run(
     from .engine import Runtime
     from .run_images import classify_folder
 
-    with Runtime(portfolio, profile=profile, start=variant) as rt:
+    prof = device_profiles.load_profile(profile)
+    with Runtime(portfolio, profile=prof, start=variant) as rt:
         n = 0
-        for path, best in classify_folder(rt, images, batch=batch, top=top):
-            typer.echo(f"{path}\t" + "\t".join(f"{label} {p:.3f}" for label, p in best))
+        for path, best in classify_folder(rt, images, batch=batch, top=top, limits=prof.limits):
+            typer.echo(printable(path) + "\t" + "\t".join(printable(f"{label} {p:.3f}") for label, p in best))
             n += 1
         s = rt.stats()
         typer.echo(f"{n} images with {rt.active}: p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms per batch")
@@ -112,7 +117,7 @@ def simulate_cmd(
 
     res, lines = simulate_file(portfolio, trace, policy, device_profiles.load_profile(profile), step)
     for line in lines:
-        typer.echo(line)
+        typer.echo(printable(line))
     if json_out:
         write_text_atomic(json_out, json.dumps(result_document(res), indent=2))
 

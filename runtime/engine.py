@@ -28,6 +28,7 @@ from .monitor import observe
 from .portfolio import Portfolio
 from .request_log import RequestLog
 from .session import session_plan
+from .vetting import vet_portfolio
 
 __all__ = ["Runtime", "SwitchRecord"]
 
@@ -40,7 +41,9 @@ class Runtime:
     device's own figures when it has them: ``bench`` (a document or file from ``edgeshift bench``), else the bench
     saved beside the portfolio (``bench --save``) when it was measured here under this profile, else the manifest's.
     ``preload_neighbours`` (default: the profile's setting) keeps the next faster and slower steps' sessions
-    warm so a switch to them is a reference swap. ``switch_cpu_share`` (default: the profile's setting, 1 = no
+    warm so a switch to them is a reference swap. ``vet`` (default on): every variant is first made and run once in
+    a process of its own under the profile's limits (``edgeshift.runtime.vetting``), since the portfolio is
+    untrusted; off only for a file you built yourself. ``switch_cpu_share`` (default: the profile's setting, 1 = no
     pacing) is the share of the time a build toward a slower variant works while requests are being served.
     """
 
@@ -56,10 +59,13 @@ class Runtime:
         warmup_runs: int = 1,
         decide_every: float = 1.0,
         bench: str | os.PathLike | dict | None = None,
+        vet: bool = True,
     ):
-        self.portfolio = portfolio if isinstance(portfolio, Portfolio) else Portfolio.open(portfolio)
-        self._owns_portfolio = not isinstance(portfolio, Portfolio)
         self.profile = device_profiles.load_profile(profile) if isinstance(profile, (str, os.PathLike)) else profile
+        self.portfolio = (
+            portfolio if isinstance(portfolio, Portfolio) else Portfolio.open(portfolio, self.profile.limits)
+        )
+        self._owns_portfolio = not isinstance(portfolio, Portfolio)
         serving = self.profile.serving
         self.policy = (
             policies.get(policy, latency_target_ms=serving.latency_target_ms, memory_budget_mb=serving.memory_budget_mb)
@@ -88,6 +94,8 @@ class Runtime:
             self.ladder = device_ladder(self.portfolio, self.profile, bench)
             name = start or self.ladder.steps[(len(self.ladder.steps) - 1) // 2]
             self.portfolio.info(name)  # unknown start -> error naming the variants
+            if vet:
+                vet_portfolio(self.portfolio, self.profile)
             first = self._build(name)
         except BaseException:
             self._executor.shutdown(wait=False)

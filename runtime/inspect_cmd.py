@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 
 from edgeshift.core.tables import echo_table
+from edgeshift.core.text import printable
 
 from .portfolio import Portfolio
+from .vetting import vet_portfolio
 
 
-def print_portfolio(path: Path, verify: bool = True) -> None:
-    with Portfolio.open(path) as pf:
+def print_portfolio(path: Path, profile, verify: bool = True, load: bool = True) -> None:
+    """Print the manifest; with ``verify``, first check every variant's bytes and, with ``load``, load and run each
+    once in a process of its own under ``profile``'s limits (``vetting``), so a portfolio that cannot be served
+    fails here (the exporter, which has just run every variant, skips that)."""
+    print = _print  # every line may quote the file: one printable line each
+    with Portfolio.open(path, profile.limits) as pf:
         if verify:
             pf.verify()
+            if load:
+                vet_portfolio(pf, profile)
         m = pf.manifest
         inp = m.input
         print(
             f"portfolio {path}: {m.architecture or '?'}, {len(pf.variants)} variants, "
-            f"{pf.file_bytes:,} bytes on disk, schema {m.schema_version}" + (", all sha256 verified" if verify else "")
+            f"{pf.file_bytes:,} bytes on disk, schema {m.schema_version}"
+            + (", all sha256 verified" if verify else "")
+            + (f", every variant loaded under profile {profile.name}" if verify and load else "")
         )
         print(
             f"input {inp.name} {inp.dtype} {['N' if d is None else d for d in inp.shape]} {inp.layout}; "
@@ -67,3 +78,7 @@ def print_portfolio(path: Path, verify: bool = True) -> None:
                     f"images ({q.calibration_method}); top-1 agrees with {q.source} on {agree} of "
                     f"{q.test_samples} test images, max logit deviation {dev}"
                 )
+
+
+def _print(*parts: object) -> None:
+    builtins.print(*(printable(p) for p in parts))

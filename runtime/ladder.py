@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from edgeshift.core.config import read_capped
 from edgeshift.core.errors import EdgeshiftError, InputFileError
 from edgeshift.core.jsonio import loads_bounded
 
@@ -115,13 +116,27 @@ def ladder_accuracy(top1: float | None, reference: bool) -> float:
     return top1 if top1 is not None else float(reference)
 
 
-def _read_bench(path: Path) -> dict:
+def _read_bench(path: Path, max_bytes: int) -> dict:
+    """A bench document from a file we did not write: its size checked before it is parsed, strict JSON."""
     try:
-        doc = loads_bounded(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = loads_bounded(read_capped(path, max_bytes, error=InputFileError, what="bench result").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputFileError(f"{path}: not a bench result ({exc}); write one with `edgeshift bench --save`") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("variants"), list):
-        raise InputFileError(f"{path}: not a bench result (no variants); write one with `edgeshift bench --save`")
+    return _check_bench(doc, str(path))
+
+
+def _check_bench(doc: Any, where: str) -> dict:
+    """Refuse a bench document that is not a list of variants with their figures (one line, naming ``where``)."""
+    rows = doc.get("variants") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise InputFileError(f"{where}: not a bench result (no variants); write one with `edgeshift bench --save`")
+    for row in rows:
+        ok = isinstance(row, dict) and isinstance(row.get("name"), str)
+        figures = [row.get("p50_ms"), row.get("p95_ms"), *(row.get("round_p50_ms") or [None])] if ok else []
+        if not ok or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in figures):
+            raise InputFileError(
+                f"{where}: a variant lacks its name, p50_ms, p95_ms or round_p50_ms; re-run `edgeshift bench --save`"
+            )
     return doc
 
 
@@ -151,17 +166,18 @@ def device_ladder(
     version-1 manifest, one built from its latencies). A ``bench`` passed in that does not match is an error; a
     stale one beside the portfolio is passed over, and ``source`` says so."""
     note = ""
+    max_bytes = profile.limits.file_mb * 2**20
     if bench is None:
         beside = bench_path_for(portfolio.path)
         if beside.is_file():
-            doc = _read_bench(beside)
+            doc = _read_bench(beside, max_bytes)
             why = _bench_mismatch(doc, portfolio, profile)
             if why is None:
                 return bench_ladder(doc, portfolio, profile, f"bench {beside}")
             note = f" ({beside} not used: {why})"
     else:
-        doc = bench if isinstance(bench, dict) else _read_bench(Path(bench))
         where = "the bench passed in" if isinstance(bench, dict) else f"bench {bench}"
+        doc = _check_bench(bench, where) if isinstance(bench, dict) else _read_bench(Path(bench), max_bytes)
         why = _bench_mismatch(doc, portfolio, profile)
         if why is not None:
             raise EdgeshiftError(f"{where} does not fit: {why}; run `edgeshift bench --save` here")

@@ -21,10 +21,13 @@ SCHEMA_VERSION = 2  # 2: INT8 variants (precision, quantization), the ladder, la
 READABLE_SCHEMAS = (1, 2)  # a version-1 manifest is a version-2 one without the new optional fields
 MANIFEST_NAME = "manifest.json"
 VARIANT_DIR = "variants/"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z, not $: "$" also matches before a final newline
+SHA_RE = re.compile(r"[0-9a-f]{64}\Z")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_VARIANT_BYTES = 2 * 1024**3  # an ONNX protobuf cannot exceed 2 GiB
+MAX_INPUT_VALUES = 1 << 24  # one input item (C x H x W): 3 x 2364 x 2364; every warm-up allocates a batch of them
+MAX_IMAGE_SIDE = 8192  # preprocessing.size: what every image is resized to
+MAX_LABELS, MAX_TEXT = 100_000, 1024  # classes; characters in a label, name or reason
 
 Shape = tuple[Optional[int], ...]  # batch first, None = dynamic
 
@@ -163,8 +166,42 @@ def _check_shape(shape: Shape, where: str) -> None:
             raise PortfolioError(f"manifest: {where} has a bad dimension {d!r} (positive int or null)")
 
 
-def parse_manifest(document: Any) -> Manifest:
-    """The typed manifest from a parsed ``manifest.json``; raise PortfolioError naming the first bad field."""
+def _check_input(m: Manifest) -> None:
+    """An image batch: [N, C, H, W], the batch dimension alone dynamic, what preprocessing needs matching it."""
+    shape, pre = m.input.shape, m.preprocessing
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise PortfolioError(
+            f"manifest: input.shape must be [N, C, H, W] with C, H and W fixed numbers, got {list(shape)}"
+        )
+    channels, height, width = (int(d) for d in shape[1:])  # type: ignore[arg-type]
+    if channels * height * width > MAX_INPUT_VALUES:
+        raise PortfolioError(f"manifest: input.shape {list(shape)} holds more than {MAX_INPUT_VALUES} values an item")
+    for key in ("mean", "std"):
+        if len(getattr(pre, key)) != channels:
+            raise PortfolioError(f"manifest: preprocessing.{key} must be {channels} numbers (one per channel)")
+    if any(v == 0 for v in pre.std):
+        raise PortfolioError("manifest: preprocessing.std must not contain 0")
+    if list(pre.size) != [height, width]:
+        raise PortfolioError(
+            f"manifest: preprocessing.size must be the input's [height, width] = [{height}, {width}], got "
+            f"{list(pre.size)[:4]}"
+        )
+    if not 0 < pre.scale <= 1:
+        raise PortfolioError("manifest: preprocessing.scale must be in (0, 1]")
+
+
+def _check_texts(m: Manifest) -> None:
+    if not 0 < len(m.labels) <= MAX_LABELS:
+        raise PortfolioError(f"manifest: labels must be 1..{MAX_LABELS} names")
+    texts = [m.architecture, m.producer, m.created, m.input.name, m.output.name, *m.labels]
+    texts += [d.name for d in m.dropped] + [d.reason for d in m.dropped] + [v.recipe for v in m.variants]
+    if any(len(t) > MAX_TEXT for t in texts) or len(m.dropped) > MAX_LABELS:
+        raise PortfolioError(f"manifest: a name, label or reason is longer than {MAX_TEXT} characters")
+
+
+def parse_manifest(document: Any, max_variants: int = 1024) -> Manifest:
+    """The typed manifest from a parsed ``manifest.json``; raise PortfolioError naming the first bad field.
+    ``max_variants``: the most variants a portfolio may hold here (the device profile's limits)."""
     if isinstance(document, dict) and document.get("schema_version", 1) not in READABLE_SCHEMAS:
         raise PortfolioError(
             f"manifest: schema_version {document['schema_version']!r} is not supported (this runtime reads "
@@ -173,14 +210,15 @@ def parse_manifest(document: Any) -> Manifest:
     m = load(Manifest, document, source="manifest", error=PortfolioError)
     _check_shape(m.input.shape, "input.shape")
     _check_shape(m.output.shape, "output.shape")
-    channels = m.input.shape[1] if len(m.input.shape) > 1 else None
-    for key in ("mean", "std"):
-        if channels and len(getattr(m.preprocessing, key)) != channels:
-            raise PortfolioError(f"manifest: preprocessing.{key} must be {channels} numbers")
-    if any(v == 0 for v in m.preprocessing.std):
-        raise PortfolioError("manifest: preprocessing.std must not contain 0")
+    _check_input(m)
+    _check_texts(m)
     if not m.variants:
         raise PortfolioError("manifest: the portfolio has no variants")
+    if len(m.variants) > max_variants:
+        raise PortfolioError(
+            f"manifest: {len(m.variants)} variants, more than the {max_variants} the profile allows "
+            "(limits.max_variants)"
+        )
     seen = set()
     for i, v in enumerate(m.variants):
         where = f"variants[{i}]"

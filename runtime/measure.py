@@ -76,11 +76,15 @@ def time_interleaved(
 
     What a comparison needs: a drift of the machine (a neighbour's job, frequency, heat) lands on every function
     alike instead of on whichever was timed last. Each result carries its per-round medians, the spread that
-    says how far apart two figures must be to differ. ``max_seconds`` caps each function's timed total."""
+    says how far apart two figures must be to differ. ``max_seconds`` caps each function's warm-up, and its timed
+    total (a round ends early once it is spent, after 3 calls; later rounds are skipped once 2 are done)."""
     names = list(calls)
     for name in names:
+        start = time.perf_counter()
         for _ in range(warmup):
             calls[name]()
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                break
     rounds = max(1, min(rounds, iterations))
     per_round = max(1, iterations // rounds)
     samples: dict[str, list[float]] = {n: [] for n in names}
@@ -95,6 +99,8 @@ def time_interleaved(
                 t = time.perf_counter()
                 fn()
                 own.append(time.perf_counter() - t)
+                if max_seconds is not None and len(own) >= 3 and spent[name] + sum(own) > max_seconds:
+                    break  # a graph far slower than the budget: a shorter round, not minutes past it
             spent[name] += sum(own)
             samples[name] += own
             medians[name].append(float(np.median(own)) * 1e3)

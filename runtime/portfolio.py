@@ -1,9 +1,13 @@
 """Opening a portfolio on the device: untrusted input, validated before anything is used. Torch-free.
 
 The file is memory-mapped (read once by the OS, inactive variants cost their deflated bytes at most, and only
-while touched), its ZIP directory and manifest validated, and each variant inflated into memory on demand with
-a hard cap at the size the manifest declares and its sha256 checked. Nothing is ever extracted to disk and
-nothing is unpickled.
+while touched). Before zipfile reads its directory, the end record's entry count and directory size are checked
+against the device profile's limits; then the directory (members neither overlapping nor shared, inside the file
+before the directory) and the manifest are validated. Each variant is inflated into memory on demand, streamed
+under a running cap at the size the manifest declares (itself capped by the profile's ``limits.variant_mb``)
+whatever the ZIP headers say, its sha256 checked, and its graph read (``graph_check``: no external data, bounded
+counts, allowed operators, the manifest's input) before ONNX Runtime sees it. Nothing is ever extracted to disk
+and nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edgeshift.core.errors import PortfolioError, require_file
+from edgeshift.device_profiles.profile import LimitsSettings
+
+from edgeshift.core.errors import PortfolioError, UnknownNameError, require_file
 from edgeshift.core.jsonio import loads_bounded
 
+from .graph_check import check_graph
 from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -57,10 +64,14 @@ class VariantInfo:
 class Portfolio:
     """A validated, memory-mapped portfolio file. Use ``Portfolio.open(path)``."""
 
-    def __init__(self, path: Path, fileobj, mm, zf: zipfile.ZipFile, manifest: Manifest):
+    def __init__(
+        self, path: Path, fileobj, mm, zf: zipfile.ZipFile, manifest: Manifest, limits: LimitsSettings | None = None
+    ):
         self.path = path
         self._file, self._mm, self._zip = fileobj, mm, zf
         self.manifest = manifest
+        self.limits = limits or LimitsSettings()
+        self._graphs_checked: set[str] = set()
         infos = {i.filename: i for i in zf.infolist()}
         self.variants: list[VariantInfo] = []
         for v in manifest.variants:
@@ -83,9 +94,11 @@ class Portfolio:
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Portfolio":
-        """Open and validate ``path``; raise PortfolioError (one clear line) if it is not a sound portfolio."""
+    def open(cls, path: str | os.PathLike, limits: LimitsSettings | None = None) -> "Portfolio":
+        """Open and validate ``path``; raise PortfolioError (one clear line) if it is not a sound portfolio.
+        ``limits``: what it may cost (the device profile's ``[limits]``; default: their defaults)."""
         path = Path(path)
+        limits = limits or LimitsSettings()
         require_file(path, "portfolio")
         f = open(path, "rb")
         try:
@@ -93,21 +106,24 @@ class Portfolio:
                 raise PortfolioError(f"{path} is empty, not a portfolio")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             try:
+                _check_end_record(mm, path, limits.max_variants + 1)
                 zf = zipfile.ZipFile(_MappedFile(mm))
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, struct.error) as exc:
                 raise PortfolioError(f"{path} is not a portfolio: corrupt or truncated ZIP ({exc})") from None
-            manifest = cls._check_directory_and_manifest(path, zf)
-            return cls(path, f, mm, zf, manifest)
+            manifest = cls._check_directory_and_manifest(path, zf, limits)
+            return cls(path, f, mm, zf, manifest, limits)
         except BaseException:
             f.close()
             raise
 
     @staticmethod
-    def _check_directory_and_manifest(path: Path, zf: zipfile.ZipFile) -> Manifest:
+    def _check_directory_and_manifest(path: Path, zf: zipfile.ZipFile, limits: LimitsSettings) -> Manifest:
         infos = zf.infolist()
         names = [i.filename for i in infos]
         if len(set(names)) != len(names):
             raise PortfolioError(f"{path}: a member name appears twice")
+        assert isinstance(zf.fp, _MappedFile)
+        _check_no_overlap(zf.fp.mm, infos, zf.start_dir, path)
         for info in infos:
             if info.filename != MANIFEST_NAME and not (
                 info.filename.startswith("variants/")
@@ -134,9 +150,16 @@ class Portfolio:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PortfolioError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
         try:
-            manifest = parse_manifest(document)
+            manifest = parse_manifest(document, limits.max_variants)
         except PortfolioError as exc:
             raise PortfolioError(f"{path}: {exc}") from None
+        cap = limits.variant_mb * 2**20
+        for v in manifest.variants:
+            if v.bytes > cap:
+                raise PortfolioError(
+                    f"{path}: variant {v.name!r} declares {v.bytes:,} bytes, more than the {cap:,} the profile "
+                    "allows (limits.variant_mb)"
+                )
         declared = {v.file: v for v in manifest.variants}
         for name in names:
             if name != MANIFEST_NAME and name not in declared:
@@ -157,8 +180,6 @@ class Portfolio:
 
     def info(self, name: str) -> VariantInfo:
         if name not in self._by_name:
-            from edgeshift.core.errors import UnknownNameError
-
             raise UnknownNameError("variant", name, self.names)
         return self._by_name[name]
 
@@ -179,8 +200,27 @@ class Portfolio:
         if digest != v.sha256:
             raise PortfolioError(f"{self.path}: variant {v.name!r} fails its sha256 check (tampered or corrupt)")
 
+    def _check_graph(self, name: str, data) -> None:
+        """Refuse a graph ONNX Runtime must not see (``graph_check``); once per variant, its bytes being fixed by
+        the sha256 just checked."""
+        if name in self._graphs_checked:
+            return
+        spec = self.manifest.input
+        try:
+            check_graph(
+                data,
+                input_name=spec.name,
+                input_shape=spec.shape,
+                max_nodes=self.limits.max_nodes,
+                max_initializers=self.limits.max_initializers,
+            )
+        except PortfolioError as exc:
+            raise PortfolioError(f"{self.path}: variant {name!r} {exc}") from None
+        self._graphs_checked.add(name)
+
     def inflate(self, name: str, pace: Pace | None = None) -> bytes:
-        """The ONNX bytes of ``name``, inflated in memory, capped at the declared size, sha256-checked.
+        """The ONNX bytes of ``name``, inflated in memory, capped at the declared size, sha256-checked, its graph
+        checked (``graph_check``).
 
         ``pace``, if given, is called after each piece with the seconds that piece took (see ``Pace``)."""
         v, chunks = self._chunks(name)
@@ -189,7 +229,10 @@ class Portfolio:
             digest.update(chunk)
             parts.append(chunk)
         self._check_hash(v, digest.hexdigest())
-        return b"".join(parts)
+        data = b"".join(parts)
+        del parts
+        self._check_graph(name, data)
+        return data
 
     @contextlib.contextmanager
     def inflated_path(self, name: str, pace: Pace | None = None) -> Iterator[str | None]:
@@ -210,14 +253,22 @@ class Portfolio:
                 while view:
                     view = view[os.write(fd, view) :]
             self._check_hash(v, digest.hexdigest())
+            if name not in self._graphs_checked:
+                with mmap.mmap(fd, v.bytes, access=mmap.ACCESS_READ) as written:
+                    self._check_graph(name, written)
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)
 
     def verify(self) -> None:
-        """Inflate and hash-check every variant."""
+        """Inflate every variant, streaming (one piece in memory at a time), and check its size, CRC-32 and sha256;
+        its graph is checked when it is first inflated for use."""
         for name in self.names:
-            self.inflate(name)
+            v, chunks = self._chunks(name)
+            digest = hashlib.sha256()
+            for chunk in chunks:
+                digest.update(chunk)
+            self._check_hash(v, digest.hexdigest())
 
     @property
     def file_bytes(self) -> int:
@@ -257,16 +308,63 @@ class _MappedFile:
     """A memory map as the seekable file object zipfile expects (mmap lacks ``seekable``)."""
 
     def __init__(self, mm: mmap.mmap):
-        self._mm = mm
+        self.mm = mm
 
     def seekable(self) -> bool:
         return True
 
     def __getattr__(self, name):
-        return getattr(self._mm, name)
+        return getattr(self.mm, name)
 
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature ... name length, extra length (30 bytes)
+_END_RECORD = struct.Struct("<4s4H2IH")  # signature, disk numbers, entries here / in all, directory size, offset
+_END_SIGNATURE = b"PK\x05\x06"
+_MAX_COMMENT = 0xFFFF
+
+
+def _check_end_record(mm: mmap.mmap, path: Path, max_entries: int) -> None:
+    """Before zipfile reads the central directory (a Python object per entry, all at once): the end record's entry
+    count must be within ``max_entries`` and the directory's declared size within what that many entries take.
+    A ZIP64 record (counts past 65,535) is refused: no portfolio holds that many members or 4 GB."""
+    size = len(mm)
+    tail_start = max(0, size - _END_RECORD.size - _MAX_COMMENT)
+    at = mm.rfind(_END_SIGNATURE, tail_start)
+    if at < 0 or at + _END_RECORD.size > size:
+        return  # zipfile says what is wrong, in its words
+    _, _, _, here, total, dir_size, dir_offset, _ = _END_RECORD.unpack_from(mm, at)
+    if 0xFFFF in (here, total) or 0xFFFFFFFF in (dir_size, dir_offset):
+        raise PortfolioError(f"{path}: a ZIP64 archive; a portfolio is a plain ZIP of a few members")
+    if max(here, total) > max_entries or dir_size > max_entries * (46 + 0xFFFF * 3):
+        raise PortfolioError(
+            f"{path}: its ZIP directory declares {max(here, total)} members, more than the {max_entries - 1} "
+            "variants and manifest the profile allows (limits.max_variants)"
+        )
+
+
+def _check_no_overlap(mm: mmap.mmap, infos: list[zipfile.ZipInfo], directory_start: int, path: Path) -> None:
+    """Every member's bytes (local header to the end of its data) lie before the central directory and apart from
+    every other member's: entries that share compressed bytes make a small file inflate many times over."""
+    spans = []
+    for info in infos:
+        off = info.header_offset
+        if off + _LOCAL_HEADER.size > directory_start:
+            raise PortfolioError(f"{path}: member {info.filename!r} starts past the ZIP directory")
+        fields = _LOCAL_HEADER.unpack_from(mm, off)
+        spans.append((off, off + _LOCAL_HEADER.size + fields[-2] + fields[-1] + info.compress_size, info.filename))
+    spans.sort()
+    previous_end, previous = 0, ""
+    for start, end, name in spans:
+        if start < previous_end:
+            raise PortfolioError(
+                f"{path}: members {previous!r} and {name!r} overlap in the file (a ZIP built to inflate the same "
+                "bytes twice)"
+            )
+        if end > directory_start:
+            raise PortfolioError(f"{path}: member {name!r} runs into the ZIP directory")
+        previous_end, previous = end, name
+
+
 _IN_CHUNK = 256 * 1024  # compressed bytes fed to zlib per call (its unconsumed tail is copied with the GIL)
 _OUT_CHUNK = 1024 * 1024  # inflated bytes per call: a few ms of work, so pacing can interleave it with requests
 
@@ -280,7 +378,7 @@ def _member_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, path: P
     """
     if info.file_size > cap:
         raise PortfolioError(f"{path}: {info.filename} declares {info.file_size} bytes, more than the {cap} allowed")
-    mm = zf.fp._mm if isinstance(zf.fp, _MappedFile) else None
+    mm = zf.fp.mm if isinstance(zf.fp, _MappedFile) else None
     if mm is None:
         raise PortfolioError(f"{path}: not memory-mapped")
     off = info.header_offset
@@ -289,6 +387,9 @@ def _member_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, path: P
     fields = _LOCAL_HEADER.unpack_from(mm, off)
     if fields[0] != b"PK\x03\x04":
         raise PortfolioError(f"{path}: {info.filename} is corrupt (bad local header)")
+    name_start = off + _LOCAL_HEADER.size
+    if mm[name_start : name_start + fields[-2]] != info.orig_filename.encode() or fields[3] != info.compress_type:
+        raise PortfolioError(f"{path}: {info.filename} is corrupt (its local header names another member or method)")
     start = off + _LOCAL_HEADER.size + fields[-2] + fields[-1]
     end = start + info.compress_size
     if end > len(mm):

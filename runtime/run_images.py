@@ -3,11 +3,15 @@ without it). Torch-free."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+from edgeshift.device_profiles.profile import LimitsSettings
 
 from edgeshift.core.errors import EdgeshiftError, InputFileError
+from edgeshift.core.text import printable
 
 from .manifest import Preprocessing
 
@@ -23,24 +27,61 @@ def list_inputs(folder: Path) -> list[Path]:
     return files
 
 
-def load_image(path: Path, size: list[int]) -> np.ndarray:
-    """HxWx3 uint8 at the manifest's size."""
+def load_image(path: Path, size: Sequence[int], limits: LimitsSettings | None = None) -> np.ndarray:
+    """HxWx3 uint8 at the manifest's size, from a file we did not write: its size and pixel count checked before
+    it is decoded (``limits.image_megapixels``), a ``.npy`` memory-mapped and never unpickled."""
+    limits = limits or LimitsSettings()
+    max_pixels = int(limits.image_megapixels * 1e6)
+    max_bytes = max_pixels * 4 + 4096  # an uncompressed RGBA image of the largest allowed size, with a header
+    try:
+        file_bytes = path.stat().st_size
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if file_bytes > max_bytes:
+        raise InputFileError(f"{path}: {file_bytes:,} bytes, more than an image of the allowed size takes")
     if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or list(arr.shape[:2]) != list(size):
-            raise InputFileError(f"{path}: expected a {size[0]}x{size[1]}x3 uint8 array, got {arr.shape} {arr.dtype}")
-        return arr
+        return _load_npy(path, size)
     try:
         from PIL import Image
     except ImportError:
         raise EdgeshiftError(
             f"reading {path.suffix} images needs Pillow: pip install pillow (or pass .npy arrays)"
         ) from None
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check, at our limit (it raises at twice this)
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size[1], size[0])), dtype=np.uint8)
-    except Exception as exc:
-        raise InputFileError(f"cannot decode image {path}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise InputFileError(
+                        f"{path}: {width}x{height} pixels, more than the {limits.image_megapixels:g} million the "
+                        "profile allows (limits.image_megapixels)"
+                    )
+                return np.asarray(im.convert("RGB").resize((size[1], size[0])), dtype=np.uint8)
+    except InputFileError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputFileError(
+            f"{path}: more pixels than the {limits.image_megapixels:g} million the profile allows "
+            "(limits.image_megapixels)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a bad file
+        raise InputFileError(f"cannot decode image {path}: {printable(exc)}") from None
+
+
+def _load_npy(path: Path, size: Sequence[int]) -> np.ndarray:
+    """An HxWx3 uint8 ``.npy`` at ``size``: its header read first (memory-mapped: nothing is allocated for what
+    the header claims), never unpickled."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # object arrays, a bad header, a file shorter than it claims
+        raise InputFileError(f"{path}: not a plain .npy array ({printable(exc)})") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputFileError(f"{path}: not a plain .npy array")
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or list(arr.shape[:2]) != list(size):
+        raise InputFileError(f"{path}: expected a {size[0]}x{size[1]}x3 uint8 array, got {arr.shape} {arr.dtype}")
+    return np.array(arr)
 
 
 def preprocess(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
@@ -49,14 +90,15 @@ def preprocess(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def classify_folder(runtime, folder: Path, batch: int = 16, top: int = 1):
-    """Yield (path, [(label, probability), ...]) for every image under ``folder``."""
+def classify_folder(runtime, folder: Path, batch: int = 16, top: int = 1, limits: LimitsSettings | None = None):
+    """Yield (path, [(label, probability), ...]) for every image under ``folder``; ``limits``: what an image may
+    cost (the device profile's)."""
     manifest = runtime.portfolio.manifest
     pre, labels = manifest.preprocessing, manifest.labels
     files = list_inputs(folder)
     for i in range(0, len(files), batch):
         chunk = files[i : i + batch]
-        x = preprocess(np.stack([load_image(p, pre.size) for p in chunk]), pre)
+        x = preprocess(np.stack([load_image(p, pre.size, limits) for p in chunk]), pre)
         logits = runtime.predict(x).astype(np.float64)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import warnings
 
 from edgeshift.device_profiles.profile import SessionPlan, plan_session
+
+from edgeshift.core.errors import EdgeshiftError, PortfolioError
 
 _warned: set[tuple[str, ...]] = set()
 
@@ -44,7 +48,7 @@ def session_options(profile, plan: SessionPlan):
     opts.intra_op_num_threads = plan.intra_op_threads
     opts.inter_op_num_threads = plan.inter_op_threads
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[ex.graph_optimization])
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: what ORT refuses is raised, and said in one line, by the caller
     opts.execution_mode = (
         ort.ExecutionMode.ORT_PARALLEL if ex.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
     )
@@ -80,6 +84,33 @@ def create_session(
     )
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, at most 400 characters (ONNX Runtime's can run to pages)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def run_bounded(session, feed: dict, seconds: float, what: str, error: type[EdgeshiftError] = PortfolioError):
+    """``session.run(None, feed)``, stopped after ``seconds`` (ONNX Runtime's terminate flag, checked between
+    operators): for warm-up calls on a graph that may never finish. A failure or the deadline is ``error``,
+    naming ``what``. Not for the predict path: the watchdog costs a thread per call."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    timer = threading.Timer(seconds, setattr, (options, "terminate", True))
+    timer.daemon = True
+    timer.start()
+    try:
+        return session.run(None, feed, options)
+    except Exception as exc:  # noqa: BLE001 - ORT's own error classes
+        if options.terminate:
+            raise error(f"{what}: one call ran past {seconds:g} s (the profile's limits.run_seconds)") from None
+        raise error(f"{what}: ONNX Runtime cannot run it: {one_line(exc)}") from None
+    finally:
+        timer.cancel()
+
+
 def engine_cached(plan: SessionPlan) -> bool | None:
     """Whether the plan's compiled engine is already in the profile's cache (None: no engine cache in use)."""
     if plan.engine_dir is None:
@@ -92,13 +123,16 @@ def session_for_variant(portfolio, name: str, profile, pace=None, plan: SessionP
 
     ``pace`` is passed to the inflation (``edgeshift.runtime.portfolio.Pace``); inflate_ms includes any time it
     slept. ``plan``: the variant's session plan, where the caller already made it."""
-    import time
-
     t0 = time.perf_counter()
     with portfolio.inflated_path(name, pace) as path:
         model = path if path is not None else portfolio.inflate(name, pace)
         t1 = time.perf_counter()
-        session = create_session(model, profile, portfolio.info(name).sha256, plan)
+        try:
+            session = create_session(model, profile, portfolio.info(name).sha256, plan)
+        except Exception as exc:  # noqa: BLE001 - ORT's own error classes
+            raise PortfolioError(
+                f"{portfolio.path}: variant {name!r}: ONNX Runtime cannot load it: {one_line(exc)}"
+            ) from None
     t2 = time.perf_counter()
     return session, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -108,6 +142,8 @@ def absorb_first_session_cost(portfolio, profile) -> None:
     charged to whichever variant a measurement happens to start with."""
     import numpy as np
 
-    session = session_for_variant(portfolio, portfolio.names[0], profile)[0]
+    name = portfolio.names[0]
+    session = session_for_variant(portfolio, name, profile)[0]
     inp = session.get_inputs()[0]
-    session.run(None, {inp.name: np.zeros([1 if not isinstance(d, int) else d for d in inp.shape], np.float32)})
+    feed = {inp.name: np.zeros([1 if not isinstance(d, int) else d for d in inp.shape], np.float32)}
+    run_bounded(session, feed, profile.limits.run_seconds, f"{portfolio.path}: variant {name!r}")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeshift.core.errors import InputFileError
+from edgeshift.core.config import read_capped
+from edgeshift.core.errors import InputFileError, PortfolioError
 from edgeshift.core.jsonio import loads_bounded
 
 from .policies import Observation, SwitchPolicy, VariantView
@@ -49,17 +51,26 @@ class SimResult:
     mean_top1: float | None  # request-weighted accuracy served
 
 
-def read_trace(path: str | Path) -> list[TracePoint]:
+MAX_TRACE_ROWS = 100_000
+MAX_WINDOWS = 100_000  # decision windows a replay steps through (about a day at one a second)
+MAX_RPS = 1e9
+
+
+def read_trace(path: str | Path, max_bytes: int = 16 * 2**20) -> list[TracePoint]:
+    """A load trace from a file we did not write: its size checked before it is parsed, at most
+    ``MAX_TRACE_ROWS`` rows, every number finite and in range, time increasing."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"trace file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = read_capped(path, max_bytes, error=InputFileError, what="trace").decode("utf-8")
         rows = loads_bounded(text) if path.suffix == ".json" else list(csv.DictReader(text.splitlines()))
-    except (json.JSONDecodeError, csv.Error) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
         raise InputFileError(f"{path}: cannot parse trace ({exc})") from None
     if not isinstance(rows, list) or not rows:
         raise InputFileError(f"{path}: empty trace; expected rows of time_s,rps[,cpu_share][,available_mb]")
+    if len(rows) > MAX_TRACE_ROWS:
+        raise InputFileError(f"{path}: {len(rows):,} rows, more than {MAX_TRACE_ROWS:,}")
     points: list[TracePoint] = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "time_s" not in r or "rps" not in r:
@@ -67,18 +78,44 @@ def read_trace(path: str | Path) -> list[TracePoint]:
                 f"{path}: row {i + 1} lacks time_s and rps (expected header time_s,rps[,cpu_share][,available_mb])"
             )
         try:
-            p = TracePoint(
-                float(r["time_s"]),
-                float(r["rps"]),
-                float(r.get("cpu_share") or 1.0),
-                float(r.get("available_mb") or 1e9),
-            )
+            values = [_number(r["time_s"]), _number(r["rps"]), _number(r.get("cpu_share") or 1.0)]
+            values.append(_number(r.get("available_mb") or 1e9))
         except (TypeError, ValueError):
-            raise InputFileError(f"{path}: row {i + 1} has a non-numeric value: {r}") from None
-        if p.rps < 0 or not 0 < p.cpu_share <= 1 or (points and p.time_s <= points[-1].time_s):
-            raise InputFileError(f"{path}: row {i + 1}: need rps >= 0, 0 < cpu_share <= 1, increasing time_s")
+            raise InputFileError(f"{path}: row {i + 1} has a value that is not a finite number") from None
+        p = TracePoint(*values)
+        if (
+            not 0 <= p.rps <= MAX_RPS
+            or not 0 < p.cpu_share <= 1
+            or p.available_mb < 0
+            or (points and p.time_s <= points[-1].time_s)
+        ):
+            raise InputFileError(
+                f"{path}: row {i + 1}: need 0 <= rps <= {MAX_RPS:g}, 0 < cpu_share <= 1, available_mb >= 0, "
+                "increasing time_s"
+            )
         points.append(p)
     return points
+
+
+def _number(value: object) -> float:
+    """A finite float from a CSV cell or a JSON number (at most 30 characters: ``int()`` of thousands of digits
+    is refused by Python, and ``1e400`` is infinite)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or len(str(value)) > 30:
+        raise ValueError(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
+
+
+def check_windows(trace: list[TracePoint], step: float) -> None:
+    """Refuse a replay of more than ``MAX_WINDOWS`` decision windows, before it starts."""
+    windows = (trace[-1].time_s - trace[0].time_s) / step + 1
+    if windows > MAX_WINDOWS:
+        raise InputFileError(
+            f"the trace spans {trace[-1].time_s - trace[0].time_s:g} s: {windows:,.0f} windows of {step:g} s, more "
+            f"than {MAX_WINDOWS:,}; pass a larger --step"
+        )
 
 
 def measure_variants(
@@ -89,27 +126,31 @@ def measure_variants(
     import numpy as np
 
     from .ladder import LadderPoint, build_ladder, ladder_accuracy
-    from .session import absorb_first_session_cost, session_for_variant
-    from .timing_process import Graph, TimingSettings, time_graphs
+    from .session import absorb_first_session_cost, run_bounded, session_for_variant
+    from .timing_process import Graph, TimingError, TimingSettings, time_graphs
 
-    costs, inputs = {}, {}
-    shape = [1 if d is None else d for d in portfolio.input_spec.shape]
-    x = np.zeros(shape, np.float32)
+    costs = {}
+    spec = portfolio.input_spec
+    x = np.zeros([1 if d is None else d for d in spec.shape], np.float32)
+    settings = TimingSettings(
+        warmup=10, iterations=iterations, rounds=min(profile.benchmark.rounds, iterations), max_seconds=10.0
+    )
+    try:  # first, in a process of its own under the profile's limits: an untrusted variant is loaded there first
+        stats = time_graphs(
+            {v.name: Graph(portfolio.inflate(v.name), {spec.name: x}, v.sha256) for v in portfolio.variants},
+            profile,
+            settings,
+            kind="variant",
+        )
+    except TimingError as exc:
+        raise PortfolioError(f"{portfolio.path}: {exc}") from None
     absorb_first_session_cost(portfolio, profile)
     for v in portfolio.variants:
         t0 = time.perf_counter()
         sess = session_for_variant(portfolio, v.name, profile)[0]  # the runtime's own cold-switch path
-        name = sess.get_inputs()[0].name
-        sess.run(None, {name: x})
+        run_bounded(sess, {spec.name: x}, profile.limits.run_seconds, f"{portfolio.path}: variant {v.name!r}")
         costs[v.name] = (time.perf_counter() - t0) * 1e3
-        inputs[v.name] = name
         del sess
-    settings = TimingSettings(warmup=10, iterations=iterations, rounds=min(profile.benchmark.rounds, iterations))
-    stats = time_graphs(
-        {v.name: Graph(portfolio.inflate(v.name), {inputs[v.name]: x}, v.sha256) for v in portfolio.variants},
-        profile,
-        settings,
-    )
     views, points = {}, []
     for i, v in enumerate(portfolio.variants):
         mem = v.record.peak_memory_bytes or 2 * v.bytes
@@ -181,13 +222,14 @@ def simulate_file(
     from . import policies
     from .ladder import device_ladder
 
-    points = read_trace(trace_path)
+    points = read_trace(trace_path, profile.limits.file_mb * 2**20)
+    check_windows(points, step)
     pol = policies.get(
         policy_name,
         latency_target_ms=profile.serving.latency_target_ms,
         memory_budget_mb=profile.serving.memory_budget_mb,
     )
-    with Portfolio.open(portfolio_path) as pf:
+    with Portfolio.open(portfolio_path, profile.limits) as pf:
         by_name, costs, ladder = measure_variants(pf, profile)
         saved = device_ladder(pf, profile)
         source = "measured now"

@@ -16,10 +16,10 @@ SIZE = 8
 CLASSES = 4
 
 
-def tiny_classifier(width: int, seed: int = 0, *, depth: int = 1, hidden: int = 0) -> bytes:
+def tiny_classifier(width: int, seed: int = 0, *, depth: int = 1, hidden: int = 0, payload: bytes = b"") -> bytes:
     """input [N,3,8,8] -> Conv 3x3 (width) -> Relu [-> (Conv 3x3 -> Relu) x (depth-1)] -> GlobalAveragePool ->
     Flatten [-> Gemm (hidden) -> Relu] -> Gemm -> logits [N,4]. ``depth`` makes a model slower for its bytes (one
-    operator each), ``hidden`` larger for its speed."""
+    operator each), ``hidden`` larger for its speed; ``payload``, an unused uint8 initializer, larger alone."""
     rng = np.random.default_rng(seed + width)
     inits = [numpy_helper.from_array(rng.standard_normal((width, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "b")]
@@ -44,6 +44,8 @@ def tiny_classifier(width: int, seed: int = 0, *, depth: int = 1, hidden: int = 
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                             ["N", 3, SIZE, SIZE])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
+    if payload:
+        graph.initializer.append(helper.make_tensor("payload", TensorProto.UINT8, [len(payload)], payload, raw=True))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -35,15 +35,17 @@ def test_pi_threads_go_to_the_provider_that_really_runs(name):
 def test_overrides_apply_only_to_the_provider_that_leads(tmp_path):
     text = (
         '[execution]\nproviders = ["XnnpackExecutionProvider", "CPUExecutionProvider"]\nintra_op_threads = 3\n'
-        'session_config = { "a" = "1" }\n'
-        '[execution.when.CPUExecutionProvider]\ninter_op_threads = 2\nsession_config = { "b" = "2" }\n'
+        'session_config = { "session.intra_op.allow_spinning" = "0" }\n'
+        '[execution.when.CPUExecutionProvider]\ninter_op_threads = 2\n'
+        'session_config = { "session.set_denormal_as_zero" = "1" }\n'
         '[execution.when.XnnpackExecutionProvider]\nintra_op_threads = 1\n'
     )
     p = device_profiles.load_profile(write(tmp_path, text))
     cpu = device_profiles.plan_session(p, [CPU])
-    assert (cpu.intra_op_threads, cpu.inter_op_threads, cpu.session_config) == (3, 2, {"a": "1", "b": "2"})
+    spin, denormal = {"session.intra_op.allow_spinning": "0"}, {"session.set_denormal_as_zero": "1"}
+    assert (cpu.intra_op_threads, cpu.inter_op_threads, cpu.session_config) == (3, 2, {**spin, **denormal})
     xnn = device_profiles.plan_session(p, [XNNPACK, CPU])
-    assert (xnn.intra_op_threads, xnn.inter_op_threads, xnn.session_config) == (1, 1, {"a": "1"})
+    assert (xnn.intra_op_threads, xnn.inter_op_threads, xnn.session_config) == (1, 1, spin)
 
 
 def test_jetson_engines_are_cached_per_variant():

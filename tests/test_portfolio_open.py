@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from onnx_helpers import manifest_for, tiny_blobs, tiny_portfolio, write_zip
+from onnx_helpers import manifest_for, tiny_blobs, tiny_classifier, tiny_portfolio, write_zip
 from edgeshift.core.errors import PortfolioError, UnknownNameError
 from edgeshift.runtime.manifest import variant_file
 from edgeshift.runtime.portfolio import Portfolio
@@ -153,7 +153,7 @@ def test_deeply_nested_manifest_is_refused_before_parsing(tmp_path, nesting):
 def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
     blobs = tiny_blobs()
     manifest = manifest_for(blobs)
-    manifest["architecture"] = "[[[[" * 1000 + '\\\\"{' * 100  # escaped quotes too
+    manifest["architecture"] = "[[[[" * 150 + '\\\\"{' * 50  # escaped quotes too; 800 characters
     with Portfolio.open(broken(tmp_path, manifest=manifest, blobs=blobs)) as pf:
         assert pf.names == sorted(blobs, key=lambda n: len(blobs[n]))
 
@@ -200,7 +200,8 @@ def test_stored_members_are_accepted_other_methods_not(tmp_path):
 @pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
 def test_pacing_sees_every_piece_and_changes_no_byte(tmp_path, method):
     rng = np.random.default_rng(0)  # 3.5 MB, half noise: several pieces either way
-    blobs = {"big": rng.integers(0, 256, 3_500_000, dtype=np.uint8).tobytes()[:1_750_000] + bytes(1_750_000)}
+    noise = rng.integers(0, 256, 1_750_000, dtype=np.uint8).tobytes()
+    blobs = {"big": tiny_classifier(4, payload=noise + bytes(1_750_000))}
     path = tmp_path / "big.zip"
     write_zip(path, manifest_for(blobs), {variant_file("big"): blobs["big"]}, method=method)
     seen = []

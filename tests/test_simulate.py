@@ -35,7 +35,7 @@ def test_cpu_contention_in_the_trace_moves_latency_slo(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("", "empty trace"),
     ("t,rps\n0,1\n", "lacks time_s and rps"),
-    ("time_s,rps\n0,x\n", "non-numeric"),
+    ("time_s,rps\n0,x\n", "not a finite number"),
     ("time_s,rps\n5,1\n2,1\n", "increasing time_s"),
     ("time_s,rps,cpu_share\n0,1,2\n", "cpu_share"),
 ])

@@ -8,6 +8,7 @@ from typing import Any, Callable, TypeVar
 import typer
 
 from .errors import EdgeshiftError
+from .text import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -15,7 +16,8 @@ BUILD_MODULES = ("torch", "onnx", "onnxsim", "torch_pruning")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    """Print ``message`` as one line (control characters escaped: it may quote a file) and return the exit."""
+    typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -36,5 +38,8 @@ def handle_errors(fn: F) -> F:
             raise
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except OSError as exc:  # a file the user named: unreadable, a folder, a full disk
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise fail(f"{where}{exc.strerror or exc}") from None
 
     return wrapper  # type: ignore[return-value]

@@ -13,9 +13,11 @@ dataclasses (from tables), and ``Any``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, Union
 
 from .errors import EdgeshiftError
@@ -29,6 +31,8 @@ __all__ = ["load", "load_toml", "read_toml", "setting"]
 
 C = TypeVar("C")
 _MISSING = dataclasses.MISSING
+MAX_INT = 2**63 - 1  # TOML's integers are 64-bit; a longer one in a file we did not write is malformed
+MAX_CONFIG_BYTES = 1024 * 1024  # a configuration file larger than this is refused before it is parsed
 
 
 def setting(
@@ -36,11 +40,12 @@ def setting(
     help: str = "",
     *,
     minimum: float | None = None,
+    maximum: float | None = None,
     check: Callable[[Any], str | None] | None = None,
 ) -> Any:
-    """A dataclass field with its help; ``minimum`` (inclusive) and ``check`` (returns what is wrong, or None)
-    are checked on load. A list or dict default is copied per instance."""
-    meta = {"help": help, "minimum": minimum, "check": check}
+    """A dataclass field with its help; ``minimum`` and ``maximum`` (inclusive) and ``check`` (returns what is
+    wrong, or None) are checked on load. A list or dict default is copied per instance."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "check": check}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     if default is _MISSING:
@@ -102,11 +107,13 @@ def _convert(tp: Any, value: Any, where: str, source: str, error: type[Edgeshift
             raise _Bad
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, int) or not -MAX_INT <= value <= MAX_INT:
             raise _Bad
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad
+        if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT or not math.isfinite(value):
             raise _Bad
         return float(value)
     if tp is str:
@@ -138,7 +145,17 @@ def _convert_or_fail(tp: Any, value: Any, where: str, source: str, error: type[E
         if typing.get_origin(tp) is Literal:
             choices = ", ".join(str(a) for a in typing.get_args(tp))
             raise error(f"{source}: {where} = {value!r}; expected one of {choices}") from None
+        if _out_of_range(value):
+            raise error(f"{source}: {where} is out of range (not finite, or past 64 bits)") from None
         raise error(f"{source}: {where} must be {_describe(tp)}, got {type(value).__name__} {value!r}") from None
+
+
+def _out_of_range(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -MAX_INT <= value <= MAX_INT
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def load(
@@ -167,9 +184,11 @@ def load(
                 values[name] = load(hints[name], {}, source=source, error=error, section=where)
             continue
         value = _convert_or_fail(hints[name], document[name], where, source, error)
-        minimum = f.metadata.get("minimum")
+        minimum, maximum = f.metadata.get("minimum"), f.metadata.get("maximum")
         if minimum is not None and isinstance(value, (int, float)) and value < minimum:
             raise error(f"{source}: {where} must be >= {minimum:g}, got {value}")
+        if maximum is not None and isinstance(value, (int, float)) and value > maximum:
+            raise error(f"{source}: {where} must be <= {maximum:g}, got {value}")
         check = f.metadata.get("check")
         problem = check(value) if check is not None and value is not None else None
         if problem:
@@ -180,17 +199,28 @@ def load(
 
 def read_toml(path: Any, *, error: type[EdgeshiftError] = EdgeshiftError, what: str = "file") -> dict:
     """A TOML file's document; a missing file or bad TOML is ``error`` naming the file."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(read_capped(path, MAX_CONFIG_BYTES, error=error, what=what).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path}: not valid TOML ({exc})") from None
     except RecursionError:  # tomllib recurses per nesting level, in Python, so this is raised cleanly
         raise error(f"{path}: not valid TOML (nested too deeply)") from None
+
+
+def read_capped(path: Any, cap: int, *, error: type[EdgeshiftError] = EdgeshiftError, what: str = "file") -> bytes:
+    """The bytes of ``path``, refused with ``error`` when it holds more than ``cap`` (read at most ``cap + 1``:
+    a file we did not write is never read whole before its size is known)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > cap:
+        raise error(f"{path}: {what} larger than {cap:,} bytes; refused before parsing")
+    return data
 
 
 def load_toml(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Sequence, TextIO
 
+from .text import printable
+
 
 def render_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     """A left-aligned text table with a dashed rule under the header."""
-    cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
+    cells = [[printable(c) for c in header], *[[printable(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(r: list[str]) -> str:
