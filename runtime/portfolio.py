@@ -348,7 +348,7 @@ def _check_no_overlap(mm: mmap.mmap, infos: list[zipfile.ZipInfo], directory_sta
     spans = []
     for info in infos:
         off = info.header_offset
-        if off + _LOCAL_HEADER.size > directory_start:
+        if off < 0 or off + _LOCAL_HEADER.size > directory_start:
             raise PortfolioError(f"{path}: member {info.filename!r} starts past the ZIP directory")
         fields = _LOCAL_HEADER.unpack_from(mm, off)
         spans.append((off, off + _LOCAL_HEADER.size + fields[-2] + fields[-1] + info.compress_size, info.filename))

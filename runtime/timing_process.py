@@ -133,7 +133,7 @@ def time_graphs(
             proc.wait()
         if proc.returncode in _CANNOT_EXECUTE and answer is None and waiting_for == next(iter(graphs)):
             return _time_here(graphs, profile, settings, command, f"{command[0]} exited with {proc.returncode}", kind)
-        if answer is None or "error" in answer:
+        if answer is None or "error" in answer or "stats" not in answer:
             err.seek(0)
             lines = err.read().decode(errors="replace").strip().splitlines()
             raise TimingError(_why(answer, proc.returncode, lines, waiting_for, profile.limits, kind))
@@ -165,9 +165,11 @@ def _why(answer: dict | None, code: int, stderr: list[str], waiting_for: str | N
     """The one line a failed timing process comes to."""
     if answer is not None and "error" in answer:
         return str(answer["error"])
+    if answer is not None and answer.get("timeout") == "start":
+        return f"timing process did not start within {_START_SECONDS:g} s"
+    if answer is not None and answer.get("timeout") == "timing":
+        return "timing process failed: the timed calls ran past their deadline"
     if answer is not None and answer.get("timeout"):
-        if waiting_for is None:
-            return "timing process failed: the timed calls ran past their deadline"
         return (
             f"{kind} {waiting_for!r} was not made and run once within {limits.load_seconds:g} s "
             "(the profile's limits.load_seconds)"
@@ -188,7 +190,8 @@ def _exchange(
 ) -> tuple[dict | None, str | None]:
     """Send the request (from a thread: the child reads it while it works), follow the child's progress under the
     deadlines, and read its one-line answer. Returns (answer or None, the graph it was loading when it ended or
-    was stopped; None once all were loaded). An answer ``{"timeout": True}`` means the child was stopped."""
+    was stopped; None once all were loaded). An answer ``{"timeout": stage}`` means the child was stopped at that
+    stage (``start``, ``load``, ``timing``)."""
     assert proc.stdin is not None and proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout
 
@@ -213,14 +216,15 @@ def _exchange(
     for target in (send, receive):
         threading.Thread(target=target, daemon=True).start()
     pending = list(graphs)
-    deadline = time.monotonic() + _START_SECONDS + limits.load_seconds
-    last = None
+    deadline = time.monotonic() + _START_SECONDS  # until it says it is ready: then each graph has load_seconds
+    ready, last = False, None
     while True:
         try:
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             proc.kill()
-            return {"timeout": True}, pending[0] if pending else None
+            stage = "start" if not ready else "load" if pending else "timing"
+            return {"timeout": stage}, pending[0] if pending and ready else None
         if line is None:
             proc.wait()
             return last, pending[0] if pending else None
@@ -228,7 +232,9 @@ def _exchange(
             doc = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(doc, dict) and "loaded" in doc and pending:
+        if isinstance(doc, dict) and doc.get("ready") and not ready:
+            ready, deadline = True, time.monotonic() + limits.load_seconds
+        elif isinstance(doc, dict) and "loaded" in doc and pending:
             pending.pop(0)
             budget = limits.load_seconds if pending else _timing_deadline(settings, len(graphs), limits)
             deadline = time.monotonic() + budget
@@ -306,6 +312,7 @@ def _serve(stdin: IO[bytes]) -> dict:
     _cap_address_space(profile.limits.memory_mb)
     threads = session_plan(profile)
     ort.set_global_thread_pool_sizes(threads.intra_op_threads, threads.inter_op_threads)  # before any session
+    _say({"ready": True})
     sessions, feeds = {}, {}
     for spec in header["graphs"]:  # each model's bytes go once its session is made: sessions and feeds stay
         name, model = spec["name"], _read_exactly(stdin, spec["model_bytes"])
@@ -325,12 +332,17 @@ def _serve(stdin: IO[bytes]) -> dict:
                 raise TimingError(_out_of_memory(kind, name, profile.limits.memory_mb)) from None
             raise TimingError(f"{kind} {name!r}: ONNX Runtime cannot load or run it: {one_line(e)}") from e
         del model
-        sys.stdout.write(json.dumps({"loaded": name}) + "\n")
-        sys.stdout.flush()
+        _say({"loaded": name})
     if settings.iterations == 0:
         return {"stats": {}}
     stats = _time_sessions(sessions, feeds, settings, SHARED)
     return {"stats": {name: s.to_dict() for name, s in stats.items()}}
+
+
+def _say(doc: dict) -> None:
+    """One progress line to the caller, which holds each step to its deadline."""
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
 
 
 def _out_of_memory(kind: str, name: str, memory_mb: int) -> str:
