@@ -6,6 +6,7 @@ portfolio is a canary whose access time shows a read. A command still running af
 guard is all the timeout is: no test here asserts a speed)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -25,9 +26,12 @@ from onnx import TensorProto, helper, numpy_helper
 from device_helpers import BLOCK_TORCH
 from onnx_helpers import CLASSES, SIZE, manifest_for, tiny_blobs, tiny_classifier, write_zip
 from edgeshift.core.errors import PortfolioError
+from edgeshift.device_profiles import cpu_profile
+from edgeshift.runtime import timing_process
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.manifest import variant_file
 from edgeshift.runtime.portfolio import Portfolio
+from edgeshift.runtime.timing_process import Graph, TimingError, vet_graphs
 
 HANG_GUARD_S = 120  # the issue's bound on any one hostile case; a command still running then has hung
 MAX_RSS_MB = 2048
@@ -475,3 +479,17 @@ def test_text_from_a_file_reaches_the_terminal_with_its_controls_escaped(tmp_pat
     bad_name = portfolio_of(tmp_path, blobs, lambda m: m["variants"][0].update(name="\x1b[31mred"), name="n.zip")
     line = refused(device_cli("inspect", str(bad_name), cwd=tmp_path), "not a safe name")
     assert "\x1b" not in line and "\\x1b[31mred" in line
+
+
+def test_where_no_process_can_be_started_a_first_call_in_this_one_stops_at_its_deadline():
+    """What the emulated Pi does (qemu-user cannot start the vetting process): the variant is made here, and its
+    first call stopped by ONNX Runtime's terminate flag at ``limits.run_seconds``; twice, as one watchdog thread
+    serves every call."""
+    profile = cpu_profile(1)
+    profile = dataclasses.replace(profile, limits=dataclasses.replace(profile.limits, run_seconds=0.5))
+    graph = Graph(slow_model(), {"input": np.zeros((1, 3, SIZE, SIZE), np.float32)})
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="could not start a timing process"):
+            with pytest.raises(TimingError, match="variant 'slow': one call ran past 0.5 s"):
+                vet_graphs({"slow": graph}, profile, python=["sh", "-c", "exit 127", "sh"], kind="variant")
+        timing_process._warned.clear()
