@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo venv clean pi-check pi-matrix
+.PHONY: test lint demo venv clean pi-check pi-matrix fuzz
 
 venv: $(STAMP)
 
@@ -51,6 +51,13 @@ pi-check: $(STAMP)
 ORT_VERSIONS ?= 1.16.0,1.19.2,1.20.0,1.20.1,1.21.0,1.21.1,1.22.0,1.31.1
 pi-matrix: $(STAMP)
 	$(PY) tests/emulated_pi/check.py --matrix $(ORT_VERSIONS)
+
+# A long random run of the generated-CNN property test (tests/test_generated_cnns.py; CI runs a bounded,
+# derandomized one). Failures are shrunk to the smallest architecture, printed, and kept in .hypothesis/ so the
+# next run tries them first; turn each into a named test. EXAMPLES=N architectures (default 1000, ~5 min).
+EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	EDGESHIFT_FUZZ=fuzz EDGESHIFT_FUZZ_EXAMPLES=$(EXAMPLES) $(PY) -m pytest tests/test_generated_cnns.py -s -k random
 
 clean:
 	rm -rf $(VENV) .pytest_cache

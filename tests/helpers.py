@@ -86,3 +86,36 @@ def plant_zeros(model: nn.Module, seed: int = 0, frac: float = 0.3) -> None:
 
 def inputs_for(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+EXACT_RTOL = 1e-5  # of the output's scale: float64 against float64, far inside the code's own 1e-4 gate
+
+
+@torch.no_grad()
+def assert_same_function(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, rtol: float = EXACT_RTOL):
+    """The test's own oracle for 'exact': both models run in float64 (copies; the callers' are untouched) on ``x``,
+    inputs the code under test did not see, and agree within ``rtol`` of the reference's output scale."""
+    import copy
+
+    ref64, cand64 = copy.deepcopy(reference).eval().double(), copy.deepcopy(candidate).eval().double()
+    want, got = ref64(x.double()), cand64(x.double())
+    assert got.shape == want.shape, (got.shape, want.shape)
+    deviation = float((got - want).abs().max())
+    assert deviation <= rtol * max(1.0, float(want.abs().max())), deviation
+
+
+def assert_onnx_computes(onnx_model, reference: nn.Module, x: torch.Tensor, rtol: float = 1e-4):
+    """The test's own oracle for an export: ONNX Runtime's float32 output of ``onnx_model`` (bytes or a path) against
+    the torch model in float64, within ``rtol`` of the output scale."""
+    import copy
+
+    import numpy as np
+    import onnxruntime as ort
+
+    model = onnx_model if isinstance(onnx_model, bytes) else open(onnx_model, "rb").read()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = copy.deepcopy(reference).eval().double()(x.double()).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].astype(np.float64)
+    deviation = float(np.abs(got - want).max())
+    assert deviation <= rtol * max(1.0, float(np.abs(want).max())), deviation

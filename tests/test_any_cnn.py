@@ -274,7 +274,10 @@ def test_residual_add_onto_part_of_the_channels_is_exact_and_bounded():
     plant(model.bn3, zero=[0, 2])
     pruned, report = prune_zero_channels(model, fresh())
     assert widths(pruned)["conv3"] == 4  # the plain group still shrinks
-    assert report.plan_seconds < 10
+    # bounded: the group added onto part of the channels is recognised and kept whole, with its reason (the search
+    # that once ran for minutes here stops at the slice), rather than timed
+    assert report.notes == ["kept the 4 channels of conv1, conv2 whole: its channels pass a channel slice after "
+                            "conv1, conv2"]
     check_exact(model, pruned)
 
 

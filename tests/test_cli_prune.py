@@ -3,7 +3,7 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from helpers import inputs_for, make, plant_zeros
+from helpers import assert_same_function, inputs_for, make, plant_zeros
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.cli import app
 
@@ -24,12 +24,9 @@ def test_prune_writes_a_smaller_exact_checkpoint_and_prints_the_report(tmp_path)
     assert result.exit_code == 0, result.output
     assert "max |diff|" in result.output and "params" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["params_after"] < report["params_before"]
-    assert report["rel_diff"] <= 1e-4
     pruned, payload = load_checkpoint(tmp_path / "pruned.pt")
-    x = inputs_for(32)
-    with torch.no_grad():
-        assert (pruned(x) - model(x)).abs().max() <= 1e-4 * model(x).abs().max()
+    assert report["params_after"] == sum(p.numel() for p in pruned.parameters()) < report["params_before"]
+    assert_same_function(model, pruned, inputs_for(32, seed=99))
     assert payload["meta"]["prune_report"]["mode"] == "exact"
 
 
@@ -40,12 +37,10 @@ def test_prune_align_rounds_widths_up_with_zero_channels(tmp_path):
     assert result.exit_code == 0, result.output
     assert "zero channels added (widths multiples of 8)" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["align"] == 8 and report["channels_padded"] > 0 and report["rel_diff"] <= 1e-4
+    assert report["align"] == 8 and report["channels_padded"] > 0
     pruned, _ = load_checkpoint(tmp_path / "pruned.pt")
     assert all(m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
-    x = inputs_for(32)
-    with torch.no_grad():
-        assert (pruned(x) - model(x)).abs().max() <= 1e-4 * model(x).abs().max()
+    assert_same_function(model, pruned, inputs_for(32, seed=99))
     bad = runner.invoke(app, ["prune", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "p2.pt"), "--align", "0"])
     assert bad.exit_code == 2 and "--align" in bad.output
 

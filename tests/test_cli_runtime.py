@@ -7,9 +7,10 @@ import sys
 
 from typer.testing import CliRunner
 
-from device_helpers import BLOCK_TORCH, ROOT, npy_images
+from device_helpers import BLOCK_TORCH, ROOT, given_bench, npy_images
 from onnx_helpers import speed_portfolio, tiny_portfolio, write_zip
 from edgeshift.cli import app
+from edgeshift.runtime.ladder import bench_path_for
 
 runner = CliRunner()
 def test_bench_writes_json_and_csv(tmp_path):
@@ -38,7 +39,9 @@ def test_run_classifies_a_folder(tmp_path):
 
 
 def test_simulate_prints_every_switch(tmp_path):
-    speed_portfolio(tmp_path / "pf.zip")  # the ladder is measured: its variants must differ in speed
+    speed_portfolio(tmp_path / "pf.zip")
+    # this device's timings are the test's (a saved bench), so which switches happen does not hang on a clock
+    bench_path_for(tmp_path / "pf.zip").write_text(json.dumps(given_bench(tmp_path / "pf.zip", "host")))
     trace = tmp_path / "t.csv"
     trace.write_text("time_s,rps,cpu_share\n0,10,1\n5,10,0.05\n10,10,1\n")
     result = runner.invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", str(trace), "--policy",
@@ -57,10 +60,13 @@ def one_error_line(result):
 
 def test_broken_portfolio_is_one_line(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
-    for cmd in (["inspect"], ["bench"], ["run", "--images", str(tmp_path)], ["simulate", "--trace", "x"]):
+    (tmp_path / "t.csv").write_text("time_s,rps\n0,10\n1,10\n")  # a sound trace: simulate must open the portfolio
+    images = npy_images(tmp_path / "imgs")
+    trace = str(tmp_path / "t.csv")
+    for cmd in (["inspect"], ["bench"], ["run", "--images", str(images)], ["simulate", "--trace", trace]):
         result = runner.invoke(app, [cmd[0], str(tmp_path / "bad.zip"), *cmd[1:]])
         assert result.exit_code == 2
-        assert "not a portfolio" in one_error_line(result) or "not found" in one_error_line(result)
+        assert "bad.zip is not a portfolio: corrupt or truncated ZIP" in one_error_line(result)
 
 
 def test_deeply_nested_inputs_are_one_line(tmp_path):

@@ -17,8 +17,10 @@ def test_imp_cli_writes_levels_and_resumes(tmp_path):
     assert result.exit_code == 0, result.output
     assert "level 2: sparsity 75.00% (4.0x)" in result.output
     assert json.loads((out / "level_1" / "metrics.json").read_text())["sparsity"] == 0.5
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = runner.invoke(app, args + [])  # everything finished: nothing is retrained or rewritten
     assert again.exit_code == 0 and "level 2" in again.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
     other = runner.invoke(app, ["imp", "--arch", "resnet20", "--levels", "2", "--out", str(out), "--lr", "0.01",
                                 *SMALL])
     assert other.exit_code == 2 and "another configuration (differs in: lr)" in other.output

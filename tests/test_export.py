@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from edgeshift.exporter.onnx_export import ExportError, export_onnx
-from helpers import ZOO_CASES, inputs_for, make, plant_zeros
+from helpers import ZOO_CASES, assert_onnx_computes, inputs_for, make, plant_zeros
 from edgeshift.pruner.structured import prune_zero_channels
 from edgeshift.core.errors import EdgeshiftError
 
@@ -23,13 +23,11 @@ def test_every_zoo_model_exports_fused_checked_and_equal(name, kw, size, tmp_pat
     report = export_onnx(model, inputs_for(size), tmp_path / "m.onnx")
     proto = onnx.load(tmp_path / "m.onnx")
     onnx.checker.check_model(proto, full_check=True)
-    assert report.op_counts.get("BatchNormalization", 0) == 0
-    assert report.rel_diff <= 1e-4
+    counted = {op: sum(n.op_type == op for n in proto.graph.node) for op in ("BatchNormalization", "Conv")}
+    assert counted["BatchNormalization"] == 0 and report.op_counts.get("Conv") == counted["Conv"] > 0
     assert report.simplified
-    x = inputs_for(size, batch=3, seed=7).numpy()  # a batch size not seen at export: the batch is dynamic
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    assert np.abs(ort_run(tmp_path / "m.onnx", x) - ref).max() <= 1e-4 * np.abs(ref).max()
+    # a batch size not seen at export (the batch is dynamic), against torch in float64: the test's own oracle
+    assert_onnx_computes(tmp_path / "m.onnx", model, inputs_for(size, batch=3, seed=7))
 
 
 def test_pruned_model_exports_with_its_own_widths(tmp_path):

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from device_helpers import BLOCK_TORCH
 from onnx_helpers import CLASSES, SIZE, manifest_for, tiny_blobs, tiny_classifier, write_zip
-from edgeshift.core.errors import PortfolioError
+from edgeshift.core.errors import InputFileError, PortfolioError
 from edgeshift.device_profiles import cpu_profile
 from edgeshift.runtime import timing_process
 from edgeshift.runtime.engine import Runtime
@@ -442,7 +442,7 @@ def test_a_bench_result_without_variants_is_one_line(tmp_path):
     path = portfolio_of(tmp_path, tiny_blobs((4, 8)))
     (tmp_path / "evil.bench.json").write_text('{"variants": []}')
     refused(device_cli("run", str(path), "--images", str(tmp_path), cwd=tmp_path), "not a bench result (no variants)")
-    with pytest.raises(Exception, match="no variants"):
+    with pytest.raises(InputFileError, match="no variants"):
         Runtime(path, bench={"variants": []})
 
 

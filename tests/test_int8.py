@@ -112,25 +112,27 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
         m = pf.manifest
         names = pf.names
         kept = {v.name: v.record for v in pf.variants}
+        graphs = {n: onnx.load_from_string(pf.inflate(n)).graph for n in names}
     assert m.schema_version == 2 and m.ladder is not None and m.ladder.profile == "host"
     assert set(m.ladder.steps) <= set(names)
     along = [kept[n] for n in m.ladder.steps]  # fastest first: slower and more accurate at every step
     assert all(a.latency.p50_ms < b.latency.p50_ms and a.accuracy.top1 <= b.accuracy.top1
                for a, b in zip(along, along[1:]))
-    if "dense-int8" in kept:
-        q = kept["dense-int8"].quantization
-        assert kept["dense-int8"].precision == "int8" and q is not None and q.source == "dense"
-        assert (q.format, q.activations, q.calibration_samples, q.calibration_method) == ("qoperator", "uint8", 32,
-                                                                                          "minmax")
-        assert q.test_samples == 64 and 0 <= q.agreement_top1 <= 1 and q.max_logit_deviation > 0
-        assert kept["dense-int8"].op_counts.get("QLinearConv", 0) >= 19
-        lat_int8, lat_dense = kept["dense-int8"].latency, kept["dense"].latency
-        assert lat_int8.p50_ms < lat_dense.p50_ms and lat_int8.profile == "host"
-        assert len(lat_int8.round_p50_ms) == load_profile("host").benchmark.rounds
-    else:  # measured not faster on this machine: dropped, with that reason
+    assert kept["dense"].precision == "fp32" and kept["dense"].quantization is None
+    if "dense-int8" not in kept:  # INT8 is kept only where measured faster: a fact of this CPU, not of the code
         reason = next(d.reason for d in m.dropped if d.name == "dense-int8")
         assert "not faster than its FP32 source dense" in reason
-    assert kept["dense"].precision == "fp32" and kept["dense"].quantization is None
+        pytest.skip(f"INT8 measured not faster on this CPU, so its record is not in the manifest: {reason}")
+    q = kept["dense-int8"].quantization
+    assert kept["dense-int8"].precision == "int8" and q is not None and q.source == "dense"
+    assert (q.format, q.activations, q.calibration_samples, q.calibration_method) == ("qoperator", "uint8", 32,
+                                                                                      "minmax")
+    assert q.test_samples == 64 and 0 <= q.agreement_top1 <= 1 and q.max_logit_deviation > 0
+    counted = sum(n.op_type == "QLinearConv" for n in graphs["dense-int8"].node)  # from the graph, not the record
+    assert counted >= 19 and kept["dense-int8"].op_counts.get("QLinearConv") == counted
+    lat_int8, lat_dense = kept["dense-int8"].latency, kept["dense"].latency
+    assert lat_int8.p50_ms < lat_dense.p50_ms and lat_int8.profile == "host"
+    assert len(lat_int8.round_p50_ms) == load_profile("host").benchmark.rounds
 
 
 def test_cli_int8_needs_calibration_data_and_a_known_format(tmp_path):
@@ -162,6 +164,7 @@ def test_cli_export_int8(tmp_path):
         records = {v.name: v.record for v in pf.variants}
         dropped = {d.name: d.reason for d in pf.manifest.dropped}
     assert "m-int8" in records or "not faster" in dropped["m-int8"]
-    if "m-int8" in records:
-        q = records["m-int8"].quantization
-        assert q.calibration_samples == 16 and q.calibration_dataset.startswith("generated") and q.test_samples == 100
+    if "m-int8" not in records:  # INT8 is kept only where measured faster: a fact of this CPU, not of the code
+        pytest.skip(f"INT8 measured not faster on this CPU, so its record is not in the manifest: {dropped['m-int8']}")
+    q = records["m-int8"].quantization
+    assert q.calibration_samples == 16 and q.calibration_dataset.startswith("generated") and q.test_samples == 100

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.data import load_dataset
+from edgeshift.core.errors import EdgeshiftError, UnknownNameError
 from edgeshift.pruner.layers import criteria, find_candidates, remove_candidates
 from edgeshift.pruner.layers.criteria import Imprint
 from edgeshift.pruner.layers.layerprune import LayerPruneConfig, criterion_data
@@ -62,7 +63,7 @@ def test_removal_keeps_the_model_runnable_exportable_and_reloadable(arch, remove
     save_checkpoint(pruned, tmp_path / "p.pt")
     again, _ = load_checkpoint(tmp_path / "p.pt")
     assert torch.equal(again(x), pruned(x))
-    with pytest.raises(Exception, match="not removable: features.14"):
+    with pytest.raises(EdgeshiftError, match="not removable: features.14"):
         remove_candidates(model, ["features.14"], candidates)
 
 
@@ -101,7 +102,7 @@ def test_every_criterion_scores_every_candidate(trained):
         assert list(scores) == names and all(isinstance(v, float) and v == v for v in scores.values())
     ensemble = criteria.get("ensemble").score(model, candidates, data)
     assert sum(ensemble.values()) == 4 * sum(range(len(names)))  # each member ranks 0..n-1
-    with pytest.raises(Exception, match="unknown layer criterion 'l1'; known: bn-scale, ensemble, imprint"):
+    with pytest.raises(UnknownNameError, match="unknown layer criterion 'l1'; known: bn-scale, ensemble, imprint"):
         criteria.get("l1")
 
 

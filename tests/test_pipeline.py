@@ -111,7 +111,7 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
     ({"method": {"remove": 2}}, "method.remove must be a list"),
 ])
 def test_config_errors_name_the_file_and_key(doc, message):
-    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(EdgeshiftError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(doc, "my.toml")
 
 

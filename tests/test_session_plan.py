@@ -34,8 +34,10 @@ def test_bench_and_runtime_report_the_provider_and_threads_in_effect(tmp_path):
 
 @pytest.fixture
 def tensorrt_here(monkeypatch):
-    """This machine has no GPU: make ONNX Runtime report TensorRT, record what each session is given, and stand in
-    for TensorRT writing its engine into the folder it was told. The session itself is a real CPU session."""
+    """This machine has no GPU: make ONNX Runtime report TensorRT, record what each session is given, and write a
+    file where TensorRT would write its engine. The session itself is a real CPU session. What a test on this can
+    show is the paths each session is given and the kit's reading of those folders; not that TensorRT builds,
+    writes or loads an engine there (that needs a Jetson, and is unmeasured: README, "On a Jetson")."""
     real = ort.InferenceSession
     given: list[dict] = []
 
@@ -50,7 +52,8 @@ def tensorrt_here(monkeypatch):
     return given
 
 
-def test_each_variant_gets_its_own_engine_and_switches_say_whether_it_was_cached(tmp_path, tensorrt_here):
+def test_without_a_gpu_each_variant_is_given_its_own_engine_folder_and_switches_say_if_it_held_one(
+        tmp_path, tensorrt_here):
     cache = tmp_path / "engines"
     (tmp_path / "jetson.toml").write_text(
         '[execution]\nproviders = ["TensorrtExecutionProvider", "CPUExecutionProvider"]\n'

@@ -3,23 +3,19 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ZOO_CASES, following_bn, inputs_for, make, plant_zeros, zero_filter
+from helpers import ZOO_CASES, assert_same_function, following_bn, inputs_for, make, plant_zeros, zero_filter
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.structured import prune_zero_channels
 from edgeshift.core.errors import EdgeshiftError, ModelNotTraceableError
 
-RTOL = 1e-4
-
-
 def assert_exact(reference, pruned, size, report=None):
-    """Deviation on fresh inputs (not those the prune saw) within RTOL of the output scale."""
+    """On fresh inputs (not those the prune saw), both models in float64, within 1e-5 of the output scale: the
+    test's own oracle, not the code's 1e-4 gate. The report's deviation must be what was measured, not a claim:
+    within the float32 noise of the test's own figure."""
     x = inputs_for(size, batch=3, seed=99)
-    with torch.no_grad():
-        ref, out = reference(x), pruned(x)
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max() <= RTOL * ref.abs().max()
+    assert_same_function(reference, pruned, x)
     if report is not None:
-        assert report.max_abs_diff <= RTOL * report.max_abs_output
+        assert report.max_abs_output > 0 and 0 <= report.max_abs_diff <= 1e-5 * max(1.0, report.max_abs_output)
 
 
 def name_of(model, module):

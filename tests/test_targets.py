@@ -132,7 +132,8 @@ def test_pipeline_targets_build_every_family_and_choose_what_meets_each_target(t
         model, payload = load_checkpoint(out / "variants" / f"{name}.pt")
         assert payload["meta"]["distill"] == 0.5  # every candidate learned from the dense model too
         if "slim" in name:
-            assert payload["meta"]["slim"]["max_rel_deviation"] < 1e-4  # pruned exactly
+            # pruned exactly: float32 noise only, ten times inside the pruner's own 1e-4 gate, so this can fail
+            assert payload["meta"]["slim"]["max_rel_deviation"] < 1e-5
             assert payload["meta"]["slim"]["shares"]  # the widths training chose
             assert "1" in payload["meta"]["slim"]["align_p50_ms"]  # the widths as trained were timed ([variants])
     bench = json.loads((out / "portfolio.bench.json").read_text())

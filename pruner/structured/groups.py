@@ -144,7 +144,8 @@ def _analyse_structure(model: nn.Module, example_inputs: torch.Tensor) -> _Struc
     meta = {k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
             for k, v in wrapper.named_parameters()}
     meta.update({k: torch.empty_like(v, device="meta") for k, v in wrapper.named_buffers()})  # BN statistics
-    with _tolerant_index_mapping() as unmapped, warnings.catch_warnings():
+    # Torch-Pruning traces through autograd: a caller under torch.no_grad() must not get its bare assertion.
+    with _tolerant_index_mapping() as unmapped, warnings.catch_warnings(), torch.enable_grad():
         warnings.filterwarnings("ignore", message=".*unwrapped")  # bare parameters: their groups are blocked
         dg = tp.DependencyGraph().build_dependency(
             wrapper, example_inputs=(torch.empty_like(example_inputs[:1], device="meta"),),
@@ -383,7 +384,9 @@ def _bounded_group_growth():
         return original(self, dep, idxs)
 
     def bounded_flatten(self, idxs):
-        if len(idxs) * getattr(self, "_stride", 1) > _MAX_MAPPED_INDICES:
+        # Only the expanding direction (channels to the linear layer's inputs) can explode; going back, a linear
+        # layer's inputs map to at most as many channels (512 x 7 x 7 of VGG's classifier is 25,088 of them).
+        if not self.reverse and len(idxs) * getattr(self, "_stride", 1) > _MAX_MAPPED_INDICES:
             raise _GroupDiverged()  # a reshape read as a flatten (a channel shuffle): indices explode
         return flatten(self, idxs)
 
