@@ -56,6 +56,22 @@ class Built:
     engine_cached: bool | None = None  # see SwitchRecord
 
 
+class Pacer:
+    """The ``Pace`` of a build: after each inflated piece that took ``busy`` seconds, while ``serving()``, rest
+    ``busy * (1 / cpu_share - 1)`` seconds, so the build works at most ``cpu_share`` of the time."""
+
+    def __init__(self, cpu_share: float, serving: Callable[[], bool]):
+        self.idle_per_busy = 1 / cpu_share - 1
+        self.serving = serving
+        self.yielded_s = 0.0  # rested so far
+
+    def __call__(self, busy: float) -> None:
+        if self.idle_per_busy and self.serving():
+            pause = busy * self.idle_per_busy
+            time.sleep(pause)
+            self.yielded_s += pause
+
+
 def build_slot(
     portfolio: Portfolio,
     name: str,
@@ -68,15 +84,7 @@ def build_slot(
 ) -> Built:
     """Inflate, create and warm ``name``'s session; rest between inflated pieces while ``serving()`` so the
     build works at most ``cpu_share`` of the time (1 = never rest)."""
-    yielded = [0.0]
-    idle_per_busy = 1 / cpu_share - 1
-
-    def pace(busy: float) -> None:
-        if idle_per_busy and serving():
-            pause = busy * idle_per_busy
-            time.sleep(pause)
-            yielded[0] += pause
-
+    pace = Pacer(cpu_share, serving)
     plan = session_plan(profile, portfolio.info(name).sha256)
     cached = engine_cached(plan)  # before the session is made, which would fill the cache
     session, inflate_ms, create_ms = session_for_variant(portfolio, name, profile, pace, plan)
@@ -87,4 +95,4 @@ def build_slot(
     for _ in range(warmup_runs):
         run_bounded(session, {inp.name: zeros}, profile.limits.run_seconds, f"{portfolio.path}: variant {name!r}")
     warm_ms = (time.perf_counter() - t2) * 1e3
-    return Built(Slot(name, session, inp.name), inflate_ms, create_ms, warm_ms, yielded[0] * 1e3, cached)
+    return Built(Slot(name, session, inp.name), inflate_ms, create_ms, warm_ms, pace.yielded_s * 1e3, cached)

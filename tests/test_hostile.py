@@ -80,6 +80,7 @@ def refused(outcome: Outcome, *phrases: str) -> str:
     for phrase in phrases:
         assert phrase in line, line
     assert outcome.peak_rss_mb < MAX_RSS_MB, outcome.peak_rss_mb
+    print(f"peak RSS {outcome.peak_rss_mb:6.0f} MB  {line[:110]}")  # shown with -s: the figures for a report
     return line
 
 
