@@ -215,6 +215,13 @@ class ServingSettings:
     switch_cpu_share: float = setting(
         0.25, "while serving, a switch up inflates this share of the time, resting between pieces", check=_share
     )
+    switch_every_windows: int = setting(
+        5,
+        "a speed policy switches at most once per this many decision windows, and reverses its last step only "
+        "after twice that (hysteresis: steady load does not flip it)",
+        minimum=1,
+        maximum=10_000,
+    )
 
 
 @dataclass(frozen=True)

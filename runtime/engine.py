@@ -67,11 +67,7 @@ class Runtime:
         )
         self._owns_portfolio = not isinstance(portfolio, Portfolio)
         serving = self.profile.serving
-        self.policy = (
-            policies.get(policy, latency_target_ms=serving.latency_target_ms, memory_budget_mb=serving.memory_budget_mb)
-            if isinstance(policy, str)
-            else policy
-        )
+        self.policy = policies.for_profile(policy, self.profile) if isinstance(policy, str) else policy
         self.preload_neighbours = serving.preload_neighbours if preload_neighbours is None else preload_neighbours
         self.switch_cpu_share = serving.switch_cpu_share if switch_cpu_share is None else switch_cpu_share
         if not 0 < self.switch_cpu_share <= 1:

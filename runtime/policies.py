@@ -46,10 +46,17 @@ class SwitchPolicy(ABC):
     name: str = ""
     uses_ladder: bool = True  # steps along the ladder (by measured speed); False: sees every variant by size
 
-    def __init__(self, latency_target_ms: float = 50.0, memory_budget_mb: float = 1024.0, threads: int = 1):
+    def __init__(
+        self,
+        latency_target_ms: float = 50.0,
+        memory_budget_mb: float = 1024.0,
+        threads: int = 1,
+        switch_every_windows: int = 5,
+    ):
         self.latency_target_ms = latency_target_ms
         self.memory_budget_mb = memory_budget_mb
         self.threads = max(1, threads)
+        self.switch_every_windows = max(1, switch_every_windows)
 
     def predicted_p95_ms(self, v: VariantView, obs: Observation) -> float:
         """Service time under the observed CPU share, inflated by queueing at the offered load (M/M/c-ish)."""
@@ -84,7 +91,9 @@ class QpsTrendPolicy(SwitchPolicy):
     The sustained throughput is the active variant's capacity, ``threads * 1000 / service_ms``; its trend is
     measured on ``cpu_share`` (capacity relative to the benchmark) so that a switch does not look like a trend.
     A falling trend, or demand above ``high_water`` of capacity, steps down; a rising trend steps up when the
-    next slower step would still run below ``low_water`` of its capacity. ``cooldown`` windows after a switch.
+    next slower step would still run below ``low_water`` of its capacity. Hysteresis: at most one switch per
+    ``switch_every_windows`` windows (the profile's ``serving.switch_every_windows``), and a step up right after a
+    step down (or the reverse) waits twice that, so steady load, saturated or not, does not flip it.
     """
 
     name = "qps-trend"
@@ -96,14 +105,15 @@ class QpsTrendPolicy(SwitchPolicy):
         threshold: float = 0.1,
         high_water: float = 0.9,
         low_water: float = 0.6,
-        cooldown: int = 2,
         **kw,
     ):
         super().__init__(*args, **kw)
         self.window, self.threshold = window, threshold
-        self.high_water, self.low_water, self.cooldown = high_water, low_water, cooldown
+        self.high_water, self.low_water = high_water, low_water
         self._shares: list[float] = []
         self._quiet = 0
+        self._last_step = 0  # -1: the last switch stepped down (faster), +1: up (more accurate), 0: none yet
+        self._reversal_wait = 0  # windows a reversal of the last step still waits, beyond the usual quiet
 
     def _capacity(self, v: VariantView, share: float) -> float:
         return self.threads * 1000.0 / max(v.latency_ms / max(share, 1e-3), 1e-6)
@@ -138,15 +148,23 @@ class QpsTrendPolicy(SwitchPolicy):
                 )
                 decision = Decision(active + 1, f"{why}; {variants[active + 1].name} sustains {bigger:.0f} qps")
         if decision is not None:
-            self._quiet = self.cooldown
+            step = -1 if decision.target < active else 1
+            if self._last_step and step != self._last_step and self._reversal_wait > 0:
+                self._reversal_wait -= 1
+                return None  # a reversal: wait out the longer hysteresis first
+            self._last_step = step
+            self._quiet = self.switch_every_windows - 1
+            self._reversal_wait = self.switch_every_windows
             self._shares = self._shares[-1:]
         return decision
 
 
 @POLICIES.register("latency-slo", help="the most accurate variant whose predicted p95 meets the target")
 class LatencySloPolicy(SwitchPolicy):
-    """The most accurate variant whose predicted p95 meets the target. Steps down as soon as the active one
-    misses it; steps up only when the better one meets ``target * (1 - hysteresis)`` for ``patience`` windows."""
+    """The most accurate variant whose predicted p95 meets the target. As soon as the active one misses it, steps
+    down to the most accurate *faster* step predicted to meet it, or to the fastest step when none is: never to a
+    slower one (a miss means predictions ran low, so a slower step "predicted" to fit would miss worse). Steps up
+    only when a better one meets ``target * (1 - hysteresis)`` for ``patience`` windows."""
 
     name = "latency-slo"
 
@@ -161,13 +179,18 @@ class LatencySloPolicy(SwitchPolicy):
         fits = [i for i, p in enumerate(predicted) if p <= target]
         best = max(fits, key=lambda i: (variants[i].top1, -i)) if fits else 0
         current = predicted[active] if obs.p95_ms is None else max(predicted[active], obs.p95_ms)
-        if current > target and best != active:
+        if current > target:
             self._streak = 0
-            return Decision(
-                best,
-                f"p95 {current:.1f} ms misses the {target:g} ms target; "
-                f"{variants[best].name} predicts {predicted[best]:.1f} ms",
+            faster = [i for i in fits if i < active]  # the ladder is fastest first
+            down = max(faster, key=lambda i: (variants[i].top1, -i)) if faster else 0
+            if down == active:
+                return None  # already the fastest step: nothing faster to go to
+            why = (
+                f"{variants[down].name} predicts {predicted[down]:.1f} ms"
+                if faster
+                else f"no faster step is predicted to meet it: the fastest, {variants[down].name}"
             )
+            return Decision(down, f"p95 {current:.1f} ms misses the {target:g} ms target; {why}")
         if (
             best != active
             and variants[best].top1 > variants[active].top1
@@ -217,3 +240,15 @@ def names() -> list[str]:
 def get(name: str, **kw) -> SwitchPolicy:
     """Build the policy called ``name`` with ``kw``; unknown names list the known ones."""
     return POLICIES.get(name)(**kw)
+
+
+def for_profile(name: str, profile) -> SwitchPolicy:
+    """The policy called ``name`` with a device profile's serving settings: latency target, memory budget and
+    hysteresis."""
+    serving = profile.serving
+    return get(
+        name,
+        latency_target_ms=serving.latency_target_ms,
+        memory_budget_mb=serving.memory_budget_mb,
+        switch_every_windows=serving.switch_every_windows,
+    )

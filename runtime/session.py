@@ -12,7 +12,7 @@ from edgeshift.device_profiles.profile import SessionPlan, plan_session
 
 from edgeshift.core.errors import EdgeshiftError, PortfolioError
 
-_warned: set[tuple[str, ...]] = set()
+_warned: set[tuple] = set()
 
 
 def session_plan(profile, variant_sha256: str | None = None) -> SessionPlan:
@@ -21,6 +21,16 @@ def session_plan(profile, variant_sha256: str | None = None) -> SessionPlan:
     import onnxruntime as ort
 
     plan = plan_session(profile, ort.get_available_providers(), variant_sha256)
+    cores = os.cpu_count() or 1
+    threads = max(plan.intra_op_threads, *plan.provider_threads.values(), 0)
+    if threads > cores and ("threads", profile.name, threads) not in _warned:
+        _warned.add(("threads", profile.name, threads))
+        warnings.warn(
+            f"profile {profile.name}: {threads} threads on this machine's {cores} cores; they will take turns (a "
+            "profile for another device? its latencies here are not that device's)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if plan.missing and plan.missing not in _warned:
         _warned.add(plan.missing)
         warnings.warn(

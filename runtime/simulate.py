@@ -224,11 +224,7 @@ def simulate_file(
 
     points = read_trace(trace_path, profile.limits.file_mb * 2**20)
     check_windows(points, step)
-    pol = policies.get(
-        policy_name,
-        latency_target_ms=profile.serving.latency_target_ms,
-        memory_budget_mb=profile.serving.memory_budget_mb,
-    )
+    pol = policies.for_profile(policy_name, profile)
     with Portfolio.open(portfolio_path, profile.limits) as pf:
         by_name, costs, ladder = measure_variants(pf, profile)
         saved = device_ladder(pf, profile)
