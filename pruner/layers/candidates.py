@@ -1,24 +1,36 @@
-"""Which layers or blocks can go: the shape-preserving children of a model's sequential stages.
+"""Which layers or blocks can go: residual blocks recognised by what they compute, and shape-preserving conv layers
+inside a sequential stage.
 
-A candidate is a child of an ``nn.Sequential`` that contains a conv, maps its input to an output of exactly the same
-shape, and (for plain conv layers) follows another conv layer rather than a pooling step. In ResNets and
-MobileNetV2 these are the residual blocks with an identity shortcut (never the downsampling ones); in VGGs the conv
-layers with equal in/out channels inside a stage. Removing one replaces it with ``nn.Identity``, so the rest of
-the graph stays valid.
+A *block* is any submodule (not a container) that contains a conv, maps its input to an output of exactly the same
+shape, and computes ``y = f(x) + x`` (through an activation after the add, as ``relu(f(x) + x)``), read from its own
+traced graph: so a ResNet written any way (blocks in an ``nn.ModuleList``, the add in ``forward``, a shortcut
+attribute of any name or none) has its identity blocks found, and downsampling blocks (another shape, a projection
+shortcut) are not. A module whose forward cannot be traced counts as a block when it has an identity ``shortcut`` or
+says ``use_residual``. A *conv* candidate is a child of an ``nn.Sequential`` stage that contains a conv, preserves
+its input's shape and follows another conv layer rather than a pooling step (VGG's in-stage convs). Removing one
+replaces it with ``nn.Identity``, so the rest of the graph stays valid; for a block that is exactly the model with
+its residual branch ``f`` at zero (where what it adds to is non-negative, as after a ReLU).
 """
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.nn import functional as F
 
 from edgeshift.core.errors import EdgeshiftError
 
 from ..metrics import forward_with_hooks
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_ADDS = {operator.add, operator.iadd, torch.add}
+_ACTIVATIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU)
+_PASS_THROUGH = (nn.Identity, nn.Dropout)  # a shortcut made of these is the identity
 
 
 @dataclass(frozen=True)
@@ -34,47 +46,98 @@ def _contains_conv(m: nn.Module) -> bool:
     return any(isinstance(x, nn.Conv2d) for x in m.modules())
 
 
-def _is_residual(m: nn.Module) -> bool:
-    return hasattr(m, "shortcut") or getattr(m, "use_residual", False)
+def _by_attribute(m: nn.Module) -> bool:
+    """For a block fx cannot trace: an identity ``shortcut`` attribute, or the zoo's ``use_residual``."""
+    shortcut = getattr(m, "shortcut", None)
+    identity = isinstance(shortcut, _PASS_THROUGH) or (isinstance(shortcut, nn.Sequential) and len(shortcut) == 0)
+    return identity or bool(getattr(m, "use_residual", False))
+
+
+def adds_its_input(m: nn.Module) -> bool:
+    """``m`` computes ``f(x) + x`` (maybe through an activation after the add), read from its own traced graph."""
+    try:
+        graph = fx.symbolic_trace(m).graph
+    except Exception:  # data-dependent control flow, an untraceable call: fall back to what it says it is
+        return _by_attribute(m)
+    modules = dict(m.named_modules())
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return False
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+
+    def skip(node, kinds) -> object:
+        while isinstance(node, fx.Node) and (
+            (node.op == "call_module" and isinstance(modules.get(str(node.target)), kinds))
+            or (kinds is _ACTIVATION_MODULES and node.op == "call_function" and node.target in _ACTIVATIONS)
+            or (kinds is _ACTIVATION_MODULES and node.op == "call_method" and node.target in ("relu", "relu_"))
+        ):
+            node = node.args[0]
+        return node
+
+    out = skip(out, _ACTIVATION_MODULES)
+    adds = isinstance(out, fx.Node) and (
+        (out.op == "call_function" and out.target in _ADDS) or (out.op == "call_method" and out.target in ("add", "add_"))
+    )
+    return adds and any(skip(arg, _PASS_THROUGH) is inputs[0] for arg in out.args[:2])
 
 
 def find_candidates(model: nn.Module, example_inputs: torch.Tensor) -> list[Candidate]:
     """Every removable layer or block of ``model``, in forward order."""
-    seqs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Sequential)]
+    modules = dict(model.named_modules())
     shapes: dict[str, tuple[tuple, tuple]] = {}
     order: list[str] = []
     hooks = []
-    for seq_name, seq in seqs:
-        for child_name, child in seq.named_children():
-            full = f"{seq_name}.{child_name}" if seq_name else child_name
+    for name, module in modules.items():
+        if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # never called: no shapes
+            continue
 
-            def hook(mod, inp, out, full=full):
-                if isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                    shapes[full] = (tuple(inp[0].shape[1:]), tuple(out.shape[1:]))
-                    order.append(full)
-            hooks.append((child, hook))
+        def hook(mod, inp, out, name=name):
+            if inp and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor) and name not in shapes:
+                shapes[name] = (tuple(inp[0].shape[1:]), tuple(out.shape[1:]))
+                order.append(name)
+
+        hooks.append((module, hook))
     forward_with_hooks(model, example_inputs, hooks)
-    modules = dict(model.named_modules())
-    out = []
-    for seq_name, seq in seqs:
+    blocks = {
+        name
+        for name, (shape_in, shape_out) in shapes.items()
+        if shape_in == shape_out
+        and not isinstance(modules[name], _CONTAINERS)
+        and _contains_conv(modules[name])
+        and adds_its_input(modules[name])
+    }
+    # outermost only: a block inside a block is part of it
+    blocks = {b for b in blocks if not any(b.startswith(other + ".") for other in blocks)}
+    out = [Candidate(name, "block", shapes[name][0]) for name in blocks]
+    for seq_name, seq in modules.items():
+        if not isinstance(seq, nn.Sequential):
+            continue
         previous = None
         for child_name, child in seq.named_children():
             full = f"{seq_name}.{child_name}" if seq_name else child_name
             seen = shapes.get(full)
-            if seen and _contains_conv(child) and seen[0] == seen[1] and not _is_nested_in_candidate(full, modules):
-                residual = _is_residual(child)
-                if residual or (previous is not None and _contains_conv(previous) and not isinstance(previous, _POOLS)):
-                    out.append(Candidate(full, "block" if residual else "conv", seen[0]))
+            inside = any(full == b or full.startswith(b + ".") or b.startswith(full + ".") for b in blocks)
+            if (
+                seen
+                and not inside
+                and _contains_conv(child)
+                and seen[0] == seen[1]
+                and not _is_nested_in_block(full, modules)
+                and previous is not None
+                and _contains_conv(previous)
+                and not isinstance(previous, _POOLS)
+            ):
+                out.append(Candidate(full, "conv", seen[0]))
             previous = child
     rank = {name: i for i, name in enumerate(order)}
     return sorted(out, key=lambda c: rank[c.name])
 
 
-def _is_nested_in_candidate(name: str, modules: dict[str, nn.Module]) -> bool:
-    """Layers inside a block (any ancestor below the root that is not a plain Sequential stage) are not
-    candidates on their own."""
+def _is_nested_in_block(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Layers inside a block (any ancestor below the root that is not a container) are not candidates on their
+    own."""
     parts = name.split(".")
-    return any(not isinstance(modules[".".join(parts[:i])], nn.Sequential) for i in range(1, len(parts)))
+    return any(not isinstance(modules[".".join(parts[:i])], _CONTAINERS) for i in range(1, len(parts)))
 
 
 def remove_candidates(model: nn.Module, names: list[str], candidates: list[Candidate]) -> nn.Module:

@@ -133,8 +133,9 @@ def removable_candidates(model: nn.Module, remove: int | None = None) -> list[Ca
     Cheap (one forward pass of one example), so commands check it before loading data."""
     candidates = find_candidates(model, _example(model, 1))
     if not candidates:
-        raise EdgeshiftError(f"{model.edgeshift_arch['name']} has no removable layers or blocks (no shape-preserving "
-                             "layer follows another inside a stage)")
+        raise EdgeshiftError(f"{model.edgeshift_arch['name']} has no removable layers or blocks: no submodule maps its "
+                             "input to an output of the same shape as y = f(x) + x (an identity residual block), and "
+                             "no conv layer of a sequential stage keeps its input's shape after another conv")
     if remove is not None and remove > len(candidates):
         raise EdgeshiftError(f"cannot remove {remove}: {model.edgeshift_arch['name']} has {len(candidates)} "
                              f"removable candidates; pass --remove 1..{len(candidates)}")
