@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Union
@@ -257,7 +258,17 @@ class QuantizationSettings:
         "qoperator+uint8 and qdq+int8",
     )
     per_channel: bool = setting(True, "one weight scale per output channel")
-    reduce_range: bool = setting(False, "7-bit weights, for x86 CPUs without VNNI where u8 x s8 can saturate")
+    reduce_range: Union[bool, Literal["auto"]] = setting(
+        False,
+        "7-bit weights, for x86 CPUs without VNNI where u8 x s8 products saturate; 'auto': from this machine's CPU "
+        "flags (true on x86 without AVX-512 VNNI or AVX-VNNI, false elsewhere)",
+    )
+    min_agreement: float = setting(
+        0.97,
+        "an INT8 variant whose top-1 agrees with its FP32 source on less than this share of the held-out images is "
+        "made again with the other reduce_range, and dropped if that does not reach it either",
+        check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
+    )
 
 
 @dataclass(frozen=True)
@@ -283,12 +294,58 @@ class LimitsSettings:
 class DeviceProfile:
     name: str = setting("", "the profile's name (default: the file's stem)")
     description: str = setting("", "the device, in words")
+    machine: str = setting(
+        "",
+        "the device's CPU architecture as Python names it (aarch64, x86_64); empty: whatever machine runs it. A "
+        "portfolio built elsewhere for it keeps its INT8 variants untimed, for the device's own bench to decide",
+    )
     execution: ExecutionSettings = dataclasses.field(default_factory=ExecutionSettings)
     serving: ServingSettings = dataclasses.field(default_factory=ServingSettings)
     benchmark: BenchmarkSettings = dataclasses.field(default_factory=BenchmarkSettings)
     quantization: QuantizationSettings = dataclasses.field(default_factory=QuantizationSettings)
     limits: LimitsSettings = dataclasses.field(default_factory=LimitsSettings)
     source: str = dataclasses.field(default="", init=False)  # the file it came from
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # /proc/cpuinfo's names for the u8 x s8 dot-product instructions
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The flags of the first processor in a ``/proc/cpuinfo`` text (x86: ``flags``; ARM: ``Features``)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def needs_reduce_range(machine: str, flags: set[str]) -> bool:
+    """Whether INT8 weights should use 7 bits on this CPU: on x86 without VNNI, ONNX Runtime's u8 x s8 kernels
+    (vpmaddubsw) add pairs of products into int16, which saturates; with VNNI (or on ARM) they do not."""
+    x86 = machine.lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    return x86 and not any(f in flags for f in VNNI_FLAGS)
+
+
+def this_machine_needs_reduce_range() -> bool:
+    """``needs_reduce_range`` for the machine this runs on (``/proc/cpuinfo``; elsewhere: no flags known, so on
+    x86 the safe setting, 7-bit weights)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = cpu_flags(f.read(1 << 20))
+    except OSError:
+        flags = set()
+    return needs_reduce_range(platform.machine(), flags)
+
+
+_MACHINE_NAMES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+def cross_built(profile: DeviceProfile, here: str | None = None) -> bool:
+    """The profile names a CPU architecture other than this machine's: what is timed here is not the device's."""
+    if not profile.machine:
+        return False
+    here = (here or platform.machine()).lower()
+    return _MACHINE_NAMES.get(profile.machine.lower(), profile.machine.lower()) != _MACHINE_NAMES.get(here, here)
 
 
 def cpu_profile(threads: int = 1, name: str = "cpu") -> DeviceProfile:
@@ -418,7 +475,13 @@ def parse_profile(document: dict, source: str) -> DeviceProfile:
     serving = dataclasses.replace(
         sv, memory_budget_mb=_half_available_mb() if sv.memory_budget_mb == "auto" else sv.memory_budget_mb
     )
-    profile = dataclasses.replace(p, name=p.name or Path(source).stem, execution=execution, serving=serving)
+    q = p.quantization
+    quantization = dataclasses.replace(
+        q, reduce_range=this_machine_needs_reduce_range() if q.reduce_range == "auto" else q.reduce_range
+    )
+    profile = dataclasses.replace(
+        p, name=p.name or Path(source).stem, execution=execution, serving=serving, quantization=quantization
+    )
     object.__setattr__(profile, "source", source)
     return profile
 

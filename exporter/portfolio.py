@@ -1,6 +1,7 @@
 """The portfolio: export every variant, profile it, drop what another variant beats, pack one DEFLATE ZIP."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -17,7 +18,8 @@ from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.core.atomic import atomic_path, check_output_path
 from edgeshift.core.errors import EdgeshiftError
 from edgeshift.device_profiles import DeviceProfile
-from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy
+from edgeshift.device_profiles.profile import cross_built
+from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy, not_faster_reason
 from edgeshift.runtime.measure import LatencyStats, machine_label
 from edgeshift.runtime.memprobe import measure_session_memory
 from edgeshift.runtime.session import create_session
@@ -159,24 +161,45 @@ def _point(b: _Built, stats: LatencyStats) -> LadderPoint:
 
 
 def _int8_variants(fp32: dict[str, _Built], calibration: Calibration, profile: DeviceProfile,
-                   test_data: TestData | None, feed: dict, say: Callable[[str], None]) -> dict[str, _Built]:
+                   test_data: TestData | None, feed: dict, say: Callable[[str], None]
+                   ) -> tuple[dict[str, _Built], list[dict]]:
     """An INT8 variant of every FP32 one in the profile's format; with ``format = "auto"`` every candidate is
-    timed against the others (interleaved, under the profile) and the fastest kept."""
-    out = {}
+    timed against the others (interleaved, under the profile) and the fastest kept. One whose top-1 agrees with its
+    source on less than ``quantization.min_agreement`` of the test images is made again with the other
+    ``reduce_range`` (u8 x s8 products saturate on x86 without VNNI), and dropped, with the figures, if neither
+    reaches it. Returns (kept, dropped with reasons)."""
+    out, dropped = {}, []
+    floor = profile.quantization.min_agreement
     for name, src in fp32.items():
         qname = f"{name}-int8"
         if not NAME_RE.match(qname):
             raise EdgeshiftError(f"variant name {name!r} is too long to name its INT8 variant; shorten it")
-        choice = fastest_int8(src.data, calibration, profile, feed, name=name)
+        tries = [profile, dataclasses.replace(profile, quantization=dataclasses.replace(
+            profile.quantization, reduce_range=not profile.quantization.reduce_range))]
+        measured = []
+        for attempt in tries:
+            choice = fastest_int8(src.data, calibration, attempt, feed, name=name)
+            logits = top1 = top5 = agree = deviation = None
+            if test_data is not None and len(test_data.y) and src.logits is not None:
+                logits = onnx_logits(choice.session, test_data.x)
+                top1, top5 = accuracy_from_logits(logits, test_data.y)
+                agree, deviation = agreement(src.logits, logits)
+            measured.append((choice.scheme.reduce_range, agree))
+            if agree is None or agree >= floor:
+                break
+            say(f"   {qname}: top-1 agrees with {name} on {100 * agree:.1f}% of the test images with reduce_range "
+                f"{choice.scheme.reduce_range}, under the {100 * floor:.0f}% floor" + (
+                    "; trying the other setting" if attempt is tries[0] else ""))
+        if agree is not None and agree < floor:
+            figures = ", ".join(f"{100 * a:.1f}% with reduce_range {r}" for r, a in measured)
+            dropped.append({"name": qname, "reason": f"INT8 agrees with its FP32 source {name} on {figures} of "
+                                                     f"{len(test_data.y)} test images, under the profile's "
+                                                     f"quantization.min_agreement {100 * floor:.0f}%"})
+            continue
         scheme, data, session, timed = choice.scheme, choice.data, choice.session, choice.candidates_p50_ms
         if timed is not None:
             say(f"   {qname}: format auto, p50 " + ", ".join(f"{k} {v:.3f} ms" for k, v in timed.items())
                 + f" -> {scheme.label}")
-        logits = top1 = top5 = agree = deviation = None
-        if test_data is not None and len(test_data.y) and src.logits is not None:
-            logits = onnx_logits(session, test_data.x)
-            top1, top5 = accuracy_from_logits(logits, test_data.y)
-            agree, deviation = agreement(src.logits, logits)
         e = src.entry
         entry = {
             **e, "name": qname, "file": variant_file(qname), "sha256": _sha256(data), "bytes": len(data),
@@ -193,7 +216,7 @@ def _int8_variants(fp32: dict[str, _Built], calibration: Calibration, profile: D
             ),
         }
         out[qname] = _Built(entry, data, session, logits)
-    return out
+    return out, dropped
 
 
 def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike, *, labels: list[str] | None = None,
@@ -259,21 +282,31 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
             }, data, session, logits)
         x1 = np.random.default_rng(0).standard_normal((1, *example_inputs.shape[1:])).astype(np.float32)
         feed = {INPUT_NAME: x1}
+        dropped: list[dict] = []
         if int8 is not None:
             say(f"== INT8: {len(built)} variants, {len(int8.x)} calibration images ({int8.method}), format "
                 f"{timing.quantization.format} (profile {timing.name})")
-            built.update(_int8_variants(dict(built), int8, timing, test_data, feed, say))
+            quantized, disagreeing = _int8_variants(dict(built), int8, timing, test_data, feed, say)
+            built.update(quantized)
+            dropped += disagreeing
         say(f"== timing {len(built)} variants against each other under profile {timing.name} ({threads_used} "
             f"threads, {timing.benchmark.rounds} interleaved rounds)")
         stats = time_interleaved_models({n: b.data for n, b in built.items()}, feed, timing, batch=1)
         machine = machine_label()
-        dropped: list[dict] = []
+        elsewhere = cross_built(timing)
         for name, b in list(built.items()):
             q = b.entry.get("quantization")
-            if q is not None and not is_faster(_point(b, stats[name]), _point(built[q.source], stats[q.source])):
-                dropped.append({"name": name, "reason": (
-                    f"INT8 not faster than its FP32 source {q.source} under profile {timing.name} ({threads_used} "
-                    f"threads): p50 {stats[name].p50_ms:.3f} vs {stats[q.source].p50_ms:.3f} ms")})
+            if q is None:
+                continue
+            if elsewhere:  # this machine's speed says nothing of the device's: the device's bench decides
+                b.entry["device_timing"] = "pending"
+                say(f"   {name}: built for {timing.machine}, kept untimed: `edgeshift bench --save` on the device "
+                    "keeps or drops it")
+                continue
+            mine, source = _point(b, stats[name]), _point(built[q.source], stats[q.source])
+            if not is_faster(mine, source):
+                dropped.append({"name": name, "reason": "INT8 " + not_faster_reason(mine, source) + (
+                    f" under profile {timing.name} ({threads_used} threads)")})
                 del built[name]
         for name, b in built.items():
             b.session = None  # release before the memory probes
@@ -286,10 +319,13 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
                 path.write_bytes(b.data)
                 peak = measure_session_memory(str(path), threads_used)["peak_growth"]
             b.entry["peak_memory_bytes"] = peak
-    kept, beaten = postprocess([b.entry for b in built.values()], tolerance)
+    # a variant pending the device's own timing is neither beaten nor laddered on this machine's figures
+    pending = [b.entry for b in built.values() if b.entry.get("device_timing") == "pending"]
+    kept, beaten = postprocess([b.entry for b in built.values() if b.entry not in pending], tolerance)
     dropped += beaten
     ladder = build_ladder([_point(built[e["name"]], stats[e["name"]]) for e in kept],
                           timing.benchmark.ladder_min_gain)
+    kept = sorted(kept + pending, key=lambda v: (v["bytes"], v["name"]))
     size = int(example_inputs.shape[-1])
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:

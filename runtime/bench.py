@@ -15,7 +15,7 @@ import numpy as np
 from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import PortfolioError
 
-from .ladder import bench_ladder
+from .ladder import LadderPoint, bench_ladder, is_faster, not_faster_reason
 from .measure import machine_fingerprint
 from .portfolio import Portfolio
 from .session import absorb_first_session_cost, engine_cached, run_bounded, session_for_variant, session_plan
@@ -114,6 +114,25 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     return results
 
 
+def check_pending(portfolio: Portfolio, results: list[VariantBench]) -> dict[str, dict]:
+    """Keep or drop each INT8 variant built on another CPU for this device (``pending``), by this bench's figures:
+    kept when measured faster than its FP32 source in this run (``ladder.is_faster``), with the reason either way."""
+    by_name = {r.name: r for r in results}
+    checks = {}
+    for name in sorted(portfolio.pending & set(by_name)):
+        source = portfolio.info(name).record.quantization.source  # type: ignore[union-attr]
+        if source not in by_name:
+            checks[name] = {"kept": False, "reason": f"its FP32 source {source} was not timed in this bench"}
+            continue
+        mine, theirs = (LadderPoint(n, 0.0, by_name[n].p50_ms, tuple(by_name[n].round_p50_ms)) for n in (name, source))
+        if is_faster(mine, theirs):
+            reason = f"faster than {source} here: p50 {mine.p50_ms:.3f} vs {theirs.p50_ms:.3f} ms, every round"
+            checks[name] = {"kept": True, "reason": reason}
+        else:
+            checks[name] = {"kept": False, "reason": not_faster_reason(mine, theirs)}
+    return checks
+
+
 def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -> dict:
     rows = [asdict(r) for r in results]
     plan = session_plan(profile)
@@ -121,7 +140,7 @@ def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -
     if results:  # what the sessions really got, not what was asked for
         execution["providers"] = list(results[0].providers)
         execution["lead"] = results[0].providers[0]
-    return {
+    doc = {
         "portfolio": str(portfolio.path),
         "profile": profile.name,
         "fingerprint": machine_fingerprint(),
@@ -135,9 +154,12 @@ def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -
             "ladder_min_gain": profile.benchmark.ladder_min_gain,
         },
         "variants": rows,
-        "ladder": list(bench_ladder({"variants": rows}, portfolio, profile).steps),
+        "device_checks": check_pending(portfolio, results),
+        "ladder": [],
         "build_ladder": list(portfolio.manifest.ladder.steps) if portfolio.manifest.ladder else None,
     }
+    doc["ladder"] = list(bench_ladder(doc, portfolio, profile).steps)
+    return doc
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -201,9 +223,13 @@ def bench_file(path: str | Path, profile, variants: list[str] | None = None) -> 
 def ladder_lines(doc: dict) -> list[str]:
     """The ladder a bench gives (fastest first), in words, and the build-time one where it differs."""
     lines = [
+        f"{name}: {'kept' if check['kept'] else 'dropped'} (built on another CPU for this device; {check['reason']})"
+        for name, check in doc.get("device_checks", {}).items()
+    ]
+    lines.append(
         f"ladder on this device, profile {doc['profile']}, each step >= {100 * doc['settings']['ladder_min_gain']:.0f}%"
         f" faster than the one above: {' -> '.join(doc['ladder'])}"
-    ]
+    )
     if doc.get("build_ladder") and doc["build_ladder"] != doc["ladder"]:
         lines.append(f"  (the build-time ladder was {' -> '.join(doc['build_ladder'])})")
     return lines

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from edgeshift import device_profiles
-from edgeshift.core.errors import InputShapeError, UnknownNameError
+from edgeshift.core.errors import EdgeshiftError, InputShapeError, UnknownNameError
 
 from . import policies
 from .building import Built, Slot, SwitchRecord, build_slot
@@ -90,6 +90,7 @@ class Runtime:
             self.ladder = device_ladder(self.portfolio, self.profile, bench)
             name = start or self.ladder.steps[(len(self.ladder.steps) - 1) // 2]
             self.portfolio.info(name)  # unknown start -> error naming the variants
+            self._check_usable(name)
             if vet:
                 vet_portfolio(self.portfolio, self.profile)
             first = self._build(name)
@@ -182,14 +183,19 @@ class Runtime:
             serving=self._log.serving,
         )
 
+    def _usable(self) -> list[str]:
+        """Every variant the runtime may run, by size (not those waiting for this device's bench)."""
+        usable = set(self.ladder.usable or self.portfolio.names)
+        return [n for n in self.portfolio.names if n in usable]
+
     def _order(self) -> list[str]:
-        """What the policy chooses among: the ladder (fastest first), or every variant by size."""
-        return list(self.ladder.steps) if self.policy.uses_ladder else self.portfolio.names
+        """What the policy chooses among: the ladder (fastest first), or every usable variant by size."""
+        return list(self.ladder.steps) if self.policy.uses_ladder else self._usable()
 
     def _neighbours(self, name: str) -> set[str]:
         names = self._order()
         if name not in names:
-            names = self.portfolio.names
+            names = self._usable()
         i = names.index(name)
         return {names[j] for j in (i - 1, i + 1) if 0 <= j < len(names)}
 
@@ -250,10 +256,18 @@ class Runtime:
             self._refresh_standby()
         return record
 
+    def _check_usable(self, name: str) -> None:
+        if name not in self._usable():
+            raise EdgeshiftError(
+                f"variant {name!r} was built for this device on another CPU and waits for this device's timing: run "
+                "`edgeshift bench --save` here, which keeps it if it is faster than its source"
+            )
+
     def switch_to(self, name: str, reason: str = "manual", wait: bool = True):
         """Make ``name`` the active variant. ``wait=False`` returns a Future and keeps serving meanwhile."""
         if name not in self.portfolio.names:
             raise UnknownNameError("variant", name, self.portfolio.names)
+        self._check_usable(name)
         fut = self._executor.submit(self._do_switch, name, reason, time.perf_counter())
         self._pending = fut
         return fut.result() if wait else fut

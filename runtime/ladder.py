@@ -35,8 +35,10 @@ __all__ = [
     "bench_ladder",
     "bench_path_for",
     "build_ladder",
+    "device_checks",
     "device_ladder",
     "is_faster",
+    "not_faster_reason",
 ]
 
 
@@ -78,6 +80,22 @@ def is_faster(a: LadderPoint, b: LadderPoint, min_gain: float = 0.0) -> bool:
     return True
 
 
+def not_faster_reason(a: LadderPoint, b: LadderPoint, min_gain: float = 0.0) -> str:
+    """Why ``is_faster(a, b, min_gain)`` said no, in words consistent with the figures: its p50, or the rounds."""
+    if a.p50_ms >= b.p50_ms:
+        return f"not faster than {b.name}: p50 {a.p50_ms:.3f} vs {b.name} {b.p50_ms:.3f} ms"
+    if a.p50_ms > (1.0 - min_gain) * b.p50_ms:
+        return (
+            f"not {100 * min_gain:.0f}% faster than {b.name}: p50 {a.p50_ms:.3f} vs {b.p50_ms:.3f} ms "
+            f"({100 * (1 - a.p50_ms / b.p50_ms):.1f}% faster)"
+        )
+    lost = sum(x >= y for x, y in zip(a.round_p50_ms, b.round_p50_ms))
+    return (
+        f"p50 {a.p50_ms:.3f} vs {b.name} {b.p50_ms:.3f} ms, but slower in {lost} of {len(a.round_p50_ms)} interleaved "
+        "rounds (faster must mean every round, bar one from 4 rounds on: the rest is noise)"
+    )
+
+
 def build_ladder(points: Sequence[LadderPoint], min_gain: float = 0.10) -> list[str]:
     """Names, fastest first, slowest (most accurate) last: from the most accurate variant (the fastest of equals)
     down, each next step is the most accurate of the variants measured faster than it by ``min_gain`` (the
@@ -103,6 +121,25 @@ class DeviceLadder:
     steps: tuple[str, ...]  # fastest first
     source: str  # in words: this device's bench, or the manifest's build-time figures
     p95_ms: dict[str, float]  # per variant, from the same source (absent: not measured)
+    # the variants the runtime may run (every one but INT8 forms built for this device elsewhere that no bench here
+    # has kept yet, and any this device's bench refused); empty: all
+    usable: tuple[str, ...] = ()
+
+
+def device_checks(doc: dict) -> dict[str, dict]:
+    """What a bench document decided about variants that needed this device's word: {name: {kept, reason}}."""
+    checks = doc.get("device_checks") if isinstance(doc, dict) else None
+    if not isinstance(checks, dict):
+        return {}
+    return {n: c for n, c in checks.items() if isinstance(c, dict) and isinstance(c.get("kept"), bool)}
+
+
+def _usable(portfolio: Portfolio, checks: dict[str, dict]) -> tuple[str, ...]:
+    return tuple(
+        n
+        for n in portfolio.names
+        if checks.get(n, {}).get("kept", n not in portfolio.pending)  # pending: only once a bench here kept it
+    )
 
 
 def bench_path_for(portfolio_path: str | os.PathLike) -> Path:
@@ -182,26 +219,34 @@ def device_ladder(
         if why is not None:
             raise EdgeshiftError(f"{where} does not fit: {why}; run `edgeshift bench --save` here")
         return bench_ladder(doc, portfolio, profile, where)
-    p95 = {v.name: v.record.latency.p95_ms for v in portfolio.variants if v.record.latency}
+    usable = _usable(portfolio, {})
+    if portfolio.pending:
+        note += f" ({len(portfolio.pending)} INT8 variants wait for this device's bench: `edgeshift bench --save`)"
+    p95 = {v.name: v.record.latency.p95_ms for v in portfolio.variants if v.record.latency and v.name in usable}
     ladder = portfolio.manifest.ladder
     if ladder is not None:
-        return DeviceLadder(ladder.steps, f"manifest (profile {ladder.profile}, {ladder.threads} threads){note}", p95)
+        steps = tuple(s for s in ladder.steps if s in usable)
+        where = f"manifest (profile {ladder.profile}, {ladder.threads} threads){note}"
+        return DeviceLadder(steps, where, p95, usable)
     points = [
         LadderPoint(
             v.name, ladder_accuracy(v.top1, v.reference), v.record.latency.p50_ms, v.record.latency.round_p50_ms
         )
         for v in portfolio.variants
-        if v.record.latency
+        if v.record.latency and v.name in usable
     ]
-    if len(points) < len(portfolio.variants):
-        return DeviceLadder(tuple(portfolio.names), f"portfolio order: latencies not recorded{note}", p95)
-    steps = build_ladder(points, profile.benchmark.ladder_min_gain)
-    return DeviceLadder(tuple(steps), f"manifest latencies{note}", p95)
+    if len(points) < len(usable):
+        return DeviceLadder(usable, f"portfolio order: latencies not recorded{note}", p95, usable)
+    return DeviceLadder(
+        tuple(build_ladder(points, profile.benchmark.ladder_min_gain)), f"manifest latencies{note}", p95, usable
+    )
 
 
 def bench_ladder(doc: dict, portfolio: Portfolio, profile: DeviceProfile, where: str = "bench") -> DeviceLadder:
-    """The ladder a bench document's figures give, with the manifest's accuracies."""
-    rows = {r["name"]: r for r in doc["variants"]}
+    """The ladder a bench document's figures give, with the manifest's accuracies; variants pending this device's
+    word count only where the document kept them."""
+    usable = _usable(portfolio, device_checks(doc))
+    rows = {r["name"]: r for r in doc["variants"] if r["name"] in usable}
     try:
         points = [
             LadderPoint(
@@ -218,4 +263,4 @@ def bench_ladder(doc: dict, portfolio: Portfolio, profile: DeviceProfile, where:
             f"{where}: a variant lacks p50_ms, p95_ms or round_p50_ms; re-run `edgeshift bench --save`"
         ) from None
     steps = build_ladder(points, profile.benchmark.ladder_min_gain)
-    return DeviceLadder(tuple(steps), f"{where} (profile {profile.name}, this device)", p95)
+    return DeviceLadder(tuple(steps), f"{where} (profile {profile.name}, this device)", p95, usable)

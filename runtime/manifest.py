@@ -17,8 +17,8 @@ from typing import Any, Literal, Optional
 from edgeshift.core.config import load
 from edgeshift.core.errors import PortfolioError
 
-SCHEMA_VERSION = 2  # 2: INT8 variants (precision, quantization), the ladder, latency rounds and profile
-READABLE_SCHEMAS = (1, 2)  # a version-1 manifest is a version-2 one without the new optional fields
+SCHEMA_VERSION = 3  # 2: INT8 variants, the ladder, latency rounds and profile; 3: device_timing
+READABLE_SCHEMAS = (1, 2, 3)  # an older manifest is a newer one without the new optional fields
 MANIFEST_NAME = "manifest.json"
 VARIANT_DIR = "variants/"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z, not $: "$" also matches before a final newline
@@ -117,6 +117,9 @@ class VariantRecord:
     op_counts: Optional[dict[str, int]] = None
     precision: Literal["fp32", "int8"] = "fp32"
     quantization: Optional[Quantization] = None  # INT8 variants only
+    # "pending": built on another CPU than the device's (an ARM profile on x86), so untimed for it; the runtime
+    # leaves it alone until `edgeshift bench --save` on the device keeps it (faster than its source, agreeing)
+    device_timing: Optional[Literal["pending"]] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,6 +250,8 @@ def parse_manifest(document: Any, max_variants: int = 1024) -> Manifest:
             raise PortfolioError(f"manifest: {where}: an int8 variant, and only one, has a quantization record")
         if v.quantization is not None and not NAME_RE.match(v.quantization.source):
             raise PortfolioError(f"manifest: {where}.quantization.source is not a safe name")
+        if v.device_timing is not None and v.quantization is None:
+            raise PortfolioError(f"manifest: {where}: only an INT8 variant can wait for the device's timing")
     sizes = [v.bytes for v in m.variants]
     if sizes != sorted(sizes):
         raise PortfolioError("manifest: variants must be sorted by bytes, ascending")
@@ -254,6 +259,8 @@ def parse_manifest(document: Any, max_variants: int = 1024) -> Manifest:
         steps = m.ladder.steps
         if not steps or len(set(steps)) != len(steps) or not set(steps) <= seen:
             raise PortfolioError("manifest: ladder.steps must name distinct variants of the portfolio")
+        if set(steps) & {v.name for v in m.variants if v.device_timing == "pending"}:
+            raise PortfolioError("manifest: ladder.steps name a variant still waiting for the device's timing")
         if not 0 <= m.ladder.min_gain < 1:
             raise PortfolioError("manifest: ladder.min_gain must be in [0, 1)")
     return m

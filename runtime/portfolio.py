@@ -184,6 +184,11 @@ class Portfolio:
         return self._by_name[name]
 
     @property
+    def pending(self) -> set[str]:
+        """INT8 variants built on another CPU than the device's, untimed for it until its bench keeps them."""
+        return {v.name for v in self.variants if v.record.device_timing == "pending"}
+
+    @property
     def input_spec(self) -> InputSpec:
         return self.manifest.input
 
