@@ -218,8 +218,8 @@ class ServingSettings:
     )
     switch_every_windows: int = setting(
         5,
-        "a speed policy switches at most once per this many decision windows, and reverses its last step only "
-        "after twice that (hysteresis: steady load does not flip it)",
+        "a speed policy switches at most once per this many decision windows (hysteresis: steady load does not "
+        "flip it)",
         minimum=1,
         maximum=10_000,
     )

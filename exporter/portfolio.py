@@ -13,16 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
-from edgeshift.core.atomic import atomic_path, check_output_path
-from edgeshift.core.errors import EdgeshiftError
 from edgeshift.device_profiles import DeviceProfile
 from edgeshift.device_profiles.profile import cross_built
+from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy, not_faster_reason
-from edgeshift.runtime.measure import LatencyStats, machine_label
-from edgeshift.runtime.memprobe import measure_session_memory
-from edgeshift.runtime.session import create_session
 from edgeshift.runtime.manifest import (
     MANIFEST_NAME,
     NAME_RE,
@@ -40,6 +34,12 @@ from edgeshift.runtime.manifest import (
     parse_manifest,
     variant_file,
 )
+from edgeshift.runtime.measure import LatencyStats, machine_label
+from edgeshift.runtime.memprobe import measure_session_memory
+from edgeshift.runtime.session import create_session
+
+from edgeshift.core.atomic import atomic_path, check_output_path
+from edgeshift.core.errors import EdgeshiftError
 
 from .profile import (
     DEFLATE_LEVEL,
@@ -52,7 +52,6 @@ from .profile import (
     timing_profile,
 )
 from .quantize import Calibration, agreement, fastest_int8
-
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle  # only for the CIFAR-10 python release, a format that is pickle by definition; see load_cifar10
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def load_imagefolder(root: str | os.PathLike, split: str = "train", size: int | 
         raise EdgeshiftError("reading image folders needs Pillow: pip install pillow") from None
     images, labels = [], []
     first_size = None
+    # decoding tens of thousands of JPEGs takes minutes on a small machine: say so, once (it is cached for next time)
+    sys.stderr.write(f"decoding {len(files):,} images of {root}/{split} (once: cached for later runs)\n")
+    sys.stderr.flush()
     for p, i in files:
         try:
             with Image.open(p) as im:

@@ -92,7 +92,8 @@ def run(
     prof = device_profiles.load_profile(profile)
     with Runtime(portfolio, profile=prof, start=variant) as rt:
         n = 0
-        for path, best in classify_folder(rt, images, batch=batch, top=top, limits=prof.limits):
+        say = lambda line: typer.echo(printable(line), err=True)  # noqa: E731
+        for path, best in classify_folder(rt, images, batch=batch, top=top, limits=prof.limits, say=say):
             typer.echo(printable(path) + "\t" + "\t".join(printable(f"{label} {p:.3f}") for label, p in best))
             n += 1
         s = rt.stats()

@@ -92,8 +92,8 @@ class QpsTrendPolicy(SwitchPolicy):
     measured on ``cpu_share`` (capacity relative to the benchmark) so that a switch does not look like a trend.
     A falling trend, or demand above ``high_water`` of capacity, steps down; a rising trend steps up when the
     next slower step would still run below ``low_water`` of its capacity. Hysteresis: at most one switch per
-    ``switch_every_windows`` windows (the profile's ``serving.switch_every_windows``), and a step up right after a
-    step down (or the reverse) waits twice that, so steady load, saturated or not, does not flip it.
+    ``switch_every_windows`` windows (the profile's ``serving.switch_every_windows``), so steady load, saturated
+    or not, does not flip it.
     """
 
     name = "qps-trend"
@@ -112,8 +112,6 @@ class QpsTrendPolicy(SwitchPolicy):
         self.high_water, self.low_water = high_water, low_water
         self._shares: list[float] = []
         self._quiet = 0
-        self._last_step = 0  # -1: the last switch stepped down (faster), +1: up (more accurate), 0: none yet
-        self._reversal_wait = 0  # windows a reversal of the last step still waits, beyond the usual quiet
 
     def _capacity(self, v: VariantView, share: float) -> float:
         return self.threads * 1000.0 / max(v.latency_ms / max(share, 1e-3), 1e-6)
@@ -148,13 +146,7 @@ class QpsTrendPolicy(SwitchPolicy):
                 )
                 decision = Decision(active + 1, f"{why}; {variants[active + 1].name} sustains {bigger:.0f} qps")
         if decision is not None:
-            step = -1 if decision.target < active else 1
-            if self._last_step and step != self._last_step and self._reversal_wait > 0:
-                self._reversal_wait -= 1
-                return None  # a reversal: wait out the longer hysteresis first
-            self._last_step = step
             self._quiet = self.switch_every_windows - 1
-            self._reversal_wait = self.switch_every_windows
             self._shares = self._shares[-1:]
         return decision
 

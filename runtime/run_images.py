@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from edgeshift.device_profiles.profile import LimitsSettings
@@ -27,9 +27,16 @@ def list_inputs(folder: Path) -> list[Path]:
     return files
 
 
-def load_image(path: Path, size: Sequence[int], limits: LimitsSettings | None = None) -> np.ndarray:
+CONVERTIBLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr")  # to RGB without guessing a range
+
+
+def load_image(
+    path: Path, size: Sequence[int], limits: LimitsSettings | None = None, changed: Callable[[str], None] | None = None
+) -> np.ndarray:
     """HxWx3 uint8 at the manifest's size, from a file we did not write: its size and pixel count checked before
-    it is decoded (``limits.image_megapixels``), a ``.npy`` memory-mapped and never unpickled."""
+    it is decoded (``limits.image_megapixels``), a ``.npy`` memory-mapped and never unpickled. ``changed`` hears
+    what was done to fit the model ("resized", "converted from L"); a mode with no plain RGB form (16-bit, float)
+    is refused."""
     limits = limits or LimitsSettings()
     max_pixels = int(limits.image_megapixels * 1e6)
     max_bytes = max_pixels * 4 + 4096  # an uncompressed RGBA image of the largest allowed size, with a header
@@ -58,6 +65,14 @@ def load_image(path: Path, size: Sequence[int], limits: LimitsSettings | None = 
                         f"{path}: {width}x{height} pixels, more than the {limits.image_megapixels:g} million the "
                         "profile allows (limits.image_megapixels)"
                     )
+                if im.mode not in CONVERTIBLE_MODES:
+                    raise InputFileError(
+                        f"{path}: image mode {im.mode} has no plain 8-bit RGB form; convert it to RGB first"
+                    )
+                if changed is not None and im.mode != "RGB":
+                    changed(f"converted from {im.mode} to RGB")
+                if changed is not None and (height, width) != (size[0], size[1]):
+                    changed(f"resized from {width}x{height} to {size[1]}x{size[0]}")
                 return np.asarray(im.convert("RGB").resize((size[1], size[0])), dtype=np.uint8)
     except InputFileError:
         raise
@@ -90,15 +105,34 @@ def preprocess(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def classify_folder(runtime, folder: Path, batch: int = 16, top: int = 1, limits: LimitsSettings | None = None):
+def classify_folder(
+    runtime,
+    folder: Path,
+    batch: int = 16,
+    top: int = 1,
+    limits: LimitsSettings | None = None,
+    say: Callable[[str], None] = lambda line: None,
+):
     """Yield (path, [(label, probability), ...]) for every image under ``folder``; ``limits``: what an image may
-    cost (the device profile's)."""
+    cost (the device profile's). ``say`` hears, once per kind and run, that images were resized or converted to
+    fit the model (the first such image named)."""
     manifest = runtime.portfolio.manifest
     pre, labels = manifest.preprocessing, manifest.labels
     files = list_inputs(folder)
+    said: set[str] = set()
+
+    def noting(path: Path) -> Callable[[str], None]:
+        def changed(what: str) -> None:
+            kind = what.split(" ")[0] + (what.split(" ")[2] if what.startswith("converted") else "")
+            if kind not in said:
+                said.add(kind)
+                say(f"note: {path} {what} to fit the model; so is every such image in this run (said once)")
+
+        return changed
+
     for i in range(0, len(files), batch):
         chunk = files[i : i + batch]
-        x = preprocess(np.stack([load_image(p, pre.size, limits) for p in chunk]), pre)
+        x = preprocess(np.stack([load_image(p, pre.size, limits, noting(p)) for p in chunk]), pre)
         logits = runtime.predict(x).astype(np.float64)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 from typer.testing import CliRunner
 
 from device_helpers import BLOCK_TORCH, ROOT, given_bench, npy_images
@@ -135,3 +136,26 @@ def test_device_install_without_the_build_side_still_runs_its_commands(tmp_path)
     assert help_.returncode == 0 and "inspect" in help_.stdout and "prune" not in help_.stdout, help_.stderr
     assert run("inspect", "pf.zip").returncode == 0
     assert run("prune", "x.pt", "-o", "y.pt").returncode == 2
+
+
+def test_run_says_once_when_it_resizes_or_converts_and_refuses_what_it_cannot(tmp_path):
+    from PIL import Image
+
+    tiny_portfolio(tmp_path / "pf.zip")  # 8 x 8 RGB input
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images / "a.png")  # fits as it is
+    for name in ("b.png", "c.png"):  # grayscale, 20 x 12: converted and resized, each said once
+        Image.fromarray(rng.integers(0, 255, (12, 20), dtype=np.uint8)).save(images / name)
+    result = runner.invoke(app, ["run", str(tmp_path / "pf.zip"), "--images", str(images)])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2 and all("b.png" in n for n in notes), notes
+    assert any("converted from L to RGB" in n for n in notes) and any("resized from 20x12 to 8x8" in n for n in notes)
+    assert len([line for line in result.stdout.splitlines() if line.startswith(str(images))]) == 3
+    Image.fromarray(rng.integers(0, 60000, (8, 8), dtype=np.uint16)).save(images / "d.png")  # 16-bit gray
+    refused = runner.invoke(app, ["run", str(tmp_path / "pf.zip"), "--images", str(images)])
+    errors = [line for line in refused.output.splitlines() if line.startswith("error: ")]
+    assert refused.exit_code == 2 and len(errors) == 1 and "d.png: image mode I;16 has no plain 8-bit RGB form" in \
+        errors[0] and "Traceback" not in refused.output

@@ -9,13 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from typer.testing import CliRunner
-
-from helpers import inputs_for, make
-from edgeshift import device_profiles
-from edgeshift.cli import app
-from edgeshift.core.errors import EdgeshiftError
 from edgeshift.device_profiles.profile import cpu_flags, cross_built, needs_reduce_range
 from edgeshift.exporter.portfolio import build_portfolio
 from edgeshift.exporter.profile import TestData
@@ -23,8 +16,16 @@ from edgeshift.exporter.quantize import Calibration
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.ladder import bench_path_for
 from edgeshift.runtime.portfolio import Portfolio
+from helpers import inputs_for, make
+from torch import nn
+from typer.testing import CliRunner
 
-EPYC_ROME = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+from edgeshift import device_profiles
+from edgeshift.cli import app
+from edgeshift.core.errors import EdgeshiftError
+
+EPYC_ROME = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\n"
+             "flags\t\t: fpu sse2 avx avx2 fma bmi2\n")
 SAPPHIRE = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n"
 ALDER = "processor\t: 0\nmodel name\t: 12th Gen Intel Core\nflags\t\t: fpu avx avx2 avx_vnni\n"
 PI = "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU part\t: 0xd08\n"
