@@ -13,7 +13,9 @@ What it does (``make pi-check``; every download goes into ``--cache``, nothing i
 4. On ``cortex-a72`` (Pi 4) and ``cortex-a76`` (Pi 5), under each userland: ``edgeshift --help``, ``inspect``,
    ``bench --profile rpi4|rpi5 --json``, ``run`` on ``.npy`` inputs, ``simulate``, and the ``Runtime`` API with
    switches through every variant (``on_device.py``), each answer compared with the x86 host's for the same
-   portfolio (FP32 logits to 1e-4, the INT8 variant's to a few quantisation steps, with the same top-1).
+   portfolio (FP32 logits to 1e-4, the INT8 variant's to a few quantisation steps, with the same top-1); and
+   ``bench --save`` of the same portfolio as built on x86 for the Pi, whose INT8 variant waits for the device's
+   timing: the device keeps or drops it, saying why (which, emulation cannot say: its speed is not a Pi's).
 
 It fails on a crash (SIGILL, segfault), a wrong answer, or any import of torch or onnx on the device. What
 emulation cannot show: speed (emulated timings say nothing about a real Pi), the core count (QEMU reports the
@@ -156,9 +158,10 @@ def install_site(cache: Path, suite: str, wheel: Path, onnxruntime: str | None) 
 # -- the portfolio and the host's answers ----------------------------------------------------------------------
 
 
-def make_portfolio(work: Path) -> tuple[Path, Path, Path, Path]:
+def make_portfolio(work: Path) -> tuple[Path, Path, Path, Path, Path]:
     """A portfolio of three FP32 variants and a QDQ INT8 one (the Pi's scheme), .npy images, a batch for the API,
-    and a load trace: (portfolio, images folder, inputs.npy, trace.csv)."""
+    a load trace, and the same portfolio as built on x86 for the Pi (its INT8 variant untimed for the device):
+    (portfolio, images folder, inputs.npy, trace.csv, cross-built portfolio)."""
     from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
     from edgeshift.runtime.manifest import variant_file
     from onnx_helpers import manifest_for, tiny_classifier, write_zip
@@ -169,6 +172,13 @@ def make_portfolio(work: Path) -> tuple[Path, Path, Path, Path]:
     blobs["w32-int8"] = quantize_onnx(blobs["w32"], calibration, Int8Scheme("qdq", "int8"), name="w32")
     path = work / "pi.zip"
     write_zip(path, manifest_for(blobs), {variant_file(n): d for n, d in blobs.items()})
+    cross = manifest_for(blobs)
+    for v in cross["variants"]:
+        if v["name"] == "w32-int8":
+            v.update(precision="int8", device_timing="pending", quantization={
+                "source": "w32", "format": "qdq", "activations": "int8", "calibration_samples": 16,
+                "calibration_method": "minmax"})
+    write_zip(work / "pi-cross.zip", cross, {variant_file(n): d for n, d in blobs.items()})
     images = work / "images"
     images.mkdir()
     for i in range(4):
@@ -177,7 +187,7 @@ def make_portfolio(work: Path) -> tuple[Path, Path, Path, Path]:
     np.save(inputs, rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
     trace = work / "trace.csv"
     trace.write_text("time_s,rps,cpu_share\n0,5,1\n2,50,1\n4,5,1\n")
-    return path, images, inputs, trace
+    return path, images, inputs, trace, work / "pi-cross.zip"
 
 
 @dataclass
@@ -189,6 +199,7 @@ class Commands:
     inputs: Path
     trace: Path
     out: Path
+    cross: Path
 
     def for_profile(self, profile: str, tag: str) -> dict[str, list[str]]:
         return {
@@ -203,6 +214,7 @@ class Commands:
             "simulate": ["-m", "edgeshift", "simulate", str(self.portfolio), "--trace", str(self.trace),
                          "--profile", profile, "--policy", "qps-trend"],
             "api": [str(HERE / "on_device.py"), str(self.portfolio), str(self.inputs), profile],
+            "bench-save": ["-m", "edgeshift", "bench", str(self.cross), "--profile", profile, "--save"],
         }
 
 
@@ -266,6 +278,11 @@ def compare(name: str, device: subprocess.CompletedProcess, host: subprocess.Com
         host_rows = {r["name"]: r["sha256"] for r in json.loads((out / "bench-host.json").read_text())["variants"]}
         if rows != host_rows:
             return "bench: measured other variants than the host"
+    if name == "bench-save":  # the device keeps or drops the INT8 variant built for it elsewhere, saying why
+        decided = [line for line in device.stdout.splitlines()
+                   if line.startswith(("w32-int8: kept (built on another CPU", "w32-int8: dropped (built on another CPU"))]
+        if len(decided) != 1 or "; " not in decided[0]:
+            return "bench-save: no keep-or-drop line with its reason for the cross-built w32-int8"
     if name == "api":
         d, h = json.loads(device.stdout), json.loads(host.stdout)
         if d["torch_or_onnx_loaded"]:
@@ -293,8 +310,8 @@ def check(cache: Path, onnxruntime: str | None, userlands: list[str], cpus: list
     wheel = build_wheel(cache / "dist")
     work = Path(tempfile.mkdtemp(prefix="edgeshift-pi-"))
     try:
-        portfolio, images, inputs, trace = make_portfolio(work)
-        commands = Commands(portfolio, images, inputs, trace, work)
+        portfolio, images, inputs, trace, cross = make_portfolio(work)
+        commands = Commands(portfolio, images, inputs, trace, work, cross)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         say("the host's answers (x86, this checkout)")
         host = {}
