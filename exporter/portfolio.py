@@ -263,6 +263,9 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
             if test_data is not None and len(test_data.y):
                 logits = onnx_logits(session, test_data.x)
                 top1, top5 = accuracy_from_logits(logits, test_data.y)
+            say(f"   {name}: exported ({len(built) + 1}/{len(variants)}), {exp.params:,} params, {len(data):,} ONNX "
+                f"bytes, max |ONNX - torch| {exp.max_abs_diff:.1e}"
+                + ("" if top1 is None else f", top-1 {100 * top1:.2f}% on {len(test_data.y)} test images"))
             num_classes = int(exp.output_shape[1])
             pr = prune_reports.get(name)
             pr = pr.to_dict() if hasattr(pr, "to_dict") else pr
