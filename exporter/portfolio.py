@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -20,8 +21,10 @@ from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladde
 from edgeshift.runtime.manifest import (
     MANIFEST_NAME,
     NAME_RE,
+    CHECKS_NAME,
     SCHEMA_VERSION,
     Accuracy,
+    CheckInputs,
     DroppedVariant,
     InputSpec,
     Ladder,
@@ -111,9 +114,19 @@ def postprocess(variants: list[dict], tol: Tolerance = Tolerance()) -> tuple[lis
 MIN_DEFLATE_SAVING = 0.10
 
 
+def check_inputs_member(x: np.ndarray, count: int = 8) -> tuple[CheckInputs, bytes]:
+    """The first ``count`` preprocessed inputs of ``x`` as ``checks.npy`` and its manifest record: what a device
+    re-checks its INT8 variants on."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x[:count], dtype="<f4"), allow_pickle=False)
+    data = buf.getvalue()
+    return CheckInputs(file=CHECKS_NAME, sha256=_sha256(data), bytes=len(data), count=len(x[:count])), data
+
+
 def write_portfolio(out_path: str | os.PathLike, manifest: Manifest, onnx: dict[str, bytes],
-                    min_saving: float = MIN_DEFLATE_SAVING) -> Path:
-    """Pack ``manifest.json`` and ``variants/<name>.onnx`` into one standard ZIP, atomically.
+                    min_saving: float = MIN_DEFLATE_SAVING, checks: bytes | None = None) -> Path:
+    """Pack ``manifest.json``, ``variants/<name>.onnx`` and, with INT8 variants, ``checks.npy`` into one standard
+    ZIP, atomically.
 
     Members are DEFLATEd, except a variant that DEFLATE shrinks by less than ``min_saving`` (a dense model):
     it is STORED, so a switch to it does not spend CPU inflating what barely compressed.
@@ -129,6 +142,8 @@ def write_portfolio(out_path: str | os.PathLike, manifest: Manifest, onnx: dict[
                 deflated = v.deflated_bytes or deflated_size(data)
                 method = zipfile.ZIP_DEFLATED if deflated <= (1 - min_saving) * len(data) else zipfile.ZIP_STORED
                 z.writestr(v.file, data, compress_type=method)
+            if checks is not None:
+                z.writestr(CHECKS_NAME, checks)
     return out_path
 
 
@@ -332,6 +347,8 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise EdgeshiftError(f"{len(labels)} labels given for a model with {num_classes} classes")
+    quantized = int8 is not None and any(e.get("precision") == "int8" for e in kept)
+    checks_record, checks_data = check_inputs_member(int8.x) if quantized else (None, None)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         producer="edgeshift 0.1.0",
@@ -348,8 +365,9 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
         dropped=tuple(DroppedVariant(**d) for d in dropped),
         ladder=Ladder(steps=tuple(ladder), profile=timing.name, threads=threads_used,
                       min_gain=timing.benchmark.ladder_min_gain, machine=machine),
+        checks=checks_record,
     )
-    return write_portfolio(out_path, manifest, {n: b.data for n, b in built.items()})
+    return write_portfolio(out_path, manifest, {n: b.data for n, b in built.items()}, checks=checks_data)
 
 
 def _record(entry: dict) -> VariantRecord:

@@ -42,6 +42,7 @@ class VariantBench:
     providers: tuple[str, ...] = ()  # what the session really runs on (ORT's get_providers)
     engine_cached: bool | None = None  # its compiled engine came from the profile's cache (None: no engine cache)
     thread_pool: str = ""  # "shared": timed in a process of its own on one pool; "per-session": in this one
+    agreement: float | None = None  # INT8: top-1 agreement with its FP32 source on the shipped check inputs, here
 
 
 def _rss_mb() -> float:
@@ -74,6 +75,8 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     absorb_first_session_cost(portfolio, profile)
     made: dict[str, tuple[float, float, float]] = {}  # inflate ms, create ms, RSS growth MB
     providers: dict[str, tuple[str, ...]] = {}
+    checks = portfolio.check_inputs()
+    top1: dict[str, np.ndarray] = {}  # on the check inputs: what the INT8 re-check compares
     sessions = []  # alive until every variant is made: each one's memory is measured beside the others
     for name in names:
         gc.collect()
@@ -82,6 +85,9 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
         run_bounded(session, {spec.name: x}, profile.limits.run_seconds, f"{portfolio.path}: variant {name!r}")
         made[name] = (inflate_ms, create_ms, _rss_mb() - before)
         providers[name] = tuple(session.get_providers())
+        if checks is not None:
+            out = run_bounded(session, {spec.name: checks}, profile.limits.run_seconds, f"{portfolio.path}: {name}")
+            top1[name] = np.asarray(out[0]).argmax(1)
         sessions.append(session)
         del session
     del sessions
@@ -89,6 +95,10 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
     results = []
     for name, (inflate_ms, create_ms, growth) in made.items():
         info, st = portfolio.info(name), stats[name]
+        q = info.record.quantization
+        agree = None
+        if q is not None and name in top1 and q.source in top1:
+            agree = float((top1[name] == top1[q.source]).mean())
         results.append(
             VariantBench(
                 name,
@@ -109,17 +119,29 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
                 providers[name],
                 cached[name],
                 st.thread_pool,
+                agree,
             )
         )
     return results
 
 
-def check_pending(portfolio: Portfolio, results: list[VariantBench]) -> dict[str, dict]:
-    """Keep or drop each INT8 variant built on another CPU for this device (``pending``), by this bench's figures:
-    kept when measured faster than its FP32 source in this run (``ladder.is_faster``), with the reason either way."""
+def judge_int8_here(portfolio: Portfolio, results: list[VariantBench], min_agreement: float) -> dict[str, dict]:
+    """What this device says of its INT8 variants, with the reason either way: one whose top-1 agrees with its FP32
+    source, on the inputs shipped in the portfolio, less than ``min_agreement`` is refused (this CPU computes it
+    differently: saturating INT8 kernels without VNNI); one built on another CPU for this device (``pending``) is
+    kept only when this run measured it faster than its source (``ladder.is_faster``)."""
     by_name = {r.name: r for r in results}
     checks = {}
-    for name in sorted(portfolio.pending & set(by_name)):
+    for r in results:
+        if r.agreement is not None and r.agreement < min_agreement:
+            count = portfolio.manifest.checks.count if portfolio.manifest.checks else 0
+            checks[r.name] = {
+                "kept": False,
+                "reason": f"this device computes it differently: its top-1 agrees with its FP32 source on "
+                f"{100 * r.agreement:.0f}% of the {count} check inputs shipped in the portfolio, under the "
+                f"profile's quantization.min_agreement {100 * min_agreement:.0f}%",
+            }
+    for name in sorted(portfolio.pending & set(by_name) - set(checks)):
         source = portfolio.info(name).record.quantization.source  # type: ignore[union-attr]
         if source not in by_name:
             checks[name] = {"kept": False, "reason": f"its FP32 source {source} was not timed in this bench"}
@@ -154,7 +176,8 @@ def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -
             "ladder_min_gain": profile.benchmark.ladder_min_gain,
         },
         "variants": rows,
-        "device_checks": check_pending(portfolio, results),
+        "device_checks": judge_int8_here(portfolio, results, profile.quantization.min_agreement),
+        "pending": sorted(portfolio.pending),
         "ladder": [],
         "build_ladder": list(portfolio.manifest.ladder.steps) if portfolio.manifest.ladder else None,
     }
@@ -223,7 +246,9 @@ def bench_file(path: str | Path, profile, variants: list[str] | None = None) -> 
 def ladder_lines(doc: dict) -> list[str]:
     """The ladder a bench gives (fastest first), in words, and the build-time one where it differs."""
     lines = [
-        f"{name}: {'kept' if check['kept'] else 'dropped'} (built on another CPU for this device; {check['reason']})"
+        f"{name}: {'kept' if check['kept'] else 'dropped'} ("
+        + ("built on another CPU for this device; " if name in doc.get("pending", []) else "")
+        + f"{check['reason']})"
         for name, check in doc.get("device_checks", {}).items()
     ]
     lines.append(

@@ -20,6 +20,8 @@ from edgeshift.core.errors import PortfolioError
 SCHEMA_VERSION = 3  # 2: INT8 variants, the ladder, latency rounds and profile; 3: device_timing
 READABLE_SCHEMAS = (1, 2, 3)  # an older manifest is a newer one without the new optional fields
 MANIFEST_NAME = "manifest.json"
+CHECKS_NAME = "checks.npy"  # preprocessed inputs a device re-checks INT8 variants on (float32 [count, C, H, W])
+MAX_CHECK_INPUTS = 16
 VARIANT_DIR = "variants/"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z, not $: "$" also matches before a final newline
 SHA_RE = re.compile(r"[0-9a-f]{64}\Z")
@@ -140,6 +142,18 @@ class Ladder:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CheckInputs:
+    """A few preprocessed inputs (calibration images) shipped in ``checks.npy``: on the device, ``bench`` runs every
+    INT8 variant and its FP32 source on them and refuses one whose top-1 agrees less than the profile's floor (a CPU
+    whose INT8 kernels compute differently)."""
+
+    file: str  # checks.npy
+    sha256: str
+    bytes: int
+    count: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     schema_version: int
     producer: str = ""
@@ -152,6 +166,7 @@ class Manifest:
     variants: tuple[VariantRecord, ...]  # sorted by bytes, ascending
     dropped: tuple[DroppedVariant, ...] = ()  # what the post-processor removed, and why
     ladder: Optional[Ladder] = None  # absent in version-1 manifests: the runtime builds one from the latencies
+    checks: Optional[CheckInputs] = None  # schema 3, with INT8 variants
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,6 +267,17 @@ def parse_manifest(document: Any, max_variants: int = 1024) -> Manifest:
             raise PortfolioError(f"manifest: {where}.quantization.source is not a safe name")
         if v.device_timing is not None and v.quantization is None:
             raise PortfolioError(f"manifest: {where}: only an INT8 variant can wait for the device's timing")
+    if m.checks is not None:
+        c = m.checks
+        item = 1
+        for d in m.input.shape[1:]:
+            item *= int(d or 0)
+        if c.file != CHECKS_NAME or not SHA_RE.match(c.sha256) or not 0 < c.count <= MAX_CHECK_INPUTS:
+            raise PortfolioError(f"manifest: checks must name {CHECKS_NAME}, a sha256 and 1..{MAX_CHECK_INPUTS} inputs")
+        if c.bytes != 128 + 4 * c.count * item:
+            raise PortfolioError(
+                f"manifest: checks.bytes {c.bytes} is not {c.count} float32 inputs of the input's shape"
+            )
     sizes = [v.bytes for v in m.variants]
     if sizes != sorted(sizes):
         raise PortfolioError("manifest: variants must be sorted by bytes, ascending")

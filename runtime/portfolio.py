@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 from edgeshift.device_profiles.profile import LimitsSettings
 
 from edgeshift.core.errors import PortfolioError, UnknownNameError, require_file
@@ -32,6 +34,7 @@ from edgeshift.core.jsonio import loads_bounded
 
 from .graph_check import check_graph
 from .manifest import (
+    CHECKS_NAME,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     InputSpec,
@@ -125,7 +128,7 @@ class Portfolio:
         assert isinstance(zf.fp, _MappedFile)
         _check_no_overlap(zf.fp.mm, infos, zf.start_dir, path)
         for info in infos:
-            if info.filename != MANIFEST_NAME and not (
+            if info.filename not in (MANIFEST_NAME, CHECKS_NAME) and not (
                 info.filename.startswith("variants/")
                 and info.filename.endswith(".onnx")
                 and info.filename.count("/") == 1
@@ -162,8 +165,13 @@ class Portfolio:
                 )
         declared = {v.file: v for v in manifest.variants}
         for name in names:
-            if name != MANIFEST_NAME and name not in declared:
+            if name != MANIFEST_NAME and name not in declared and not (name == CHECKS_NAME and manifest.checks):
                 raise PortfolioError(f"{path}: member {name!r} is not declared in the manifest")
+        if manifest.checks is not None:
+            if CHECKS_NAME not in names or zf.getinfo(CHECKS_NAME).file_size != manifest.checks.bytes:
+                raise PortfolioError(
+                    f"{path}: {CHECKS_NAME} is missing or not the {manifest.checks.bytes} bytes declared"
+                )
         for file, v in declared.items():
             if file not in names:
                 raise PortfolioError(f"{path}: variant {v.name!r} is declared but {file} is missing")
@@ -264,6 +272,33 @@ class Portfolio:
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)
+
+    def check_inputs(self) -> np.ndarray | None:
+        """The preprocessed inputs shipped for the device's INT8 re-check (``manifest.checks``), inflated under its
+        declared size, sha256-checked, read as a plain float32 ``.npy`` of the declared shape (never unpickled);
+        None where the portfolio ships none."""
+        c = self.manifest.checks
+        if c is None:
+            return None
+        data = b"".join(_member_chunks(self._zip, self._zip.getinfo(CHECKS_NAME), c.bytes, self.path))
+        if hashlib.sha256(data).hexdigest() != c.sha256:
+            raise PortfolioError(f"{self.path}: {CHECKS_NAME} fails its sha256 check (tampered or corrupt)")
+        shape = (c.count, *(int(d or 0) for d in self.input_spec.shape[1:]))
+        try:
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header = read(stream)  # (shape, fortran order, dtype): parsed as a literal, never unpickled
+        except (ValueError, OSError, SyntaxError) as exc:
+            raise PortfolioError(f"{self.path}: {CHECKS_NAME} is not a plain .npy array ({exc})") from None
+        if (
+            tuple(header[0]) != shape
+            or header[1]
+            or header[2] != np.dtype("<f4")
+            or stream.tell() + 4 * int(np.prod(shape)) != len(data)
+        ):
+            raise PortfolioError(f"{self.path}: {CHECKS_NAME} must hold float32 inputs shaped {list(shape)}")
+        return np.frombuffer(data, np.float32, offset=stream.tell()).reshape(shape)
 
     def verify(self) -> None:
         """Inflate every variant, streaming (one piece in memory at a time), and check its size, CRC-32 and sha256;

@@ -494,3 +494,24 @@ def test_where_no_process_can_be_started_a_first_call_in_this_one_stops_at_its_d
             with pytest.raises(TimingError, match="variant 'slow': one call ran past 0.5 s"):
                 vet_graphs({"slow": graph}, profile, python=["sh", "-c", "exit 127", "sh"], kind="variant")
         timing_process._warned.clear()
+
+
+@pytest.mark.parametrize("array,phrase", [
+    (np.array([{"x": 1}] * 4, dtype=object), "not a plain .npy array|must hold float32"),
+    (np.zeros((2, 3, SIZE, SIZE), np.float64), "must hold float32"),
+])
+def test_shipped_check_inputs_are_read_as_plain_floats_of_the_declared_shape(tmp_path, array, phrase):
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    data = buf.getvalue()[: 128 + 4 * 2 * 3 * SIZE * SIZE].ljust(128 + 4 * 2 * 3 * SIZE * SIZE, b"\0")
+    blobs = tiny_blobs((4, 8))
+    manifest = manifest_for(blobs)
+    manifest["checks"] = {"file": "checks.npy", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                          "count": 2}
+    path = tmp_path / "c.zip"
+    write_zip(path, manifest, {**{variant_file(n): d for n, d in blobs.items()}, "checks.npy": data})
+    line = refused(device_cli("bench", str(path), cwd=tmp_path), "checks.npy")
+    assert any(p in line for p in phrase.split("|")), line

@@ -128,3 +128,28 @@ def test_int8_built_for_an_arm_device_on_x86_waits_for_the_devices_bench(tmp_pat
     assert check["kept"] is False or faster  # kept only where this run measured it faster
     with Runtime(path, profile="rpi4") as rt:  # the bench beside it, measured here under this profile
         assert ("dense-int8" in rt.ladder.usable) is check["kept"]
+
+
+def test_bench_refuses_an_int8_variant_this_device_computes_differently(tmp_path, data, monkeypatch):
+    """The portfolio ships a few preprocessed inputs (checks.npy); on the device, bench runs each INT8 variant and its
+    FP32 source on them and refuses one whose top-1 agrees less than the profile's floor. Here the floor at export
+    is set to 0, so a variant that disagrees reaches the device, which must catch it."""
+    test, calibration = data
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")  # built on x86 for the Pi: kept untimed at export
+    rpi4 = device_profiles.load_profile("rpi4")
+    lax = dataclasses.replace(rpi4, benchmark=dataclasses.replace(rpi4.benchmark, warmup=2, iterations=40),
+                              quantization=dataclasses.replace(rpi4.quantization, min_agreement=0.0))
+    path = build_portfolio({"dense": OneLoudClass()}, inputs_for(32), tmp_path / "pf.zip", test_data=test,
+                           profile=lax, int8=calibration, measure_memory=False, say=lambda line: None)
+    with Portfolio.open(path) as pf:
+        shipped = pf.check_inputs()
+        assert pf.manifest.checks.count == 8 and np.array_equal(shipped, calibration.x[:8])  # what was calibrated on
+    result = CliRunner().invoke(app, ["bench", str(path), "--profile", "rpi4", "--save"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(bench_path_for(path).read_text())
+    agreement = next(r["agreement"] for r in saved["variants"] if r["name"] == "dense-int8")
+    assert agreement < 0.97 and saved["device_checks"]["dense-int8"]["kept"] is False
+    assert f"this device computes it differently: its top-1 agrees with its FP32 source on {100 * agreement:.0f}% " \
+           "of the 8 check inputs" in result.output
+    with Runtime(path, profile="rpi4") as rt:
+        assert "dense-int8" not in rt.ladder.usable
