@@ -19,9 +19,9 @@ from edgeshift.device_profiles.profile import cross_built
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy, not_faster_reason
 from edgeshift.runtime.manifest import (
+    CHECKS_NAME,
     MANIFEST_NAME,
     NAME_RE,
-    CHECKS_NAME,
     SCHEMA_VERSION,
     Accuracy,
     CheckInputs,
