@@ -4,6 +4,7 @@ and the predict path's latency after each (it is the same code either way: this 
 
     python benchmarks/vetting_cost.py [--portfolio PATH] [--profile host] [--repeats 7] [--calls 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,11 @@ import time
 
 import numpy as np
 from _common import ensure_vgg16_portfolio
-
-from edgeshift import device_profiles
 from edgeshift.runtime import vetting
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
+
+from edgeshift import device_profiles
 
 
 def open_and_predict(path, profile, vet: bool, calls: int) -> tuple[float, float]:
@@ -49,15 +50,17 @@ def main() -> None:
     profile = device_profiles.load_profile(args.profile)
     results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     for r in range(args.repeats):
-        for vet in ((True, False) if r % 2 == 0 else (False, True)):
+        for vet in (True, False) if r % 2 == 0 else (False, True):
             results[vet].append(open_and_predict(path, profile, vet, args.calls))
     med = statistics.median
     print(f"machine: {machine_label()}; profile {profile.name}; portfolio {path}; medians of {args.repeats}")
     base_open, base_p50 = (med(x[i] for x in results[False]) for i in (0, 1))
     for vet in (False, True):
         opened, p50 = (med(x[i] for x in results[vet]) for i in (0, 1))
-        print(f"vet={vet!s:<5}  open {opened:8.1f} ms ({opened / base_open:.2f}x)   predict p50 {p50:.4f} ms "
-              f"({p50 / base_p50:.2f}x)")
+        print(
+            f"vet={vet!s:<5}  open {opened:8.1f} ms ({opened / base_open:.2f}x)   predict p50 {p50:.4f} ms "
+            f"({p50 / base_p50:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

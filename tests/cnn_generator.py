@@ -14,6 +14,7 @@ by a linear head. Every other place (inside residual blocks, branches, chunks, b
 depthwise convs) is left unjudged: those channels are coupled to others, and the test does not second-guess the
 planner there; exactness is still checked everywhere.
 """
+
 from __future__ import annotations
 
 import collections
@@ -105,8 +106,12 @@ def kind_of(block: Block) -> list[str]:
         return ["residual add (projection)" if block.projection else "residual add (identity)", *inner]
     if isinstance(block, Concat):
         return ["concat", *kind_of(block.left), *kind_of(block.right)]
-    return {Chunks: ["channel chunk"], Shuffle: ["channel shuffle"], SqueezeExcite: ["squeeze-excitation gate"],
-            Pool: ["pooling"]}[type(block)]
+    return {
+        Chunks: ["channel chunk"],
+        Shuffle: ["channel shuffle"],
+        SqueezeExcite: ["squeeze-excitation gate"],
+        Pool: ["pooling"],
+    }[type(block)]
 
 
 def coverage(spec: CNNSpec) -> collections.Counter:
@@ -134,8 +139,17 @@ def convs(draw, width_in: int, size: int, *, out: int | None = None, allow_strid
     channels = st.lists(st.integers(0, out - 1), unique=True, max_size=out // 2)
     dead = tuple(sorted(draw(channels)))
     constant = tuple(sorted(set(draw(st.lists(st.integers(0, out - 1), unique=True, max_size=2))) - set(dead)))
-    return Conv(out, kernel, stride, dilation, groups, draw(st.sampled_from(["none", "bn", "bn", "bnact"])),
-                draw(st.sampled_from(sorted(ACTIVATIONS))), dead, constant)
+    return Conv(
+        out,
+        kernel,
+        stride,
+        dilation,
+        groups,
+        draw(st.sampled_from(["none", "bn", "bn", "bnact"])),
+        draw(st.sampled_from(sorted(ACTIVATIONS))),
+        dead,
+        constant,
+    )
 
 
 def _out_size(size: int, conv: Conv) -> int:
@@ -199,8 +213,9 @@ class ConvBlock(nn.Module):
         super().__init__()
         groups = {"one": 1, "depthwise": c_in, "two": 2}[spec.groups]
         padding = spec.dilation * (spec.kernel // 2)
-        self.conv = nn.Conv2d(c_in, spec.out, spec.kernel, spec.stride, padding, spec.dilation, groups,
-                              bias=spec.norm == "none")
+        self.conv = nn.Conv2d(
+            c_in, spec.out, spec.kernel, spec.stride, padding, spec.dilation, groups, bias=spec.norm == "none"
+        )
         act = ACTIVATIONS[spec.act]()
         self.norm = {"none": nn.Identity(), "bn": nn.BatchNorm2d(spec.out), "bnact": NormAct(spec.out, act)}[spec.norm]
         self.act = nn.Identity() if spec.norm == "bnact" else act
@@ -356,7 +371,7 @@ def judged_widths(spec: CNNSpec) -> dict[str, int]:
     for i, block in enumerate(layers):
         if not isinstance(block, Conv) or block.groups != "one":
             continue
-        reader = next((after for after in layers[i + 1:] if not isinstance(after, Pool)), None)
+        reader = next((after for after in layers[i + 1 :] if not isinstance(after, Pool)), None)
         if reader is None:
             folds = True  # every head reads a constant channel as a constant: a linear layer or a 1x1 conv
         elif isinstance(reader, Conv) and reader.groups == "one":

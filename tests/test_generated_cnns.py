@@ -12,6 +12,7 @@ In CI (the default, ``EDGESHIFT_FUZZ`` unset) a bounded, derandomized profile ru
 run, about a minute; ``make fuzz`` runs a long random one, keeping what it finds in ``.hypothesis/``. A failure it
 finds becomes a named test at the bottom of this file.
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,30 +25,68 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from cnn_generator import (
+    INPUT_SIZE,
+    CNNSpec,
+    Conv,
+    Pool,
+    build,
+    cnn_specs,
+    coverage,
+    judged_widths,
+)
+from edgeshift.exporter.onnx_export import export_onnx
+from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
+from edgeshift.pruner.structured import prune_zero_channels
 from hypothesis import HealthCheck, given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from torch import nn
 
-from cnn_generator import INPUT_SIZE, Chunks, CNNSpec, Concat, Conv, Pool, Residual, Shuffle, SqueezeExcite, build, \
-    cnn_specs, coverage, judged_widths
-from edgeshift.exporter.onnx_export import export_onnx
-from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
-from edgeshift.pruner.structured import prune_zero_channels
-
 PROFILES = {
-    "ci": settings(max_examples=100, derandomize=True, database=None, deadline=None, print_blob=True,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]),
-    "fuzz": settings(max_examples=int(os.environ.get("EDGESHIFT_FUZZ_EXAMPLES", "1000")), deadline=None,
-                     database=DirectoryBasedExampleDatabase(str(Path(__file__).parent.parent / ".hypothesis")),
-                     print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]),
+    "ci": settings(
+        max_examples=100,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    ),
+    "fuzz": settings(
+        max_examples=int(os.environ.get("EDGESHIFT_FUZZ_EXAMPLES", "1000")),
+        deadline=None,
+        database=DirectoryBasedExampleDatabase(str(Path(__file__).parent.parent / ".hypothesis")),
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    ),
 }
 PROFILE = PROFILES[os.environ.get("EDGESHIFT_FUZZ", "ci")]
 # Every kind the generator draws; the CI profile must draw each at least once.
-KINDS = {"conv", "depthwise conv", "grouped conv", "strided conv", "dilated conv", "batch norm",
-         "norm+activation module", "activation relu", "activation silu", "activation hardswish", "activation gelu",
-         "dead channels", "constant channels", "residual add (identity)", "residual add (projection)", "concat",
-         "channel chunk", "channel shuffle", "squeeze-excitation gate", "pooling", "head gap-linear",
-         "head flatten-linear", "head gap-mlp", "head conv-gap"}
+KINDS = {
+    "conv",
+    "depthwise conv",
+    "grouped conv",
+    "strided conv",
+    "dilated conv",
+    "batch norm",
+    "norm+activation module",
+    "activation relu",
+    "activation silu",
+    "activation hardswish",
+    "activation gelu",
+    "dead channels",
+    "constant channels",
+    "residual add (identity)",
+    "residual add (projection)",
+    "concat",
+    "channel chunk",
+    "channel shuffle",
+    "squeeze-excitation gate",
+    "pooling",
+    "head gap-linear",
+    "head flatten-linear",
+    "head gap-mlp",
+    "head conv-gap",
+}
 EXACT = 1e-5  # of the output's scale, float64 against float64
 EXPORTED = 1e-4  # ONNX Runtime's float32 against torch's float64
 
@@ -73,8 +112,9 @@ def check_architecture(spec: CNNSpec, int8: bool = True) -> dict:
     pruned, report = prune_zero_channels(model, example)
     after = snapshot(model)
     assert after[0] == before[0] and after[2] == before[2], "the input model's structure or mode changed"
-    assert before[1].keys() == after[1].keys() and all(torch.equal(before[1][k], after[1][k]) for k in before[1]), \
+    assert before[1].keys() == after[1].keys() and all(torch.equal(before[1][k], after[1][k]) for k in before[1]), (
         "the input model's tensors changed"
+    )
 
     reference64, pruned64 = copy.deepcopy(model).double(), copy.deepcopy(pruned).double()
     torch.set_grad_enabled(False)
@@ -137,8 +177,7 @@ def test_found_a_flatten_into_linear_over_256_positions_keeps_nothing_dead():
     linear layer's 1,536 inputs, Torch-Pruning's flatten mapping was bounded as if it expanded (1,536 x 256 indices),
     so the group 'did not settle' and the last conv was kept whole (VGG-11-BN and AlexNet at 224 lost their last
     conv's pruning the same way). Its constant channel folds into the linear layer's bias."""
-    spec = CNNSpec(stem=Conv(out=6, kernel=1, norm="none", act="gelu", constant=(0,)), blocks=(),
-                   head="flatten-linear")
+    spec = CNNSpec(stem=Conv(out=6, kernel=1, norm="none", act="gelu", constant=(0,)), blocks=(), head="flatten-linear")
     assert judged_widths(spec) == {"features.0.conv": 5}
     check_architecture(spec)
 
@@ -147,7 +186,8 @@ def test_found_a_constant_channel_through_max_pooling_folds_into_the_head():
     """Shrunk by the generator (fuzz profile): the pruner folds a constant channel through pooling into the linear
     head, which the first version of ``judged_widths`` did not expect. The oracle was wrong, not the pruner (the
     float64 check passed); kept so the judgement stays right."""
-    spec = CNNSpec(stem=Conv(out=4, kernel=1, norm="none", act="gelu", constant=(0,)), blocks=(Pool("max"),),
-                   head="gap-linear")
+    spec = CNNSpec(
+        stem=Conv(out=4, kernel=1, norm="none", act="gelu", constant=(0,)), blocks=(Pool("max"),), head="gap-linear"
+    )
     assert judged_widths(spec) == {"features.0.conv": 3}
     check_architecture(spec)

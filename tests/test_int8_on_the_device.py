@@ -1,6 +1,7 @@
 """INT8 right on the CPU it runs on: VNNI detected from the CPU flags, an agreement floor at export (made again with
 the other reduce_range, else dropped with its figures), and INT8 built on x86 for an ARM device kept untimed until
 the device's own bench keeps or drops it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,20 +25,24 @@ from edgeshift import device_profiles
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
 
-EPYC_ROME = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\n"
-             "flags\t\t: fpu sse2 avx avx2 fma bmi2\n")
+EPYC_ROME = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+)
 SAPPHIRE = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni\n"
 ALDER = "processor\t: 0\nmodel name\t: 12th Gen Intel Core\nflags\t\t: fpu avx avx2 avx_vnni\n"
 PI = "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU part\t: 0xd08\n"
 
 
-@pytest.mark.parametrize("cpuinfo,machine,reduce", [
-    (EPYC_ROME, "x86_64", True),  # AVX2, no VNNI: u8 x s8 pairs saturate in int16
-    (SAPPHIRE, "x86_64", False),  # AVX-512 VNNI
-    (ALDER, "x86_64", False),  # AVX-VNNI
-    (PI, "aarch64", False),  # ARM's dot products do not saturate that way
-    ("", "x86_64", True),  # flags unknown on x86: the safe setting
-])
+@pytest.mark.parametrize(
+    "cpuinfo,machine,reduce",
+    [
+        (EPYC_ROME, "x86_64", True),  # AVX2, no VNNI: u8 x s8 pairs saturate in int16
+        (SAPPHIRE, "x86_64", False),  # AVX-512 VNNI
+        (ALDER, "x86_64", False),  # AVX-VNNI
+        (PI, "aarch64", False),  # ARM's dot products do not saturate that way
+        ("", "x86_64", True),  # flags unknown on x86: the safe setting
+    ],
+)
 def test_reduce_range_follows_the_cpu_flags(cpuinfo, machine, reduce):
     assert needs_reduce_range(machine, cpu_flags(cpuinfo)) is reduce
 
@@ -47,8 +52,9 @@ def test_host_resolves_reduce_range_on_this_machine_and_x86_profiles_say_what_th
         flags = cpu_flags(f.read())
     import platform
 
-    assert device_profiles.load_profile("host").quantization.reduce_range is needs_reduce_range(platform.machine(),
-                                                                                              flags)
+    assert device_profiles.load_profile("host").quantization.reduce_range is needs_reduce_range(
+        platform.machine(), flags
+    )
     assert device_profiles.load_profile("x86-edge").quantization.reduce_range is True  # AVX2 without VNNI
     assert device_profiles.load_profile("x86-edge").machine == "x86_64"
 
@@ -85,12 +91,21 @@ class OneLoudClass(nn.Module):
 def test_an_int8_variant_under_the_agreement_floor_is_made_again_then_dropped_with_its_figures(tmp_path, data):
     test, calibration = data
     profile = device_profiles.load_profile("host")
-    strict = dataclasses.replace(profile, quantization=dataclasses.replace(
-        profile.quantization, format="qdq", activations="int8"))
+    strict = dataclasses.replace(
+        profile, quantization=dataclasses.replace(profile.quantization, format="qdq", activations="int8")
+    )
     said = []
-    path = build_portfolio({"dense": OneLoudClass()}, inputs_for(32), tmp_path / "pf.zip", test_data=test,
-                           profile=strict, latency_iterations=20, int8=calibration, measure_memory=False,
-                           say=said.append)
+    path = build_portfolio(
+        {"dense": OneLoudClass()},
+        inputs_for(32),
+        tmp_path / "pf.zip",
+        test_data=test,
+        profile=strict,
+        latency_iterations=20,
+        int8=calibration,
+        measure_memory=False,
+        say=said.append,
+    )
     with Portfolio.open(path) as pf:
         assert pf.names == ["dense"]
         reason = next(d.reason for d in pf.manifest.dropped if d.name == "dense-int8")
@@ -107,8 +122,16 @@ def test_int8_built_for_an_arm_device_on_x86_waits_for_the_devices_bench(tmp_pat
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     rpi4 = device_profiles.load_profile("rpi4")
     quick = dataclasses.replace(rpi4, benchmark=dataclasses.replace(rpi4.benchmark, warmup=2, iterations=40))
-    path = build_portfolio({"dense": make("resnet20", {}, 32)}, inputs_for(32), tmp_path / "pf.zip", test_data=test,
-                           profile=quick, int8=calibration, measure_memory=False, say=lambda line: None)
+    path = build_portfolio(
+        {"dense": make("resnet20", {}, 32)},
+        inputs_for(32),
+        tmp_path / "pf.zip",
+        test_data=test,
+        profile=quick,
+        int8=calibration,
+        measure_memory=False,
+        say=lambda line: None,
+    )
     with Portfolio.open(path) as pf:
         record = pf.info("dense-int8").record
         assert record.device_timing == "pending" and pf.pending == {"dense-int8"}
@@ -137,10 +160,21 @@ def test_bench_refuses_an_int8_variant_this_device_computes_differently(tmp_path
     test, calibration = data
     monkeypatch.setattr("platform.machine", lambda: "x86_64")  # built on x86 for the Pi: kept untimed at export
     rpi4 = device_profiles.load_profile("rpi4")
-    lax = dataclasses.replace(rpi4, benchmark=dataclasses.replace(rpi4.benchmark, warmup=2, iterations=40),
-                              quantization=dataclasses.replace(rpi4.quantization, min_agreement=0.0))
-    path = build_portfolio({"dense": OneLoudClass()}, inputs_for(32), tmp_path / "pf.zip", test_data=test,
-                           profile=lax, int8=calibration, measure_memory=False, say=lambda line: None)
+    lax = dataclasses.replace(
+        rpi4,
+        benchmark=dataclasses.replace(rpi4.benchmark, warmup=2, iterations=40),
+        quantization=dataclasses.replace(rpi4.quantization, min_agreement=0.0),
+    )
+    path = build_portfolio(
+        {"dense": OneLoudClass()},
+        inputs_for(32),
+        tmp_path / "pf.zip",
+        test_data=test,
+        profile=lax,
+        int8=calibration,
+        measure_memory=False,
+        say=lambda line: None,
+    )
     with Portfolio.open(path) as pf:
         shipped = pf.check_inputs()
         assert pf.manifest.checks.count == 8 and np.array_equal(shipped, calibration.x[:8])  # what was calibrated on
@@ -149,7 +183,9 @@ def test_bench_refuses_an_int8_variant_this_device_computes_differently(tmp_path
     saved = json.loads(bench_path_for(path).read_text())
     agreement = next(r["agreement"] for r in saved["variants"] if r["name"] == "dense-int8")
     assert agreement < 0.97 and saved["device_checks"]["dense-int8"]["kept"] is False
-    assert f"this device computes it differently: its top-1 agrees with its FP32 source on {100 * agreement:.0f}% " \
-           "of the 8 check inputs" in result.output
+    assert (
+        f"this device computes it differently: its top-1 agrees with its FP32 source on {100 * agreement:.0f}% "
+        "of the 8 check inputs" in result.output
+    )
     with Runtime(path, profile="rpi4") as rt:
         assert "dense-int8" not in rt.ladder.usable

@@ -17,7 +17,6 @@ from edgeshift import Runtime
 from edgeshift.runtime import policies
 from edgeshift.runtime.bench import bench_file
 from edgeshift.runtime.ladder import LadderPoint, bench_path_for, build_ladder, is_faster
-from edgeshift.runtime.policies import Observation
 from edgeshift.runtime.portfolio import Portfolio
 
 runner = CliRunner()

@@ -1,24 +1,28 @@
 """Every switch policy moves the right way: replayed against a rising, a steady and a falling load on given variant
 latencies (no clock involved), each switch's direction is asserted, steady load does not flip a policy, and load no
 variant can meet ends on the fastest variant."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-from typer.testing import CliRunner
-
 from device_helpers import given_bench
-from onnx_helpers import speed_portfolio
-from edgeshift.cli import app
 from edgeshift.runtime import policies
 from edgeshift.runtime.ladder import bench_path_for
 from edgeshift.runtime.policies import VariantView
 from edgeshift.runtime.simulate import TracePoint, simulate
+from onnx_helpers import speed_portfolio
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 
 # The ladder, fastest first: batch-1 p95 1, 2 and 4 ms, more accurate at every step, bigger sessions.
-VIEWS = [VariantView("fast", 0, 0.80, 1.0, 10), VariantView("mid", 1, 0.85, 2.0, 20),
-         VariantView("accurate", 2, 0.90, 4.0, 40)]
+VIEWS = [
+    VariantView("fast", 0, 0.80, 1.0, 10),
+    VariantView("mid", 1, 0.85, 2.0, 20),
+    VariantView("accurate", 2, 0.90, 4.0, 40),
+]
 COSTS = {v.name: 1.0 for v in VIEWS}
 TARGET_MS = 10.0
 
@@ -27,8 +31,9 @@ def ramp(start: float, end: float, seconds: int = 120, field: str = "rps") -> li
     points = []
     for t in range(0, seconds, 5):
         value = start + (end - start) * t / (seconds - 5)
-        points.append(TracePoint(float(t), value, 1.0, 1e9) if field == "rps" else
-                      TracePoint(float(t), 50.0, 1.0, value))
+        points.append(
+            TracePoint(float(t), value, 1.0, 1e9) if field == "rps" else TracePoint(float(t), 50.0, 1.0, value)
+        )
     return points
 
 
@@ -89,10 +94,13 @@ def test_qps_trend_switches_at_most_once_per_window_count_from_the_profile():
         assert all(b - a >= every for a, b in zip(times, times[1:])), times
 
 
-@pytest.mark.parametrize("start,trace,expected", [
-    (2, ramp(1000, 40, field="available_mb"), -1),  # memory running out: smaller sessions only
-    (0, ramp(40, 1000, field="available_mb"), 1),  # memory coming back: larger only
-])
+@pytest.mark.parametrize(
+    "start,trace,expected",
+    [
+        (2, ramp(1000, 40, field="available_mb"), -1),  # memory running out: smaller sessions only
+        (0, ramp(40, 1000, field="available_mb"), 1),  # memory coming back: larger only
+    ],
+)
 def test_memory_policy_moves_with_the_memory_available(start, trace, expected):
     result = replay("memory", trace, start)
     assert directions(result) and set(directions(result)) == {expected}, result.switches
@@ -103,8 +111,19 @@ def test_simulate_ends_on_the_fastest_variant_when_no_variant_meets_the_load(tmp
     speed_portfolio(tmp_path / "pf.zip")
     bench_path_for(tmp_path / "pf.zip").write_text(json.dumps(given_bench(tmp_path / "pf.zip", "host")))
     (tmp_path / "t.csv").write_text("time_s,rps\n0,10\n20,1000000\n60,1000000\n")
-    result = CliRunner().invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", str(tmp_path / "t.csv"),
-                                      "--policy", "latency-slo", "--json", str(tmp_path / "s.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            str(tmp_path / "pf.zip"),
+            "--trace",
+            str(tmp_path / "t.csv"),
+            "--policy",
+            "latency-slo",
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     switches = json.loads((tmp_path / "s.json").read_text())["switches"]
     assert switches and switches[-1]["target"] == "big_fast"  # the fastest of the given ladder

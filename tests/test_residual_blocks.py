@@ -3,6 +3,7 @@
 writes it (``out += identity``, a ``downsample`` attribute) both lose blocks through ``layerprune``; without
 fine-tuning the result is exactly the input model with those blocks' residual branches at zero (the test's own
 oracle), and downsampling blocks are never candidates."""
+
 from __future__ import annotations
 
 import pytest
@@ -103,8 +104,10 @@ def torchvision_style(num_classes=10, width=8):
     return TorchvisionStyle(num_classes, width)
 '''
 
-BLOCKS = {"plain": ["blocks.0", "blocks.1", "blocks.2", "more.0", "more.1", "more.2"],
-          "torchvision_style": ["layer1.0", "layer1.1", "layer2.1"]}  # layer2.0 downsamples: never a candidate
+BLOCKS = {
+    "plain": ["blocks.0", "blocks.1", "blocks.2", "more.0", "more.1", "more.2"],
+    "torchvision_style": ["layer1.0", "layer1.1", "layer2.1"],
+}  # layer2.0 downsamples: never a candidate
 
 
 @pytest.fixture
@@ -140,10 +143,36 @@ def test_layerprune_removes_two_blocks_exactly_without_fine_tuning(user_dir, fac
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
     torch.save(model.state_dict(), user_dir / "w.pt")
-    result = CliRunner().invoke(app, [
-        "layerprune", "--arch", f"resnets:{factory}", "--weights", "w.pt", "--input-size", "16", "--num-classes",
-        "10", "--criterion", "weight-norm", "--remove", "2", "--epochs", "0", "--data", "generated",
-        "--test-samples", "20", "--imprint-samples", "20", "--json", "lp.json", "-o", "lp.pt"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "layerprune",
+            "--arch",
+            f"resnets:{factory}",
+            "--weights",
+            "w.pt",
+            "--input-size",
+            "16",
+            "--num-classes",
+            "10",
+            "--criterion",
+            "weight-norm",
+            "--remove",
+            "2",
+            "--epochs",
+            "0",
+            "--data",
+            "generated",
+            "--test-samples",
+            "20",
+            "--imprint-samples",
+            "20",
+            "--json",
+            "lp.json",
+            "-o",
+            "lp.pt",
+        ],
+    )
     assert result.exit_code == 0, result.output
     pruned, _ = load_checkpoint(user_dir / "lp.pt")
     removed = [name for name in BLOCKS[factory] if isinstance(pruned.get_submodule(name), nn.Identity)]
@@ -164,8 +193,26 @@ def test_a_model_without_identity_blocks_is_refused_naming_what_was_looked_for(u
     (user_dir / "flat.py").write_text(
         "from torch import nn\n"
         "def build(num_classes=10):\n"
-        "    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(num_classes))\n")
-    result = CliRunner().invoke(app, ["layerprune", "--arch", "flat:build", "--input-size", "16", "--criterion",
-                                      "weight-norm", "--remove", "1", "--epochs", "0", "--data", "generated",
-                                      "-o", "x.pt"])
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(num_classes))\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "layerprune",
+            "--arch",
+            "flat:build",
+            "--input-size",
+            "16",
+            "--criterion",
+            "weight-norm",
+            "--remove",
+            "1",
+            "--epochs",
+            "0",
+            "--data",
+            "generated",
+            "-o",
+            "x.pt",
+        ],
+    )
     assert result.exit_code == 2 and "y = f(x) + x" in result.output, result.output

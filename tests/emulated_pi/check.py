@@ -279,8 +279,8 @@ def compare(name: str, device: subprocess.CompletedProcess, host: subprocess.Com
         if rows != host_rows:
             return "bench: measured other variants than the host"
     if name == "bench-save":  # the device keeps or drops the INT8 variant built for it elsewhere, saying why
-        decided = [line for line in device.stdout.splitlines()
-                   if line.startswith(("w32-int8: kept (built on another CPU", "w32-int8: dropped (built on another CPU"))]
+        starts = tuple(f"w32-int8: {verdict} (built on another CPU" for verdict in ("kept", "dropped"))
+        decided = [line for line in device.stdout.splitlines() if line.startswith(starts)]
         if len(decided) != 1 or "; " not in decided[0]:
             return "bench-save: no keep-or-drop line with its reason for the cross-built w32-int8"
     if name == "api":
