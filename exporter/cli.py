@@ -1,33 +1,57 @@
-"""Build-side portfolio commands (need the ``build`` extra). Only typer is imported at module level."""
+"""Build-side portfolio commands (need the ``build`` extra): each parses its options and calls one library
+function."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-
-from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP
+from edgeshift.device_profiles import load_profile
+from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP, model_spec
+from edgeshift.runtime.inspect_cmd import print_portfolio
 
 from edgeshift.core.commands import handle_errors
-from edgeshift.device_profiles import load_profile
+from edgeshift.core.lazy import lazy_module
+
+# The library behind these commands imports torch and onnx (seconds): it loads when a build command runs, so that
+# `edgeshift --help` and the device commands never pay for it, and a device without torch still lists its commands.
+export_cmd = lazy_module("edgeshift.exporter.export_cmd")
+report_lib = lazy_module("edgeshift.exporter.report")
+pipeline_lib = lazy_module("edgeshift.exporter.pipeline")
 
 
 def export(
-    sources: Optional[List[Path]] = typer.Argument(None, help="Checkpoint files and/or run directories "
-                                                              "(level_<k>/...); or --arch with --weights."),
+    sources: Optional[List[Path]] = typer.Argument(
+        None, help="Checkpoint files and/or run directories (level_<k>/...); or --arch with --weights."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="The portfolio file to write (.zip)."),
-    data: Optional[str] = typer.Option(None, help="Test data for accuracy: 'generated', an ImageFolder root or "
-                                                  "a CIFAR-10 python folder. Without it accuracy is not measured."),
+    data: Optional[str] = typer.Option(
+        None,
+        help="Test data for accuracy: 'generated', an ImageFolder root or "
+        "a CIFAR-10 python folder. Without it accuracy is not measured.",
+    ),
     test_samples: int = typer.Option(1000, help="Test samples used for accuracy (a stratified subset)."),
     prune: bool = typer.Option(True, help="Prune each source exactly on the way (sparse checkpoints shrink)."),
-    align: int = typer.Option(1, min=1, help="Round pruned widths up to multiples of this with zero channels "
-                                             "(exact); 8 helps ONNX Runtime with several intra-op threads."),
-    profile: str = typer.Option("host", help="Device profile (name or TOML file) the variants are timed under; "
-                                             "its [quantization] table chooses the INT8 format."),
+    align: int = typer.Option(
+        1,
+        min=1,
+        help="Round pruned widths up to multiples of this with zero channels "
+        "(exact); 8 helps ONNX Runtime with several intra-op threads.",
+    ),
+    profile: str = typer.Option(
+        "host",
+        help="Device profile (name or TOML file) the variants are timed under; "
+        "its [quantization] table chooses the INT8 format.",
+    ),
     threads: Optional[int] = typer.Option(None, min=0, help="Override the profile's intra-op threads."),
     iterations: Optional[int] = typer.Option(None, min=1, help="Override the profile's timed calls per variant."),
-    int8: bool = typer.Option(False, "--int8", help="Add an INT8 variant of each (kept only when measured faster "
-                                                   "than its FP32 source); needs --data for calibration."),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="Add an INT8 variant of each (kept only when measured faster "
+        "than its FP32 source); needs --data for calibration.",
+    ),
     calibration_samples: int = typer.Option(64, min=1, help="INT8: training images used for calibration."),
     calibration_method: str = typer.Option("minmax", help="INT8: minmax | entropy | percentile."),
     memory: bool = typer.Option(True, help="Measure each session's peak memory in a fresh process."),
@@ -39,17 +63,24 @@ def export(
     num_classes: Optional[int] = typer.Option(None, min=1, help="Class count of the model source."),
 ) -> None:
     """Export variants to ONNX, profile them, drop dominated ones and pack one DEFLATE portfolio."""
-    from edgeshift.exporter.export_cmd import export_portfolio
-    from edgeshift.pruner.cli import _model_spec
-
-    spec = _model_spec(arch, arch_kwargs, weights, input_size, num_classes)
-    path = export_portfolio(list(sources or []), out, spec=spec, data=data, test_samples=test_samples, prune=prune,
-                            profile=profile,
-                            threads=threads, latency_iterations=iterations, int8=int8,
-                            calibration_samples=calibration_samples, calibration_method=calibration_method,
-                            measure_memory=memory, force=force, align=align)
-    from edgeshift.runtime.inspect_cmd import print_portfolio
-
+    spec = model_spec(arch, arch_kwargs, weights, input_size, num_classes)
+    path = export_cmd.export_portfolio(
+        list(sources or []),
+        out,
+        spec=spec,
+        data=data,
+        test_samples=test_samples,
+        prune=prune,
+        profile=profile,
+        threads=threads,
+        latency_iterations=iterations,
+        int8=int8,
+        calibration_samples=calibration_samples,
+        calibration_method=calibration_method,
+        measure_memory=memory,
+        force=force,
+        align=align,
+    )
     print_portfolio(path, load_profile(profile), load=False)
     typer.echo(f"wrote {path}")
 
@@ -59,9 +90,7 @@ def report(
     out_dir: Path = typer.Option(Path("."), "-o", "--out-dir", help="Folder for the .md and .png."),
 ) -> None:
     """Write a Pareto chart (PNG) and a Markdown table of a portfolio."""
-    from edgeshift.exporter.report import write_report
-
-    md, png = write_report(portfolio, out_dir)
+    md, png = report_lib.write_report(portfolio, out_dir)
     typer.echo(f"wrote {md} and {png}")
 
 
@@ -72,9 +101,7 @@ def pipeline(
     out: Optional[str] = typer.Option(None, "--out", help="Override [output] dir."),
 ) -> None:
     """Train, prune, export, benchmark, simulate and report in one resumable run driven by a config file."""
-    from edgeshift.exporter.pipeline import load_config, run_pipeline
-
-    run_pipeline(load_config(config, arch=arch, data=data, out=out))
+    pipeline_lib.run_pipeline(pipeline_lib.load_config(config, arch=arch, data=data, out=out))
 
 
 def register(app: typer.Typer) -> None:

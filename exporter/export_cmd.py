@@ -1,13 +1,28 @@
 """Library side of ``edgeshift export``: checkpoints or run directories in, one portfolio out."""
+
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from edgeshift.device_profiles import DeviceProfile, load_profile
+from edgeshift.pruner.checkpoint import load_model
+from edgeshift.pruner.data import load_dataset
+from edgeshift.pruner.models.sources import ModelSpec
+from edgeshift.pruner.models.zoo import input_shape
+from edgeshift.pruner.structured import prune_zero_channels
+from torch import nn
+
 from edgeshift.core.atomic import check_output_path
 from edgeshift.core.errors import EdgeshiftError, InputFileError
+
+from .portfolio import build_portfolio
+from .profile import TestData
+from .quantize import CALIBRATION_METHODS, Calibration
 
 LEVEL_RE = re.compile(r"^level_(\d+)$")
 
@@ -17,7 +32,7 @@ class Source:
     name: str  # variant name
     checkpoint: Path | None  # None: built from ``spec``
     recipe: str
-    spec: object = None  # a model source with its weights (edgeshift.pruner.models.sources.ModelSpec)
+    spec: ModelSpec | None = None  # a model source with its weights
 
 
 def discover_sources(paths: list[Path]) -> list[Source]:
@@ -28,12 +43,13 @@ def discover_sources(paths: list[Path]) -> list[Source]:
         if p.is_file():
             found.append(Source(re.sub(r"[^A-Za-z0-9._-]", "_", p.stem), p, "checkpoint"))
         elif p.is_dir():
-            levels = sorted((int(m.group(1)), d) for d in p.iterdir()
-                            if d.is_dir() and (m := LEVEL_RE.match(d.name)))
+            levels = sorted((int(m.group(1)), d) for d in p.iterdir() if d.is_dir() and (m := LEVEL_RE.match(d.name)))
             finished = [(k, d) for k, d in levels if (d / "metrics.json").is_file() and (d / "checkpoint.pt").is_file()]
             if not finished:
-                raise InputFileError(f"{p} holds no finished levels (expected {p}/level_<k>/checkpoint.pt "
-                                     "with metrics.json, as written by `edgeshift imp`)")
+                raise InputFileError(
+                    f"{p} holds no finished levels (expected {p}/level_<k>/checkpoint.pt "
+                    "with metrics.json, as written by `edgeshift imp`)"
+                )
             for k, d in finished:
                 method = json.loads((d / "metrics.json").read_text()).get("method", "imp")
                 found.append(Source(f"level{k}", d / "checkpoint.pt", f"{method} level {k}"))
@@ -46,61 +62,65 @@ def discover_sources(paths: list[Path]) -> list[Source]:
     return found
 
 
-def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, test_samples: int = 1000,
-                     prune: bool = True, profile: str = "host", threads: int | None = None,
-                     latency_iterations: int | None = None, int8: bool = False, calibration_samples: int = 64,
-                     calibration_method: str = "minmax", measure_memory: bool = True, force: bool = False,
-                     align: int = 1, spec=None) -> Path:
+def export_portfolio(
+    paths: list[Path],
+    out: Path,
+    *,
+    data: str | None = None,
+    test_samples: int = 1000,
+    prune: bool = True,
+    profile: DeviceProfile | str = "host",
+    threads: int | None = None,
+    latency_iterations: int | None = None,
+    int8: bool = False,
+    calibration_samples: int = 64,
+    calibration_method: str = "minmax",
+    measure_memory: bool = True,
+    force: bool = False,
+    align: int = 1,
+    spec: ModelSpec | None = None,
+) -> Path:
     """Load each source, prune it exactly (sparse checkpoints shrink, pruned ones are unchanged; widths rounded
     up to multiples of ``align`` with zero channels), and build one portfolio with accuracy measured through
     ONNX Runtime on ``data``'s test split and latency under the device ``profile``. ``int8`` adds an INT8 variant
     of each, calibrated on ``calibration_samples`` images of ``data``'s training split."""
-    import dataclasses
-
-    import torch
-    from torch import nn
-
-    from edgeshift.pruner.checkpoint import load_model
-    from edgeshift.pruner.data import load_dataset
-    from edgeshift.pruner.models.zoo import input_shape
-    from edgeshift.pruner.structured import prune_zero_channels
-
-    from edgeshift.device_profiles import load_profile
-
-    from .portfolio import build_portfolio
-    from .profile import TestData
-    from .quantize import CALIBRATION_METHODS, Calibration
-
     if align > 1 and not prune:
         raise EdgeshiftError(f"--align {align} widens pruned layers; it needs pruning on the way (drop --no-prune)")
     if int8 and data is None:
-        raise EdgeshiftError("--int8 needs calibration images: pass --data (its training split calibrates, its "
-                             "test split measures accuracy)")
+        raise EdgeshiftError(
+            "--int8 needs calibration images: pass --data (its training split calibrates, its "
+            "test split measures accuracy)"
+        )
     if int8 and calibration_method not in CALIBRATION_METHODS:
-        raise EdgeshiftError(f"unknown calibration method {calibration_method!r}; choose one of "
-                             f"{', '.join(CALIBRATION_METHODS)}")
+        raise EdgeshiftError(
+            f"unknown calibration method {calibration_method!r}; choose one of {', '.join(CALIBRATION_METHODS)}"
+        )
     if int8 and calibration_samples < 1:
         raise EdgeshiftError(f"--calibration-samples must be at least 1, got {calibration_samples}")
-    device_profile = load_profile(profile)  # an unknown name or a bad file fails before any work
+    # an unknown name or a bad file fails before any work
+    device_profile = load_profile(profile) if isinstance(profile, str) else profile
     check_output_path(out, force)
     sources = discover_sources(paths)
     if spec is not None:
         if "dense" in {s.name for s in sources}:
-            raise EdgeshiftError("--arch's model is the variant 'dense', and a source is already named so; "
-                                 "rename that file")
-        sources.insert(0, Source("dense", None, f"{spec.source}" + (" with its weights" if spec.weights else ""),
-                                 spec))
+            raise EdgeshiftError(
+                "--arch's model is the variant 'dense', and a source is already named so; rename that file"
+            )
+        sources.insert(0, Source("dense", None, f"{spec.source}" + (" with its weights" if spec.weights else ""), spec))
     if not sources:
-        raise EdgeshiftError("nothing to export: pass checkpoint files or run directories, or --arch SOURCE "
-                             "(with --weights FILE)")
+        raise EdgeshiftError(
+            "nothing to export: pass checkpoint files or run directories, or --arch SOURCE (with --weights FILE)"
+        )
     models, reports, recipes, totals, nonzeros = {}, {}, {}, {}, {}
     arch = None
     for s in sources:
         model, _ = load_model(s.checkpoint, s.spec)
         name = model.edgeshift_arch["name"]
         if arch is not None and name != arch["name"]:
-            raise EdgeshiftError(f"{s.checkpoint} is a {name}, the other sources are {arch['name']}: "
-                                 "one portfolio holds one architecture")
+            raise EdgeshiftError(
+                f"{s.checkpoint} is a {name}, the other sources are {arch['name']}: "
+                "one portfolio holds one architecture"
+            )
         arch = model.edgeshift_arch
         weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         total = sum(w.numel() for w in weights)
@@ -129,8 +149,23 @@ def export_portfolio(paths: list[Path], out: Path, *, data: str | None = None, t
         calibration = Calibration(train.normalised(), calibration_method, train.name)  # type: ignore[arg-type]
     example = torch.randn(input_shape(next(iter(models.values())), 2), generator=torch.Generator().manual_seed(0))
     reference = max(compressions, key=lambda n: (-compressions[n], n))
-    return build_portfolio(models, example, out, labels=labels, test_data=test, prune_reports=reports,
-                           compressions=compressions, recipes=recipes, reference=reference, mean=mean, std=std,
-                           architecture=arch["name"], profile=device_profile, threads=threads,
-                           latency_iterations=latency_iterations, int8=calibration, measure_memory=measure_memory,
-                           force=force)
+    return build_portfolio(
+        models,
+        example,
+        out,
+        labels=labels,
+        test_data=test,
+        prune_reports=reports,
+        compressions=compressions,
+        recipes=recipes,
+        reference=reference,
+        mean=mean,
+        std=std,
+        architecture=arch["name"],
+        profile=device_profile,
+        threads=threads,
+        latency_iterations=latency_iterations,
+        int8=calibration,
+        measure_memory=measure_memory,
+        force=force,
+    )

@@ -110,7 +110,7 @@ input_size = 32
 path = "generated"
 train_samples = 200
 test_samples = 100
-[method]
+[[methods]]
 name = "synflow"
 levels = 1
 [train]

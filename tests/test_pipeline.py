@@ -1,4 +1,5 @@
 """`edgeshift pipeline`: strict config, every step's output, resume, refusal of a foreign folder, all methods."""
+
 import json
 import os
 import shutil
@@ -7,13 +8,13 @@ import sys
 import zipfile
 
 import pytest
+from device_helpers import BLOCK_TORCH, npy_images
+from edgeshift.exporter.pipeline import build_variants, load_config, parse_config, prepare_output, validate
+from edgeshift.pruner.checkpoint import load_checkpoint
 from typer.testing import CliRunner
 
-from device_helpers import BLOCK_TORCH, ROOT, npy_images
-from edgeshift.exporter.pipeline import build_variants, load_config, parse_config, prepare_output, validate
-from edgeshift.core.errors import EdgeshiftError
-from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.cli import app
+from edgeshift.core.errors import EdgeshiftError
 
 runner = CliRunner()
 
@@ -24,12 +25,9 @@ arch = "resnet20"
 path = "generated"
 train_samples = 200
 test_samples = 100
-[method]
+[[methods]]
 name = "{method}"
-levels = 1
-sparsities = [0.8]
-remove = [2]
-finetune_epochs = 1
+{settings}
 [train]
 epochs = 1
 batch_size = 100
@@ -42,9 +40,17 @@ dir = "{out}"
 """
 
 
+SETTINGS = {
+    "synflow": "levels = 1",
+    "magnitude": "levels = 1",
+    "pai": "sparsities = [0.8]",
+    "layerprune": "remove = [2]\nfinetune_epochs = 1",
+}
+
+
 def write_config(tmp_path, method="synflow", name="p.toml", out=None):
     path = tmp_path / name
-    path.write_text(TINY.format(method=method, out=out or tmp_path / "out"))
+    path.write_text(TINY.format(method=method, settings=SETTINGS[method], out=out or tmp_path / "out"))
     return path
 
 
@@ -53,8 +59,16 @@ def test_pipeline_runs_every_step_then_resumes_without_redoing_work(tmp_path):
     result = runner.invoke(app, ["pipeline", str(config)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    for name in ("portfolio.zip", "portfolio.bench.json", "simulate.json", "portfolio.md", "portfolio.png", "summary.md",
-                 "trace.csv", "pipeline.json"):
+    for name in (
+        "portfolio.zip",
+        "portfolio.bench.json",
+        "simulate.json",
+        "portfolio.md",
+        "portfolio.png",
+        "summary.md",
+        "trace.csv",
+        "pipeline.json",
+    ):
         assert (out / name).is_file(), name
     assert [line for line in result.output.splitlines() if line.startswith("== ")][-1] == "== 6/6 summary"
     assert result.output.strip().splitlines()[-1] == f"everything is in {out}"
@@ -80,18 +94,23 @@ def test_pipeline_runs_every_step_then_resumes_without_redoing_work(tmp_path):
     images = npy_images(device / "photos", n=4, size=32)
     env = dict(os.environ)
     outputs = {}
-    for args in (["inspect", "portfolio.zip"], ["bench", "portfolio.zip", "--profile", "host"],
-                 ["run", "portfolio.zip", "--images", str(images)]):
-        proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, env=env,
-                              cwd=device, timeout=300)
+    for args in (
+        ["inspect", "portfolio.zip"],
+        ["bench", "portfolio.zip", "--profile", "host"],
+        ["run", "portfolio.zip", "--images", str(images)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, env=env, cwd=device, timeout=300
+        )
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
         outputs[args[0]] = proc.stdout
     assert all(v["name"] in outputs["inspect"] and v["name"] in outputs["bench"] for v in manifest["variants"])
     assert outputs["run"].count("img") == 4 and "4 images with" in outputs["run"]
 
 
-@pytest.mark.parametrize("method, expected", [("pai", {"dense.pt", "pai-0.8.pt"}),
-                                              ("layerprune", {"dense.pt", "layerprune-2.pt"})])
+@pytest.mark.parametrize(
+    "method, expected", [("pai", {"dense.pt", "pai-0.8.pt"}), ("layerprune", {"dense.pt", "layerprune-2.pt"})]
+)
 def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expected, tmp_path):
     cfg = load_config(write_config(tmp_path, method=method))
     sources = build_variants(cfg, prepare_output(cfg))
@@ -103,16 +122,48 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
             assert sum(p.numel() for p in model.parameters()) < dense  # narrower or shallower
 
 
-@pytest.mark.parametrize("doc, message", [
-    ({"modle": {}}, "unknown section [modle]; known: model, data, method, train, deploy, variants, output"),
-    ({"train": {"epoch": 3}}, "unknown key 'train.epoch'; known in [train]: batch_size, epochs, lr"),
-    ({"train": {"epochs": "3"}}, "train.epochs must be int, got str '3'"),
-    ({"method": {"name": "obd"}}, "unknown method 'obd'; known: imp, layerprune, magnitude, pai, random, synflow"),
-    ({"method": {"remove": 2}}, "method.remove must be a list"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"modle": {}}, "unknown section [modle]; known: model, data, methods, train, deploy, variants, output"),
+        ({"train": {"epoch": 3}}, "unknown key 'train.epoch'; known in [train]: batch_size, epochs, lr"),
+        ({"train": {"epochs": "3"}}, "train.epochs must be int, got str '3'"),
+        (
+            {"methods": [{"name": "obd"}]},
+            "unknown method 'obd'; known: imp, layerprune, magnitude, pai, random, slim, synflow",
+        ),
+        ({"methods": [{"name": "layerprune", "remove": 2}]}, "methods[0].remove must be a list"),
+        (
+            {"methods": [{"name": "pai", "remove": [2]}]},
+            "unknown key 'methods[0].remove'; known in [methods[0]]: mode, scorer, sparsities",
+        ),
+        (
+            {"methods": [{"name": "pai", "mode": "half"}]},
+            "methods[0].mode must be one of all-layers, inverted, reconvene, unstructured, got 'half'",
+        ),
+        ({"methods": [{"remove": [2]}]}, "methods[0] lacks 'name'"),
+        ({"methods": [{"name": "pai"}, {"name": "pai"}]}, "method 'pai' has two [[methods]] tables"),
+        ({"methods": []}, "no [[methods]] table and no [variants] targets"),
+        ({"method": {"name": "obd"}}, "unknown method 'obd'; known: imp, layerprune"),
+    ],
+)
 def test_config_errors_name_the_file_and_key(doc, message):
     with pytest.raises(EdgeshiftError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(doc, "my.toml")
+
+
+def test_the_old_method_table_is_read_with_a_note_showing_its_new_form():
+    old = {"method": {"name": "pai", "pai_mode": "inverted", "sparsities": [0.8], "remove": [2], "levels": 3}}
+    with pytest.warns(FutureWarning) as caught:
+        cfg = parse_config(old, "old.toml")
+    note = str(caught[0].message)
+    assert note == (
+        'old.toml: [method] is the old form, read as [[methods]] name = "pai" mode = "inverted" '
+        "sparsities = [0.8] (write it so)"
+    )
+    new = parse_config({"methods": [{"name": "pai", "mode": "inverted", "sparsities": [0.8]}]}, "new.toml")
+    assert cfg == new and cfg.hash() == new.hash()
+    assert [c.name for c in parse_config({}, "none.toml").methods] == ["imp"]  # as before: imp by default
 
 
 def test_deploy_align_is_checked_and_keeps_older_run_hashes_at_its_default(tmp_path):

@@ -5,15 +5,21 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from device_helpers import ROOT
-from edgeshift.cli import app
 from edgeshift.exporter.pipeline import load_config
-from edgeshift.exporter.pipeline.targets import (CandidatePlan, choose, int8_close, int8_cover_lines, plan_candidates,
-                                                 removal_ladder)
+from edgeshift.exporter.pipeline.targets import (
+    CandidatePlan,
+    choose,
+    int8_close,
+    int8_cover_lines,
+    plan_candidates,
+    removal_ladder,
+)
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.models import get
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 
 runner = CliRunner()
 
@@ -50,6 +56,7 @@ def test_fp32_candidates_are_skipped_only_where_int8_was_measured_as_accurate():
 
 
 def test_the_removal_ladder_times_every_int8_format_and_keeps_the_faster_per_step(tmp_path):
+    from edgeshift.device_profiles import load_profile
     from edgeshift.exporter.pipeline.config import parse_config
     from edgeshift.pruner.data import model_splits
     from edgeshift.pruner.models.resnet import CifarResNet
@@ -60,7 +67,8 @@ def test_the_removal_ladder_times_every_int8_format_and_keeps_the_faster_per_ste
     dense.edgeshift_arch = get("resnet20").edgeshift_arch
     train, test = model_splits("generated", dense.edgeshift_arch, train_samples=100, test_samples=50)
     out = tmp_path / "removal.json"
-    doc = removal_ladder(dense, train, test, cfg, out)
+    host = load_profile("host")
+    doc = removal_ladder(dense, train, test, cfg, out, host)
     steps = len(doc["order"]) + 1
     assert steps == 5 and doc["profile"] == "host"
     labels = {"qoperator/uint8", "qdq/int8"}  # host's format is "auto": both are built and timed
@@ -74,7 +82,7 @@ def test_the_removal_ladder_times_every_int8_format_and_keeps_the_faster_per_ste
     assert doc["ratios"]["fp32"][0] == 1.0 and 0 <= doc["dense_top1"]["int8"] <= 1
     assert doc["dense_top1"]["fp32"] in {i / 50 for i in range(51)}  # top-1 on the 50 test images
     assert json.loads(out.read_text()) == doc
-    assert removal_ladder(dense, train, test, cfg, out) == doc  # a resumed run reuses the measurement
+    assert removal_ladder(dense, train, test, cfg, out, host) == doc  # a resumed run reuses the measurement
 
 
 def test_each_target_gets_the_most_accurate_variant_that_meets_it():

@@ -1,8 +1,17 @@
 """``edgeshift pipeline``: one config file drives variants -> portfolio -> bench -> simulate -> report."""
-from . import methods  # noqa: F401  (registers the methods)
-from .config import METHODS, PipelineConfig, load_config, parse_config
+
+from .config import MethodChoice, PipelineConfig, load_config, parse_config
 from .methods import build_variants
 from .run import prepare_output, run_pipeline, summary_rows, validate
 
-__all__ = ["METHODS", "PipelineConfig", "build_variants", "load_config", "parse_config", "prepare_output",
-           "run_pipeline", "summary_rows", "validate"]
+__all__ = [
+    "MethodChoice",
+    "PipelineConfig",
+    "build_variants",
+    "load_config",
+    "parse_config",
+    "prepare_output",
+    "run_pipeline",
+    "summary_rows",
+    "validate",
+]

@@ -1,117 +1,102 @@
-"""How each pipeline method makes its variants: each calls the library function that already does it.
+"""Step 1 of the pipeline: every ``[[methods]]`` table's method makes its variants, through the one method protocol
+(``edgeshift.pruner.methods``); or, with ``[variants] targets``, each target's candidates.
 
-A method is ``(cfg, variants_dir) -> sources for the exporter`` (checkpoints and run folders), resumable: every
-file it writes is skipped when it exists.
+Every method is given the same context: the model source, the data, the training settings, the device profile
+(resolved once) with the measurers built for it, and the trained dense model on demand. Resumable: every file a
+method writes is skipped when it exists.
 """
+
 from __future__ import annotations
 
+import functools
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+from edgeshift.device_profiles import DeviceProfile, load_profile
+from edgeshift.pruner.imp import run_sparse
+from edgeshift.pruner.methods import METHODS, DataChoice, MethodContext
+from edgeshift.pruner.methods.sparse_training import run_config
+from edgeshift.pruner.models.sources import ModelSpec
+from edgeshift.pruner.train import TrainConfig
 
 from edgeshift.core.atomic import atomic_path
 
-from .config import METHODS, PipelineConfig
+from ..layer_prices import LatencyPricer, MacsPricer
+from ..profile import OrtMeasurer
+from .config import PipelineConfig
+from .targets import build_target_variants
 
 
-def train_config(cfg: PipelineConfig, epochs: int | None = None):
-    from edgeshift.pruner.train import TrainConfig
-
+def train_config(cfg: PipelineConfig) -> TrainConfig:
     t = cfg.train
-    return TrainConfig(epochs=epochs if epochs is not None else t.epochs, batch_size=t.batch_size, lr=t.lr,
-                       weight_decay=t.weight_decay, warmup_steps=t.warmup, seed=t.seed)
+    return TrainConfig(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup,
+        seed=t.seed,
+    )
 
 
-def run_config(cfg: PipelineConfig, method: str):
-    from edgeshift.pruner.imp import RunConfig
-
-    return RunConfig(arch=cfg.model.arch, data=cfg.data.path, method=method,
-                     prune_fraction=cfg.method.prune_fraction, rewind_step=cfg.method.rewind_step,
-                     train_samples=cfg.data.train_samples or None, test_samples=cfg.data.test_samples or None,
-                     seed=cfg.train.seed, arch_kwargs=tuple(sorted(cfg.model.kwargs.items())),
-                     weights=cfg.model.weights or None, input_size=cfg.model.input_size or None)
+def model_spec(cfg: PipelineConfig) -> ModelSpec:
+    m = cfg.model
+    return ModelSpec(m.arch, tuple(sorted(m.kwargs.items())), m.weights or None, m.input_size or None)
 
 
-def _sparse(cfg: PipelineConfig, variants: Path) -> list[Path]:
-    from edgeshift.pruner.imp import run_sparse
-
-    run_sparse(variants / "run", run_config(cfg, cfg.method.name), train_config(cfg), cfg.method.levels)
-    return [variants / "run"]
+def data_choice(cfg: PipelineConfig) -> DataChoice:
+    d = cfg.data
+    return DataChoice(d.path, d.train_samples or None, d.test_samples or None)
 
 
-for _name, _help in (("imp", "iterative magnitude pruning with rewinding"), ("magnitude", "one-shot |w|"),
-                     ("random", "one-shot random"), ("synflow", "one-shot SynFlow")):
-    METHODS.add(_name, _sparse, _help)
-
-
-def dense(cfg: PipelineConfig, variants: Path) -> Path:
-    """The dense trained model (``[variants] dense``, or level 0 of a sparse run with no levels), shared by pai,
-    layerprune and the targets, copied to ``variants/dense.pt`` so the portfolio calls it ``dense``."""
-    from edgeshift.pruner.imp import run_sparse
-
+def dense(cfg: PipelineConfig, variants: Path, context: MethodContext) -> Path:
+    """The dense trained model (``[variants] dense``, or level 0 of a sparse run with no levels), shared by the
+    methods that start from it and by the targets, copied to ``variants/dense.pt`` so the portfolio calls it
+    ``dense``."""
     path = variants / "dense.pt"
     if not path.exists() and cfg.variants.dense:
         with atomic_path(path) as tmp:
             shutil.copyfile(cfg.variants.dense, tmp)
     if not path.exists():
-        run_sparse(variants / "dense-run", run_config(cfg, "imp"), train_config(cfg), 0)
+        run_sparse(variants / "dense-run", run_config(context, "imp"), context.train, 0)
         with atomic_path(path) as tmp:
             shutil.copyfile(variants / "dense-run" / "level_0" / "checkpoint.pt", tmp)
     return path
 
 
-@METHODS.register("pai", help="pruning at initialisation (edgeshift pai), then trained (edgeshift train --init)")
-def _pai(cfg: PipelineConfig, variants: Path) -> list[Path]:
-    from edgeshift.pruner.imp import load_data
-    from edgeshift.pruner.pai import PaiConfig, save_pai
-    from edgeshift.pruner.train_checkpoint import train_checkpoint
-
-    m = cfg.method
-    sources = [dense(cfg, variants)]
-    run = run_config(cfg, "pai")
-    classes = load_data(run, None, run.size())[0].num_classes
-    for p in m.sparsities:
-        path, init = variants / f"pai-{float(p):g}.pt", variants / f"pai-{float(p):g}-init.pt"
-        if not path.exists():
-            if not init.exists():
-                save_pai(PaiConfig(cfg.model.arch, float(p), scorer=m.scorer, mode=m.pai_mode, num_classes=classes,
-                                   seed=cfg.train.seed, profile=False, input_size=run.input_size,
-                                   arch_kwargs=run.arch_kwargs), init)
-            train_checkpoint(path, train_config(cfg), data=cfg.data.path, init=init,
-                             train_samples=cfg.data.train_samples or None, test_samples=cfg.data.test_samples or None,
-                             seed=cfg.train.seed)
-        sources.append(path)
-    return sources
+def method_context(
+    cfg: PipelineConfig, variants: Path, profile: DeviceProfile, say: Callable[[str], None] = print
+) -> MethodContext:
+    """What every method of this run is given; the dense model is trained on the first method's call for it."""
+    holder: list[MethodContext] = []
+    context = MethodContext(
+        folder=variants,
+        model=model_spec(cfg),
+        data=data_choice(cfg),
+        train=train_config(cfg),
+        profile=profile,
+        measure=OrtMeasurer(profile),
+        pricers={"latency": LatencyPricer(profile), "macs": MacsPricer()},
+        dense=functools.cache(lambda: dense(cfg, variants, holder[0])),
+        say=say,
+    )
+    holder.append(context)
+    return context
 
 
-@METHODS.register("layerprune", help="layer removal from the dense model (edgeshift layerprune)")
-def _layerprune(cfg: PipelineConfig, variants: Path) -> list[Path]:
-    from edgeshift.pruner.layers.layerprune import LayerPruneConfig, layerprune_checkpoint
-
-    from ..profile import OrtMeasurer
-
-    m = cfg.method
-    d = dense(cfg, variants)
-    sources = [d]
-    measure = OrtMeasurer(cfg.deploy.profile)
-    for n in m.remove:
-        path = variants / f"layerprune-{int(n)}.pt"
-        if not path.exists():
-            layerprune_checkpoint(d, path, LayerPruneConfig(criterion=m.criterion, remove=int(n),
-                                                            profile=cfg.deploy.profile, seed=cfg.train.seed),
-                                  data=cfg.data.path, finetune=train_config(cfg, m.finetune_epochs) if
-                                  m.finetune_epochs else None, train_samples=cfg.data.train_samples or None,
-                                  test_samples=cfg.data.test_samples or None, measure=measure)
-        sources.append(path)
-    return sources
-
-
-def build_variants(cfg: PipelineConfig, out: Path) -> list[Path]:
-    """Step 1: the method's checkpoints, or with ``[variants] targets`` each target's candidates (resumable);
-    returns the sources for the exporter."""
+def build_variants(cfg: PipelineConfig, out: Path, profile: DeviceProfile | None = None) -> list[Path]:
+    """Step 1: every method's checkpoints in table order (the dense model once), or with ``[variants] targets``
+    each target's candidates (resumable); returns the sources for the exporter. ``profile``: the run's, resolved
+    once (default: ``[deploy] profile``)."""
+    profile = profile or load_profile(cfg.deploy.profile)
     variants = out / "variants"
     variants.mkdir(exist_ok=True)
+    context = method_context(cfg, variants, profile)
     if cfg.variants.targets:
-        from .targets import build_target_variants
-
-        return build_target_variants(cfg, variants, dense(cfg, variants))
-    return METHODS.get(cfg.method.name)(cfg, variants)
+        return build_target_variants(cfg, variants, context.dense(), profile)
+    sources: list[Path] = []
+    for choice in cfg.methods:
+        made = METHODS.get(choice.name)().make_variants(choice.settings, context)
+        sources += [p for p in made if p not in sources]
+    return sources

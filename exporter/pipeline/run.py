@@ -4,6 +4,7 @@ Every step writes its output atomically and is skipped when that output exists, 
 stopped; ``pipeline.json`` in the output folder holds the configuration and its hash, and a folder made with
 another configuration is refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,71 +13,62 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from edgeshift import device_profiles
-from edgeshift.core.atomic import write_text_atomic
-from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
-from edgeshift.core.tables import echo_table, markdown_table
+import torch
+from edgeshift.device_profiles import DeviceProfile
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.layers.layerprune import removable_candidates
+from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
+from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.runtime import policies
 from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_json
 from edgeshift.runtime.ladder import bench_path_for
 from edgeshift.runtime.portfolio import Portfolio
 from edgeshift.runtime.simulate import result_document, simulate_file
 
+from edgeshift import device_profiles
+from edgeshift.core.atomic import write_text_atomic
+from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
+from edgeshift.core.tables import echo_table, markdown_table
+
 from ..export_cmd import export_portfolio
 from ..report import write_report
 from .config import PipelineConfig
-from .methods import build_variants, run_config
+from .methods import build_variants, model_spec
+from .targets import candidate_lines, choice_lines, choose, int8_cover_lines
 
 BUILTIN_TRACE = "time_s,rps,cpu_share\n0,20,1\n10,400,1\n20,1500,0.6\n30,400,1\n40,20,1\n"
 
 
-def validate(cfg: PipelineConfig) -> None:
-    """Every name and path the run will need, checked before anything is written or trained (values and
-    ranges were checked by the loader)."""
-    from edgeshift.pruner import sparse
-    from edgeshift.pruner.layers import criteria
-    from edgeshift.pruner.models import sources
-    from edgeshift.pruner.pai import get_mode
-
+def validate(cfg: PipelineConfig) -> DeviceProfile:
+    """Every name and path the run will need, checked before anything is written or trained (values, ranges and
+    each method's settings were checked by the loader); returns the device profile, resolved once for the run."""
     # the model is built (and its weights loaded) once here: an unknown source, a factory that does not import or
     # weights of another model fail before anything is written
-    run = run_config(cfg, cfg.method.name)
-    sources.ModelSpec(run.arch, run.arch_kwargs, run.weights, run.input_size).build()
-    device_profiles.load_profile(cfg.deploy.profile)
+    model_spec(cfg).build()
+    profile = device_profiles.load_profile(cfg.deploy.profile)
     policies.get(cfg.deploy.policy)
     if cfg.data.path != "generated" and not Path(cfg.data.path).exists():
         raise InputFileError(f"data folder not found: {cfg.data.path} (pass a folder or 'generated')")
     if cfg.deploy.trace:
         require_file(cfg.deploy.trace, "load trace")
-    if cfg.method.name == "pai":
-        get_mode(cfg.method.pai_mode)
-        sparse.get(cfg.method.scorer)
-    if cfg.method.name == "layerprune" or cfg.variants.targets:
-        criteria.get(cfg.method.criterion)
     if cfg.variants.targets:
         validate_targets(cfg)
+    return profile
 
 
 def validate_targets(cfg: PipelineConfig) -> None:
     """The model the targets start from can make every family of candidates asked for."""
-    import torch
-
-    from edgeshift.pruner.checkpoint import load_checkpoint
-    from edgeshift.pruner.layers.layerprune import removable_candidates
-    from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
-    from edgeshift.pruner.models import sources
-    from edgeshift.pruner.models.zoo import input_shape
-
     v = cfg.variants
     if v.dense:
         require_file(v.dense, "dense checkpoint ([variants] dense)")
         model = load_checkpoint(v.dense)[0]
         if model.edgeshift_arch["name"] != cfg.model.arch:
-            raise EdgeshiftError(f"[variants] dense is a {model.edgeshift_arch['name']} checkpoint but [model] arch "
-                                 f"is {cfg.model.arch!r}; make them the same model")
+            raise EdgeshiftError(
+                f"[variants] dense is a {model.edgeshift_arch['name']} checkpoint but [model] arch "
+                f"is {cfg.model.arch!r}; make them the same model"
+            )
     else:
-        run = run_config(cfg, cfg.method.name)
-        model = sources.ModelSpec(run.arch, run.arch_kwargs, run.weights, run.input_size).build()
+        model = model_spec(cfg).build()
     families = set(v.candidates)
     try:
         if families & {"slim", "layerprune+slim"}:
@@ -100,8 +92,10 @@ def prepare_output(cfg: PipelineConfig) -> Path:
     if meta.is_file():
         old = json.loads(meta.read_text())
         if old.get("config_hash") != doc["config_hash"]:
-            raise EdgeshiftError(f"{out} holds a pipeline run with another configuration; use another output.dir "
-                                 "or the same configuration (to resume)")
+            raise EdgeshiftError(
+                f"{out} holds a pipeline run with another configuration; use another output.dir "
+                "or the same configuration (to resume)"
+            )
     elif out.exists() and any(out.iterdir()):
         raise EdgeshiftError(f"{out} exists and is not an edgeshift pipeline folder; choose another output.dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -118,24 +112,31 @@ def summary_rows(portfolio: Path, bench: dict, sim: dict) -> list[list[str]]:
     with Portfolio.open(portfolio) as pf:
         for name in pf.names:
             info, b = pf.info(name), measured.get(name, {})
-            rows.append([name, f"{info.params:,}", f"{info.deflated_bytes / 1024:.0f}",
-                         "-" if info.top1 is None else f"{100 * info.top1:.2f}%",
-                         f"{b.get('p50_ms', float('nan')):.3f}", f"{b.get('p95_ms', float('nan')):.3f}",
-                         str(steps.get(name, "-")), f"{active.get(name, 0):.0f}"])
+            rows.append(
+                [
+                    name,
+                    f"{info.params:,}",
+                    f"{info.deflated_bytes / 1024:.0f}",
+                    "-" if info.top1 is None else f"{100 * info.top1:.2f}%",
+                    f"{b.get('p50_ms', float('nan')):.3f}",
+                    f"{b.get('p95_ms', float('nan')):.3f}",
+                    str(steps.get(name, "-")),
+                    f"{active.get(name, 0):.0f}",
+                ]
+            )
     return rows
 
 
 def write_targets(portfolio: Path, bench: dict, targets: tuple[float, ...], path: Path) -> list[str]:
     """Per target, the variant that serves it (``targets.choose``) from this bench, written to ``path``."""
-    from .targets import choice_lines, choose
-
     with Portfolio.open(portfolio) as pf:
         top1 = {name: pf.info(name).top1 for name in pf.names}
     choices = choose(targets, bench, top1)
     dense_p50 = next(v["p50_ms"] for v in bench["variants"] if v["name"] == "dense")
     lines = choice_lines(choices, dense_p50)
-    write_text_atomic(path, json.dumps({"dense_p50_ms": dense_p50, "targets": [asdict(c) for c in choices],
-                                        "lines": lines}, indent=2))
+    write_text_atomic(
+        path, json.dumps({"dense_p50_ms": dense_p50, "targets": [asdict(c) for c in choices], "lines": lines}, indent=2)
+    )
     return lines
 
 
@@ -144,22 +145,33 @@ SUMMARY_HEADER = ["variant", "params", "KB deflated", "top-1", "p50 ms", "p95 ms
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or resume) every step; returns the output folder."""
-    validate(cfg)  # fail on a bad name before hours of training
-    profile = device_profiles.load_profile(cfg.deploy.profile)
+    profile = validate(cfg)  # fail on a bad name before hours of training
     t0 = time.perf_counter()
     out = prepare_output(cfg)
     total = 6
-    made = (f"candidates for targets {', '.join(f'{t:g}' for t in cfg.variants.targets)} of the dense p50"
-            if cfg.variants.targets else f"method {cfg.method.name}")
+    made = (
+        f"candidates for targets {', '.join(f'{t:g}' for t in cfg.variants.targets)} of the dense p50"
+        if cfg.variants.targets
+        else f"method{'s' if len(cfg.methods) > 1 else ''} {', '.join(c.name for c in cfg.methods)}"
+    )
     _step(1, total, f"variants: {cfg.model.arch} on {cfg.data.path}, {made} -> {out / 'variants'}")
-    sources = build_variants(cfg, out)
+    sources = build_variants(cfg, out, profile)
     portfolio = out / "portfolio.zip"
     _step(2, total, f"exact structured pruning, ONNX export, profiling -> {portfolio}")
     if not portfolio.exists():
         d = cfg.deploy
-        export_portfolio(sources, portfolio, data=cfg.data.path, test_samples=d.export_test_samples,
-                         profile=d.profile, latency_iterations=d.latency_iterations, align=d.align, int8=d.int8,
-                         calibration_samples=d.calibration_samples, calibration_method=d.calibration_method)
+        export_portfolio(
+            sources,
+            portfolio,
+            data=cfg.data.path,
+            test_samples=d.export_test_samples,
+            profile=profile,
+            latency_iterations=d.latency_iterations,
+            align=d.align,
+            int8=d.int8,
+            calibration_samples=d.calibration_samples,
+            calibration_method=d.calibration_method,
+        )
     bench_path = bench_path_for(portfolio)  # beside the portfolio: the runtime orders its ladder by it
     _step(3, total, f"benchmark on this machine (profile {profile.name}) -> {bench_path}")
     if not bench_path.exists():
@@ -178,8 +190,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         write_text_atomic(sim_path, json.dumps(result_document(res), indent=2))
     if cfg.variants.targets:
         targets_path = out / "targets.json"
-        print(f"== targets {', '.join(f'{t:g}' for t in cfg.variants.targets)} of the dense p50 -> {targets_path}",
-              flush=True)
+        print(
+            f"== targets {', '.join(f'{t:g}' for t in cfg.variants.targets)} of the dense p50 -> {targets_path}",
+            flush=True,
+        )
         lines = write_targets(portfolio, json.loads(bench_path.read_text()), cfg.variants.targets, targets_path)
         print("\n".join(lines))
     _step(5, total, f"report -> {out / 'portfolio.md'}, {out / 'portfolio.png'}")
@@ -193,16 +207,18 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         lines = json.loads((out / "targets.json").read_text())["lines"]
         print("\n".join(lines))
         summary += "\n" + "".join(f"- {line}\n" for line in lines)
-        from .targets import candidate_lines, int8_cover_lines
-
         summary += "\nCandidates (each trained on the same budget; top-1 on the run's test subset):\n\n" + "".join(
-            f"- {line}\n" for line in candidate_lines(out / "variants"))
+            f"- {line}\n" for line in candidate_lines(out / "variants")
+        )
         ladder = json.loads((out / "variants" / "removal.json").read_text())
-        summary += "".join(f"- {line}\n" for line in int8_cover_lines(cfg.variants.targets, ladder,
-                                                                       cfg.variants.int8_loss_ok))
+        summary += "".join(
+            f"- {line}\n" for line in int8_cover_lines(cfg.variants.targets, ladder, cfg.variants.int8_loss_ok)
+        )
     write_text_atomic(out / "summary.md", summary)
-    print(f"{len(rows)} variants in {portfolio.stat().st_size / 1024:.0f} KB; {len(sim.get('switches', []))} "
-          f"switches in the simulated trace; {time.perf_counter() - t0:.0f} s this run")
+    print(
+        f"{len(rows)} variants in {portfolio.stat().st_size / 1024:.0f} KB; {len(sim.get('switches', []))} "
+        f"switches in the simulated trace; {time.perf_counter() - t0:.0f} s this run"
+    )
     print(f"everything is in {out}")
     sys.stdout.flush()
     return out

@@ -21,6 +21,7 @@ no FP32-sized candidate. Every candidate then goes into the portfolio (with its 
 is timed against the others; ``choose`` picks, per target, the most accurate variant whose p50 on the bench meets
 it.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,39 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeshift.core.atomic import write_text_atomic
+import numpy as np
+import torch
+from edgeshift.device_profiles import DeviceProfile
+from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from edgeshift.pruner.data import Dataset, model_splits
+from edgeshift.pruner.distill import DistillConfig
+from edgeshift.pruner.layers.candidates import Candidate, remove_candidates
+from edgeshift.pruner.layers.layerprune import LayerPruneConfig, criterion_data, layerprune, rank_candidates
+from edgeshift.pruner.models.zoo import input_shape
+from edgeshift.pruner.slim import SlimConfig, slim
+from edgeshift.pruner.train import TrainConfig
+from edgeshift.runtime.session import create_session
+from torch import nn
 
+from edgeshift.core.atomic import atomic_path, write_text_atomic
+
+from ..layer_prices import LatencyPricer
+from ..onnx_export import INPUT_NAME, onnx_bytes
+from ..profile import OrtMeasurer, TestData, onnx_accuracy, time_interleaved_models
+from ..quantize import Calibration, quantize_onnx, schemes_for
 from .config import PipelineConfig
 
-__all__ = ["CandidatePlan", "TargetChoice", "plan_candidates", "int8_close", "int8_cover_lines", "removal_ladder",
-           "build_target_variants", "choose", "choice_lines"]
+__all__ = [
+    "CandidatePlan",
+    "TargetChoice",
+    "plan_candidates",
+    "int8_close",
+    "int8_cover_lines",
+    "removal_ladder",
+    "build_target_variants",
+    "choose",
+    "choice_lines",
+]
 
 
 @dataclass(frozen=True)
@@ -49,8 +77,13 @@ class CandidatePlan:
         return "-".join(parts) or "dense"
 
 
-def plan_candidates(targets: tuple[float, ...], families: tuple[str, ...], ratios: dict[str, list[float]], *,
-                    int8_as_accurate: bool = False) -> dict[float, list[CandidatePlan]]:
+def plan_candidates(
+    targets: tuple[float, ...],
+    families: tuple[str, ...],
+    ratios: dict[str, list[float]],
+    *,
+    int8_as_accurate: bool = False,
+) -> dict[float, list[CandidatePlan]]:
     """Per target, the candidates of each family, sized from the measured p50 ratios of the removal ladder
     (``ratios[form][k]``: ``k`` blocks removed, in that form, over the dense FP32 model; forms "fp32" and, with
     INT8, "int8"). A family that cannot reach a target (no removal count meets it) has no candidate there. With
@@ -92,36 +125,27 @@ def int8_cover_lines(targets: tuple[float, ...], ladder: dict, loss_ok: float) -
     if not int8_close(ladder, loss_ok):
         return []
     ratio, top1 = ladder["ratios"]["int8"][0], ladder["dense_top1"]
-    return [f"target {t:g}: the dense model's INT8 form meets it ({ratio:.2f}x, top-1 {100 * top1['int8']:.2f}% vs "
-            f"{100 * top1['fp32']:.2f}% FP32, within {loss_ok:g} points): no FP32-sized candidate trained"
-            for t in targets if ratio <= t]
+    return [
+        f"target {t:g}: the dense model's INT8 form meets it ({ratio:.2f}x, top-1 {100 * top1['int8']:.2f}% vs "
+        f"{100 * top1['fp32']:.2f}% FP32, within {loss_ok:g} points): no FP32-sized candidate trained"
+        for t in targets
+        if ratio <= t
+    ]
 
 
-def removal_ladder(dense, train, test, cfg: PipelineConfig, out: Path) -> dict:
+def removal_ladder(
+    dense: nn.Module, train: Dataset, test: Dataset, cfg: PipelineConfig, out: Path, profile: DeviceProfile
+) -> dict:
     """The dense model with its least useful 0..n blocks removed, exported and timed interleaved under the profile
     (FP32, and INT8 when enabled: every format the profile allows, as the portfolio's ``fastest_int8`` would choose,
     the faster kept per step); with INT8, also the dense model's top-1 in both forms on ``test``. Cached in ``out``
     (a resumed run reuses the measurement)."""
-    import numpy as np
-    import torch
-
-    from edgeshift.device_profiles import load_profile
-    from edgeshift.pruner.layers.candidates import remove_candidates
-    from edgeshift.pruner.layers.layerprune import LayerPruneConfig, criterion_data, rank_candidates
-    from edgeshift.pruner.models.zoo import input_shape
-    from edgeshift.runtime.session import create_session
-
-    from ..onnx_export import INPUT_NAME, onnx_bytes
-    from ..profile import TestData, onnx_accuracy, time_interleaved_models
-    from ..quantize import Calibration, quantize_onnx, schemes_for
-
     if out.is_file():
         return json.loads(out.read_text())
-    profile = load_profile(cfg.deploy.profile)
     order: list[str] = []
-    candidates: list = []
+    candidates: list[Candidate] = []
     if "layerprune" in cfg.variants.candidates or "layerprune+slim" in cfg.variants.candidates:
-        lp = LayerPruneConfig(criterion=cfg.method.criterion, remove=1, seed=cfg.train.seed)
+        lp = LayerPruneConfig(criterion=cfg.variants.criterion, remove=1, seed=cfg.train.seed)
         candidates, scores = rank_candidates(dense, lp.criterion, criterion_data(train, train.num_classes, lp))
         order = sorted((c.name for c in candidates), key=lambda n: scores[n])
     batch = profile.serving.batch_size
@@ -130,57 +154,66 @@ def removal_ladder(dense, train, test, cfg: PipelineConfig, out: Path) -> dict:
     graphs = {f"fp32-{k}": onnx_bytes(remove_candidates(dense, order[:k], candidates).eval(), x) for k in steps}
     schemes = schemes_for(profile.quantization) if cfg.deploy.int8 else []
     if schemes:
-        calibration = Calibration(train.normalised(np.arange(min(cfg.deploy.calibration_samples, len(train)))),
-                                  cfg.deploy.calibration_method, train.name)
-        graphs.update({f"int8-{s.label}-{k}": quantize_onnx(graphs[f"fp32-{k}"], calibration, s, name=f"lp{k}")
-                       for s in schemes for k in steps})
+        calibration = Calibration(
+            train.normalised(np.arange(min(cfg.deploy.calibration_samples, len(train)))),
+            cfg.deploy.calibration_method,
+            train.name,
+        )
+        graphs.update(
+            {
+                f"int8-{s.label}-{k}": quantize_onnx(graphs[f"fp32-{k}"], calibration, s, name=f"lp{k}")
+                for s in schemes
+                for k in steps
+            }
+        )
     stats = time_interleaved_models(graphs, {INPUT_NAME: x.numpy()}, profile, batch=batch)
     dense_p50 = stats["fp32-0"].p50_ms
-    doc: dict = {"profile": profile.name, "order": order, "dense_p50_ms": dense_p50,
-                 "p50_ms": {name: s.p50_ms for name, s in stats.items()},
-                 "ratios": {"fp32": [stats[f"fp32-{k}"].p50_ms / dense_p50 for k in steps]}}
+    doc: dict = {
+        "profile": profile.name,
+        "order": order,
+        "dense_p50_ms": dense_p50,
+        "p50_ms": {name: s.p50_ms for name, s in stats.items()},
+        "ratios": {"fp32": [stats[f"fp32-{k}"].p50_ms / dense_p50 for k in steps]},
+    }
     if schemes:  # per step the faster format, as the portfolio keeps per variant
-        formats = [min((s.label for s in schemes), key=lambda label: stats[f"int8-{label}-{k}"].p50_ms)
-                   for k in steps]
+        formats = [min((s.label for s in schemes), key=lambda label: stats[f"int8-{label}-{k}"].p50_ms) for k in steps]
         doc["int8_formats"] = formats
         doc["ratios"]["int8"] = [stats[f"int8-{formats[k]}-{k}"].p50_ms / dense_p50 for k in steps]
         held_out = TestData(test.normalised(), test.labels, test.name)
-        doc["dense_top1"] = {"fp32": onnx_accuracy(create_session(graphs["fp32-0"], profile), held_out)[0],
-                             "int8": onnx_accuracy(create_session(graphs[f"int8-{formats[0]}-0"], profile),
-                                                   held_out)[0]}
+        doc["dense_top1"] = {
+            "fp32": onnx_accuracy(create_session(graphs["fp32-0"], profile), held_out)[0],
+            "int8": onnx_accuracy(create_session(graphs[f"int8-{formats[0]}-0"], profile), held_out)[0],
+        }
     write_text_atomic(out, json.dumps(doc, indent=2))
     return doc
 
 
-def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path) -> list[Path]:
+def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path, profile: DeviceProfile) -> list[Path]:
     """Every target's candidates as checkpoints in ``variants`` (each skipped when it exists); returns the dense
     checkpoint and theirs, for the exporter."""
-    from edgeshift.core.atomic import atomic_path
-    from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
-    from edgeshift.pruner.data import model_splits
-    from edgeshift.pruner.distill import DistillConfig
-    from edgeshift.pruner.layers.layerprune import LayerPruneConfig, layerprune
-    from edgeshift.pruner.slim import SlimConfig, slim
-    from edgeshift.pruner.train import TrainConfig
-
-    from ..layer_prices import LatencyPricer
-    from ..profile import OrtMeasurer
-
     v = cfg.variants
     dense, _ = load_checkpoint(dense_path)
-    train, test = model_splits(cfg.data.path, dense.edgeshift_arch, train_samples=cfg.data.train_samples or None,
-                               test_samples=cfg.data.test_samples or None, seed=cfg.train.seed)
-    print(f"timing the dense model with 0..n blocks removed under profile {cfg.deploy.profile}", flush=True)
-    ladder = removal_ladder(dense, train, test, cfg, variants / "removal.json")
-    plans = plan_candidates(v.targets, v.candidates, ladder["ratios"],
-                            int8_as_accurate=int8_close(ladder, v.int8_loss_ok))
+    train, test = model_splits(
+        cfg.data.path,
+        dense.edgeshift_arch,
+        train_samples=cfg.data.train_samples or None,
+        test_samples=cfg.data.test_samples or None,
+        seed=cfg.train.seed,
+    )
+    print(f"timing the dense model with 0..n blocks removed under profile {profile.name}", flush=True)
+    ladder = removal_ladder(dense, train, test, cfg, variants / "removal.json", profile)
+    plans = plan_candidates(
+        v.targets, v.candidates, ladder["ratios"], int8_as_accurate=int8_close(ladder, v.int8_loss_ok)
+    )
     for line in int8_cover_lines(v.targets, ladder, v.int8_loss_ok):
         print(line, flush=True)
-    write_text_atomic(variants / "plan.json", json.dumps(
-        {f"{t:g}": [asdict(p) | {"name": p.name} for p in ps] for t, ps in plans.items()}, indent=2))
+    write_text_atomic(
+        variants / "plan.json",
+        json.dumps({f"{t:g}": [asdict(p) | {"name": p.name} for p in ps] for t, ps in plans.items()}, indent=2),
+    )
     unique = {p.name: p for ps in plans.values() for p in ps}
     steps = max(1, round(v.finetune_epochs * len(train) / cfg.train.batch_size))
-    measure, pricer = OrtMeasurer(cfg.deploy.profile), LatencyPricer(cfg.deploy.profile)
+    measure, pricer = OrtMeasurer(profile), LatencyPricer(profile)
     sources = [dense_path]
     for i, (name, plan) in enumerate(sorted(unique.items()), 1):
         path = variants / f"{name}.pt"
@@ -190,19 +223,37 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path)
         print(f"candidate {i}/{len(unique)} {name}: {steps} training steps", flush=True)
         model, meta = dense, {}
         if plan.remove:
-            lp = LayerPruneConfig(criterion=cfg.method.criterion, remove=plan.remove, profile=cfg.deploy.profile,
-                                  seed=cfg.train.seed)
-            tune = None if plan.slim < 1 else TrainConfig(iterations=steps, batch_size=cfg.train.batch_size,
-                                                          lr=v.lr, weight_decay=cfg.train.weight_decay,
-                                                          seed=cfg.train.seed)
-            model, report = layerprune(dense, lp, train, test, tune, measure=measure,
-                                       distill=DistillConfig(weight=v.distill))
+            lp = LayerPruneConfig(
+                criterion=cfg.variants.criterion, remove=plan.remove, profile=profile.name, seed=cfg.train.seed
+            )
+            tune = (
+                None
+                if plan.slim < 1
+                else TrainConfig(
+                    iterations=steps,
+                    batch_size=cfg.train.batch_size,
+                    lr=v.lr,
+                    weight_decay=cfg.train.weight_decay,
+                    seed=cfg.train.seed,
+                )
+            )
+            model, report = layerprune(
+                dense, lp, train, test, tune, measure=measure, distill=DistillConfig(weight=v.distill)
+            )
             meta["layerprune"] = {"removed": report.removed, "accuracy_after": report.accuracy_after}
             meta["test_accuracy"] = report.accuracy_after
         if plan.slim < 1:
-            sc = SlimConfig(target=plan.slim, gate_epochs=v.finetune_epochs / 2, finetune_epochs=v.finetune_epochs / 2,
-                            lr=v.lr, batch_size=cfg.train.batch_size, align=v.align, pad_to=v.pad_to,
-                            distill=v.distill, seed=cfg.train.seed)
+            sc = SlimConfig(
+                target=plan.slim,
+                gate_epochs=v.finetune_epochs / 2,
+                finetune_epochs=v.finetune_epochs / 2,
+                lr=v.lr,
+                batch_size=cfg.train.batch_size,
+                align=v.align,
+                pad_to=v.pad_to,
+                distill=v.distill,
+                seed=cfg.train.seed,
+            )
             model, sr = slim(model, train, test, sc, pricer=pricer, measure=measure, teacher=dense)
             meta["slim"] = {k: val for k, val in sr.to_dict().items() if k != "history"}
             meta["test_accuracy"] = sr.accuracy_after
@@ -226,8 +277,9 @@ class TargetChoice:
     fastest_ratio: float | None = None
 
 
-def choose(targets: tuple[float, ...], bench: dict, top1: dict[str, float | None], dense: str = "dense"
-           ) -> list[TargetChoice]:
+def choose(
+    targets: tuple[float, ...], bench: dict, top1: dict[str, float | None], dense: str = "dense"
+) -> list[TargetChoice]:
     """Per target, from one bench run (every variant timed against the others): the most accurate variant with
     p50 <= target x the dense variant's p50 (ties: the faster)."""
     p50 = {v["name"]: v["p50_ms"] for v in bench["variants"]}
@@ -250,12 +302,16 @@ def choice_lines(choices: list[TargetChoice], dense_p50: float) -> list[str]:
     lines = []
     for c in choices:
         if c.variant is None:
-            lines.append(f"target {c.target:g} ({c.target * dense_p50:.3f} ms): not met; the fastest variant, "
-                         f"{c.fastest}, is at {c.fastest_ratio:.2f}x the dense p50")
+            lines.append(
+                f"target {c.target:g} ({c.target * dense_p50:.3f} ms): not met; the fastest variant, "
+                f"{c.fastest}, is at {c.fastest_ratio:.2f}x the dense p50"
+            )
         else:
             top1 = "-" if c.top1 is None else f"{100 * c.top1:.2f}%"
-            lines.append(f"target {c.target:g} ({c.target * dense_p50:.3f} ms): {c.variant}, p50 {c.p50_ms:.3f} ms "
-                         f"({c.ratio:.2f}x dense), top-1 {top1}, best of {c.met_by} that meet it")
+            lines.append(
+                f"target {c.target:g} ({c.target * dense_p50:.3f} ms): {c.variant}, p50 {c.p50_ms:.3f} ms "
+                f"({c.ratio:.2f}x dense), top-1 {top1}, best of {c.met_by} that meet it"
+            )
     return lines
 
 
@@ -264,8 +320,6 @@ def candidate_lines(variants: Path) -> list[str]:
     (share of channels kept per coupled group, named by its first layer), the channel multiple kept with the p50s
     that chose it, the deviation of the exact prune, the distillation weight and the top-1 measured after training
     (on the run's test subset)."""
-    from edgeshift.pruner.checkpoint import read_checkpoint
-
     plan = json.loads((variants / "plan.json").read_text())
     lines = []
     for name in sorted({p["name"] for ps in plan.values() for p in ps}):
@@ -280,12 +334,19 @@ def candidate_lines(variants: Path) -> list[str]:
             s = meta["slim"]
             kept = ", ".join(f"{group.split(',')[0]} {100 * share:.0f}%" for group, share in s["shares"].items())
             measured = s.get("measured_ratio")
-            parts.append(f"widths priced {s['predicted_ratio']:.2f} of dense (MACs {s['macs_ratio']:.2f}"
-                         + (f", measured {measured:.2f}x" if measured else "") + f"), kept {kept}; "
-                         + (f"widths multiples of {s['align']} (p50 " + ", ".join(
-                             f"{a}: {ms:.3f} ms" for a, ms in s["align_p50_ms"].items()) + "); "
-                            if len(s.get("align_p50_ms", {})) > 1 else "")
-                         + f"exact to {s['max_rel_deviation']:.1e}")
+            parts.append(
+                f"widths priced {s['predicted_ratio']:.2f} of dense (MACs {s['macs_ratio']:.2f}"
+                + (f", measured {measured:.2f}x" if measured else "")
+                + f"), kept {kept}; "
+                + (
+                    f"widths multiples of {s['align']} (p50 "
+                    + ", ".join(f"{a}: {ms:.3f} ms" for a, ms in s["align_p50_ms"].items())
+                    + "); "
+                    if len(s.get("align_p50_ms", {})) > 1
+                    else ""
+                )
+                + f"exact to {s['max_rel_deviation']:.1e}"
+            )
         if meta.get("distill"):
             parts.append(f"distilled {meta['distill']:g}")
         if meta.get("test_accuracy") is not None:
