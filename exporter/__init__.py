@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from edgeshift.core.lazy import lazy_exports
 
-
 _EXPORTS = {
     "export_onnx": "edgeshift.exporter.onnx_export",
     "build_portfolio": "edgeshift.exporter.portfolio",

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from edgeshift.device_profiles import DeviceProfile, load_profile
+from edgeshift.pruner.metrics import forward_with_hooks
+from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeshift.device_profiles import DeviceProfile, load_profile
-from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
+from .profile import OrtMeasurer
 
 __all__ = ["LatencyPricer", "MacsPricer", "PriceModel", "layer_graph"]
 
@@ -89,7 +91,6 @@ def _geometries(model, example_inputs) -> list[_Geometry]:
     """Every conv and linear layer the forward on ``example_inputs`` runs, with its input size."""
     from torch import nn
 
-    from edgeshift.pruner.metrics import forward_with_hooks
 
     seen: dict[str, _Geometry] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -148,7 +149,6 @@ class LatencyPricer:
         return {k: v.p50_ms for k, v in stats.items()}
 
     def prices(self, model, example_inputs) -> PriceModel:
-        from .profile import OrtMeasurer
 
         batch = self.profile.serving.batch_size
         layers, samples = {}, {}

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from edgeshift.pruner.fuse import fuse_conv_bn
+from edgeshift.pruner.metrics import count_macs
 
 from edgeshift.core.atomic import write_bytes_atomic
 from edgeshift.core.errors import EdgeshiftError, NotExactError
@@ -133,8 +135,6 @@ def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = 
     import onnx
     import torch
 
-    from edgeshift.pruner.fuse import fuse_conv_bn
-    from edgeshift.pruner.metrics import count_macs
 
     path = Path(path)
     if not path.parent.is_dir():

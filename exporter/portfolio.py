@@ -17,6 +17,7 @@ import numpy as np
 from edgeshift.device_profiles import DeviceProfile
 from edgeshift.device_profiles.profile import cross_built
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
+from edgeshift.pruner.metrics import count_params
 from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy, not_faster_reason
 from edgeshift.runtime.manifest import (
     CHECKS_NAME,
@@ -44,6 +45,7 @@ from edgeshift.runtime.session import create_session
 from edgeshift.core.atomic import atomic_path, check_output_path
 from edgeshift.core.errors import EdgeshiftError
 
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_counts
 from .profile import (
     DEFLATE_LEVEL,
     TestData,
@@ -164,7 +166,6 @@ class _Built:
 def _op_counts(data: bytes) -> dict[str, int]:
     import onnx
 
-    from .onnx_export import op_counts
 
     return op_counts(onnx.load_model_from_string(data))
 
@@ -251,9 +252,7 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
     parameters). The ladder the runtime's policies step along is measured here and recorded in the manifest.
     Nothing is written at ``out_path`` unless every step succeeds.
     """
-    from edgeshift.pruner.metrics import count_params
 
-    from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 
     out_path = check_output_path(out_path, force)
     if not variants:

@@ -12,11 +12,13 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-
 from edgeshift.device_profiles import DeviceProfile, cpu_profile, load_profile
+from edgeshift.device_profiles.profile import BenchmarkSettings
 from edgeshift.runtime.measure import LatencyStats, time_calls
 from edgeshift.runtime.session import create_session
 from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
+
+from .onnx_export import INPUT_NAME, onnx_bytes
 
 DEFLATE_LEVEL = 9
 
@@ -111,20 +113,17 @@ class OrtMeasurer:
         return self.profile.serving.batch_size
 
     def _session(self, model, example_inputs):
-        from .onnx_export import onnx_bytes
 
         raw = onnx_bytes(model.eval(), example_inputs)
         return create_session(raw, self.profile), len(raw)
 
     def latency(self, model, example_inputs) -> tuple[dict, int]:
-        from .onnx_export import INPUT_NAME
 
         session, size = self._session(model, example_inputs)
         feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
         return time_session(session, feed, self.profile, batch=int(example_inputs.shape[0])).to_dict(), size
 
     def latencies(self, models: dict, example_inputs) -> dict[str, dict]:
-        from .onnx_export import INPUT_NAME, onnx_bytes
 
         raws = {name: onnx_bytes(m.eval(), example_inputs) for name, m in models.items()}
         feed = {INPUT_NAME: example_inputs.detach().numpy().astype(np.float32)}
@@ -142,7 +141,6 @@ def cpu_measurer(threads: int = 1, iterations: int = 50, *, warmup: int = 5, max
     """An ``OrtMeasurer`` on the CPU provider with ``threads`` intra-op threads and a short timing budget."""
     import dataclasses
 
-    from edgeshift.device_profiles.profile import BenchmarkSettings
 
     profile = dataclasses.replace(cpu_profile(threads), benchmark=BenchmarkSettings(warmup, iterations, max_seconds))
     return OrtMeasurer(profile)

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from edgeshift.device_profiles.profile import DeviceProfile, QuantizationSettings
+from edgeshift.runtime.session import create_session
 
 from edgeshift.core.errors import EdgeshiftError
-from edgeshift.device_profiles.profile import DeviceProfile, QuantizationSettings
+
+from .profile import time_interleaved_models
 
 __all__ = ["CALIBRATION_METHODS", "Calibration", "Int8Choice", "Int8Scheme", "QuantizationError", "agreement",
            "fastest_int8", "quantize_onnx", "schemes_for"]
@@ -141,9 +144,7 @@ def fastest_int8(fp32: bytes, calibration: Calibration, profile: DeviceProfile, 
     """The INT8 form of ``fp32`` in the profile's format; with ``format = "auto"`` every candidate format is built
     and timed against the others (interleaved, under the profile, batch 1) and the one with the lowest p50 kept.
     The portfolio and the benchmarks choose through this one function, so they choose alike."""
-    from edgeshift.runtime.session import create_session
 
-    from .profile import time_interleaved_models
 
     built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes_for(profile.quantization)}
     chosen, timed = next(iter(built)), None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeshift.core.atomic import atomic_path, write_text_atomic
 from edgeshift.runtime.portfolio import Portfolio
+
+from edgeshift.core.atomic import atomic_path, write_text_atomic
+from edgeshift.core.errors import InputFileError
 
 
 def timing_label(portfolio: Portfolio) -> str:
@@ -109,7 +111,6 @@ def pareto_png(portfolio: Portfolio, path: Path) -> None:
 def write_report(portfolio_path: Path, out_dir: Path) -> tuple[Path, Path]:
     """Write ``<out_dir>/<stem>.md`` and ``<out_dir>/<stem>.png`` (the folder is created if missing, after the
     portfolio has opened cleanly)."""
-    from edgeshift.core.errors import InputFileError
 
     if out_dir.exists() and not out_dir.is_dir():
         raise InputFileError(f"{out_dir} is a file; pass a folder for the report")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from edgeshift.core.lazy import lazy_exports
 
-
 _EXPORTS = {
     "create_model": "edgeshift.pruner.models",
     "fuse_conv_bn": "edgeshift.pruner.fuse",

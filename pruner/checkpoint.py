@@ -16,6 +16,9 @@ from torch import nn
 from edgeshift.core.atomic import atomic_path
 from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
 
+from .fuse import NormActRemainder, reparameterize
+from .models import sources
+
 FORMAT = "edgeshift-checkpoint"
 VERSION = 1
 
@@ -86,7 +89,6 @@ def _build_layer(spec: dict) -> nn.Module:
 
 def architecture_of(model: nn.Module) -> dict:
     """The data needed to rebuild ``model``: its zoo recipe plus the shape of every layer."""
-    from .fuse import NormActRemainder
 
     arch = getattr(model, "edgeshift_arch", None)
     if arch is None:
@@ -114,9 +116,7 @@ def architecture_of(model: nn.Module) -> dict:
 
 
 def _reference_model(arch: dict) -> nn.Module:
-    from .models import sources
 
-    from .fuse import reparameterize
 
     model = sources.create(arch["name"], num_classes=arch["num_classes"], input_size=arch["input_size"],
                            kwargs=arch.get("kwargs", {}))
@@ -128,7 +128,6 @@ def _reference_model(arch: dict) -> nn.Module:
 
 def build_from_architecture(arch: dict) -> nn.Module:
     """Rebuild the (possibly pruned and fused) module structure recorded by ``architecture_of``."""
-    from .fuse import NormActRemainder
 
     model = _reference_model(arch)
     known = dict(model.named_modules())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeshift.core.atomic import atomic_path
 from edgeshift.core.errors import EdgeshiftError, InputFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -122,7 +123,6 @@ def load_imagefolder(root: str | os.PathLike, split: str = "train", size: int | 
         labels.append(i)
     ds = Dataset(np.stack(images), np.asarray(labels, np.int64), classes, name=f"{root.name}/{split}")
     if cache:
-        from edgeshift.core.atomic import atomic_path
 
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:
@@ -205,7 +205,6 @@ def model_splits(data: str, arch: dict, *, train_samples: int | None = None, tes
                  seed: int = 0) -> tuple[Dataset, Dataset]:
     """The training and test splits of ``data`` for a model of ``arch`` (its class count and input size),
     optionally stratified subsets; refuses data with another class count."""
-    from edgeshift.core.errors import EdgeshiftError
 
     train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
     test = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])

@@ -31,8 +31,8 @@ from edgeshift.core.atomic import atomic_path, write_text_atomic
 from edgeshift.core.errors import EdgeshiftError
 
 from . import distributed, sparse
-from .checkpoint import save_checkpoint
-from .data import Dataset
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import Dataset, load_dataset
 from .models import sources
 from .train import TrainConfig, config_dict, set_determinism, train
 
@@ -69,7 +69,6 @@ class RunConfig:
 
 
 def load_data(cfg: RunConfig, num_classes: int | None, size: int) -> tuple[Dataset, Dataset]:
-    from .data import load_dataset
 
     train_ds = load_dataset(cfg.data, "train", num_classes=num_classes or 10, size=size)
     test_ds = load_dataset(cfg.data, "test", num_classes=num_classes or 10, size=size)
@@ -162,7 +161,6 @@ def _save_level(run_dir: Path, k: int, model, mask, result, cfg: RunConfig, seco
 
 
 def _load_level_model(run_dir: Path, k: int):
-    from .checkpoint import load_checkpoint
 
     model, payload = load_checkpoint(level_dir(run_dir, k) / "checkpoint.pt")
     return model, payload["masks"]

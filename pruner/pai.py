@@ -27,13 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import EdgeshiftError, UnknownNameError
 from edgeshift.core.registry import Registry
 
 from . import sparse
-from .metrics import count_macs, count_params
+from .checkpoint import save_checkpoint
 from .measure import ModelMeasurer
+from .metrics import count_macs, count_params
 from .models import sources, zoo
+from .structured import coupled_groups
 
 AVERAGES = ("layer-mean", "global")
 
@@ -199,7 +202,6 @@ def rectify(model: nn.Module, mask: sparse.Mask, shrink: dict[str, bool], sparsi
     Channels are removed per coupled group: a group shrinks when every layer producing it is to be shrunk, to the
     largest of their planned widths, keeping the channels with the most surviving weights.
     """
-    from .structured import coupled_groups
 
     groups = coupled_groups(model, _example(model, 1))
     modules = dict(model.named_modules())
@@ -345,9 +347,7 @@ def save_pai(cfg: PaiConfig, out, json_out=None, measure: ModelMeasurer | None =
     report, both atomically."""
     import json
 
-    from edgeshift.core.atomic import write_text_atomic
 
-    from .checkpoint import save_checkpoint
 
     model, mask, report = pai(cfg, measure)
     doc = report.to_dict()

@@ -16,14 +16,19 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import EdgeshiftError
 
-from .data import Dataset
+from .checkpoint import load_model, save_checkpoint
+from .data import Dataset, model_splits
 from .distill import DistillConfig, Teacher
 from .learned_masks import GateConfig, LayerPrice, LearnedMasks
 from .measure import ModelMeasurer
 from .metrics import count_macs, count_params
 from .models.zoo import input_shape
+from .structured import prune_zero_channels
+from .train import TrainConfig
+from .train import train as run_training
 
 __all__ = ["SlimConfig", "SlimReport", "LayerPricer", "choose_alignment", "slim", "slim_checkpoint", "PRICINGS"]
 
@@ -182,9 +187,6 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
     the original dense model when ``model`` is itself a pruned, not yet fine-tuned one)."""
     import copy
 
-    from .structured import prune_zero_channels
-    from .train import TrainConfig
-    from .train import train as run_training
 
     t0 = time.perf_counter()
     dense = model.eval()
@@ -251,10 +253,7 @@ def slim_checkpoint(checkpoint, out, cfg: SlimConfig, *, data: str, pricer: Laye
     nothing is written unless the whole run succeeds."""
     import json
 
-    from edgeshift.core.atomic import write_text_atomic
 
-    from .checkpoint import load_model, save_checkpoint
-    from .data import model_splits
 
     cfg.validate()
     model, payload = load_model(checkpoint, spec)

@@ -14,6 +14,8 @@ from torch import nn
 
 from edgeshift.core.registry import Registry
 
+from .models.zoo import input_shape
+
 Mask = dict[str, torch.Tensor]
 
 
@@ -122,7 +124,6 @@ def _synflow(model: nn.Module, mask: Mask, keep: int, seed: int = 0, iterations:
 
 
 def _input_shape(model: nn.Module) -> tuple:
-    from .models.zoo import input_shape
 
     return input_shape(model, 1)
 

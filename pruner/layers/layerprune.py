@@ -14,13 +14,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import EdgeshiftError
 
-from ..data import Dataset
+from ..checkpoint import load_model, save_checkpoint
+from ..data import Dataset, model_splits
 from ..distill import DistillConfig, Teacher
-from ..metrics import count_macs, count_params
 from ..measure import ModelMeasurer
+from ..metrics import count_macs, count_params
 from ..models.zoo import input_shape
+from ..train import config_dict
+from ..train import train as run_training
 from .candidates import Candidate, find_candidates, remove_candidates
 from .criteria import CriterionData, get
 
@@ -210,7 +214,6 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
         report.accuracy_before = onnx_top1(model, test, measure)
         report.accuracy_removed = onnx_top1(pruned, test, measure)
     if finetune is not None:
-        from ..train import config_dict, train as run_training
 
         if train is None or test is None:
             raise EdgeshiftError("fine-tuning needs the training and test data")
@@ -233,10 +236,7 @@ def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, 
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
     import json
 
-    from edgeshift.core.atomic import write_text_atomic
 
-    from ..checkpoint import load_model, save_checkpoint
-    from ..data import model_splits
 
     cfg.validate()
     model, payload = load_model(checkpoint, spec)

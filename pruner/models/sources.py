@@ -20,7 +20,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from edgeshift.core.errors import EdgeshiftError
+from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
+
+from . import zoo
 
 KINDS = ("zoo", "timm", "torchvision", "factory")
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -54,7 +56,6 @@ def parse(text: str) -> ModelSource:
         if not _FACTORY.match(text):
             raise ModelSourceError(f"model factory {text!r} is not of the form package.module:function")
         return ModelSource("factory", text)
-    from . import zoo
 
     if text not in zoo.names():
         raise ModelSourceError(f"unknown architecture {text!r}; known: {', '.join(zoo.names())}; or a model "
@@ -145,7 +146,6 @@ def create(text: str, num_classes: int | None = None, input_size: int | None = N
     source = parse(text)
     kwargs = dict(kwargs or {})
     if source.kind == "zoo":
-        from . import zoo
 
         return zoo.get(source.name, num_classes=num_classes, input_size=input_size, **kwargs)
     try:
@@ -218,7 +218,6 @@ def load_weights(model: nn.Module, path: str, source: str = "") -> None:
     one line naming the first few missing, unexpected and mis-shaped keys with their counts."""
     import torch
 
-    from edgeshift.core.errors import InputFileError, require_file
 
     require_file(path, "weights file")
     try:
@@ -256,7 +255,6 @@ def input_size_of(text: str, input_size: int | None = None, kwargs: dict | None 
         return int(input_size)
     source = parse(text)
     if source.kind == "zoo":
-        from . import zoo
 
         return zoo.entry(source.name).input_size
     return int(create(text, kwargs=kwargs).edgeshift_arch["input_size"])

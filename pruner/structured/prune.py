@@ -27,8 +27,7 @@ from ..fuse import fuse_conv_bn
 from ..metrics import count_macs, count_params
 from .align import pad_channels
 from .groups import _build_groups, _is_layer, _structure
-from .plan import (_execute, _execute_verified, _explain, _fold_constants, _plan_drop, _plan_exact,
-                   _resize_splits)
+from .plan import _execute, _execute_verified, _explain, _fold_constants, _plan_drop, _plan_exact, _resize_splits
 from .report import LayerChange, PruneReport
 
 MODES = ("exact", "drop")
