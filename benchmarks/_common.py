@@ -5,18 +5,21 @@ Synthetic sparsity: each filter gets a log-normal scale, then global magnitude p
 the conv+linear weights, so whole filters die as they do in trained sparse models. It stands in for trained
 IMP checkpoints where only the runtime's behaviour (sizes, memory, switching) is measured, never accuracy.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from edgeshift.pruner.models import get
+from edgeshift.pruner.models.record import record_of, set_record
 from torch import nn
 
 
 @torch.no_grad()
-def synthetic_sparse(arch: str = "vgg16", compression: float = 16.0, seed: int = 0, filter_sigma: float = 1.0,
-                     **kw) -> nn.Module:
+def synthetic_sparse(
+    arch: str = "vgg16", compression: float = 16.0, seed: int = 0, filter_sigma: float = 1.0, **kw
+) -> nn.Module:
     torch.manual_seed(seed)
     model = get(arch, **kw).eval()
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -50,15 +53,29 @@ def vgg16_variants(compressions=(1, 4, 16, 64), prune: bool = True, filter_sigma
     return models, reports, x
 
 
-def build_vgg16_portfolio(out: Path, compressions=(1, 4, 16, 64), prune: bool = True, force: bool = True,
-                          measure_memory: bool = False, latency_iterations: int = 30) -> Path:
+def build_vgg16_portfolio(
+    out: Path,
+    compressions=(1, 4, 16, 64),
+    prune: bool = True,
+    force: bool = True,
+    measure_memory: bool = False,
+    latency_iterations: int = 30,
+) -> Path:
     from edgeshift.exporter.portfolio import build_portfolio
 
     models, reports, x = vgg16_variants(compressions, prune)
-    return build_portfolio(models, x, out, prune_reports=reports, compressions={f"c{c}x": float(c)
-                                                                                 for c in compressions},
-                           reference="c1x", architecture="vgg16", latency_iterations=latency_iterations,
-                           measure_memory=measure_memory, force=force)
+    return build_portfolio(
+        models,
+        x,
+        out,
+        prune_reports=reports,
+        compressions={f"c{c}x": float(c) for c in compressions},
+        reference="c1x",
+        architecture="vgg16",
+        latency_iterations=latency_iterations,
+        measure_memory=measure_memory,
+        force=force,
+    )
 
 
 def ensure_vgg16_portfolio(path: str | None, default: str = "/tmp/edgeshift-bench/vgg16-4.zip") -> Path:
@@ -80,8 +97,13 @@ def width_pruned(model: nn.Module, ratio: float) -> nn.Module:
 
     m = copy.deepcopy(model).eval()
     last = [x for x in m.modules() if isinstance(x, nn.Linear)][-1:]
-    pruner = tp.pruner.MagnitudePruner(m, torch.randn(input_shape(m, 1)), importance=tp.importance.MagnitudeImportance(
-        p=1), pruning_ratio=ratio, ignored_layers=last)
+    pruner = tp.pruner.MagnitudePruner(
+        m,
+        torch.randn(input_shape(m, 1)),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=ratio,
+        ignored_layers=last,
+    )
     pruner.step()
-    m.edgeshift_arch = model.edgeshift_arch
+    set_record(m, record_of(model))
     return m

@@ -10,6 +10,7 @@ reason the architecture was refused.
 Needs timm and torchvision importable (a user's machine; see BENCHMARKS.md for how they ran here):
     python benchmarks/any_cnn.py [--only NAME ...] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from edgeshift.core.errors import EdgeshiftError
 from edgeshift.exporter import export_onnx
 from edgeshift.pruner.metrics import count_params
 from edgeshift.pruner.structured import prune_zero_channels
+from torch import nn
+
+from edgeshift.core.errors import EdgeshiftError
 
 # (label, source): the 21 architectures of issue 14's table.
 ARCHITECTURES = [
@@ -92,8 +93,8 @@ def plant(model: nn.Module, seed: int = 0, zero: float = 0.30, constant: float =
             nz, nc = int(round(zero * c)), int(round(constant * c))
             m.weight[order[:nz]] = 0
             m.bias[order[:nz]] = 0
-            m.weight[order[nz:nz + nc]] = 0
-            m.bias[order[nz:nz + nc]] = torch.rand(nc, generator=gen) + 0.1
+            m.weight[order[nz : nz + nc]] = 0
+            m.bias[order[nz : nz + nc]] = torch.rand(nc, generator=gen) + 0.1
 
 
 def build(source: str, classes: int) -> nn.Module:
@@ -120,16 +121,25 @@ def run_one(label: str, source: str, size: int, classes: int) -> dict:
         row.update(outcome="refused", reason=str(exc), seconds=round(time.perf_counter() - t0, 2))
         return row
     except Exception as exc:  # an internal error: the thing this benchmark exists to find
-        row.update(outcome="internal error", reason=f"{type(exc).__name__}: {exc}"[:300],
-                   seconds=round(time.perf_counter() - t0, 2))
+        row.update(
+            outcome="internal error",
+            reason=f"{type(exc).__name__}: {exc}"[:300],
+            seconds=round(time.perf_counter() - t0, 2),
+        )
         return row
     seconds = time.perf_counter() - t0
     with torch.no_grad():  # in float64: what is left is the float32 rounding of fused weights, or a real error
         ref64, out64 = copy.deepcopy(model).double()(x.double()), copy.deepcopy(pruned).double()(x.double())
     row["rel_diff_float64"] = float((ref64 - out64).abs().max() / ref64.abs().max())
-    row.update(outcome="exact", params_before=before, params_after=count_params(pruned),
-               removed=round(1 - count_params(pruned) / before, 4), seconds=round(seconds, 2),
-               rel_diff=report.rel_diff, notes=list(getattr(report, "notes", [])))
+    row.update(
+        outcome="exact",
+        params_before=before,
+        params_after=count_params(pruned),
+        removed=round(1 - count_params(pruned) / before, 4),
+        seconds=round(seconds, 2),
+        rel_diff=report.rel_diff,
+        notes=list(getattr(report, "notes", [])),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             exp = export_onnx(pruned, x, Path(tmp) / "m.onnx")
@@ -141,23 +151,29 @@ def run_one(label: str, source: str, size: int, classes: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     """One table row per architecture: outcome, parameters removed, prune time, deviations, BN left, why."""
-    out = ["| architecture | source | outcome | params removed | prune time | max dev (rel) | in float64 | "
-           "ONNX dev (rel) | BN left in ONNX | kept whole, and why (first note) |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "| architecture | source | outcome | params removed | prune time | max dev (rel) | in float64 | "
+        "ONNX dev (rel) | BN left in ONNX | kept whole, and why (first note) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if r["outcome"] == "exact":
             note = (r["notes"][0] if r["notes"] else "").replace("|", "/")
             note = note if len(note) < 140 else note[:137] + "..."
-            out.append(f"| {r['architecture']} | `{r['source']}` | exact | {r['removed']:.1%} | {r['seconds']:.2f} s | "
-                       f"{r['rel_diff']:.1e} | {r['rel_diff_float64']:.1e} | "
-                       f"{r.get('onnx_rel_diff', float('nan')):.1e} | {r.get('bn_left', '')} "
-                       f"| {note} |")
+            out.append(
+                f"| {r['architecture']} | `{r['source']}` | exact | {r['removed']:.1%} | {r['seconds']:.2f} s | "
+                f"{r['rel_diff']:.1e} | {r['rel_diff_float64']:.1e} | "
+                f"{r.get('onnx_rel_diff', float('nan')):.1e} | {r.get('bn_left', '')} "
+                f"| {note} |"
+            )
         else:
             reason = r.get("reason", "").splitlines()[0].replace("|", "/")
             reason = reason if len(reason) < 140 else reason[:137] + "..."
             removed = f"{r['removed']:.1%}" if "removed" in r else ""
-            out.append(f"| {r['architecture']} | `{r['source']}` | {r['outcome']} | {removed} | "
-                       f"{r.get('seconds', 0):.2f} s | {r.get('rel_diff', float('nan')):.1e} | | | | {reason} |")
+            out.append(
+                f"| {r['architecture']} | `{r['source']}` | {r['outcome']} | {removed} | "
+                f"{r.get('seconds', 0):.2f} s | {r.get('rel_diff', float('nan')):.1e} | | | | {reason} |"
+            )
     return "\n".join(out)
 
 
@@ -181,20 +197,26 @@ def main() -> int:
         row = run_one(label, source, args.size, args.classes)
         rows.append(row)
         if row["outcome"] == "exact":
-            print(f"{label:<24} removed {row['removed']:6.1%}  {row['seconds']:6.2f} s  dev {row['rel_diff']:.2g}"
-                  f" (f64 {row['rel_diff_float64']:.2g})"
-                  f"  onnx dev {row.get('onnx_rel_diff', float('nan')):.2g}  BN left {row.get('bn_left')}"
-                  + (f"  ({'; '.join(row['notes'])[:200]})" if row["notes"] else ""), flush=True)
+            print(
+                f"{label:<24} removed {row['removed']:6.1%}  {row['seconds']:6.2f} s  dev {row['rel_diff']:.2g}"
+                f" (f64 {row['rel_diff_float64']:.2g})"
+                f"  onnx dev {row.get('onnx_rel_diff', float('nan')):.2g}  BN left {row.get('bn_left')}"
+                + (f"  ({'; '.join(row['notes'])[:200]})" if row["notes"] else ""),
+                flush=True,
+            )
         else:
-            print(f"{label:<24} {row['outcome']}: {row.get('reason', '')[:300]}  ({row.get('seconds', 0)} s)",
-                  flush=True)
+            print(
+                f"{label:<24} {row['outcome']}: {row.get('reason', '')[:300]}  ({row.get('seconds', 0)} s)", flush=True
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.markdown:
         print(markdown(rows))
     ok = sum(r["outcome"] == "exact" and r["removed"] >= 0.10 for r in rows)
-    print(f"\n{ok} of {len(rows)} exact and at least 10% smaller; "
-          f"{sum(r['outcome'] == 'internal error' for r in rows)} internal errors")
+    print(
+        f"\n{ok} of {len(rows)} exact and at least 10% smaller; "
+        f"{sum(r['outcome'] == 'internal error' for r in rows)} internal errors"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ reach on a model (issue 16), e.g. the ONNX files `benchmarks/targets_cifar.py` w
 
     python benchmarks/op_breakdown.py RUN/compare/onnx/dense.onnx RUN/compare/onnx/lp7-int8.onnx [--profile host]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ from pathlib import Path
 def breakdown(path: Path, profile, calls: int = 500) -> dict:
     import numpy as np
     import onnxruntime as ort
-
     from edgeshift.runtime.session import session_options, session_plan
 
     plan = session_plan(profile, None)
@@ -63,10 +63,16 @@ def breakdown(path: Path, profile, calls: int = 500) -> dict:
         by_op[op_of[n]]["us"] += us
     run_us = statistics.median(b - a for a, b in bounds) if bounds else 0.0
     in_nodes = sum(node_median.values())
-    return {"model": path.name, "p50_ms": statistics.median(walls), "run_us": run_us, "nodes": node_count,
-            "in_nodes_us": in_nodes, "outside_nodes_us": max(run_us - in_nodes, 0.0),
-            "cheapest_node_us": min(node_median.values()) if node_median else 0.0,
-            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["us"]))}
+    return {
+        "model": path.name,
+        "p50_ms": statistics.median(walls),
+        "run_us": run_us,
+        "nodes": node_count,
+        "in_nodes_us": in_nodes,
+        "outside_nodes_us": max(run_us - in_nodes, 0.0),
+        "cheapest_node_us": min(node_median.values()) if node_median else 0.0,
+        "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["us"])),
+    }
 
 
 def main() -> None:
@@ -80,15 +86,19 @@ def main() -> None:
     profile = load_profile(args.profile)
     docs = [breakdown(p, profile) for p in args.models]
     for d in docs:
-        print(f"\n{d['model']}: p50 {d['p50_ms']:.3f} ms (no profiler), profiled model_run {d['run_us']:.0f} us, "
-              f"{d['nodes']} nodes {d['in_nodes_us']:.0f} us, outside nodes {d['outside_nodes_us']:.0f} us; "
-              f"cheapest node {d['cheapest_node_us']:.1f} us x {d['nodes']} nodes = "
-              f"{d['cheapest_node_us'] * d['nodes']:.0f} us")
+        print(
+            f"\n{d['model']}: p50 {d['p50_ms']:.3f} ms (no profiler), profiled model_run {d['run_us']:.0f} us, "
+            f"{d['nodes']} nodes {d['in_nodes_us']:.0f} us, outside nodes {d['outside_nodes_us']:.0f} us; "
+            f"cheapest node {d['cheapest_node_us']:.1f} us x {d['nodes']} nodes = "
+            f"{d['cheapest_node_us'] * d['nodes']:.0f} us"
+        )
         print("| op | nodes | us per call | share of node time | us per node |")
         print("|---|---|---|---|---|")
         for op, v in d["by_op"].items():
-            print(f"| {op} | {v['nodes']} | {v['us']:.1f} | {100 * v['us'] / max(d['in_nodes_us'], 1e-9):.0f}% | "
-                  f"{v['us'] / v['nodes']:.1f} |")
+            print(
+                f"| {op} | {v['nodes']} | {v['us']:.1f} | {100 * v['us'] / max(d['in_nodes_us'], 1e-9):.0f}% | "
+                f"{v['us'] / v['nodes']:.1f} |"
+            )
     if args.json:
         args.json.write_text(json.dumps(docs, indent=2))
 

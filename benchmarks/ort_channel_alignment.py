@@ -8,6 +8,7 @@ to the unpruned model, for each intra-op thread count given.
     python benchmarks/ort_channel_alignment.py [--arch vgg16] [--compression 16] [--checkpoint PATH]
                                                [--align 8] [--threads 1 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ from edgeshift.device_profiles import cpu_profile
 from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.models import get
+from edgeshift.pruner.models.record import record_of
 from edgeshift.pruner.structured import prune_zero_channels
 from edgeshift.runtime.measure import machine_label, time_calls
 from edgeshift.runtime.session import create_session
@@ -30,8 +32,10 @@ def conv_widths(model: torch.nn.Module) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", help="a sparse checkpoint (default: a synthetic sparse --arch at --compression, "
-                    "as in the runtime benchmarks)")
+    ap.add_argument(
+        "--checkpoint",
+        help="a sparse checkpoint (default: a synthetic sparse --arch at --compression, as in the runtime benchmarks)",
+    )
     ap.add_argument("--arch", default="vgg16")
     ap.add_argument("--compression", type=float, default=16.0)
     ap.add_argument("--align", type=int, default=8)
@@ -46,16 +50,20 @@ def main() -> None:
 
         sparse = synthetic_sparse(args.arch, args.compression, filter_sigma=2.0)
     sparse.eval()
-    arch = sparse.edgeshift_arch
-    x = torch.randn(4, 3, arch["input_size"], arch["input_size"], generator=torch.Generator().manual_seed(0))
+    record = record_of(sparse)
+    x = torch.randn(4, 3, record.input_size, record.input_size, generator=torch.Generator().manual_seed(0))
     pruned, plain = prune_zero_channels(sparse, x)
     aligned, report = prune_zero_channels(sparse, x, align=args.align)
-    dense = get(arch["name"], **arch.get("kwargs", {})).eval()
-    print(f"machine: {machine_label()}; {arch['name']}; batch 1; {args.rounds} interleaved rounds of "
-          f"{args.iterations} calls; medians over rounds")
+    dense = get(record.name, **record.kwargs).eval()
+    print(
+        f"machine: {machine_label()}; {record.name}; batch 1; {args.rounds} interleaved rounds of "
+        f"{args.iterations} calls; medians over rounds"
+    )
     print(f"pruned widths:  {conv_widths(pruned)} (deviation {plain.rel_diff:.1e} relative)")
-    print(f"aligned widths: {conv_widths(aligned)} (deviation {report.rel_diff:.1e} relative, "
-          f"{report.channels_padded} zero channels added)")
+    print(
+        f"aligned widths: {conv_widths(aligned)} (deviation {report.rel_diff:.1e} relative, "
+        f"{report.channels_padded} zero channels added)"
+    )
     models = {"dense": dense, "pruned": pruned, f"aligned-{args.align}": aligned}
     feed = {INPUT_NAME: x[:1].numpy().astype(np.float32)}
     raw = {name: onnx_bytes(model, x[:1]) for name, model in models.items()}

@@ -8,6 +8,7 @@ finished steps (their output files) are skipped.
     python benchmarks/pai_cifar.py --data ../shared/datasets/cifar10 --out /tmp/edgeshift-bench/pai \
         [--arch resnet20] [--sparsities 0.8 0.95] [--epochs 5] [--train-samples 20000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = {"reconvene": [], "unstructured": ["--unstructured"], "all-layers": ["--all-layers"],
-         "inverted": ["--inverted"]}
+MODES = {
+    "reconvene": [],
+    "unstructured": ["--unstructured"],
+    "all-layers": ["--all-layers"],
+    "inverted": ["--inverted"],
+}
 
 
 def edgeshift(*args: str) -> None:
@@ -41,17 +46,52 @@ def main() -> None:
             stem = args.out / f"{args.arch}-p{p:g}-{mode}"
             init, report, trained = Path(f"{stem}-init.pt"), Path(f"{stem}-pai.json"), Path(f"{stem}-trained.pt")
             if not report.exists():
-                edgeshift("pai", "--arch", args.arch, "--sparsity", str(p), "--seed", str(args.seed), *flags,
-                          "-o", str(init), "--json", str(report), "--force")
+                edgeshift(
+                    "pai",
+                    "--arch",
+                    args.arch,
+                    "--sparsity",
+                    str(p),
+                    "--seed",
+                    str(args.seed),
+                    *flags,
+                    "-o",
+                    str(init),
+                    "--json",
+                    str(report),
+                    "--force",
+                )
             if not trained.exists():
-                edgeshift("train", "--init", str(init), "--data", args.data, "--epochs", str(args.epochs),
-                          "--train-samples", str(args.train_samples), "--seed", str(args.seed), "-o", str(trained))
+                edgeshift(
+                    "train",
+                    "--init",
+                    str(init),
+                    "--data",
+                    args.data,
+                    "--epochs",
+                    str(args.epochs),
+                    "--train-samples",
+                    str(args.train_samples),
+                    "--seed",
+                    str(args.seed),
+                    "-o",
+                    str(trained),
+                )
             import torch
 
             meta = torch.load(trained, map_location="cpu", weights_only=True)["meta"]
             doc = json.loads(report.read_text())
-            rows.append((p, mode, meta["test_accuracy"], doc["compression"], doc["cpu_speedup"],
-                         doc["nonzero_after"], meta["seconds"]))
+            rows.append(
+                (
+                    p,
+                    mode,
+                    meta["test_accuracy"],
+                    doc["compression"],
+                    doc["cpu_speedup"],
+                    doc["nonzero_after"],
+                    meta["seconds"],
+                )
+            )
     print(f"\n{args.arch}, {args.train_samples} training images x {args.epochs} epochs per model, seed {args.seed}\n")
     print("| P | method | top-1 | compression | ORT CPU speedup | nonzero params | train s |")
     print("|---|---|---|---|---|---|---|")

@@ -3,6 +3,7 @@ ONNX Runtime latency (1 thread, p50/p95, warm-up excluded) of each pruned varian
 
     python benchmarks/phase2_table.py RUN_ROOT        # RUN_ROOT/<method>/level_<k>/ (benchmarks/imp_cifar.sh)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.root)
     print(f"machine: {machine_label()}; latency at batch 1, 1 ORT thread, {args.iterations} timed calls")
-    print("| method | level | compression | top-1 | wall s | params dense -> pruned | MACs | p50 ms | p95 ms | "
-          "prune max rel diff |")
+    print(
+        "| method | level | compression | top-1 | wall s | params dense -> pruned | MACs | p50 ms | p95 ms | "
+        "prune max rel diff |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for method_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -44,10 +47,12 @@ def main() -> None:
                 sess = create_session(path.read_bytes(), cpu_profile(1))
                 x1 = x[:1].numpy()
                 lat = time_calls(lambda: sess.run(None, {"input": x1}), warmup=20, iterations=args.iterations)
-                print(f"| {method_dir.name} | {metrics['level']} | {metrics['compression']:.1f}x | "
-                      f"{100 * metrics['test_accuracy']:.2f}% | {metrics['seconds']:.0f} | "
-                      f"{rep.params_before:,} -> {rep.params_after:,} | {exp.macs:,} | {lat.p50_ms:.3f} | "
-                      f"{lat.p95_ms:.3f} | {rep.rel_diff:.1e} |")
+                print(
+                    f"| {method_dir.name} | {metrics['level']} | {metrics['compression']:.1f}x | "
+                    f"{100 * metrics['test_accuracy']:.2f}% | {metrics['seconds']:.0f} | "
+                    f"{rep.params_before:,} -> {rep.params_after:,} | {exp.macs:,} | {lat.p50_ms:.3f} | "
+                    f"{lat.p95_ms:.3f} | {rep.rel_diff:.1e} |"
+                )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ trained weights' deflation; with --run-dir RUN (an `edgeshift imp` run of VGG-16
 
     python benchmarks/portfolio_deflate.py [--run-dir RUN] [--levels 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 from _common import synthetic_sparse
-
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.exporter.profile import deflated_size
 from edgeshift.pruner.structured import prune_zero_channels
@@ -38,12 +38,14 @@ def main() -> None:
                 models[f"level{k}"] = load_checkpoint(path)[0]
         source = f"trained levels from {args.run_dir}"
     else:
-        models = {f"c{2 ** k}x": synthetic_sparse("vgg16", 2 ** k, filter_sigma=1.0) for k in range(args.levels)}
+        models = {f"c{2**k}x": synthetic_sparse("vgg16", 2**k, filter_sigma=1.0) for k in range(args.levels)}
         source = "synthetic sparse VGG-16 (NOT trained: the issue's figure needs real sparse training)"
     print(f"source: {source}")
     totals = {"sparse": [0, 0], "pruned": [0, 0]}
-    print(f"{'variant':<8} {'sparse onnx':>12} {'deflated':>10} {'ratio':>6}   {'pruned onnx':>12} {'deflated':>10} "
-          f"{'ratio':>6}")
+    print(
+        f"{'variant':<8} {'sparse onnx':>12} {'deflated':>10} {'ratio':>6}   {'pruned onnx':>12} {'deflated':>10} "
+        f"{'ratio':>6}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
             row = []

@@ -6,6 +6,7 @@ log-normal scale so whole filters die as in trained sparse models (a trained IMP
 
     python benchmarks/prune_speed.py [--checkpoint PATH] [--repeats 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,9 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from edgeshift.pruner.models import get
 from edgeshift.pruner.structured import STRUCTURE_CACHE, prune_zero_channels
+from torch import nn
 
 
 @torch.no_grad()
@@ -70,19 +70,25 @@ def main() -> None:
         steps.append(report.plan_seconds + report.prune_seconds)
         fuses.append(report.fuse_seconds)
     dc, step = statistics.median(copies), statistics.median(steps)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} torch {torch.__version__} "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} torch {torch.__version__} "
+        f"threads {torch.get_num_threads()}"
+    )
     print(f"VGG-16 weights: {total:,} -> {nonzero:,} nonzero (compression {total / nonzero:.1f}x)")
-    print(f"pruned params: {report.params_before:,} -> {report.params_after:,} "
-          f"({report.params_before / report.params_after:.1f}x), channels removed {report.channels_removed}, "
-          f"max|diff| {report.max_abs_diff:.2g} (rel {report.rel_diff:.2g})")
+    print(
+        f"pruned params: {report.params_before:,} -> {report.params_after:,} "
+        f"({report.params_before / report.params_after:.1f}x), channels removed {report.channels_removed}, "
+        f"max|diff| {report.max_abs_diff:.2g} (rel {report.rel_diff:.2g})"
+    )
     print(f"copy.deepcopy median          {dc * 1e3:8.2f} ms")
     print(f"plan+prune median             {step * 1e3:8.2f} ms   ratio {step / dc:.2f}x deepcopy (target <= 2x)")
     print(f"  plan / prune (last run)     {report.plan_seconds * 1e3:8.2f} / {report.prune_seconds * 1e3:.2f} ms")
     print(f"fuse (incl. its deepcopy)     {statistics.median(fuses) * 1e3:8.2f} ms")
     print(f"whole call incl. verification {statistics.median(totals) * 1e3:8.2f} ms")
-    print(f"first call (no cached structure, process warm-up) plan+prune "
-          f"{(cold.plan_seconds + cold.prune_seconds) * 1e3:.1f} ms, whole call {cold_total * 1e3:.1f} ms")
+    print(
+        f"first call (no cached structure, process warm-up) plan+prune "
+        f"{(cold.plan_seconds + cold.prune_seconds) * 1e3:.1f} ms, whole call {cold_total * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Target: median active <= 1/3 of the ensemble; inactive variants cost at most the
 
     python benchmarks/runtime_memory.py [--portfolio PATH] [--profile host]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ print(json.dumps({"rss": rss(), "growth": rss() - base, "base": base}))
 
 
 def child(path, mode, profile) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, profile], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), mode, profile], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -62,17 +64,21 @@ def main() -> None:
     with Portfolio.open(path) as pf:
         names, infos = pf.names, {v.name: v for v in pf.variants}
         median, file_bytes = pf.median_variant, pf.file_bytes
-    mb = lambda b: b / 2 ** 20  # noqa: E731
+    mb = lambda b: b / 2**20  # noqa: E731
     ens = child(path, "ensemble", args.profile)
-    print(f"portfolio {path.name}: {len(names)} variants, file {mb(file_bytes):.1f} MB "
-          f"({', '.join(f'{n} {mb(infos[n].bytes):.1f}/{mb(infos[n].deflated_bytes):.1f} MB' for n in names)} "
-          "onnx/in-file)")
+    print(
+        f"portfolio {path.name}: {len(names)} variants, file {mb(file_bytes):.1f} MB "
+        f"({', '.join(f'{n} {mb(infos[n].bytes):.1f}/{mb(infos[n].deflated_bytes):.1f} MB' for n in names)} "
+        "onnx/in-file)"
+    )
     print(f"baseline process (imports + portfolio open, memory-mapped): {mb(ens['base']):.1f} MB RSS")
     print(f"ensemble (all {len(names)} sessions open): RSS {mb(ens['rss']):.1f} MB, growth {mb(ens['growth']):.1f} MB")
     for label, name in (("smallest", names[0]), ("median", median), ("largest", names[-1])):
         r = child(path, name, args.profile)
-        print(f"runtime, {label} ({name}) active: RSS {mb(r['rss']):.1f} MB ({r['rss'] / ens['rss']:.2f} of ensemble), "
-              f"growth {mb(r['growth']):.1f} MB ({r['growth'] / ens['growth']:.2f} of ensemble growth)")
+        print(
+            f"runtime, {label} ({name}) active: RSS {mb(r['rss']):.1f} MB ({r['rss'] / ens['rss']:.2f} of ensemble), "
+            f"growth {mb(r['growth']):.1f} MB ({r['growth'] / ens['growth']:.2f} of ensemble growth)"
+        )
 
 
 if __name__ == "__main__":

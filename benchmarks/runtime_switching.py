@@ -12,6 +12,7 @@ switch_cpu_share, or --switch-cpu-share; 1 turns pacing off).
     python benchmarks/runtime_switching.py [--portfolio PATH] [--profile host] [--threads 8] [--switches 50]
                                            [--switch-cpu-share 0.25] [--preload]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,6 @@ import time
 
 import numpy as np
 from _common import ensure_vgg16_portfolio
-
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
 
@@ -73,14 +73,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--switches", type=int, default=50)
     ap.add_argument("--preload", action="store_true", help="keep neighbours warm (standby sessions)")
-    ap.add_argument("--switch-cpu-share", type=float, help="share of the time a switch up works while serving "
-                    "(default: the profile's; 1 = no pacing)")
+    ap.add_argument(
+        "--switch-cpu-share",
+        type=float,
+        help="share of the time a switch up works while serving (default: the profile's; 1 = no pacing)",
+    )
     args = ap.parse_args()
     path = ensure_vgg16_portfolio(args.portfolio)
     rng = np.random.default_rng(0)
     inputs = None
-    with Runtime(path, profile=args.profile, preload_neighbours=args.preload,
-                 switch_cpu_share=args.switch_cpu_share) as rt:
+    with Runtime(
+        path, profile=args.profile, preload_neighbours=args.preload, switch_cpu_share=args.switch_cpu_share
+    ) as rt:
         shape = [1 if d is None else d for d in rt.portfolio.input_spec.shape]
         inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(args.threads)]
         refs = {}
@@ -98,8 +102,11 @@ def main() -> None:
 
         switching, bad_s, err_s, dur = run_phase(rt, inputs, refs, None, switch_many)
         t_start = rt._t0 + min(s["at"] for s in rt.stats()["switch_log"] if s["reason"] == "benchmark")
-        schedule = [(s["at"] + s["total_ms"] / 1e3 - (t_start - rt._t0), s["target"])
-                    for s in rt.stats()["switch_log"] if s["reason"] == "benchmark"]
+        schedule = [
+            (s["at"] + s["total_ms"] / 1e3 - (t_start - rt._t0), s["target"])
+            for s in rt.stats()["switch_log"]
+            if s["reason"] == "benchmark"
+        ]
         # every session open at once (benchmark only: reaches into the runtime to swap prebuilt slots)
         slots = {n: rt._build(n)[0] for n in names}
         rt._active = slots[start]
@@ -122,38 +129,58 @@ def main() -> None:
         st = rt.stats()
         share = rt.switch_cpu_share
     sw = [s for s in st["switch_log"] if s["reason"] == "benchmark"]
-    print(f"machine: {machine_label()}; profile {args.profile}; {args.threads} client threads; "
-          f"portfolio {path.name} ({', '.join(names)}); preload neighbours: {args.preload}; "
-          f"switch CPU share while serving: {share}")
-    print(f"switching phase: {len(sw)} switches in {dur:.1f} s, {len(switching)} requests, "
-          f"{len(err_s)} failed, {bad_s} answers not from a complete variant")
-    print(f"steady phases: {len(steady)} requests, {len(err0)} failed, {bad0} wrong; instant-swap replay: "
-          f"{len(instant)} requests, {len(err_i)} failed, {bad_i} wrong")
+    print(
+        f"machine: {machine_label()}; profile {args.profile}; {args.threads} client threads; "
+        f"portfolio {path.name} ({', '.join(names)}); preload neighbours: {args.preload}; "
+        f"switch CPU share while serving: {share}"
+    )
+    print(
+        f"switching phase: {len(sw)} switches in {dur:.1f} s, {len(switching)} requests, "
+        f"{len(err_s)} failed, {bad_s} answers not from a complete variant"
+    )
+    print(
+        f"steady phases: {len(steady)} requests, {len(err0)} failed, {bad0} wrong; instant-swap replay: "
+        f"{len(instant)} requests, {len(err_i)} failed, {bad_i} wrong"
+    )
     sv, st_v, in_v = by_variant(switching), by_variant(steady), by_variant(instant)
     worst_steady = worst_instant = 0.0
-    print(f"{'variant':<8} {'steady p99':>10} {'instant p99':>11} {'switching p50':>13} {'p99':>7} "
-          f"{'vs steady':>9} {'vs instant':>10} {'requests':>9}")
+    print(
+        f"{'variant':<8} {'steady p99':>10} {'instant p99':>11} {'switching p50':>13} {'p99':>7} "
+        f"{'vs steady':>9} {'vs instant':>10} {'requests':>9}"
+    )
     for name in names:
         if name not in sv or len(sv[name]) < 100 or name not in in_v:
             continue
         a, i, b = np.percentile(st_v[name], 99), np.percentile(in_v[name], 99), np.percentile(sv[name], [50, 99])
         worst_steady, worst_instant = max(worst_steady, b[1] / a), max(worst_instant, b[1] / i)
-        print(f"{name:<8} {a:10.2f} {i:11.2f} {b[0]:13.2f} {b[1]:7.2f} {b[1] / a:9.2f} {b[1] / i:10.2f} "
-              f"{len(sv[name]):9d}")
-    print(f"worst p99 ratio while switching: {worst_steady:.2f}x vs steady, {worst_instant:.2f}x vs the instant-swap "
-          "replay (target <= 1.5x)")
-    print(f"{'switch':<12} {'n':>3} {'total':>8} {'inflate':>8} {'rested':>8} {'create':>8} {'warm':>6}   "
-          "(medians under load, ms; rested is part of inflate)")
-    for (src, dst) in sorted({(s["source"], s["target"]) for s in sw}, key=lambda p: (names.index(p[0]),
-                                                                                      names.index(p[1]))):
+        print(
+            f"{name:<8} {a:10.2f} {i:11.2f} {b[0]:13.2f} {b[1]:7.2f} {b[1] / a:9.2f} {b[1] / i:10.2f} "
+            f"{len(sv[name]):9d}"
+        )
+    print(
+        f"worst p99 ratio while switching: {worst_steady:.2f}x vs steady, {worst_instant:.2f}x vs the instant-swap "
+        "replay (target <= 1.5x)"
+    )
+    print(
+        f"{'switch':<12} {'n':>3} {'total':>8} {'inflate':>8} {'rested':>8} {'create':>8} {'warm':>6}   "
+        "(medians under load, ms; rested is part of inflate)"
+    )
+    for src, dst in sorted(
+        {(s["source"], s["target"]) for s in sw}, key=lambda p: (names.index(p[0]), names.index(p[1]))
+    ):
         rec = [s for s in sw if (s["source"], s["target"]) == (src, dst)]
-        m = {k: np.median([s[k] for s in rec]) for k in ("total_ms", "inflate_ms", "yielded_ms", "create_ms",
-                                                          "warm_ms")}
-        print(f"{src + '>' + dst:<12} {len(rec):3d} {m['total_ms']:8.1f} {m['inflate_ms']:8.1f} "
-              f"{m['yielded_ms']:8.1f} {m['create_ms']:8.1f} {m['warm_ms']:6.1f}")
-    print(f"switch time under load (request to swap) median {np.median([s['total_ms'] for s in sw]):.1f} ms, max "
-          f"{max(s['total_ms'] for s in sw):.1f} ms; of which paced (slept to leave the CPU to requests) median "
-          f"{np.median([s['yielded_ms'] for s in sw]):.1f} ms")
+        m = {
+            k: np.median([s[k] for s in rec]) for k in ("total_ms", "inflate_ms", "yielded_ms", "create_ms", "warm_ms")
+        }
+        print(
+            f"{src + '>' + dst:<12} {len(rec):3d} {m['total_ms']:8.1f} {m['inflate_ms']:8.1f} "
+            f"{m['yielded_ms']:8.1f} {m['create_ms']:8.1f} {m['warm_ms']:6.1f}"
+        )
+    print(
+        f"switch time under load (request to swap) median {np.median([s['total_ms'] for s in sw]):.1f} ms, max "
+        f"{max(s['total_ms'] for s in sw):.1f} ms; of which paced (slept to leave the CPU to requests) median "
+        f"{np.median([s['yielded_ms'] for s in sw]):.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ file. Medians over --repeats. Targets: standby switch < 1 ms; cold switch <= 1.2
 
     python benchmarks/switch_cost.py [--portfolio PATH] [--profile host] [--repeats 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,12 @@ import time
 from pathlib import Path
 
 from _common import ensure_vgg16_portfolio
-
-from edgeshift import device_profiles
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
 from edgeshift.runtime.portfolio import Portfolio
 from edgeshift.runtime.session import absorb_first_session_cost, create_session, session_for_variant
+
+from edgeshift import device_profiles
 
 
 def main() -> None:
@@ -31,8 +32,10 @@ def main() -> None:
     prof = device_profiles.load_profile(args.profile)
     med = statistics.median
     print(f"machine: {machine_label()}; profile {prof.name}; portfolio {path.name}; medians of {args.repeats}")
-    print(f"{'variant':<8} {'MB':>6} {'inflate':>8} {'create':>8} {'alone':>8} {'warm':>7} {'cold switch':>11} "
-          f"{'ratio':>6} {'overhead':>9} {'from .onnx':>10} {'standby':>8}")
+    print(
+        f"{'variant':<8} {'MB':>6} {'inflate':>8} {'create':>8} {'alone':>8} {'warm':>7} {'cold switch':>11} "
+        f"{'ratio':>6} {'overhead':>9} {'from .onnx':>10} {'standby':>8}"
+    )
     with Portfolio.open(path) as pf, tempfile.TemporaryDirectory() as tmp:
         absorb_first_session_cost(pf, prof)
         for name in pf.names:
@@ -65,12 +68,16 @@ def main() -> None:
                     assert rec.standby, "expected a warm standby"
                     standbys.append(rec.total_ms)
                     rt.switch_to(neighbour)
-            print(f"{name:<8} {pf.info(name).bytes / 2 ** 20:6.1f} {med(inflates):8.1f} {med(creates):8.1f} "
-                  f"{med(alone):8.1f} {med(warms):7.1f} {med(colds):11.1f} {med(colds) / med(alone):6.2f} "
-                  f"{med(overheads):9.2f} {med(files):10.1f} {med(standbys):8.3f}")
-    print("times in ms; alone = inflate + create measured alone; cold switch = request to swap (inflate + create + "
-          "warm-up run, on the switch thread); overhead = cold switch minus its inflate, create and warm-up (the "
-          "switching mechanism itself); standby = switch to a warm neighbour")
+            print(
+                f"{name:<8} {pf.info(name).bytes / 2**20:6.1f} {med(inflates):8.1f} {med(creates):8.1f} "
+                f"{med(alone):8.1f} {med(warms):7.1f} {med(colds):11.1f} {med(colds) / med(alone):6.2f} "
+                f"{med(overheads):9.2f} {med(files):10.1f} {med(standbys):8.3f}"
+            )
+    print(
+        "times in ms; alone = inflate + create measured alone; cold switch = request to swap (inflate + create + "
+        "warm-up run, on the switch thread); overhead = cold switch minus its inflate, create and warm-up (the "
+        "switching mechanism itself); standby = switch to a warm neighbour"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ to no job at all, measured in the same run. Jobs:
     python benchmarks/switch_interference.py [--portfolio PATH] [--variant c64x] [--other c4x]
         [--jobs none sha sha-paced:0 sha-paced:3 build build-paced] [--priority normal] [--seconds 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ import time
 
 import numpy as np
 from _common import ensure_vgg16_portfolio
-
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
 
@@ -50,8 +50,9 @@ def job_fn(job: str, rt: Runtime, other: str, raw: bytes):
             h = hashlib.sha256()
             for i in range(0, len(raw), PIECE):
                 t = time.perf_counter()
-                h.update(view[i:i + PIECE])
+                h.update(view[i : i + PIECE])
                 time.sleep((time.perf_counter() - t) * rest)
+
         return paced
     if job in ("build", "build-paced"):
         paced = job == "build-paced"
@@ -93,8 +94,7 @@ def main() -> None:
     ap.add_argument("--profile", default=str(os.path.join(os.path.dirname(__file__), "host-serving.toml")))
     ap.add_argument("--variant", default="c64x", help="the variant serving requests")
     ap.add_argument("--other", default="c4x", help="the variant the background jobs hash or build")
-    ap.add_argument("--jobs", nargs="+", default=["none", "sha", "sha-paced:0", "sha-paced:3", "build",
-                                                   "build-paced"])
+    ap.add_argument("--jobs", nargs="+", default=["none", "sha", "sha-paced:0", "sha-paced:3", "build", "build-paced"])
     ap.add_argument("--priority", default="normal", choices=["normal", "nice10", "nice19", "idle"])
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -107,13 +107,14 @@ def main() -> None:
         refs = [rt.predict(x) for x in inputs]
         raw = rt.portfolio.inflate(args.other)
         jobs = ["none"] + [j for j in args.jobs if j != "none"]
-        print(f"machine: {machine_label()}; {args.threads} clients on {args.variant}; background jobs on "
-              f"{args.other} ({len(raw) / 2 ** 20:.1f} MB) at priority {args.priority}; {args.seconds:g} s each")
+        print(
+            f"machine: {machine_label()}; {args.threads} clients on {args.variant}; background jobs on "
+            f"{args.other} ({len(raw) / 2**20:.1f} MB) at priority {args.priority}; {args.seconds:g} s each"
+        )
         print(f"{'job':<14} {'requests':>9} {'p50 ms':>7} {'p99 ms':>7} {'p99 vs none':>11} {'job rounds':>10}")
         base = None
         for job in jobs:
-            lat, wrong, rounds = run(rt, inputs, refs, job_fn(job, rt, args.other, raw), args.priority,
-                                     args.seconds)
+            lat, wrong, rounds = run(rt, inputs, refs, job_fn(job, rt, args.other, raw), args.priority, args.seconds)
             p50, p99 = np.percentile(lat, [50, 99])
             base = p99 if base is None else base
             assert wrong == 0, f"{wrong} answers differ from the variant's"

@@ -25,6 +25,7 @@ alone, and the ladder each way of timing gives.
     python benchmarks/thread_pools.py MODEL.onnx [--profile host] [--repeats 3]
     python benchmarks/thread_pools.py PORTFOLIO.zip [--profile host] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,10 @@ def _feed(session) -> dict:
 def _measure(model: bytes, mode: str, profile_name: str, repeats: int) -> list[list[float]]:
     """p50 ms of each session, per repeat, for one mode (run in its own process)."""
     import onnxruntime as ort
-
     from edgeshift.device_profiles import load_profile
     from edgeshift.runtime.measure import percentile_stats, time_interleaved
-    from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
     from edgeshift.runtime.session import create_session, session_options, session_plan
+    from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
 
     profile = load_profile(profile_name)
     settings = TimingSettings.of_profile(profile, 1)
@@ -70,8 +70,9 @@ def _measure(model: bytes, mode: str, profile_name: str, repeats: int) -> list[l
         ort.set_global_thread_pool_sizes(plan.intra_op_threads, plan.inter_op_threads)
         opts = session_options(profile, plan)  # the profile's settings, on the process's pool
         opts.use_per_session_threads = False
-        sessions = {f"copy{i}": ort.InferenceSession(model, opts, providers=list(plan.providers))
-                    for i in range(COPIES)}
+        sessions = {
+            f"copy{i}": ort.InferenceSession(model, opts, providers=list(plan.providers)) for i in range(COPIES)
+        }
     else:
         copies = 1 if mode in ("alone", "idle") else COPIES
         sessions = {f"copy{i}": create_session(model, profile) for i in range(copies)}
@@ -89,8 +90,13 @@ def _measure(model: bytes, mode: str, profile_name: str, repeats: int) -> list[l
             out.append([percentile_stats(samples, 1).p50_ms])
         else:
             calls = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
-            stats = time_interleaved(calls, warmup=settings.warmup, iterations=settings.iterations,
-                                     rounds=settings.rounds, max_seconds=settings.max_seconds)
+            stats = time_interleaved(
+                calls,
+                warmup=settings.warmup,
+                iterations=settings.iterations,
+                rounds=settings.rounds,
+                max_seconds=settings.max_seconds,
+            )
             out.append([s.p50_ms for s in stats.values()])
     return out
 
@@ -124,14 +130,20 @@ def _portfolio(path: str, profile_name: str, repeats: int) -> None:
     print("|---|---|---|---|")
     for n in sorted(graphs, key=lambda n: p50["alone"][n]):
         a = p50["alone"][n]
-        print(f"| {n} | {a:.4f} | {p50['per-session'][n]:.4f} ({p50['per-session'][n] / a:.2f}) | "
-              f"{p50['shared'][n]:.4f} ({p50['shared'][n] / a:.2f}) |")
+        print(
+            f"| {n} | {a:.4f} | {p50['per-session'][n]:.4f} ({p50['per-session'][n] / a:.2f}) | "
+            f"{p50['shared'][n]:.4f} ({p50['shared'][n] / a:.2f}) |"
+        )
     for mode in ("per-session", "shared"):
         worst = [max(p50[mode][n] / p50["alone"][n], p50["alone"][n] / p50[mode][n]) for n in graphs]
         ladders = []
         for run in runs[mode]:
-            points = [LadderPoint(n, ladder_accuracy(portfolio.info(n).top1, portfolio.info(n).reference),
-                                  s.p50_ms, s.round_p50_ms) for n, s in run.items()]
+            points = [
+                LadderPoint(
+                    n, ladder_accuracy(portfolio.info(n).top1, portfolio.info(n).reference), s.p50_ms, s.round_p50_ms
+                )
+                for n, s in run.items()
+            ]
             ladders.append(" > ".join(build_ladder(points, profile.benchmark.ladder_min_gain)))
         print(f"\n{mode}: furthest from alone {max(worst):.2f}x; ladder per repeat:")
         for ladder in ladders:
@@ -158,8 +170,21 @@ def main() -> None:
     results = {}
     for mode in MODES:
         print(f"timing {mode} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, args.model, "--profile", args.profile, "--repeats",
-                               str(args.repeats), "--mode", mode], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                args.model,
+                "--profile",
+                args.profile,
+                "--repeats",
+                str(args.repeats),
+                "--mode",
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             sys.exit(f"{mode}: " + (proc.stderr.strip().splitlines() or ["failed"])[-1])
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,6 +3,7 @@ variant profiling, the portfolio package, reports and the pipeline.
 
 Heavy imports happen on first use of an attribute, so ``import edgeshift.exporter`` stays cheap.
 """
+
 from __future__ import annotations
 
 from edgeshift.core.lazy import lazy_exports

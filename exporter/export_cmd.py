@@ -12,9 +12,10 @@ import torch
 from edgeshift.device_profiles import DeviceProfile, load_profile
 from edgeshift.pruner.checkpoint import load_model
 from edgeshift.pruner.data import load_dataset
+from edgeshift.pruner.models.record import ModelRecord, record_of
 from edgeshift.pruner.models.sources import ModelSpec
 from edgeshift.pruner.models.zoo import input_shape
-from edgeshift.pruner.structured import prune_zero_channels
+from edgeshift.pruner.structured import PruneReport, prune_zero_channels
 from torch import nn
 
 from edgeshift.core.atomic import check_output_path
@@ -111,17 +112,20 @@ def export_portfolio(
         raise EdgeshiftError(
             "nothing to export: pass checkpoint files or run directories, or --arch SOURCE (with --weights FILE)"
         )
-    models, reports, recipes, totals, nonzeros = {}, {}, {}, {}, {}
-    arch = None
+    models: dict[str, nn.Module] = {}
+    reports: dict[str, PruneReport] = {}
+    recipes: dict[str, str] = {}
+    totals: dict[str, int] = {}
+    nonzeros: dict[str, int] = {}
+    record: ModelRecord | None = None
     for s in sources:
         model, _ = load_model(s.checkpoint, s.spec)
-        name = model.edgeshift_arch["name"]
-        if arch is not None and name != arch["name"]:
+        name = record_of(model).name
+        if record is not None and name != record.name:
             raise EdgeshiftError(
-                f"{s.checkpoint} is a {name}, the other sources are {arch['name']}: "
-                "one portfolio holds one architecture"
+                f"{s.checkpoint} is a {name}, the other sources are {record.name}: one portfolio holds one architecture"
             )
-        arch = model.edgeshift_arch
+        record = record_of(model)
         weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         total = sum(w.numel() for w in weights)
         nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
@@ -133,18 +137,21 @@ def export_portfolio(
         models[s.name] = model
     # against the largest source, so depth- or width-pruned sources count their missing weights too
     compressions = {n: max(totals.values()) / max(nonzeros[n], 1) for n in totals}
-    test = labels = None
-    norm = arch.get("normalisation") or {}
-    mean, std = norm.get("mean"), norm.get("std")  # recorded by training; the data's own when given
+    assert record is not None  # there was at least one source
+    test: TestData | None = None
+    labels: list[str] | None = None
+    # recorded by training; the data's own when given
+    mean = list(record.normalisation.mean) if record.normalisation else None
+    std = list(record.normalisation.std) if record.normalisation else None
     if data is not None:
-        ds = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
-        if ds.num_classes != arch["num_classes"]:
-            raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {arch['num_classes']}")
+        ds = load_dataset(data, "test", num_classes=record.num_classes, size=record.input_size)
+        if ds.num_classes != record.num_classes:
+            raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {record.num_classes}")
         ds = ds.subset(test_samples)
         test, labels, mean, std = TestData(ds.normalised(), ds.labels, ds.name), ds.classes, list(ds.mean), list(ds.std)
     calibration = None
     if int8:
-        train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
+        train = load_dataset(data, "train", num_classes=record.num_classes, size=record.input_size)
         train = dataclasses.replace(train.subset(calibration_samples), mean=tuple(mean), std=tuple(std))
         calibration = Calibration(train.normalised(), calibration_method, train.name)  # type: ignore[arg-type]
     example = torch.randn(input_shape(next(iter(models.values())), 2), generator=torch.Generator().manual_seed(0))
@@ -161,7 +168,7 @@ def export_portfolio(
         reference=reference,
         mean=mean,
         std=std,
-        architecture=arch["name"],
+        architecture=record.name,
         profile=device_profile,
         threads=threads,
         latency_iterations=latency_iterations,

@@ -7,6 +7,7 @@ model's measured p50 (activations, additions, pooling, the session's own per-cal
 a constant. The learned masks (``edgeshift.pruner.learned_masks``) price each gate with this model, so a channel
 whose removal saves nothing on the device is not worth closing. ``MacsPricer`` is the other choice: MACs alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,10 +61,13 @@ class _Geometry:
     def macs(self, batch: int = 1) -> float:
         if self.kind == "linear":
             return float(batch * self.in_channels * self.out_channels)
-        out_hw = [(h + 2 * p - d * (k - 1) - 1) // s + 1 for h, p, d, k, s in
-                  zip(self.input_hw, self.padding, self.dilation, self.kernel, self.stride)]
-        return float(batch * self.out_channels * np.prod(out_hw) * np.prod(self.kernel) * self.in_channels
-                     / self.groups)
+        out_hw = [
+            (h + 2 * p - d * (k - 1) - 1) // s + 1
+            for h, p, d, k, s in zip(self.input_hw, self.padding, self.dilation, self.kernel, self.stride)
+        ]
+        return float(
+            batch * self.out_channels * np.prod(out_hw) * np.prod(self.kernel) * self.in_channels / self.groups
+        )
 
 
 def layer_graph(g: _Geometry, batch: int = 1) -> bytes:
@@ -76,12 +80,24 @@ def layer_graph(g: _Geometry, batch: int = 1) -> bytes:
     else:
         shape = [batch, g.in_channels, *g.input_hw]
         w = rng.standard_normal((g.out_channels, g.in_channels // g.groups, *g.kernel)).astype(np.float32)
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=list(g.kernel), strides=list(g.stride),
-                                pads=list(g.padding) * 2, dilations=list(g.dilation), group=g.groups)
+        node = helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["y"],
+            kernel_shape=list(g.kernel),
+            strides=list(g.stride),
+            pads=list(g.padding) * 2,
+            dilations=list(g.dilation),
+            group=g.groups,
+        )
     b = rng.standard_normal(g.out_channels).astype(np.float32)
-    graph = helper.make_graph([node], g.name or "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    graph = helper.make_graph(
+        [node],
+        g.name or "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -91,21 +107,30 @@ def _geometries(model, example_inputs) -> list[_Geometry]:
     """Every conv and linear layer the forward on ``example_inputs`` runs, with its input size."""
     from torch import nn
 
-
     seen: dict[str, _Geometry] = {}
     names = {m: n for n, m in model.named_modules()}
 
     def hook(m, inputs, output):
         name = names[m]
         if isinstance(m, nn.Conv2d):
-            seen[name] = _Geometry(name, "conv", m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
-                                   tuple(m.padding) if not isinstance(m.padding, str) else (0, 0),
-                                   tuple(m.dilation), m.groups, tuple(inputs[0].shape[2:]))
+            seen[name] = _Geometry(
+                name,
+                "conv",
+                m.in_channels,
+                m.out_channels,
+                tuple(m.kernel_size),
+                tuple(m.stride),
+                tuple(m.padding) if not isinstance(m.padding, str) else (0, 0),
+                tuple(m.dilation),
+                m.groups,
+                tuple(inputs[0].shape[2:]),
+            )
         else:
             seen[name] = _Geometry(name, "linear", m.in_features, m.out_features)
 
-    forward_with_hooks(model, example_inputs, [(m, hook) for m in model.modules()
-                                               if isinstance(m, (nn.Conv2d, nn.Linear))])
+    forward_with_hooks(
+        model, example_inputs, [(m, hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    )
     return list(seen.values())
 
 
@@ -120,8 +145,12 @@ class PriceModel:
     samples: dict[str, list[tuple[float, float]]] | None = None  # per layer: (MACs, p50 ms) at each width
 
     def to_dict(self) -> dict:
-        return {"unit": self.unit, "overhead": self.overhead, "dense": self.dense,
-                "layers": {k: {"fixed": a, "per_mac": b} for k, (a, b) in self.layers.items()}}
+        return {
+            "unit": self.unit,
+            "overhead": self.overhead,
+            "dense": self.dense,
+            "layers": {k: {"fixed": a, "per_mac": b} for k, (a, b) in self.layers.items()},
+        }
 
 
 class MacsPricer:
@@ -181,8 +210,12 @@ class LatencyPricer:
     def _call_cost(self) -> float:
         """p50 of a session call that does almost nothing (one Relu on one value)."""
         node = helper.make_node("Relu", ["x"], ["y"])
-        graph = helper.make_graph([node], "call", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        graph = helper.make_graph(
+            [node],
+            "call",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         return self._time({"call": (model.SerializeToString(), {"x": np.ones(1, np.float32)})})["call"]

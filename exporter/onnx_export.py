@@ -1,4 +1,5 @@
 """Export to ONNX with conv+BN fused, simplified, fully checked and compared with PyTorch in one call."""
+
 from __future__ import annotations
 
 import collections
@@ -106,9 +107,17 @@ def _torch_to_onnx_bytes(model, example_inputs, opset: int) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings(), _exportable_adaptive_pooling():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example_inputs,), buf, dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example_inputs,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            do_constant_folding=True,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
     return buf.getvalue()
 
 
@@ -122,9 +131,17 @@ def onnx_bytes(model, example_inputs, opset: int = DEFAULT_OPSET) -> bytes:
         return _torch_to_onnx_bytes(model, example_inputs, opset)
 
 
-def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                simplify: bool = True, rtol: float = DEFAULT_RTOL, random_batches: int = 2,
-                macs: int | None = None) -> ExportReport:
+def export_onnx(
+    model,
+    example_inputs,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    simplify: bool = True,
+    rtol: float = DEFAULT_RTOL,
+    random_batches: int = 2,
+    macs: int | None = None,
+) -> ExportReport:
     """Export ``model`` (eval mode, conv+BN fused) to ``path`` and prove the file computes what torch does.
 
     The graph is simplified with onnxsim (the unsimplified graph is kept, with a warning, if simplification fails
@@ -135,15 +152,15 @@ def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = 
     import onnx
     import torch
 
-
     path = Path(path)
     if not path.parent.is_dir():
         raise EdgeshiftError(f"output directory does not exist: {path.parent}")
     notes: list[str] = []
     fused = fuse_conv_bn(model, example_inputs=example_inputs[:1])  # a copy in eval mode; the caller's is untouched
     gen = torch.Generator().manual_seed(0)
-    batches_t = [example_inputs, example_inputs[:1]] + [torch.randn(example_inputs.shape, generator=gen)
-                                                        for _ in range(random_batches)]
+    batches_t = [example_inputs, example_inputs[:1]] + [
+        torch.randn(example_inputs.shape, generator=gen) for _ in range(random_batches)
+    ]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -160,9 +177,11 @@ def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = 
     proto = onnx.load_from_string(raw)
     graph_inputs = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if graph_inputs != [INPUT_NAME] or [o.name for o in proto.graph.output] != [OUTPUT_NAME]:
-        raise ExportError(f"model {type(model).__name__} failed to export to ONNX: the graph has inputs "
-                          f"{graph_inputs} and outputs {[o.name for o in proto.graph.output]}, expected one input "
-                          "that the output depends on (does the forward leave torch, e.g. through numpy?)")
+        raise ExportError(
+            f"model {type(model).__name__} failed to export to ONNX: the graph has inputs "
+            f"{graph_inputs} and outputs {[o.name for o in proto.graph.output]}, expected one input "
+            "that the output depends on (does the forward leave torch, e.g. through numpy?)"
+        )
     simplified = False
     if simplify:
         try:
@@ -190,12 +209,21 @@ def export_onnx(model, example_inputs, path: str | os.PathLike, *, opset: int = 
     max_diff = max(float(np.abs(g.astype(np.float64) - r).max()) for g, r in zip(got, reference))
     max_out = max(float(np.abs(r).max()) for r in reference)
     if max_diff > rtol * max_out:
-        raise NotExactError(f"ONNX Runtime output differs from PyTorch by {max_diff:.3g} "
-                            f"({max_diff / max_out:.3g} relative, limit {rtol:g})")
+        raise NotExactError(
+            f"ONNX Runtime output differs from PyTorch by {max_diff:.3g} "
+            f"({max_diff / max_out:.3g} relative, limit {rtol:g})"
+        )
     write_bytes_atomic(path, raw)
     return ExportReport(
-        path=str(path), opset=opset, simplified=simplified, max_abs_diff=max_diff, max_abs_output=max_out,
-        op_counts=op_counts(proto), params=initializer_params(proto),
-        macs=int(macs if macs is not None else count_macs(fused, example_inputs)), bytes=len(raw),
-        output_shape=list(reference[0].shape), warnings=notes,
+        path=str(path),
+        opset=opset,
+        simplified=simplified,
+        max_abs_diff=max_diff,
+        max_abs_output=max_out,
+        op_counts=op_counts(proto),
+        params=initializer_params(proto),
+        macs=int(macs if macs is not None else count_macs(fused, example_inputs)),
+        bytes=len(raw),
+        output_shape=list(reference[0].shape),
+        warnings=notes,
     )

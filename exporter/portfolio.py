@@ -1,4 +1,5 @@
 """The portfolio: export every variant, profile it, drop what another variant beats, pack one DEFLATE ZIP."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,11 @@ def _near(a: dict, b: dict, tol: Tolerance) -> bool:
     if acc_a is None or acc_b is None:
         return False
     rel = lambda x, y: abs(x - y) / max(abs(x), abs(y), 1e-12)  # noqa: E731
-    return (abs(acc_a - acc_b) <= tol.accuracy and rel(a["latency"]["p50_ms"], b["latency"]["p50_ms"]) <= tol.latency
-            and rel(a["bytes"], b["bytes"]) <= tol.size)
+    return (
+        abs(acc_a - acc_b) <= tol.accuracy
+        and rel(a["latency"]["p50_ms"], b["latency"]["p50_ms"]) <= tol.latency
+        and rel(a["bytes"], b["bytes"]) <= tol.size
+    )
 
 
 def postprocess(variants: list[dict], tol: Tolerance = Tolerance()) -> tuple[list[dict], list[dict]]:
@@ -125,8 +129,13 @@ def check_inputs_member(x: np.ndarray, count: int = 8) -> tuple[CheckInputs, byt
     return CheckInputs(file=CHECKS_NAME, sha256=_sha256(data), bytes=len(data), count=len(x[:count])), data
 
 
-def write_portfolio(out_path: str | os.PathLike, manifest: Manifest, onnx: dict[str, bytes],
-                    min_saving: float = MIN_DEFLATE_SAVING, checks: bytes | None = None) -> Path:
+def write_portfolio(
+    out_path: str | os.PathLike,
+    manifest: Manifest,
+    onnx: dict[str, bytes],
+    min_saving: float = MIN_DEFLATE_SAVING,
+    checks: bytes | None = None,
+) -> Path:
     """Pack ``manifest.json``, ``variants/<name>.onnx`` and, with INT8 variants, ``checks.npy`` into one standard
     ZIP, atomically.
 
@@ -166,18 +175,23 @@ class _Built:
 def _op_counts(data: bytes) -> dict[str, int]:
     import onnx
 
-
     return op_counts(onnx.load_model_from_string(data))
 
 
 def _point(b: _Built, stats: LatencyStats) -> LadderPoint:
-    return LadderPoint(b.entry["name"], ladder_accuracy(_top1(b.entry), b.entry["reference"]), stats.p50_ms,
-                       stats.round_p50_ms)
+    return LadderPoint(
+        b.entry["name"], ladder_accuracy(_top1(b.entry), b.entry["reference"]), stats.p50_ms, stats.round_p50_ms
+    )
 
 
-def _int8_variants(fp32: dict[str, _Built], calibration: Calibration, profile: DeviceProfile,
-                   test_data: TestData | None, feed: dict, say: Callable[[str], None]
-                   ) -> tuple[dict[str, _Built], list[dict]]:
+def _int8_variants(
+    fp32: dict[str, _Built],
+    calibration: Calibration,
+    profile: DeviceProfile,
+    test_data: TestData | None,
+    feed: dict,
+    say: Callable[[str], None],
+) -> tuple[dict[str, _Built], list[dict]]:
     """An INT8 variant of every FP32 one in the profile's format; with ``format = "auto"`` every candidate is
     timed against the others (interleaved, under the profile) and the fastest kept. One whose top-1 agrees with its
     source on less than ``quantization.min_agreement`` of the test images is made again with the other
@@ -189,8 +203,15 @@ def _int8_variants(fp32: dict[str, _Built], calibration: Calibration, profile: D
         qname = f"{name}-int8"
         if not NAME_RE.match(qname):
             raise EdgeshiftError(f"variant name {name!r} is too long to name its INT8 variant; shorten it")
-        tries = [profile, dataclasses.replace(profile, quantization=dataclasses.replace(
-            profile.quantization, reduce_range=not profile.quantization.reduce_range))]
+        tries = [
+            profile,
+            dataclasses.replace(
+                profile,
+                quantization=dataclasses.replace(
+                    profile.quantization, reduce_range=not profile.quantization.reduce_range
+                ),
+            ),
+        ]
         measured = []
         for attempt in tries:
             choice = fastest_int8(src.data, calibration, attempt, feed, name=name)
@@ -202,47 +223,85 @@ def _int8_variants(fp32: dict[str, _Built], calibration: Calibration, profile: D
             measured.append((choice.scheme.reduce_range, agree))
             if agree is None or agree >= floor:
                 break
-            say(f"   {qname}: top-1 agrees with {name} on {100 * agree:.1f}% of the test images with reduce_range "
-                f"{choice.scheme.reduce_range}, under the {100 * floor:.0f}% floor" + (
-                    "; trying the other setting" if attempt is tries[0] else ""))
+            say(
+                f"   {qname}: top-1 agrees with {name} on {100 * agree:.1f}% of the test images with reduce_range "
+                f"{choice.scheme.reduce_range}, under the {100 * floor:.0f}% floor"
+                + ("; trying the other setting" if attempt is tries[0] else "")
+            )
         if agree is not None and agree < floor:
             figures = ", ".join(f"{100 * a:.1f}% with reduce_range {r}" for r, a in measured)
-            dropped.append({"name": qname, "reason": f"INT8 agrees with its FP32 source {name} on {figures} of "
-                                                     f"{len(test_data.y)} test images, under the profile's "
-                                                     f"quantization.min_agreement {100 * floor:.0f}%"})
+            dropped.append(
+                {
+                    "name": qname,
+                    "reason": f"INT8 agrees with its FP32 source {name} on {figures} of "
+                    f"{len(test_data.y)} test images, under the profile's "
+                    f"quantization.min_agreement {100 * floor:.0f}%",
+                }
+            )
             continue
         scheme, data, session, timed = choice.scheme, choice.data, choice.session, choice.candidates_p50_ms
         if timed is not None:
-            say(f"   {qname}: format auto, p50 " + ", ".join(f"{k} {v:.3f} ms" for k, v in timed.items())
-                + f" -> {scheme.label}")
+            say(
+                f"   {qname}: format auto, p50 "
+                + ", ".join(f"{k} {v:.3f} ms" for k, v in timed.items())
+                + f" -> {scheme.label}"
+            )
         e = src.entry
         entry = {
-            **e, "name": qname, "file": variant_file(qname), "sha256": _sha256(data), "bytes": len(data),
-            "deflated_bytes": deflated_size(data), "reference": False,
+            **e,
+            "name": qname,
+            "file": variant_file(qname),
+            "sha256": _sha256(data),
+            "bytes": len(data),
+            "deflated_bytes": deflated_size(data),
+            "reference": False,
             "recipe": f"{e['recipe']}, INT8 {scheme.label}",
             "accuracy": None if top1 is None else {**e["accuracy"], "top1": top1, "top5": top5},
-            "exactness": None, "op_counts": _op_counts(data), "precision": "int8",
+            "exactness": None,
+            "op_counts": _op_counts(data),
+            "precision": "int8",
             "quantization": Quantization(
-                source=name, format=scheme.format, activations=scheme.activations, per_channel=scheme.per_channel,
-                reduce_range=scheme.reduce_range, calibration_samples=len(calibration.x),
-                calibration_method=calibration.method, calibration_dataset=calibration.dataset,
-                agreement_top1=agree, max_logit_deviation=deviation,
-                test_samples=0 if test_data is None else len(test_data.y), candidates_p50_ms=timed,
+                source=name,
+                format=scheme.format,
+                activations=scheme.activations,
+                per_channel=scheme.per_channel,
+                reduce_range=scheme.reduce_range,
+                calibration_samples=len(calibration.x),
+                calibration_method=calibration.method,
+                calibration_dataset=calibration.dataset,
+                agreement_top1=agree,
+                max_logit_deviation=deviation,
+                test_samples=0 if test_data is None else len(test_data.y),
+                candidates_p50_ms=timed,
             ),
         }
         out[qname] = _Built(entry, data, session, logits)
     return out, dropped
 
 
-def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike, *, labels: list[str] | None = None,
-                    test_data: TestData | None = None, prune_reports: dict | None = None,
-                    compressions: dict[str, float] | None = None, recipes: dict[str, str] | None = None,
-                    reference: str | None = None, mean: list[float] | None = None, std: list[float] | None = None,
-                    architecture: str | None = None, profile: DeviceProfile | str = "host",
-                    threads: int | None = None, latency_iterations: int | None = None,
-                    int8: Calibration | None = None, measure_memory: bool = True,
-                    tolerance: Tolerance = Tolerance(), force: bool = False,
-                    say: Callable[[str], None] = print) -> Path:
+def build_portfolio(
+    variants: dict,
+    example_inputs,
+    out_path: str | os.PathLike,
+    *,
+    labels: list[str] | None = None,
+    test_data: TestData | None = None,
+    prune_reports: dict | None = None,
+    compressions: dict[str, float] | None = None,
+    recipes: dict[str, str] | None = None,
+    reference: str | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    architecture: str | None = None,
+    profile: DeviceProfile | str = "host",
+    threads: int | None = None,
+    latency_iterations: int | None = None,
+    int8: Calibration | None = None,
+    measure_memory: bool = True,
+    tolerance: Tolerance = Tolerance(),
+    force: bool = False,
+    say: Callable[[str], None] = print,
+) -> Path:
     """Export, check, time, post-process and pack ``variants`` (name -> nn.Module) into one portfolio file.
 
     Every variant is timed against the others in one interleaved run under the device ``profile`` (``threads``
@@ -252,7 +311,6 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
     parameters). The ladder the runtime's policies step along is measured here and recorded in the manifest.
     Nothing is written at ``out_path`` unless every step succeeds.
     """
-
 
     out_path = check_output_path(out_path, force)
     if not variants:
@@ -277,36 +335,55 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
             if test_data is not None and len(test_data.y):
                 logits = onnx_logits(session, test_data.x)
                 top1, top5 = accuracy_from_logits(logits, test_data.y)
-            say(f"   {name}: exported ({len(built) + 1}/{len(variants)}), {exp.params:,} params, {len(data):,} ONNX "
+            say(
+                f"   {name}: exported ({len(built) + 1}/{len(variants)}), {exp.params:,} params, {len(data):,} ONNX "
                 f"bytes, max |ONNX - torch| {exp.max_abs_diff:.1e}"
-                + ("" if top1 is None else f", top-1 {100 * top1:.2f}% on {len(test_data.y)} test images"))
+                + ("" if top1 is None else f", top-1 {100 * top1:.2f}% on {len(test_data.y)} test images")
+            )
             num_classes = int(exp.output_shape[1])
             pr = prune_reports.get(name)
             pr = pr.to_dict() if hasattr(pr, "to_dict") else pr
-            built[name] = _Built({
-                "name": name, "file": variant_file(name), "sha256": _sha256(data), "bytes": len(data),
-                "deflated_bytes": deflated_size(data), "params": exp.params, "macs": exp.macs,
-                "compression": float((compressions or {}).get(name, 1.0)),
-                "recipe": (recipes or {}).get(name, "dense" if name == reference else "pruned"),
-                "reference": name == reference,
-                "accuracy": None if top1 is None else {"top1": top1, "top5": top5, "samples": len(test_data.y),
-                                                       "dataset": test_data.name},
-                "exactness": {"onnx_vs_torch_max_abs_diff": exp.max_abs_diff, "onnx_vs_torch_rel_diff": exp.rel_diff,
-                              **({"prune_max_abs_diff": pr["max_abs_diff"], "prune_rel_diff": pr["rel_diff"]}
-                                 if pr else {})},
-                "op_counts": exp.op_counts,
-            }, data, session, logits)
+            built[name] = _Built(
+                {
+                    "name": name,
+                    "file": variant_file(name),
+                    "sha256": _sha256(data),
+                    "bytes": len(data),
+                    "deflated_bytes": deflated_size(data),
+                    "params": exp.params,
+                    "macs": exp.macs,
+                    "compression": float((compressions or {}).get(name, 1.0)),
+                    "recipe": (recipes or {}).get(name, "dense" if name == reference else "pruned"),
+                    "reference": name == reference,
+                    "accuracy": None
+                    if top1 is None
+                    else {"top1": top1, "top5": top5, "samples": len(test_data.y), "dataset": test_data.name},
+                    "exactness": {
+                        "onnx_vs_torch_max_abs_diff": exp.max_abs_diff,
+                        "onnx_vs_torch_rel_diff": exp.rel_diff,
+                        **({"prune_max_abs_diff": pr["max_abs_diff"], "prune_rel_diff": pr["rel_diff"]} if pr else {}),
+                    },
+                    "op_counts": exp.op_counts,
+                },
+                data,
+                session,
+                logits,
+            )
         x1 = np.random.default_rng(0).standard_normal((1, *example_inputs.shape[1:])).astype(np.float32)
         feed = {INPUT_NAME: x1}
         dropped: list[dict] = []
         if int8 is not None:
-            say(f"== INT8: {len(built)} variants, {len(int8.x)} calibration images ({int8.method}), format "
-                f"{timing.quantization.format} (profile {timing.name})")
+            say(
+                f"== INT8: {len(built)} variants, {len(int8.x)} calibration images ({int8.method}), format "
+                f"{timing.quantization.format} (profile {timing.name})"
+            )
             quantized, disagreeing = _int8_variants(dict(built), int8, timing, test_data, feed, say)
             built.update(quantized)
             dropped += disagreeing
-        say(f"== timing {len(built)} variants against each other under profile {timing.name} ({threads_used} "
-            f"threads, {timing.benchmark.rounds} interleaved rounds)")
+        say(
+            f"== timing {len(built)} variants against each other under profile {timing.name} ({threads_used} "
+            f"threads, {timing.benchmark.rounds} interleaved rounds)"
+        )
         stats = time_interleaved_models({n: b.data for n, b in built.items()}, feed, timing, batch=1)
         machine = machine_label()
         elsewhere = cross_built(timing)
@@ -316,13 +393,21 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
                 continue
             if elsewhere:  # this machine's speed says nothing of the device's: the device's bench decides
                 b.entry["device_timing"] = "pending"
-                say(f"   {name}: built for {timing.machine}, kept untimed: `edgeshift bench --save` on the device "
-                    "keeps or drops it")
+                say(
+                    f"   {name}: built for {timing.machine}, kept untimed: `edgeshift bench --save` on the device "
+                    "keeps or drops it"
+                )
                 continue
             mine, source = _point(b, stats[name]), _point(built[q.source], stats[q.source])
             if not is_faster(mine, source):
-                dropped.append({"name": name, "reason": "INT8 " + not_faster_reason(mine, source) + (
-                    f" under profile {timing.name} ({threads_used} threads)")})
+                dropped.append(
+                    {
+                        "name": name,
+                        "reason": "INT8 "
+                        + not_faster_reason(mine, source)
+                        + (f" under profile {timing.name} ({threads_used} threads)"),
+                    }
+                )
                 del built[name]
         for name, b in built.items():
             b.session = None  # release before the memory probes
@@ -339,8 +424,7 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
     pending = [b.entry for b in built.values() if b.entry.get("device_timing") == "pending"]
     kept, beaten = postprocess([b.entry for b in built.values() if b.entry not in pending], tolerance)
     dropped += beaten
-    ladder = build_ladder([_point(built[e["name"]], stats[e["name"]]) for e in kept],
-                          timing.benchmark.ladder_min_gain)
+    ladder = build_ladder([_point(built[e["name"]], stats[e["name"]]) for e in kept], timing.benchmark.ladder_min_gain)
     kept = sorted(kept + pending, key=lambda v: (v["bytes"], v["name"]))
     size = int(example_inputs.shape[-1])
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
@@ -353,17 +437,27 @@ def build_portfolio(variants: dict, example_inputs, out_path: str | os.PathLike,
         producer="edgeshift 0.1.0",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         architecture=architecture or "",
-        input=InputSpec(name=INPUT_NAME, shape=(None, *map(int, example_inputs.shape[1:])), dtype="float32",
-                        layout="NCHW"),
+        input=InputSpec(
+            name=INPUT_NAME, shape=(None, *map(int, example_inputs.shape[1:])), dtype="float32", layout="NCHW"
+        ),
         output=OutputSpec(name=OUTPUT_NAME, shape=(None, num_classes)),
-        preprocessing=Preprocessing(mean=tuple(mean or list(CIFAR_MEAN[:channels]) + [0.5] * (channels - 3)),
-                                    std=tuple(std or list(CIFAR_STD[:channels]) + [0.25] * (channels - 3)),
-                                    layout="NCHW", scale=1 / 255, size=(int(example_inputs.shape[-2]), size)),
+        preprocessing=Preprocessing(
+            mean=tuple(mean or list(CIFAR_MEAN[:channels]) + [0.5] * (channels - 3)),
+            std=tuple(std or list(CIFAR_STD[:channels]) + [0.25] * (channels - 3)),
+            layout="NCHW",
+            scale=1 / 255,
+            size=(int(example_inputs.shape[-2]), size),
+        ),
         labels=tuple(labels),
         variants=tuple(_record(v) for v in kept),
         dropped=tuple(DroppedVariant(**d) for d in dropped),
-        ladder=Ladder(steps=tuple(ladder), profile=timing.name, threads=threads_used,
-                      min_gain=timing.benchmark.ladder_min_gain, machine=machine),
+        ladder=Ladder(
+            steps=tuple(ladder),
+            profile=timing.name,
+            threads=threads_used,
+            min_gain=timing.benchmark.ladder_min_gain,
+            machine=machine,
+        ),
         checks=checks_record,
     )
     return write_portfolio(out_path, manifest, {n: b.data for n, b in built.items()}, checks=checks_data)
@@ -373,5 +467,10 @@ def _record(entry: dict) -> VariantRecord:
     """The manifest's typed record of one profiled variant (an unknown key is a TypeError: writer and reader
     share this one definition)."""
     acc, lat = entry.get("accuracy"), entry.get("latency")
-    return VariantRecord(**{**entry, "accuracy": Accuracy(**acc) if acc else None,
-                            "latency": Latency(**{**lat, "round_p50_ms": tuple(lat["round_p50_ms"])}) if lat else None})
+    return VariantRecord(
+        **{
+            **entry,
+            "accuracy": Accuracy(**acc) if acc else None,
+            "latency": Latency(**{**lat, "round_p50_ms": tuple(lat["round_p50_ms"])}) if lat else None,
+        }
+    )

@@ -6,6 +6,7 @@ latencies, INT8 against FP32, the ladder), from one interleaved run in a process
 (``edgeshift.runtime.timing_process``). ``OrtMeasurer`` offers it to the pruner
 (``edgeshift.pruner.measure.ModelMeasurer``), which measures with it but never imports it.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -42,7 +43,7 @@ def deflated_size(data: bytes) -> int:
 def onnx_logits(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """The outputs of an ORT session on ``x``, in batches."""
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def accuracy_from_logits(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -57,8 +58,9 @@ def onnx_accuracy(session, data: TestData, batch: int = 256) -> tuple[float, flo
     return accuracy_from_logits(onnx_logits(session, data.x, batch), data.y)
 
 
-def timing_profile(profile: DeviceProfile | str, *, threads: int | None = None,
-                   iterations: int | None = None) -> DeviceProfile:
+def timing_profile(
+    profile: DeviceProfile | str, *, threads: int | None = None, iterations: int | None = None
+) -> DeviceProfile:
     """``profile`` (a name, a path or a profile) with its intra-op threads and timed calls overridden where given."""
     import dataclasses
 
@@ -78,20 +80,27 @@ def profile_threads(profile: DeviceProfile) -> int:
     return int(t) if isinstance(t, int) and t > 0 else os.cpu_count() or 1
 
 
-def time_interleaved_models(models: dict[str, bytes], feed: dict, profile: DeviceProfile, *, batch: int
-                            ) -> dict[str, LatencyStats]:
+def time_interleaved_models(
+    models: dict[str, bytes], feed: dict, profile: DeviceProfile, *, batch: int
+) -> dict[str, LatencyStats]:
     """Every ONNX model timed against the others on ``feed`` in one interleaved run with the profile's warm-up,
     iterations, rounds and time cap, in a process of its own whose sessions share one thread pool
     (``edgeshift.runtime.timing_process``)."""
-    return time_graphs({name: Graph(raw, feed) for name, raw in models.items()}, profile,
-                       TimingSettings.of_profile(profile, batch))
+    return time_graphs(
+        {name: Graph(raw, feed) for name, raw in models.items()}, profile, TimingSettings.of_profile(profile, batch)
+    )
 
 
 def time_session(session, feed: dict, profile: DeviceProfile, *, batch: int) -> LatencyStats:
     """Latency percentiles of ``session.run(None, feed)`` with the profile's warm-up, iterations and time cap."""
     b = profile.benchmark
-    return time_calls(lambda: session.run(None, feed), warmup=b.warmup, iterations=b.iterations,
-                      max_seconds=b.max_seconds, batch=batch)
+    return time_calls(
+        lambda: session.run(None, feed),
+        warmup=b.warmup,
+        iterations=b.iterations,
+        max_seconds=b.max_seconds,
+        batch=batch,
+    )
 
 
 class OrtMeasurer:
@@ -140,7 +149,6 @@ class OrtMeasurer:
 def cpu_measurer(threads: int = 1, iterations: int = 50, *, warmup: int = 5, max_seconds: float = 3.0) -> OrtMeasurer:
     """An ``OrtMeasurer`` on the CPU provider with ``threads`` intra-op threads and a short timing budget."""
     import dataclasses
-
 
     profile = dataclasses.replace(cpu_profile(threads), benchmark=BenchmarkSettings(warmup, iterations, max_seconds))
     return OrtMeasurer(profile)

@@ -9,6 +9,7 @@ Which format is fast depends on the device (QOperator with uint8 activations is 
 with VNNI; QDQ with int8 activations is its guidance for ARM and TensorRT), so the device profile's
 ``[quantization]`` table chooses, and ``format = "auto"`` builds both and keeps the one measured faster.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,17 @@ from edgeshift.core.errors import EdgeshiftError
 
 from .profile import time_interleaved_models
 
-__all__ = ["CALIBRATION_METHODS", "Calibration", "Int8Choice", "Int8Scheme", "QuantizationError", "agreement",
-           "fastest_int8", "quantize_onnx", "schemes_for"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "Calibration",
+    "Int8Choice",
+    "Int8Scheme",
+    "QuantizationError",
+    "agreement",
+    "fastest_int8",
+    "quantize_onnx",
+    "schemes_for",
+]
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
@@ -46,8 +56,9 @@ class Calibration:
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
-            raise EdgeshiftError(f"unknown calibration method {self.method!r}; choose one of "
-                                 f"{', '.join(CALIBRATION_METHODS)}")
+            raise EdgeshiftError(
+                f"unknown calibration method {self.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}"
+            )
         if len(self.x) == 0:
             raise EdgeshiftError("no calibration images: INT8 needs training images (pass --data)")
 
@@ -69,8 +80,10 @@ class Int8Scheme:
 def schemes_for(settings: QuantizationSettings) -> list[Int8Scheme]:
     """The profile's scheme, or for ``format = "auto"`` the candidates to time against each other."""
     if settings.format == "auto":
-        return [Int8Scheme("qoperator", "uint8", settings.per_channel, settings.reduce_range),
-                Int8Scheme("qdq", "int8", settings.per_channel, settings.reduce_range)]
+        return [
+            Int8Scheme("qoperator", "uint8", settings.per_channel, settings.reduce_range),
+            Int8Scheme("qdq", "int8", settings.per_channel, settings.reduce_range),
+        ]
     return [Int8Scheme(settings.format, settings.activations, settings.per_channel, settings.reduce_range)]
 
 
@@ -78,7 +91,7 @@ class _Reader:
     """``onnxruntime.quantization.CalibrationDataReader`` over an array, a few images per call."""
 
     def __init__(self, input_name: str, x: np.ndarray, batch: int = 8) -> None:
-        self._batches = iter([{input_name: x[i:i + batch]} for i in range(0, len(x), batch)])
+        self._batches = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):
         return next(self._batches, None)
@@ -95,8 +108,11 @@ def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on every run about things it handles
     try:
@@ -108,10 +124,14 @@ def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, 
             # and on failure ORT's symbolic pass leaves a file in the working directory.
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(
-                str(pre), str(out), _Reader(input_name, calibration.x.astype(np.float32)),
+                str(pre),
+                str(out),
+                _Reader(input_name, calibration.x.astype(np.float32)),
                 quant_format=QuantFormat.QOperator if scheme.format == "qoperator" else QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8 if scheme.activations == "uint8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8, per_channel=scheme.per_channel, reduce_range=scheme.reduce_range,
+                weight_type=QuantType.QInt8,
+                per_channel=scheme.per_channel,
+                reduce_range=scheme.reduce_range,
                 calibrate_method=methods[calibration.method],
                 calibration_providers=["CPUExecutionProvider"],
             )
@@ -122,8 +142,9 @@ def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, 
         raise
     except Exception as exc:  # the quantizer's failures have no common type; say which model and why
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise QuantizationError(f"ONNX Runtime cannot quantize {name} as {scheme.label}: {type(exc).__name__}: "
-                                f"{reason}") from None
+        raise QuantizationError(
+            f"ONNX Runtime cannot quantize {name} as {scheme.label}: {type(exc).__name__}: {reason}"
+        ) from None
     finally:
         logging.getLogger().setLevel(quiet)
     return data
@@ -139,12 +160,12 @@ class Int8Choice:
     candidates_p50_ms: dict[str, float] | None  # p50 of every format timed (``format = "auto"``), else None
 
 
-def fastest_int8(fp32: bytes, calibration: Calibration, profile: DeviceProfile, feed: dict, *,
-                 name: str = "model") -> Int8Choice:
+def fastest_int8(
+    fp32: bytes, calibration: Calibration, profile: DeviceProfile, feed: dict, *, name: str = "model"
+) -> Int8Choice:
     """The INT8 form of ``fp32`` in the profile's format; with ``format = "auto"`` every candidate format is built
     and timed against the others (interleaved, under the profile, batch 1) and the one with the lowest p50 kept.
     The portfolio and the benchmarks choose through this one function, so they choose alike."""
-
 
     built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes_for(profile.quantization)}
     chosen, timed = next(iter(built)), None

@@ -3,6 +3,7 @@ training and pruning at initialisation.
 
 Heavy imports happen on first use of an attribute, so ``import edgeshift.pruner`` stays cheap.
 """
+
 from __future__ import annotations
 
 from edgeshift.core.lazy import lazy_exports

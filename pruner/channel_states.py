@@ -6,6 +6,7 @@ It is a proof, not a measurement: a channel is marked constant only by reasoning
 channel whose every used input channel is constant zero, or constant with no padding, is its bias plus those
 constants times the weights). Unknown operations make their outputs ``nan``, which is always safe.
 """
+
 from __future__ import annotations
 
 import operator
@@ -17,10 +18,34 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 # Modules applied channel-wise and element by element: f(constant channel) is a constant channel.
-ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.SiLU, nn.GELU, nn.ELU,
-                       nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.BatchNorm2d, nn.BatchNorm1d)
-ELEMENTWISE_FUNCTIONS = {F.relu, F.relu6, torch.relu, F.hardtanh, F.hardswish, F.silu, F.gelu, torch.sigmoid,
-                         torch.tanh, F.dropout}
+ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.SiLU,
+    nn.GELU,
+    nn.ELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.BatchNorm2d,
+    nn.BatchNorm1d,
+)
+ELEMENTWISE_FUNCTIONS = {
+    F.relu,
+    F.relu6,
+    torch.relu,
+    F.hardtanh,
+    F.hardswish,
+    F.silu,
+    F.gelu,
+    torch.sigmoid,
+    torch.tanh,
+    F.dropout,
+}
 ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
 SHAPE_KEEPING_POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 ADD = {operator.add, operator.iadd, torch.add}
@@ -60,10 +85,10 @@ def used_weights(layer: nn.Module) -> np.ndarray:
     step = max(1, (1 << 16) // max(1, i * k))
     buf = torch.empty((min(step, o), i, k), dtype=w.dtype)
     for start in range(0, o, step):
-        chunk = flat[start:start + step]
+        chunk = flat[start : start + step]
         b = buf[: chunk.shape[0]]
         torch.abs(chunk, out=b)
-        torch.ne((b.reshape(-1, k) @ ones).reshape(chunk.shape[0], i), 0, out=out[start:start + step])
+        torch.ne((b.reshape(-1, k) @ ones).reshape(chunk.shape[0], i), 0, out=out[start : start + step])
     return out.numpy()
 
 
@@ -72,8 +97,11 @@ def _layer_output(layer: nn.Module, inp: np.ndarray, used: np.ndarray) -> np.nda
     out_ch, in_per_group = layer.weight.shape[0], layer.weight.shape[1]
     groups = getattr(layer, "groups", 1)
     padded = isinstance(layer, nn.Conv2d) and (
-        isinstance(layer.padding, str) and layer.padding != "valid" or
-        not isinstance(layer.padding, str) and any(p != 0 for p in layer.padding))
+        isinstance(layer.padding, str)
+        and layer.padding != "valid"
+        or not isinstance(layer.padding, str)
+        and any(p != 0 for p in layer.padding)
+    )
     unknown_in, const_in = np.isnan(inp), ~np.isnan(inp) & (inp != 0)
     if groups == 1:  # the common case: every output reads every input, no index arrays needed
         unknown = used[:, unknown_in].any(1) if unknown_in.any() else np.zeros(out_ch, bool)
@@ -83,7 +111,7 @@ def _layer_output(layer: nn.Module, inp: np.ndarray, used: np.ndarray) -> np.nda
         group_of_out = np.arange(out_ch) // (out_ch // groups)
         in_idx = group_of_out[:, None] * in_per_group + np.arange(in_per_group)[None, :]  # [out, in_per_group]
         unknown = (unknown_in[in_idx] & used).any(1)
-        nonzero = (const_in[in_idx] & used)
+        nonzero = const_in[in_idx] & used
         x = inp[in_idx]
         nonzero = nonzero if nonzero.any() else None
     blocked = unknown.copy()
@@ -138,8 +166,12 @@ class _FastMetaShapeProp(ShapeProp):
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
         x = args[0] if args else None
-        if isinstance(m, ELEMENTWISE_MODULES) and not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) \
-                and isinstance(x, torch.Tensor) and x.is_meta:
+        if (
+            isinstance(m, ELEMENTWISE_MODULES)
+            and not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d))
+            and isinstance(x, torch.Tensor)
+            and x.is_meta
+        ):
             return torch.relu(x)
         return super().call_module(target, args, kwargs)
 
@@ -155,8 +187,9 @@ class ShapeRecordingModule(nn.Module):
         return _FastMetaShapeProp(self.gm).propagate(x)
 
 
-def channel_states(model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, np.ndarray],
-                   example_inputs: torch.Tensor | None = None) -> dict[nn.Module, list[np.ndarray]]:
+def channel_states(
+    model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, np.ndarray], example_inputs: torch.Tensor | None = None
+) -> dict[nn.Module, list[np.ndarray]]:
     """For each Conv2d/Linear, the per-input-channel constants it sees (one array per call site).
 
     ``used`` maps each layer to ``used_weights(layer)``. Node shapes come from a previous ShapeProp run over
@@ -198,8 +231,13 @@ def channel_states(model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, n
             fn = node.target
             if (fn in ADD or fn in ("add", "add_")) and len(node.args) == 2:
                 a, b = state(node.args[0]), state(node.args[1])
-                if a is not None and b is not None and _shape(node) is not None and \
-                        np.shape(a) in ((), np.shape(out)) and np.shape(b) in ((), np.shape(out)):
+                if (
+                    a is not None
+                    and b is not None
+                    and _shape(node) is not None
+                    and np.shape(a) in ((), np.shape(out))
+                    and np.shape(b) in ((), np.shape(out))
+                ):
                     out = np.asarray(a) + np.asarray(b) * np.ones_like(out)
             elif (fn in MUL or fn in ("mul", "mul_")) and len(node.args) == 2:
                 a, b = state(node.args[0]), state(node.args[1])
@@ -223,13 +261,20 @@ def channel_states(model: nn.Module, gm: fx.GraphModule, used: dict[nn.Module, n
             elif fn == "mean" and isinstance(x, np.ndarray):
                 dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
                 dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
-                if all(d not in (0, 1) and d is not None for d in dims) and _shape(node) is not None \
-                        and len(_shape(node)) >= 2:
+                if (
+                    all(d not in (0, 1) and d is not None for d in dims)
+                    and _shape(node) is not None
+                    and len(_shape(node)) >= 2
+                ):
                     out = x.copy()
             elif fn in SPLITS and isinstance(x, np.ndarray):
                 out = _split_states(node, x)
-            elif fn is operator.getitem and isinstance(x, list) and isinstance(node.args[1], int) \
-                    and -len(x) <= node.args[1] < len(x):
+            elif (
+                fn is operator.getitem
+                and isinstance(x, list)
+                and isinstance(node.args[1], int)
+                and -len(x) <= node.args[1] < len(x)
+            ):
                 out = x[node.args[1]]
             elif fn == torch.cat:
                 parts = [state(a) for a in node.args[0]]

@@ -5,6 +5,7 @@ A checkpoint is a dict saved by ``torch.save`` and read with ``torch.load(weight
 ``arch["layers"]`` records every Conv2d / Linear / BatchNorm2d (and BNs fused away, layers or blocks removed) so a
 pruned model is rebuilt at its own widths and depth.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
 
 from .fuse import NormActRemainder, reparameterize
 from .models import sources
+from .models.record import ModelRecord, record_of, set_record
 
 FORMAT = "edgeshift-checkpoint"
 VERSION = 1
@@ -25,23 +27,40 @@ VERSION = 1
 
 # Attributes that hold a module's widths: recorded for any module pruning resized (a timm Conv2dSame, a
 # BatchNormAct2d, a GroupNorm, ...), whose class is then rebuilt by its source and given these widths.
-WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
-               "num_channels", "num_groups", "normalized_shape")
+WIDTH_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "groups",
+    "num_features",
+    "in_features",
+    "out_features",
+    "num_channels",
+    "num_groups",
+    "normalized_shape",
+)
 
 
 def _resized_spec(m: nn.Module, ref: nn.Module) -> dict | None:
     """A module of its source's class whose tensors changed shape (or appeared, as a bias folded in)."""
-    own = {**{k: v for k, v in m._parameters.items() if v is not None},
-           **{k: v for k, v in m._buffers.items() if v is not None}}
-    theirs = {**{k: v for k, v in ref._parameters.items() if v is not None},
-              **{k: v for k, v in ref._buffers.items() if v is not None}}
+    own = {
+        **{k: v for k, v in m._parameters.items() if v is not None},
+        **{k: v for k, v in m._buffers.items() if v is not None},
+    }
+    theirs = {
+        **{k: v for k, v in ref._parameters.items() if v is not None},
+        **{k: v for k, v in ref._buffers.items() if v is not None},
+    }
     split_widths = dict(vars(m).get("edgeshift_split_widths", {}))  # chunk widths its code splits at (plan.py)
-    if own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own) and all(
-            getattr(m, a) == getattr(ref, a) for a in WIDTH_ATTRS if a in vars(m)) and \
-            all(getattr(ref, a, None) == v for a, v in split_widths.items()):
+    if (
+        own.keys() == theirs.keys()
+        and all(own[k].shape == theirs[k].shape for k in own)
+        and all(getattr(m, a) == getattr(ref, a) for a in WIDTH_ATTRS if a in vars(m))
+        and all(getattr(ref, a, None) == v for a, v in split_widths.items())
+    ):
         return None
-    attrs = {a: (list(v) if isinstance(v, tuple) else v) for a in WIDTH_ATTRS if a in vars(m)
-             for v in [getattr(m, a)]}  # plain attributes only (a property derives from its children)
+    attrs = {
+        a: (list(v) if isinstance(v, tuple) else v) for a in WIDTH_ATTRS if a in vars(m) for v in [getattr(m, a)]
+    }  # plain attributes only (a property derives from its children)
     if split_widths:
         attrs.update(split_widths, edgeshift_split_widths=split_widths)
     tensors = {k: {"shape": list(v.shape), "parameter": k in m._parameters} for k, v in own.items()}
@@ -62,9 +81,17 @@ def _resize(module: nn.Module, spec: dict) -> nn.Module:
 
 def _layer_spec(m: nn.Module) -> dict | None:
     if type(m) is nn.Conv2d:
-        return {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
-                "stride": list(m.stride), "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
-                "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None}
+        return {
+            "type": "Conv2d",
+            "in": m.in_channels,
+            "out": m.out_channels,
+            "kernel": list(m.kernel_size),
+            "stride": list(m.stride),
+            "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
+            "dilation": list(m.dilation),
+            "groups": m.groups,
+            "bias": m.bias is not None,
+        }
     if type(m) is nn.Linear:
         return {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
     if type(m) is nn.BatchNorm2d:
@@ -76,8 +103,16 @@ def _build_layer(spec: dict) -> nn.Module:
     kind = spec["type"]
     if kind == "Conv2d":
         padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
-        return nn.Conv2d(spec["in"], spec["out"], tuple(spec["kernel"]), tuple(spec["stride"]), padding,
-                         tuple(spec["dilation"]), spec["groups"], spec["bias"])
+        return nn.Conv2d(
+            spec["in"],
+            spec["out"],
+            tuple(spec["kernel"]),
+            tuple(spec["stride"]),
+            padding,
+            tuple(spec["dilation"]),
+            spec["groups"],
+            spec["bias"],
+        )
     if kind == "Linear":
         return nn.Linear(spec["in"], spec["out"], spec["bias"])
     if kind == "BatchNorm2d":
@@ -90,11 +125,8 @@ def _build_layer(spec: dict) -> nn.Module:
 def architecture_of(model: nn.Module) -> dict:
     """The data needed to rebuild ``model``: its zoo recipe plus the shape of every layer."""
 
-    arch = getattr(model, "edgeshift_arch", None)
-    if arch is None:
-        raise EdgeshiftError("model was not built from a model source (edgeshift.pruner.models.sources.create: a "
-                             "zoo name, timm/NAME, torchvision/NAME or package.module:function); cannot record it")
-    reference = dict(_reference_model(arch).named_modules())
+    record = record_of(model)
+    reference = dict(_reference_model(record).named_modules())
     layers = {}
     for name, m in model.named_modules():
         spec = _layer_spec(m)
@@ -110,17 +142,18 @@ def architecture_of(model: nn.Module) -> dict:
             if resized is not None:
                 layers[name] = resized
         elif any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
-            raise EdgeshiftError(f"cannot record module {name!r} ({type(m).__name__}): it is not in model "
-                                 f"{arch['name']!r} as built from its source")
-    return {**arch, "layers": layers}
+            raise EdgeshiftError(
+                f"cannot record module {name!r} ({type(m).__name__}): it is not in model "
+                f"{record.name!r} as built from its source"
+            )
+    return {**record.to_dict(), "layers": layers}
 
 
-def _reference_model(arch: dict) -> nn.Module:
-
-
-    model = sources.create(arch["name"], num_classes=arch["num_classes"], input_size=arch["input_size"],
-                           kwargs=arch.get("kwargs", {}))
-    if arch.get("reparameterized"):  # its multi-branch blocks were folded into single convs
+def _reference_model(record: ModelRecord) -> nn.Module:
+    model = sources.create(
+        record.name, num_classes=record.num_classes, input_size=record.input_size, kwargs=dict(record.kwargs)
+    )
+    if record.reparameterized:  # its multi-branch blocks were folded into single convs
         model.eval()
         reparameterize(model)
     return model
@@ -129,11 +162,12 @@ def _reference_model(arch: dict) -> nn.Module:
 def build_from_architecture(arch: dict) -> nn.Module:
     """Rebuild the (possibly pruned and fused) module structure recorded by ``architecture_of``."""
 
-    model = _reference_model(arch)
+    record = ModelRecord.from_dict(arch)
+    model = _reference_model(record)
     known = dict(model.named_modules())
     for name, spec in arch.get("layers", {}).items():
         if name not in known:
-            raise EdgeshiftError(f"checkpoint names layer {name!r}, which architecture {arch['name']!r} does not have")
+            raise EdgeshiftError(f"checkpoint names layer {name!r}, which architecture {record.name!r} does not have")
         if spec["type"] == "Resized":
             _resize(known[name], spec)
         elif spec["type"] == "NormActRemainder":
@@ -141,12 +175,13 @@ def build_from_architecture(arch: dict) -> nn.Module:
             model.set_submodule(name, NormActRemainder(getattr(ref, "drop", None) or nn.Identity(), ref.act))
         else:
             model.set_submodule(name, _build_layer(spec))
-    model.edgeshift_arch = {k: v for k, v in arch.items() if k != "layers"}  # keeps e.g. the normalisation
+    set_record(model, record)  # keeps e.g. the normalisation
     return model
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, masks: dict | None = None,
-                    meta: dict | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike, *, masks: dict | None = None, meta: dict | None = None
+) -> Path:
     """Write ``model`` (and optional masks / metadata) atomically to ``path``."""
     payload = {
         "format": FORMAT,
@@ -170,8 +205,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputFileError(f"{path} is not a readable edgeshift checkpoint ({first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise InputFileError(f"{path} is not an edgeshift checkpoint (expected a dict with format={FORMAT!r}); "
-                             "create one with pruner.save_checkpoint or `edgeshift train`")
+        raise InputFileError(
+            f"{path} is not an edgeshift checkpoint (expected a dict with format={FORMAT!r}); "
+            "create one with pruner.save_checkpoint or `edgeshift train`"
+        )
     if payload.get("version") != VERSION:
         raise InputFileError(f"{path} has checkpoint version {payload.get('version')}; this edgeshift reads {VERSION}")
     return payload
@@ -185,8 +222,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
-        raise InputFileError(f"{path}: tensors do not match architecture {payload['arch']['name']!r}: {detail[:240]}") \
-            from None
+        raise InputFileError(
+            f"{path}: tensors do not match architecture {payload['arch']['name']!r}: {detail[:240]}"
+        ) from None
     model.eval()
     return model, payload
 
@@ -195,11 +233,17 @@ def load_model(checkpoint: str | os.PathLike | None = None, spec=None) -> tuple[
     """A build command's model: an edgeshift checkpoint, or a model source with its weights
     (``sources.ModelSpec``); exactly one. Returns (model in eval mode, the checkpoint dict or its stand-in)."""
     if (checkpoint is None) == (spec is None):
-        raise EdgeshiftError("pass either a checkpoint or --arch SOURCE (with --weights FILE for trained weights), "
-                             "not both and not neither")
+        raise EdgeshiftError(
+            "pass either a checkpoint or --arch SOURCE (with --weights FILE for trained weights), "
+            "not both and not neither"
+        )
     if checkpoint is not None:
         return load_checkpoint(checkpoint)
     model = spec.build()
-    return model, {"format": FORMAT, "version": VERSION, "arch": model.edgeshift_arch, "masks": {},
-                   "meta": {"source": spec.source, **({"weights": str(spec.weights)} if spec.weights else {})}}
-
+    return model, {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": record_of(model).to_dict(),
+        "masks": {},
+        "meta": {"source": spec.source, **({"weights": str(spec.weights)} if spec.weights else {})},
+    }

@@ -3,6 +3,7 @@
 Every dataset is a ``Dataset`` of uint8 NHWC images and int64 labels plus its class names; normalisation
 (mean/std per channel) travels with it so the exporter can put it in the manifest. Torch is not needed here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,8 @@ import numpy as np
 
 from edgeshift.core.atomic import atomic_path
 from edgeshift.core.errors import EdgeshiftError, InputFileError
+
+from .models.record import ModelRecord
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -82,8 +85,9 @@ def _list_imagefolder(root: Path, split: str) -> tuple[list[str], list[tuple[Pat
     return classes, files
 
 
-def load_imagefolder(root: str | os.PathLike, split: str = "train", size: int | None = None,
-                     cache: bool = True) -> Dataset:
+def load_imagefolder(
+    root: str | os.PathLike, split: str = "train", size: int | None = None, cache: bool = True
+) -> Dataset:
     """``<root>/<split>/<class>/*.{jpg,png}`` decoded once with Pillow into RGB uint8, cached under
     ``$EDGESHIFT_CACHE`` (default ``~/.cache/edgeshift``) keyed by the file list and sizes."""
     root = Path(root)
@@ -117,13 +121,14 @@ def load_imagefolder(root: str | os.PathLike, split: str = "train", size: int | 
         if first_size is None:
             first_size = arr.shape
         elif arr.shape != first_size:
-            raise InputFileError(f"image {p} is {arr.shape[1]}x{arr.shape[0]}, others {first_size[1]}x{first_size[0]};"
-                                 " pass a size to resize them")
+            raise InputFileError(
+                f"image {p} is {arr.shape[1]}x{arr.shape[0]}, others {first_size[1]}x{first_size[0]};"
+                " pass a size to resize them"
+            )
         images.append(arr)
         labels.append(i)
     ds = Dataset(np.stack(images), np.asarray(labels, np.int64), classes, name=f"{root.name}/{split}")
     if cache:
-
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:
             with open(tmp, "wb") as f:
@@ -153,8 +158,12 @@ def load_cifar10(root: str | os.PathLike, split: str = "train") -> Dataset:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -167,8 +176,9 @@ def _restricted_load(path: Path) -> dict:
         return _SafeUnpickler(f, encoding="bytes").load()
 
 
-def generated_dataset(n: int, num_classes: int = 10, size: int = 32, seed: int = 0, noise: float = 0.35,
-                      split_seed: int = 0) -> Dataset:
+def generated_dataset(
+    n: int, num_classes: int = 10, size: int = 32, seed: int = 0, noise: float = 0.35, split_seed: int = 0
+) -> Dataset:
     """A deterministic, learnable image set needing no download: each class is a smooth random template;
     a sample is its template shifted by up to 3 pixels plus noise. ``split_seed`` varies the samples, not the
     templates, so train and test splits share classes."""
@@ -183,12 +193,19 @@ def generated_dataset(n: int, num_classes: int = 10, size: int = 32, seed: int =
         images[i] = np.roll(templates[labels[i]], tuple(shifts[i]), axis=(0, 1))
     images += sample_rng.normal(0, noise, images.shape)
     images = np.clip(images * 255, 0, 255).astype(np.uint8)
-    return Dataset(images, labels.astype(np.int64), [f"class{i}" for i in range(num_classes)],
-                   mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3), name="generated")
+    return Dataset(
+        images,
+        labels.astype(np.int64),
+        [f"class{i}" for i in range(num_classes)],
+        mean=(0.5, 0.5, 0.5),
+        std=(0.3, 0.3, 0.3),
+        name="generated",
+    )
 
 
-def load_dataset(spec: str, split: str = "train", *, generated_size: int = 2000, num_classes: int = 10,
-                 size: int = 32) -> Dataset:
+def load_dataset(
+    spec: str, split: str = "train", *, generated_size: int = 2000, num_classes: int = 10, size: int = 32
+) -> Dataset:
     """``generated`` | a CIFAR-10 python folder | an ImageFolder root."""
     if spec == "generated":
         n = generated_size if split == "train" else max(generated_size // 4, 100)
@@ -201,16 +218,18 @@ def load_dataset(spec: str, split: str = "train", *, generated_size: int = 2000,
     return load_imagefolder(root, split)
 
 
-def model_splits(data: str, arch: dict, *, train_samples: int | None = None, test_samples: int | None = None,
-                 seed: int = 0) -> tuple[Dataset, Dataset]:
-    """The training and test splits of ``data`` for a model of ``arch`` (its class count and input size),
+def model_splits(
+    data: str, record: ModelRecord, *, train_samples: int | None = None, test_samples: int | None = None, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """The training and test splits of ``data`` for a model of ``record`` (its class count and input size),
     optionally stratified subsets; refuses data with another class count."""
 
-    train = load_dataset(data, "train", num_classes=arch["num_classes"], size=arch["input_size"])
-    test = load_dataset(data, "test", num_classes=arch["num_classes"], size=arch["input_size"])
-    if train.num_classes != arch["num_classes"]:
-        raise EdgeshiftError(f"the data has {train.num_classes} classes, the model {arch['num_classes']}: pass the "
-                             "data it was trained on")
+    train = load_dataset(data, "train", num_classes=record.num_classes, size=record.input_size)
+    test = load_dataset(data, "test", num_classes=record.num_classes, size=record.input_size)
+    if train.num_classes != record.num_classes:
+        raise EdgeshiftError(
+            f"the data has {train.num_classes} classes, the model {record.num_classes}: pass the data it was trained on"
+        )
     if train_samples:
         train = train.subset(train_samples, seed)
     if test_samples:

@@ -4,6 +4,7 @@ A pruned variant fine-tunes toward its source model's softened outputs as well a
 outputs carry what it learned about every class, which a short fine-tune on labels alone relearns slowly. The
 teacher runs in eval mode without gradients; only the student trains.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,7 +51,11 @@ class Teacher:
             teacher_logits = self.model(x)
         self.model.train(was)
         t = self.cfg.temperature
-        kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                      reduction="batchmean", log_target=True)
+        kl = F.kl_div(
+            F.log_softmax(student_logits / t, dim=1),
+            F.log_softmax(teacher_logits / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
         w = self.cfg.weight
         return (1 - w) * task_loss + w * t * t * kl

@@ -6,6 +6,7 @@ optimisation matches one process with the same batch size), DDP averages the gra
 writes files; ``barrier`` keeps the others from reading a run directory before it is written (multi-node runs
 need the output on a shared filesystem).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,15 +1,19 @@
 """Conv-BN fusion: fold every BatchNorm2d (or norm+activation) that directly follows a Conv2d into the conv's
 weight and bias, after folding re-parameterisable multi-branch blocks into one conv."""
+
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import sys
 
 import torch
 from torch import fx, nn
 
 from edgeshift.core.errors import ModelNotTraceableError
+
+from .models.record import has_record, record_of, set_record
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -51,8 +55,13 @@ class Tracer(fx.Tracer):
         self._decisions = 0
 
     def _traced_into(self, m: nn.Module) -> bool:
-        return (self._example is not None and bool(self._leaves) and isinstance(m, self._leaves)
-                and type(m) not in self._opaque and not isinstance(m, nn.modules.batchnorm._BatchNorm))
+        return (
+            self._example is not None
+            and bool(self._leaves)
+            and isinstance(m, self._leaves)
+            and type(m) not in self._opaque
+            and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        )
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -127,8 +136,14 @@ def _reads_values(node: fx.Node) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        if (n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim")
-                or n.op == "call_method" and n.target in ("size", "dim")):
+        if (
+            n.op == "call_function"
+            and n.target is getattr
+            and len(n.args) > 1
+            and n.args[1] in ("shape", "ndim")
+            or n.op == "call_method"
+            and n.target in ("size", "dim")
+        ):
             continue
         if n.op in ("placeholder", "get_attr", "call_module"):
             return True
@@ -185,8 +200,9 @@ def _foldable_norm(bn: nn.Module | None) -> bool:
     bn.eval()
     try:
         x = torch.randn(2, bn.num_features, 3, 3, generator=torch.Generator().manual_seed(0))
-        plain = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
-                                               bn.eps)
+        plain = torch.nn.functional.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
         return bool(torch.equal(bn(x), act(drop(plain))))
     except Exception:
         return False
@@ -200,8 +216,9 @@ def _remainder(bn: nn.Module) -> nn.Module:
     return NormActRemainder(getattr(bn, "drop", None) or nn.Identity(), bn.act)
 
 
-def conv_bn_pairs(model: nn.Module, gm: fx.GraphModule | None = None,
-                  example_inputs: torch.Tensor | None = None) -> list[tuple[str, str]]:
+def conv_bn_pairs(
+    model: nn.Module, gm: fx.GraphModule | None = None, example_inputs: torch.Tensor | None = None
+) -> list[tuple[str, str]]:
     """(conv name, bn name) for every BatchNorm2d (or norm+activation) whose only input is a Conv2d read by
     nothing else."""
     gm = gm or trace(model, example_inputs)
@@ -211,8 +228,12 @@ def conv_bn_pairs(model: nn.Module, gm: fx.GraphModule | None = None,
         if node.op != "call_module" or not _foldable_norm(mods.get(node.target)):
             continue
         src = node.args[0]
-        if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
-                and len(src.users) == 1):
+        if (
+            isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and isinstance(mods.get(src.target), nn.Conv2d)
+            and len(src.users) == 1
+        ):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -245,8 +266,7 @@ def _takes_no_arguments(fn) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in params)
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
 @torch.no_grad()
@@ -265,14 +285,12 @@ def reparameterize(model: nn.Module) -> int:
                 folded += 1
                 break
     if folded:
-        arch = getattr(model, "edgeshift_arch", None)
-        if isinstance(arch, dict):
-            model.edgeshift_arch = {**arch, "reparameterized": True}  # a checkpoint rebuilds it folded
+        if has_record(model):  # a checkpoint rebuilds it folded
+            set_record(model, dataclasses.replace(record_of(model), reparameterized=True))
     return folded
 
 
-def fuse_conv_bn(model: nn.Module, inplace: bool = False, example_inputs: torch.Tensor | None = None
-                 ) -> nn.Module:
+def fuse_conv_bn(model: nn.Module, inplace: bool = False, example_inputs: torch.Tensor | None = None) -> nn.Module:
     """Return ``model`` in eval mode with each Conv2d->BatchNorm2d pair folded and the BN replaced by Identity.
 
     BatchNorms not directly after a conv are left in place. The input model is untouched unless ``inplace``.

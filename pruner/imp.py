@@ -15,6 +15,7 @@ one-shot methods build level k's mask in one go (``magnitude`` from the trained 
 first unfinished level; finished levels are never rewritten; a directory made with another configuration is
 refused.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ from . import distributed, sparse
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset
 from .models import sources
+from .models.record import record_of, set_record
 from .train import TrainConfig, config_dict, set_determinism, train
 
 METHODS = ("imp", "magnitude", "random", "synflow")
@@ -80,21 +82,27 @@ def load_data(cfg: RunConfig, num_classes: int | None, size: int) -> tuple[Datas
 
 
 def check_classes(model, ds: Dataset) -> None:
-    n = model.edgeshift_arch["num_classes"]
+    n = record_of(model).num_classes
     if ds.num_classes != n:
-        raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {n}: pass --num-classes "
-                             f"{ds.num_classes} or data with {n} classes")
+        raise EdgeshiftError(
+            f"the data has {ds.num_classes} classes, the model {n}: pass --num-classes "
+            f"{ds.num_classes} or data with {n} classes"
+        )
 
 
 def build_model(cfg: RunConfig, num_classes: int, data: Dataset, arch_kwargs: dict | None = None):
     """The run's freshly initialised model (seeded: every call gives the same weights), with the data's
     normalisation recorded so the exporter can put it in the manifest."""
     set_determinism(cfg.seed)
-    m = sources.create(cfg.arch, num_classes=num_classes, input_size=cfg.input_size,
-                       kwargs={**dict(cfg.arch_kwargs), **(arch_kwargs or {})})
+    m = sources.create(
+        cfg.arch,
+        num_classes=num_classes,
+        input_size=cfg.input_size,
+        kwargs={**dict(cfg.arch_kwargs), **(arch_kwargs or {})},
+    )
     if cfg.weights:
         sources.load_weights(m, cfg.weights, cfg.arch)
-    m.edgeshift_arch["normalisation"] = {"mean": list(data.mean), "std": list(data.std)}
+    set_record(m, record_of(m).with_normalisation(data.mean, data.std))
     return m
 
 
@@ -115,6 +123,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig) -> di
         else:
             old = json.loads(meta.read_text())
             if old.get("config_hash") != doc["config_hash"]:
+
                 def same(part: str, key: str) -> bool:  # as JSON (tuples are lists); a later key at its default
                     theirs = old.get(part, {})
                     if key not in theirs:
@@ -122,8 +131,10 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig) -> di
                     return theirs[key] == json.loads(json.dumps(doc[part][key], default=str))
 
                 diff = sorted(k for part in ("run", "train") for k in doc[part] if not same(part, k))
-                raise EdgeshiftError(f"{run_dir} holds a run with another configuration (differs in: "
-                                     f"{', '.join(diff)}); use a new --out or the same options")
+                raise EdgeshiftError(
+                    f"{run_dir} holds a run with another configuration (differs in: "
+                    f"{', '.join(diff)}); use a new --out or the same options"
+                )
     distributed.barrier()  # every process has looked before anything is written
     if old is not None:
         return old
@@ -143,16 +154,27 @@ def is_finished(run_dir: Path, k: int) -> bool:
 
 def _save_level(run_dir: Path, k: int, model, mask, result, cfg: RunConfig, seconds: float) -> dict:
     d = level_dir(run_dir, k)
-    metrics = {"level": k, "method": cfg.method, "sparsity": 1.0 - sparse.density(mask),
-               "compression": 1.0 / max(sparse.density(mask), 1e-12), "test_accuracy": result.test_accuracy,
-               "train_loss": result.train_loss, "steps": result.steps, "seconds": seconds,
-               "nonzero_weights": int(sum(int(m.sum()) for m in mask.values())),
-               "processes": distributed.world_size()}
+    metrics = {
+        "level": k,
+        "method": cfg.method,
+        "sparsity": 1.0 - sparse.density(mask),
+        "compression": 1.0 / max(sparse.density(mask), 1e-12),
+        "test_accuracy": result.test_accuracy,
+        "train_loss": result.train_loss,
+        "steps": result.steps,
+        "seconds": seconds,
+        "nonzero_weights": int(sum(int(m.sum()) for m in mask.values())),
+        "processes": distributed.world_size(),
+    }
     if not distributed.is_main():
         distributed.barrier()
         return metrics
-    save_checkpoint(model, d / "checkpoint.pt", masks=mask,
-                    meta={"level": k, "method": cfg.method, "test_accuracy": result.test_accuracy})
+    save_checkpoint(
+        model,
+        d / "checkpoint.pt",
+        masks=mask,
+        meta={"level": k, "method": cfg.method, "test_accuracy": result.test_accuracy},
+    )
     with atomic_path(d / "mask.pt") as tmp:
         torch.save({k2: v.clone() for k2, v in mask.items()}, tmp)
     write_text_atomic(d / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the level finished
@@ -166,8 +188,17 @@ def _load_level_model(run_dir: Path, k: int):
     return model, payload["masks"]
 
 
-def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: int, *, num_classes: int | None = None,
-               arch_kwargs: dict | None = None, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+def run_sparse(
+    run_dir: Path,
+    cfg: RunConfig,
+    train_cfg: TrainConfig,
+    levels: int,
+    *,
+    num_classes: int | None = None,
+    arch_kwargs: dict | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> list[dict]:
     """Run (or resume) levels 0..levels of ``cfg.method``; returns every finished level's metrics.
 
     ``stop_after`` ends the call after that many optimiser steps in all (used to test resumption).
@@ -202,11 +233,22 @@ def run_sparse(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig, levels: in
         if budget[0] is not None:
             total = train_cfg.total_steps(len(train_ds))
             if budget[0] < total - start_step:
-                cfg_k = TrainConfig(**{**asdict(train_cfg), "iterations": start_step + budget[0],
-                                       "milestones": train_cfg.milestones})
+                cfg_k = TrainConfig(
+                    **{**asdict(train_cfg), "iterations": start_step + budget[0], "milestones": train_cfg.milestones}
+                )
         t0 = time.perf_counter()
-        res = train(model, train_ds, test_ds, cfg_k, mask=mask, start_step=start_step, rewind_step=rewind_step,
-                    log_path=d / "log.jsonl", progress=progress, label=f"level {k}")
+        res = train(
+            model,
+            train_ds,
+            test_ds,
+            cfg_k,
+            mask=mask,
+            start_step=start_step,
+            rewind_step=rewind_step,
+            log_path=d / "log.jsonl",
+            progress=progress,
+            label=f"level {k}",
+        )
         if budget[0] is not None:
             budget[0] -= res.steps - start_step
             if cfg_k is not train_cfg:

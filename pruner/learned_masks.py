@@ -10,6 +10,7 @@ every step, up while the priced model is above the target fraction of the dense 
 end the closed gates become exact zeros (their batch norm's gamma and beta, or their filter and bias), which
 ``prune_zero_channels`` removes exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -46,10 +47,15 @@ class GateConfig:
         if not 0 < self.target <= 1:
             raise EdgeshiftError(f"target must be a fraction of the dense model's cost in (0, 1], got {self.target}")
         bad_weight = self.weight is not None and self.weight <= 0
-        if self.gate_init <= 0 or bad_weight or self.adapt < 0 or self.gate_lr <= 0 or not 0 <= self.ramp <= 1 \
-                or self.align < 1:
-            raise EdgeshiftError("gate_init, weight and gate_lr must be > 0, adapt >= 0, ramp in [0, 1] and "
-                                 "align >= 1")
+        if (
+            self.gate_init <= 0
+            or bad_weight
+            or self.adapt < 0
+            or self.gate_lr <= 0
+            or not 0 <= self.ramp <= 1
+            or self.align < 1
+        ):
+            raise EdgeshiftError("gate_init, weight and gate_lr must be > 0, adapt >= 0, ramp in [0, 1] and align >= 1")
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,13 @@ class _CostedLayer:
 def _spatial_sizes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Output positions per sample of every conv (1 for a linear layer), from one forward."""
     sizes: dict[nn.Module, int] = {}
+
     def record(m: nn.Module, inputs, output) -> None:
         sizes[m] = int(np.prod(output.shape[2:])) or 1
 
-    forward_with_hooks(model, example_inputs, [(m, record) for m in model.modules()
-                                               if isinstance(m, (nn.Conv2d, nn.Linear))])
+    forward_with_hooks(
+        model, example_inputs, [(m, record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    )
     return sizes
 
 
@@ -115,15 +123,23 @@ class LearnedMasks(nn.Module):
     its gradient, so the sign of task pull against price decides) and adapts the weight; ``harden()`` turns closed
     gates into exact zeros in the model and removes the hooks. Every group keeps at least one channel open."""
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, cfg: GateConfig,
-                 prices: dict[str, LayerPrice] | None = None, overhead: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor,
+        cfg: GateConfig,
+        prices: dict[str, LayerPrice] | None = None,
+        overhead: float = 0.0,
+    ) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         specs = [s for s in coupled_groups(model, example_inputs) if not s.blocked and s.size > 1]
         if not specs:
-            raise EdgeshiftError("the model has no prunable channel group: nothing for gates to choose (every "
-                                 "group reaches the output, or passes an op kept whole)")
+            raise EdgeshiftError(
+                "the model has no prunable channel group: nothing for gates to choose (every "
+                "group reaches the output, or passes an op kept whole)"
+            )
         self.group_roots = [s.root for s in specs]
         mods = dict(model.named_modules())
         bn_after = dict(conv_bn_pairs(model))
@@ -148,8 +164,9 @@ class LearnedMasks(nn.Module):
                 gated.append(_Gated(name, mods[name], torch.as_tensor(it.idxs), torch.as_tensor(it.roots)))
             self._gated.append(gated)
             self._readers.append(readers)
-        self.logits = nn.ParameterList(nn.Parameter(self._initial_logits(s.size, g)) for s, g in
-                                       zip(specs, self._gated))
+        self.logits = nn.ParameterList(
+            nn.Parameter(self._initial_logits(s.size, g)) for s, g in zip(specs, self._gated)
+        )
         sizes = _spatial_sizes(model, example_inputs)
         self._layers: list[_CostedLayer] = []
         for name, m in mods.items():
@@ -159,8 +176,11 @@ class LearnedMasks(nn.Module):
             groups = getattr(m, "groups", 1)
             out_w = m.weight.shape[0]
             in_w = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
-            self._layers.append(_CostedLayer(name, sizes[m] * kernel / (1 if _is_depthwise(m) else groups),
-                                             _is_depthwise(m), out_w, in_w))
+            self._layers.append(
+                _CostedLayer(
+                    name, sizes[m] * kernel / (1 if _is_depthwise(m) else groups), _is_depthwise(m), out_w, in_w
+                )
+            )
         by_name = {c.name: c for c in self._layers}
         for gi, spec in enumerate(specs):
             for it in spec.items:
@@ -245,6 +265,7 @@ class LearnedMasks(nn.Module):
             scale = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
             scale = scale.index_put((g.idxs,), self.binary_of(gi)[g.roots].to(x.dtype))
             return (x * scale.reshape((1, -1) + (1,) * (x.dim() - 2)), *inputs[1:])
+
         return hook
 
     def binary_of(self, gi: int) -> torch.Tensor:
@@ -278,8 +299,9 @@ class LearnedMasks(nn.Module):
         total = torch.tensor(self.overhead)
         for layer in self._layers:
             out = self._kept(layer.out_width, layer.out_gates, binaries)
-            macs = layer.macs_per_pair * (out if layer.depthwise else
-                                          out * self._kept(layer.in_width, layer.in_gates, binaries))
+            macs = layer.macs_per_pair * (
+                out if layer.depthwise else out * self._kept(layer.in_width, layer.in_gates, binaries)
+            )
             total = total + layer.price.fixed + layer.price.per_mac * macs
         return total
 
@@ -318,8 +340,11 @@ class LearnedMasks(nn.Module):
             self.weight /= 1 + self.cfg.adapt
 
     def log(self) -> dict:
-        return {"cost_ratio": self.cost_ratio(), "sparsity_weight": self.weight,
-                "open": float(sum(int(b.sum()) for b in self.binary())) / sum(len(b) for b in self.logits)}
+        return {
+            "cost_ratio": self.cost_ratio(),
+            "sparsity_weight": self.weight,
+            "open": float(sum(int(b.sum()) for b in self.binary())) / sum(len(b) for b in self.logits),
+        }
 
     # -- the end --------------------------------------------------------------------------------------------
     def shares(self) -> dict[str, float]:
@@ -347,8 +372,14 @@ class LearnedMasks(nn.Module):
             closed += 1
         # then the other way: the closed gates nearest to opening reopen while the cost stays within the target,
         # so a run that overshot (many gates crossing in one step) still spends the budget it was given
-        candidates = sorted(((float(logit[i]), gi, int(i)) for gi, logit in enumerate(self.logits)
-                             for i in (logit < 0).nonzero().flatten()), reverse=True)
+        candidates = sorted(
+            (
+                (float(logit[i]), gi, int(i))
+                for gi, logit in enumerate(self.logits)
+                for i in (logit < 0).nonzero().flatten()
+            ),
+            reverse=True,
+        )
         for value, gi, i in candidates:
             self.logits[gi][i] = 0.0
             if self.cost_ratio() > self.cfg.target:

@@ -4,6 +4,7 @@ Pruning at initialisation and layer pruning report latency and accuracy through 
 below the exporter, which owns export and timing. So they take a ``ModelMeasurer`` as a parameter; the exporter's
 ``OrtMeasurer`` (``edgeshift.exporter.profile``) is the implementation, built by the commands and the pipeline.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

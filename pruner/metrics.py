@@ -1,4 +1,5 @@
 """Model size figures: parameter count and multiply-accumulates per sample."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -15,6 +15,7 @@ The result is an initialised model plus masks, ready for the trainer (``edgeshif
 Modes (``MODES``) change only which layers step 3 shrinks: ``reconvene`` the resilient ones, ``all-layers`` every
 layer (plain structured PaI), ``inverted`` the sensitive ones, ``unstructured`` none (unstructured PaI).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,13 +53,24 @@ class PaiMode:
 
 MODES: Registry[PaiMode] = Registry("pai mode")
 for _mode in (
-    PaiMode("reconvene", lambda resilient: resilient,
-            "shrink the resilient layers, keep the sensitive ones sparse (the method)"),
-    PaiMode("all-layers", lambda resilient: True, "shrink every layer to its density: plain structured PaI (a control)"),
-    PaiMode("inverted", lambda resilient: not resilient,
-            "shrink the sensitive layers, keep the resilient ones sparse (a control)"),
-    PaiMode("unstructured", lambda resilient: False,
-            "shrink nothing, keep every mask: unstructured PaI (the accuracy reference)"),
+    PaiMode(
+        "reconvene",
+        lambda resilient: resilient,
+        "shrink the resilient layers, keep the sensitive ones sparse (the method)",
+    ),
+    PaiMode(
+        "all-layers", lambda resilient: True, "shrink every layer to its density: plain structured PaI (a control)"
+    ),
+    PaiMode(
+        "inverted",
+        lambda resilient: not resilient,
+        "shrink the sensitive layers, keep the resilient ones sparse (a control)",
+    ),
+    PaiMode(
+        "unstructured",
+        lambda resilient: False,
+        "shrink nothing, keep every mask: unstructured PaI (the accuracy reference)",
+    ),
 ):
     MODES.add(_mode.name, _mode, _mode.help)
 
@@ -87,8 +99,9 @@ class PaiConfig:
 
     def validate(self) -> None:
         if not 0.0 < float(self.sparsity) < 1.0:
-            raise EdgeshiftError(f"sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.95 removes 95% of "
-                                 "the weights")
+            raise EdgeshiftError(
+                f"sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.95 removes 95% of the weights"
+            )
         sources.parse(self.arch)
         sparse.get(self.scorer)
         get_mode(self.mode)
@@ -144,23 +157,36 @@ class PaiReport:
         for layer in self.layers:
             decision = "resilient" if layer.resilient else "sensitive"
             chans = f"{layer.channels_before} -> {layer.channels_after}"
-            rows.append(f"{layer.name:<28} {layer.sparsity:>6.3f} {decision:<10} {chans:>16}"
-                        + (f"  ({layer.note})" if layer.note else ""))
+            rows.append(
+                f"{layer.name:<28} {layer.sparsity:>6.3f} {decision:<10} {chans:>16}"
+                + (f"  ({layer.note})" if layer.note else "")
+            )
         rows.append("")
-        rows.append(f"mode {self.mode}, scorer {self.scorer}, P={self.sparsity_target:g}, "
-                    f"S_avg={self.average_sparsity:.3f}")
-        rows.append(f"params   {self.params_dense:>12,} -> {self.params_after:>12,} stored "
-                    f"({self.compression:.2f}x smaller), {self.nonzero_after:,} nonzero")
-        rows.append(f"MACs     {self.macs_dense:>12,} -> {self.macs_after:>12,} "
-                    f"({self.macs_dense / max(self.macs_after, 1):.2f}x fewer)")
+        rows.append(
+            f"mode {self.mode}, scorer {self.scorer}, P={self.sparsity_target:g}, S_avg={self.average_sparsity:.3f}"
+        )
+        rows.append(
+            f"params   {self.params_dense:>12,} -> {self.params_after:>12,} stored "
+            f"({self.compression:.2f}x smaller), {self.nonzero_after:,} nonzero"
+        )
+        rows.append(
+            f"MACs     {self.macs_dense:>12,} -> {self.macs_after:>12,} "
+            f"({self.macs_dense / max(self.macs_after, 1):.2f}x fewer)"
+        )
         if self.cpu_speedup is not None:
-            rows.append(f"ORT CPU  p50 {self.latency_dense['p50_ms']:.2f} ms -> {self.latency_after['p50_ms']:.2f} ms "
-                        f"({self.cpu_speedup:.2f}x faster, batch {self.latency_after['batch']})")
-        rows.append(f"time     {self.seconds:.2f} s ({self.seconds_prune:.2f} s pruning), "
-                    f"peak memory {self.peak_memory_bytes / 2 ** 20:.0f} MiB")
+            rows.append(
+                f"ORT CPU  p50 {self.latency_dense['p50_ms']:.2f} ms -> {self.latency_after['p50_ms']:.2f} ms "
+                f"({self.cpu_speedup:.2f}x faster, batch {self.latency_after['batch']})"
+            )
+        rows.append(
+            f"time     {self.seconds:.2f} s ({self.seconds_prune:.2f} s pruning), "
+            f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
+        )
         if self.collapsed_layers:
-            rows.append(f"WARNING  layer collapse: the scorer left no weight in {', '.join(self.collapsed_layers)}; "
-                        "this model cannot learn. Lower the sparsity or use --scorer synflow.")
+            rows.append(
+                f"WARNING  layer collapse: the scorer left no weight in {', '.join(self.collapsed_layers)}; "
+                "this model cannot learn. Lower the sparsity or use --scorer synflow."
+            )
         return "\n".join(rows)
 
 
@@ -193,8 +219,9 @@ def _latency(model: nn.Module, cfg: PaiConfig, measure: ModelMeasurer) -> tuple[
     return measure.latency(model.eval(), _example(model, cfg.latency_batch))
 
 
-def rectify(model: nn.Module, mask: sparse.Mask, shrink: dict[str, bool], sparsities: dict[str, float],
-            seed: int = 0) -> tuple[sparse.Mask, dict[str, tuple[int, str]]]:
+def rectify(
+    model: nn.Module, mask: sparse.Mask, shrink: dict[str, bool], sparsities: dict[str, float], seed: int = 0
+) -> tuple[sparse.Mask, dict[str, tuple[int, str]]]:
     """Shrink the layers ``shrink`` names (in place), reinitialise the model, re-apply the surviving masks.
 
     Returns (the new mask: all-true for the structurally pruned layers, sliced for the others; per layer
@@ -217,8 +244,11 @@ def rectify(model: nn.Module, mask: sparse.Mask, shrink: dict[str, bool], sparsi
         if not wanted:
             continue
         if spec.blocked or len(wanted) < len(producers):
-            why = ("its channels are coupled to an operation that cannot be pruned" if spec.blocked else
-                   "coupled with kept layer(s) " + ", ".join(it.name for it in producers if it.name not in wanted))
+            why = (
+                "its channels are coupled to an operation that cannot be pruned"
+                if spec.blocked
+                else "coupled with kept layer(s) " + ", ".join(it.name for it in producers if it.name not in wanted)
+            )
             for name in wanted:
                 plans[name] = (planned_channels(modules[name].weight.shape[0], sparsities[name]), why)
             continue
@@ -264,8 +294,9 @@ def rectify(model: nn.Module, mask: sparse.Mask, shrink: dict[str, bool], sparsi
     return new_mask, plans
 
 
-def prune_at_init(model: nn.Module, mask: sparse.Mask, *, mode: str = "reconvene", average: str = "layer-mean",
-                  seed: int = 0) -> tuple[sparse.Mask, list[PaiLayer], float]:
+def prune_at_init(
+    model: nn.Module, mask: sparse.Mask, *, mode: str = "reconvene", average: str = "layer-mean", seed: int = 0
+) -> tuple[sparse.Mask, list[PaiLayer], float]:
     """Steps 2 and 3 on a model and its unstructured mask: decide per layer, shrink, reinitialise, re-mask.
 
     Modifies ``model`` in place (left in eval mode); returns (its new mask, one PaiLayer per masked layer, S_avg).
@@ -287,8 +318,18 @@ def prune_at_init(model: nn.Module, mask: sparse.Mask, *, mode: str = "reconvene
         if shrink[name] and name not in plans:
             note = "output layer: its channels are the model's outputs"
         dense = bool(new_mask[f"{name}.weight"].all())
-        layers.append(PaiLayer(name, s, resilient[name], shrink[name] and not note and dense, widths_before[name],
-                               planned, widths_after[name], note))
+        layers.append(
+            PaiLayer(
+                name,
+                s,
+                resilient[name],
+                shrink[name] and not note and dense,
+                widths_before[name],
+                planned,
+                widths_after[name],
+                note,
+            )
+        )
     return new_mask, layers, s_avg
 
 
@@ -305,8 +346,9 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
         raise ValueError("pai(cfg) with cfg.profile needs a measurer (edgeshift.exporter.profile.cpu_measurer)")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = sources.create(cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size,
-                           kwargs=dict(cfg.arch_kwargs))
+    model = sources.create(
+        cfg.arch, num_classes=cfg.num_classes, input_size=cfg.input_size, kwargs=dict(cfg.arch_kwargs)
+    )
     model.eval()
     example = _example(model, 1)
     params_dense, macs_dense = count_params(model), count_macs(model, example)
@@ -331,12 +373,26 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
         speedup = latency_dense["p50_ms"] / latency_after["p50_ms"]
     seconds = time.perf_counter() - t0
     report = PaiReport(
-        arch=cfg.arch, mode=cfg.mode, scorer=cfg.scorer, sparsity_target=float(cfg.sparsity),
-        average_sparsity=s_avg, params_dense=params_dense, params_after=params_after, nonzero_after=nonzero,
-        macs_dense=macs_dense, macs_after=macs_after, compression=params_dense / max(params_after, 1),
-        onnx_bytes_dense=bytes_dense, onnx_bytes_after=bytes_after, latency_dense=latency_dense,
-        latency_after=latency_after, cpu_speedup=speedup, seconds=seconds, seconds_prune=seconds - profile_seconds,
-        peak_memory_bytes=_peak_rss(), layers=layers,
+        arch=cfg.arch,
+        mode=cfg.mode,
+        scorer=cfg.scorer,
+        sparsity_target=float(cfg.sparsity),
+        average_sparsity=s_avg,
+        params_dense=params_dense,
+        params_after=params_after,
+        nonzero_after=nonzero,
+        macs_dense=macs_dense,
+        macs_after=macs_after,
+        compression=params_dense / max(params_after, 1),
+        onnx_bytes_dense=bytes_dense,
+        onnx_bytes_after=bytes_after,
+        latency_dense=latency_dense,
+        latency_after=latency_after,
+        cpu_speedup=speedup,
+        seconds=seconds,
+        seconds_prune=seconds - profile_seconds,
+        peak_memory_bytes=_peak_rss(),
+        layers=layers,
         collapsed_layers=[layer.name for layer in layers if layer.sparsity >= 1.0],
     )
     return model, new_mask, report
@@ -346,8 +402,6 @@ def save_pai(cfg: PaiConfig, out, json_out=None, measure: ModelMeasurer | None =
     """Run ``pai(cfg)`` and write the checkpoint (model + masks, the report in its meta) and optionally the JSON
     report, both atomically."""
     import json
-
-
 
     model, mask, report = pai(cfg, measure)
     doc = report.to_dict()

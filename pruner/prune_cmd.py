@@ -1,4 +1,5 @@
 """Library side of ``edgeshift prune``: checkpoint in, pruned checkpoint out."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,9 @@ def example_inputs_for(model: torch.nn.Module, batch: int = 2, seed: int = 0) ->
     return torch.randn(input_shape(model, batch), generator=torch.Generator().manual_seed(seed))
 
 
-def prune_checkpoint(checkpoint: Path | None, out: Path, *, mode: str = "exact", batch: int = 2,
-                     seed: int = 0, align: int = 1, spec=None) -> PruneReport:
+def prune_checkpoint(
+    checkpoint: Path | None, out: Path, *, mode: str = "exact", batch: int = 2, seed: int = 0, align: int = 1, spec=None
+) -> PruneReport:
     """Prune a checkpoint, or a model source with its weights (``spec``), and save the result."""
     model, payload = load_model(checkpoint, spec)
     pruned, report = prune_zero_channels(model, example_inputs_for(model, batch, seed), mode=mode, align=align)

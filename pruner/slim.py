@@ -7,6 +7,7 @@ the deviation of the pruned model from the gated one, and the dense and slim p50
 widths as trained and the same rounded up to multiples of ``pad_to`` (zero channels: exact) are timed together
 with the dense model, and the padding is kept only where it measured faster (``choose_alignment``).
 """
+
 from __future__ import annotations
 
 import time
@@ -25,6 +26,7 @@ from .distill import DistillConfig, Teacher
 from .learned_masks import GateConfig, LayerPrice, LearnedMasks
 from .measure import ModelMeasurer
 from .metrics import count_macs, count_params
+from .models.record import record_of
 from .models.zoo import input_shape
 from .structured import prune_zero_channels
 from .train import TrainConfig
@@ -78,8 +80,9 @@ class SlimConfig:
         if self.gate_epochs <= 0 or self.finetune_epochs < 0:
             raise EdgeshiftError("gate epochs must be > 0 and fine-tune epochs >= 0")
         if self.pad_to < 1:
-            raise EdgeshiftError(f"pad_to is a channel multiple >= 1 (1 or <= align: widths kept as trained), "
-                                 f"got {self.pad_to}")
+            raise EdgeshiftError(
+                f"pad_to is a channel multiple >= 1 (1 or <= align: widths kept as trained), got {self.pad_to}"
+            )
         self.gates().validate()
         self.distillation().validate()
 
@@ -87,8 +90,9 @@ class SlimConfig:
         return DistillConfig(weight=self.distill)
 
     def gates(self) -> GateConfig:
-        return GateConfig(target=self.target, gate_lr=self.gate_lr, weight=self.weight, adapt=self.adapt,
-                          align=self.align)
+        return GateConfig(
+            target=self.target, gate_lr=self.gate_lr, weight=self.weight, adapt=self.adapt, align=self.align
+        )
 
 
 @dataclass
@@ -132,21 +136,30 @@ class SlimReport:
         def pct(a):
             return "-" if a is None else f"{100 * a:.2f}%"
 
-        lines = [f"target {self.target:g} of the dense model's {self.pricing} price (profile {self.profile}): "
-                 f"predicted {self.predicted_ratio:.3f}, MACs {self.macs_ratio:.3f}"
-                 + (f", measured p50 {self.p50_dense_ms:.3f} -> {self.p50_slim_ms:.3f} ms "
-                    f"({self.measured_ratio:.3f})" if self.measured_ratio is not None else ""),
-                 f"top-1 dense {pct(self.accuracy_dense)}, gated {pct(self.accuracy_gated)}, fine-tuned "
-                 f"{pct(self.accuracy_after)}; params {self.params_before:,} -> {self.params_after:,}; "
-                 f"deviation {self.max_rel_deviation:.1e} of the largest output",
-                 "channels kept per group: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.shares.items())]
+        lines = [
+            f"target {self.target:g} of the dense model's {self.pricing} price (profile {self.profile}): "
+            f"predicted {self.predicted_ratio:.3f}, MACs {self.macs_ratio:.3f}"
+            + (
+                f", measured p50 {self.p50_dense_ms:.3f} -> {self.p50_slim_ms:.3f} ms ({self.measured_ratio:.3f})"
+                if self.measured_ratio is not None
+                else ""
+            ),
+            f"top-1 dense {pct(self.accuracy_dense)}, gated {pct(self.accuracy_gated)}, fine-tuned "
+            f"{pct(self.accuracy_after)}; params {self.params_before:,} -> {self.params_after:,}; "
+            f"deviation {self.max_rel_deviation:.1e} of the largest output",
+            "channels kept per group: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.shares.items()),
+        ]
         if len(self.align_p50_ms) > 1:
-            lines.append("widths in multiples of " + ", ".join(f"{a}: p50 {ms:.3f} ms" for a, ms in
-                                                               self.align_p50_ms.items())
-                         + f" (measured together); kept multiples of {self.align}")
+            lines.append(
+                "widths in multiples of "
+                + ", ".join(f"{a}: p50 {ms:.3f} ms" for a, ms in self.align_p50_ms.items())
+                + f" (measured together); kept multiples of {self.align}"
+            )
         if self.floor_ratio > self.target:
-            lines.append(f"the target is below what widths alone reach ({self.floor_ratio:.3f}: one channel per "
-                         "group); remove layers too (edgeshift layerprune) to go further")
+            lines.append(
+                f"the target is below what widths alone reach ({self.floor_ratio:.3f}: one channel per "
+                "group); remove layers too (edgeshift layerprune) to go further"
+            )
         return "\n".join(lines)
 
 
@@ -179,24 +192,35 @@ def prepare(model: nn.Module, cfg: SlimConfig, pricer: LayerPricer) -> tuple[Lea
     return masks, prices
 
 
-def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pricer: LayerPricer,
-         measure: ModelMeasurer, teacher: nn.Module | None = None, say: Callable[[str], None] = lambda message: None
-         ) -> tuple[nn.Module, SlimReport]:
+def slim(
+    model: nn.Module,
+    train: Dataset,
+    test: Dataset,
+    cfg: SlimConfig,
+    *,
+    pricer: LayerPricer,
+    measure: ModelMeasurer,
+    teacher: nn.Module | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> tuple[nn.Module, SlimReport]:
     """Learn ``model``'s widths to the target, fine-tune, prune exactly; returns (pruned model, report). The input
     model is not modified. With ``cfg.distill`` both phases also learn from ``teacher`` (default: ``model``; pass
     the original dense model when ``model`` is itself a pruned, not yet fine-tuned one)."""
     import copy
 
-
     t0 = time.perf_counter()
     dense = model.eval()
     work = copy.deepcopy(dense)
-    say(f"pricing every layer ({cfg.pricing}" + (f", timed under profile {measure.profile_name})"
-                                                 if cfg.pricing == "latency" else ")"))
+    say(
+        f"pricing every layer ({cfg.pricing}"
+        + (f", timed under profile {measure.profile_name})" if cfg.pricing == "latency" else ")")
+    )
     masks, prices = prepare(work, cfg, pricer)
     steps = max(1, int(cfg.gate_epochs * len(train) / cfg.batch_size))
-    say(f"learning the gates: {steps} steps on {len(train)} images, target {cfg.target:g} "
-        f"(floor {masks.floor_ratio:.3f})")
+    say(
+        f"learning the gates: {steps} steps on {len(train)} images, target {cfg.target:g} "
+        f"(floor {masks.floor_ratio:.3f})"
+    )
     masks.plan(steps)
     gate_cfg = TrainConfig(iterations=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     tutor = Teacher(teacher if teacher is not None else dense, cfg.distillation()) if cfg.distill > 0 else None
@@ -225,46 +249,75 @@ def slim(model: nn.Module, train: Dataset, test: Dataset, cfg: SlimConfig, *, pr
     if cfg.pad_to > cfg.align:
         padded = prune_zero_channels(work, example, align=cfg.pad_to)
         if padded[1].channels_padded and count_params(padded[0]) < count_params(dense):  # a padding back to dense
-            versions[cfg.pad_to] = padded                                                 # widths is not a slim model
-    say("measuring the dense and the slim model under the profile"
-        + (f", widths as trained and padded to multiples of {cfg.pad_to}" if len(versions) > 1 else ""))
-    timed = measure.latencies({"dense": dense, **{str(a): m for a, (m, _) in versions.items()}},
-                              _example(dense, measure.batch_size))
+            versions[cfg.pad_to] = padded  # widths is not a slim model
+    say(
+        "measuring the dense and the slim model under the profile"
+        + (f", widths as trained and padded to multiples of {cfg.pad_to}" if len(versions) > 1 else "")
+    )
+    timed = measure.latencies(
+        {"dense": dense, **{str(a): m for a, (m, _) in versions.items()}}, _example(dense, measure.batch_size)
+    )
     align_p50 = {a: timed[str(a)]["p50_ms"] for a in versions}
     kept = choose_alignment(align_p50, cfg.align)
     pruned, prune_report = versions[kept]
     report = SlimReport(
-        target=cfg.target, pricing=cfg.pricing, price_unit=prices.unit, predicted_ratio=predicted,
-        floor_ratio=masks.floor_ratio, macs_ratio=count_macs(pruned, example[:1]) / count_macs(dense, example[:1]),
-        params_before=count_params(dense), params_after=count_params(pruned), p50_dense_ms=timed["dense"]["p50_ms"],
-        p50_slim_ms=align_p50[kept], align=kept, align_p50_ms={str(a): ms for a, ms in align_p50.items()},
-        accuracy_dense=measure.top1(dense, x, y), accuracy_gated=accuracy_gated,
-        accuracy_after=measure.top1(pruned, x, y), max_rel_deviation=prune_report.rel_diff,
-        shares=shares, widths={c.name: [c.channels_before, c.channels_after] for c in prune_report.layers},
-        gates_closed=closed, distill=cfg.distill, history=history, seconds=time.perf_counter() - t0,
-        profile=measure.profile_name)
+        target=cfg.target,
+        pricing=cfg.pricing,
+        price_unit=prices.unit,
+        predicted_ratio=predicted,
+        floor_ratio=masks.floor_ratio,
+        macs_ratio=count_macs(pruned, example[:1]) / count_macs(dense, example[:1]),
+        params_before=count_params(dense),
+        params_after=count_params(pruned),
+        p50_dense_ms=timed["dense"]["p50_ms"],
+        p50_slim_ms=align_p50[kept],
+        align=kept,
+        align_p50_ms={str(a): ms for a, ms in align_p50.items()},
+        accuracy_dense=measure.top1(dense, x, y),
+        accuracy_gated=accuracy_gated,
+        accuracy_after=measure.top1(pruned, x, y),
+        max_rel_deviation=prune_report.rel_diff,
+        shares=shares,
+        widths={c.name: [c.channels_before, c.channels_after] for c in prune_report.layers},
+        gates_closed=closed,
+        distill=cfg.distill,
+        history=history,
+        seconds=time.perf_counter() - t0,
+        profile=measure.profile_name,
+    )
     return pruned, report
 
 
-def slim_checkpoint(checkpoint, out, cfg: SlimConfig, *, data: str, pricer: LayerPricer, measure: ModelMeasurer,
-                    train_samples: int | None = None, test_samples: int | None = None, json_out=None, spec=None,
-                    say: Callable[[str], None] = lambda message: None) -> SlimReport:
+def slim_checkpoint(
+    checkpoint,
+    out,
+    cfg: SlimConfig,
+    *,
+    data: str,
+    pricer: LayerPricer,
+    measure: ModelMeasurer,
+    train_samples: int | None = None,
+    test_samples: int | None = None,
+    json_out=None,
+    spec=None,
+    say: Callable[[str], None] = lambda message: None,
+) -> SlimReport:
     """``edgeshift slim``: checkpoint (or model source) in, slim checkpoint (and JSON report) out, atomically;
     nothing is written unless the whole run succeeds."""
     import json
 
-
-
     cfg.validate()
     model, payload = load_model(checkpoint, spec)
     LearnedMasks(model, _example(model), cfg.gates()).detach_hooks()  # no prunable group: refused before the data
-    arch = model.edgeshift_arch
+    record = record_of(model)
     say(f"loading {data}")
-    train, test = model_splits(data, arch, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
+    train, test = model_splits(data, record, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
     pruned, report = slim(model, train, test, cfg, pricer=pricer, measure=measure, say=say)
-    meta = {"test_accuracy": report.accuracy_after,
-            "slim": {k: v for k, v in report.to_dict().items() if k != "history"},
-            "pruned_from": str(checkpoint if checkpoint is not None else spec.weights or spec.source)}
+    meta = {
+        "test_accuracy": report.accuracy_after,
+        "slim": {k: v for k, v in report.to_dict().items() if k != "history"},
+        "pruned_from": str(checkpoint if checkpoint is not None else spec.weights or spec.source),
+    }
     save_checkpoint(pruned, out, meta=meta)
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2))

@@ -3,6 +3,7 @@
 A mask is ``dict[str, BoolTensor]`` keyed by parameter name (``features.0.0.weight``), covering every Conv2d and
 Linear weight. ``prune_global`` keeps exactly the highest-scoring fraction of the weights still alive.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,19 +68,22 @@ def prune_global(scores: dict[str, torch.Tensor], mask: Mask, keep: int) -> Mask
     out, i = {}, 0
     for k in names:
         n = mask[k].numel()
-        out[k] = new[i:i + n].reshape(mask[k].shape).clone()
+        out[k] = new[i : i + n].reshape(mask[k].shape).clone()
         i += n
     return out
 
 
 def target_keep(mask_or_model, sparsity: float) -> int:
     """How many weights a global sparsity leaves, counted over all prunable weights."""
-    total = sum(m.numel() for m in (mask_or_model.values() if isinstance(mask_or_model, dict)
-                                    else prunable(mask_or_model).values()))
+    total = sum(
+        m.numel()
+        for m in (mask_or_model.values() if isinstance(mask_or_model, dict) else prunable(mask_or_model).values())
+    )
     return int(round(total * (1.0 - sparsity)))
 
 
 # --- scorers: (model, mask, target_keep, data) -> scores ------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Scorer:
@@ -129,9 +133,11 @@ def _input_shape(model: nn.Module) -> tuple:
 
 
 SCORERS: Registry[Scorer] = Registry("scorer")
-for _scorer in (Scorer("magnitude", _magnitude, False, "global |w| of the trained weights"),
-                Scorer("random", _random, True, "uniformly random, seeded"),
-                Scorer("synflow", _synflow, True, "SynFlow, data-free, 100 iterations")):
+for _scorer in (
+    Scorer("magnitude", _magnitude, False, "global |w| of the trained weights"),
+    Scorer("random", _random, True, "uniformly random, seeded"),
+    Scorer("synflow", _synflow, True, "SynFlow, data-free, 100 iterations"),
+):
     SCORERS.add(_scorer.name, _scorer, _scorer.help)
 
 

@@ -1,5 +1,6 @@
 """The trainer: SGD with momentum and weight decay, cosine or step schedule with warm-up, standard CIFAR
 augmentation, seeded and deterministic on CPU, masks enforced after every optimiser step, a JSONL log."""
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ class TrainConfig:
             t = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
             return 0.5 * self.lr * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
         factor = sum(step >= m * total for m in self.milestones)
-        return self.lr * self.gamma ** factor
+        return self.lr * self.gamma**factor
 
 
 @dataclass
@@ -71,10 +72,14 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (4, 4, 4, 4))
     dx = torch.randint(0, 9, (n,), generator=gen)
     dy = torch.randint(0, 9, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # [n, h]
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # [n, w]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
+    rows = dy[:, None] + torch.arange(h)[None, :]  # [n, h]
+    cols = dx[:, None] + torch.arange(w)[None, :]  # [n, w]
+    out = padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(x.shape[1])[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
     flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
@@ -86,7 +91,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     model.eval()
     correct = 0
     for i in range(0, len(y), batch):
-        correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+        correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
     model.train(was)
     return correct / max(len(y), 1)
 
@@ -101,9 +106,11 @@ class _Progress:
 
     def epoch(self, row: dict) -> None:
         if self.lines:
-            sys.stderr.write(f"{self.label} epoch {row['epoch']}: step {row['step']}/{self.total + self.offset}, loss "
-                             f"{row['loss']:.3f}, test accuracy {100 * row['test_accuracy']:.2f}%, "
-                             f"{row['seconds']:.0f} s\n")
+            sys.stderr.write(
+                f"{self.label} epoch {row['epoch']}: step {row['step']}/{self.total + self.offset}, loss "
+                f"{row['loss']:.3f}, test accuracy {100 * row['test_accuracy']:.2f}%, "
+                f"{row['seconds']:.0f} s\n"
+            )
             sys.stderr.flush()
 
     def update(self, step: int, loss: float) -> None:
@@ -128,10 +135,21 @@ class Regulariser(Protocol):
     def log(self) -> dict: ...
 
 
-def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfig, *, mask: Mask | None = None,
-          start_step: int = 0, rewind_step: int | None = None, log_path: Path | None = None,
-          progress: bool = True, label: str = "train", regulariser: Regulariser | None = None,
-          teacher: Teacher | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    cfg: TrainConfig,
+    *,
+    mask: Mask | None = None,
+    start_step: int = 0,
+    rewind_step: int | None = None,
+    log_path: Path | None = None,
+    progress: bool = True,
+    label: str = "train",
+    regulariser: Regulariser | None = None,
+    teacher: Teacher | None = None,
+) -> TrainResult:
     """Train ``model`` in place from ``start_step`` to the end of the schedule; returns the result.
 
     With ``mask`` the masked weights are zeroed before training and after every optimiser step. With
@@ -167,7 +185,7 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
                     break
                 if rewind_step is not None and step == rewind_step:
                     rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 x = _augment(xs[idx], gen) if cfg.augment else xs[idx]  # every rank draws the same augmentation
                 if world > 1:  # this rank's slice of the global batch
                     idx, x = idx[rank::world], x[rank::world]
@@ -194,9 +212,15 @@ def train(model: nn.Module, train_ds: Dataset, test_ds: Dataset, cfg: TrainConfi
                 bar.update(step - start_step, loss_value)
             if step % per_epoch == 0 or step >= total:
                 acc = evaluate(model, xt, yt)
-                row = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(loss_n, 1),
-                       "train_accuracy": correct / max(loss_n, 1), "test_accuracy": acc,
-                       "lr": cfg.lr_at(step - 1, total), "seconds": time.perf_counter() - t0}
+                row = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "loss": loss_sum / max(loss_n, 1),
+                    "train_accuracy": correct / max(loss_n, 1),
+                    "test_accuracy": acc,
+                    "lr": cfg.lr_at(step - 1, total),
+                    "seconds": time.perf_counter() - t0,
+                }
                 if regulariser is not None:
                     row.update(regulariser.log())
                 history.append(row)
@@ -222,5 +246,5 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 def set_determinism(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,8 +1,8 @@
 """What device-side tests share: a runner of the CLI with torch made unimportable, and test images."""
+
 import os
 
 import numpy as np
-
 from edgeshift.runtime.measure import machine_fingerprint
 from edgeshift.runtime.portfolio import Portfolio
 
@@ -42,6 +42,14 @@ GIVEN_P50 = {"big_fast": 0.1, "dense": 0.4, "small_slow": 1.6}
 def given_bench(portfolio, profile_name: str, p50: dict[str, float] = GIVEN_P50) -> dict:
     """A bench document as ``edgeshift bench`` writes it on this machine, with the timings ``p50`` gives."""
     with Portfolio.open(portfolio) as pf:
-        rows = [{"name": n, "sha256": pf.info(n).sha256, "p50_ms": p50[n], "p95_ms": 1.5 * p50[n],
-                 "round_p50_ms": [p50[n] * f for f in (0.98, 1.0, 1.02)]} for n in pf.names]
+        rows = [
+            {
+                "name": n,
+                "sha256": pf.info(n).sha256,
+                "p50_ms": p50[n],
+                "p95_ms": 1.5 * p50[n],
+                "round_p50_ms": [p50[n] * f for f in (0.98, 1.0, 1.02)],
+            }
+            for n in pf.names
+        ]
     return {"profile": profile_name, "fingerprint": machine_fingerprint(), "variants": rows}

@@ -1,10 +1,10 @@
 """Shared test helpers: small zoo models with planted sparsity patterns."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from edgeshift.pruner.models import get
+from torch import nn
 
 # (name, kwargs, input size) small enough for a fast suite; every zoo architecture appears.
 ZOO_CASES = [

@@ -1,14 +1,14 @@
 """Exact pruning on the patterns real CNNs use (issue 14), each on a small model of its own with planted zero and
 constant channels: exact on fresh inputs, the expected widths removed, and a reason where a group is kept."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from edgeshift.pruner.fuse import NormActRemainder
 from edgeshift.pruner.structured import prune_zero_channels
+from torch import nn
 
 
 def fresh(shape=(2, 3, 16, 16), seed=7):
@@ -32,8 +32,9 @@ def check_exact(model, pruned, x_shape=(2, 3, 16, 16)):
         for seed in (11, 12):
             x = fresh(x_shape, seed)
             ref, out = model(x), pruned(x)
-            assert torch.allclose(ref, out, atol=1e-5 * max(1.0, float(ref.abs().max()))), \
-                float((ref - out).abs().max())
+            assert torch.allclose(ref, out, atol=1e-5 * max(1.0, float(ref.abs().max()))), float(
+                (ref - out).abs().max()
+            )
 
 
 def widths(model) -> dict[str, int]:
@@ -276,8 +277,9 @@ def test_residual_add_onto_part_of_the_channels_is_exact_and_bounded():
     assert widths(pruned)["conv3"] == 4  # the plain group still shrinks
     # bounded: the group added onto part of the channels is recognised and kept whole, with its reason (the search
     # that once ran for minutes here stops at the slice), rather than timed
-    assert report.notes == ["kept the 4 channels of conv1, conv2 whole: its channels pass a channel slice after "
-                            "conv1, conv2"]
+    assert report.notes == [
+        "kept the 4 channels of conv1, conv2 whole: its channels pass a channel slice after conv1, conv2"
+    ]
     check_exact(model, pruned)
 
 
@@ -330,7 +332,6 @@ def test_group_norm_group_stays_whole_and_the_rest_is_pruned():
     assert widths(pruned)["conv1"] == 8 and widths(pruned)["conv2"] == 6
     assert any("GroupNorm" in note for note in report.notes), report.notes
     check_exact(model, pruned)
-
 
 
 class RepBlock(nn.Module):

@@ -1,9 +1,9 @@
 import pytest
 import torch
-
-from helpers import inputs_for, make, plant_zeros
 from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edgeshift.pruner.structured import prune_zero_channels
+from helpers import inputs_for, make, plant_zeros
+
 from edgeshift.core.errors import InputFileError
 
 

@@ -1,10 +1,10 @@
 import json
 
 import torch
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+from helpers import assert_same_function, inputs_for, make, plant_zeros
 from typer.testing import CliRunner
 
-from helpers import assert_same_function, inputs_for, make, plant_zeros
-from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.cli import app
 
 runner = CliRunner()
@@ -19,8 +19,17 @@ def sparse_checkpoint(path, name="vgg11"):
 
 def test_prune_writes_a_smaller_exact_checkpoint_and_prints_the_report(tmp_path):
     model = sparse_checkpoint(tmp_path / "sparse.pt")
-    result = runner.invoke(app, ["prune", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "pruned.pt"),
-                                 "--json", str(tmp_path / "report.json")])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tmp_path / "sparse.pt"),
+            "-o",
+            str(tmp_path / "pruned.pt"),
+            "--json",
+            str(tmp_path / "report.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "max |diff|" in result.output and "params" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
@@ -32,8 +41,19 @@ def test_prune_writes_a_smaller_exact_checkpoint_and_prints_the_report(tmp_path)
 
 def test_prune_align_rounds_widths_up_with_zero_channels(tmp_path):
     model = sparse_checkpoint(tmp_path / "sparse.pt")
-    result = runner.invoke(app, ["prune", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "pruned.pt"),
-                                 "--align", "8", "--json", str(tmp_path / "report.json")])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tmp_path / "sparse.pt"),
+            "-o",
+            str(tmp_path / "pruned.pt"),
+            "--align",
+            "8",
+            "--json",
+            str(tmp_path / "report.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "zero channels added (widths multiples of 8)" in result.output
     report = json.loads((tmp_path / "report.json").read_text())

@@ -1,4 +1,5 @@
 """Device-side commands through the CLI, including in a process where torch cannot be imported."""
+
 import csv
 import json
 import os
@@ -6,18 +7,31 @@ import subprocess
 import sys
 
 import numpy as np
+from device_helpers import BLOCK_TORCH, given_bench, npy_images
+from edgeshift.runtime.ladder import bench_path_for
+from onnx_helpers import speed_portfolio, tiny_portfolio, write_zip
 from typer.testing import CliRunner
 
-from device_helpers import BLOCK_TORCH, ROOT, given_bench, npy_images
-from onnx_helpers import speed_portfolio, tiny_portfolio, write_zip
 from edgeshift.cli import app
-from edgeshift.runtime.ladder import bench_path_for
 
 runner = CliRunner()
+
+
 def test_bench_writes_json_and_csv(tmp_path):
     tiny_portfolio(tmp_path / "pf.zip")
-    result = runner.invoke(app, ["bench", str(tmp_path / "pf.zip"), "--profile", "host", "--json",
-                                 str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv")])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(tmp_path / "pf.zip"),
+            "--profile",
+            "host",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--csv",
+            str(tmp_path / "b.csv"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "b.json").read_text())
     assert [v["name"] for v in doc["variants"]] == ["w4", "w8", "w16", "w32"]
@@ -45,8 +59,19 @@ def test_simulate_prints_every_switch(tmp_path):
     bench_path_for(tmp_path / "pf.zip").write_text(json.dumps(given_bench(tmp_path / "pf.zip", "host")))
     trace = tmp_path / "t.csv"
     trace.write_text("time_s,rps,cpu_share\n0,10,1\n5,10,0.05\n10,10,1\n")
-    result = runner.invoke(app, ["simulate", str(tmp_path / "pf.zip"), "--trace", str(trace), "--policy",
-                                 "qps-trend", "--json", str(tmp_path / "s.json")])
+    result = runner.invoke(
+        app,
+        [
+            "simulate",
+            str(tmp_path / "pf.zip"),
+            "--trace",
+            str(trace),
+            "--policy",
+            "qps-trend",
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "s.json").read_text())
     assert len(doc["switches"]) >= 2 and f"{len(doc['switches'])} switches" in result.output
@@ -110,28 +135,49 @@ def test_device_commands_run_with_torch_unimportable(tmp_path):
     trace.write_text("time_s,rps\n0,10\n3,2000\n6,10\n")
     env = dict(os.environ)
     pf = str(tmp_path / "pf.zip")
-    for args in (["inspect", pf], ["bench", pf, "--profile", "host", "--json", str(tmp_path / "b.json")],
-                 ["run", pf, "--images", str(images)], ["simulate", pf, "--trace", str(trace)]):
-        proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=120)
+    for args in (
+        ["inspect", pf],
+        ["bench", pf, "--profile", "host", "--json", str(tmp_path / "b.json")],
+        ["run", pf, "--images", str(images)],
+        ["simulate", pf, "--trace", str(trace)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", BLOCK_TORCH, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
     assert json.loads((tmp_path / "b.json").read_text())["variants"]
-    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "prune", "x.pt", "-o", "y.pt"], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, "prune", "x.pt", "-o", "y.pt"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "pip install 'edgeshift[build]'" in proc.stderr
 
 
 BLOCK_BUILD_SIDE = BLOCK_TORCH.replace(
     "if name.split('.')[0] in ('torch', 'onnx', 'onnxsim', 'torch_pruning', 'torchvision'):",
-    "if name.split('.')[0] in ('torch', 'onnx') or name.startswith(('edgeshift.pruner', 'edgeshift.exporter')):")
+    "if name.split('.')[0] in ('torch', 'onnx') or name.startswith(('edgeshift.pruner', 'edgeshift.exporter')):",
+)
 
 
 def test_device_install_without_the_build_side_still_runs_its_commands(tmp_path):
     """A device install holding only the runtime and profiles: the build commands are absent, the device ones work."""
     assert BLOCK_BUILD_SIDE != BLOCK_TORCH
     tiny_portfolio(tmp_path / "pf.zip")
-    run = lambda *args: subprocess.run([sys.executable, "-c", BLOCK_BUILD_SIDE, *args], capture_output=True,  # noqa: E731
-                                       text=True, cwd=tmp_path, timeout=120)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-c", BLOCK_BUILD_SIDE, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        )
+
     help_ = run("--help")
     assert help_.returncode == 0 and "inspect" in help_.stdout and "prune" not in help_.stdout, help_.stderr
     assert run("inspect", "pf.zip").returncode == 0
@@ -157,5 +203,9 @@ def test_run_says_once_when_it_resizes_or_converts_and_refuses_what_it_cannot(tm
     Image.fromarray(rng.integers(0, 60000, (8, 8), dtype=np.uint16)).save(images / "d.png")  # 16-bit gray
     refused = runner.invoke(app, ["run", str(tmp_path / "pf.zip"), "--images", str(images)])
     errors = [line for line in refused.output.splitlines() if line.startswith("error: ")]
-    assert refused.exit_code == 2 and len(errors) == 1 and "d.png: image mode I;16 has no plain 8-bit RGB form" in \
-        errors[0] and "Traceback" not in refused.output
+    assert (
+        refused.exit_code == 2
+        and len(errors) == 1
+        and "d.png: image mode I;16 has no plain 8-bit RGB form" in errors[0]
+        and "Traceback" not in refused.output
+    )

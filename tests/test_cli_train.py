@@ -1,13 +1,23 @@
 import json
 
+from edgeshift.pruner.checkpoint import load_checkpoint
 from typer.testing import CliRunner
 
-from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.cli import app
 
 runner = CliRunner()
-SMALL = ["--data", "generated", "--iterations", "2", "--batch-size", "16", "--train-samples", "64",
-         "--test-samples", "20"]
+SMALL = [
+    "--data",
+    "generated",
+    "--iterations",
+    "2",
+    "--batch-size",
+    "16",
+    "--train-samples",
+    "64",
+    "--test-samples",
+    "20",
+]
 
 
 def test_imp_cli_writes_levels_and_resumes(tmp_path):
@@ -21,20 +31,24 @@ def test_imp_cli_writes_levels_and_resumes(tmp_path):
     again = runner.invoke(app, args + [])  # everything finished: nothing is retrained or rewritten
     assert again.exit_code == 0 and "level 2" in again.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
-    other = runner.invoke(app, ["imp", "--arch", "resnet20", "--levels", "2", "--out", str(out), "--lr", "0.01",
-                                *SMALL])
+    other = runner.invoke(
+        app, ["imp", "--arch", "resnet20", "--levels", "2", "--out", str(out), "--lr", "0.01", *SMALL]
+    )
     assert other.exit_code == 2 and "another configuration (differs in: lr)" in other.output
 
 
 def test_imp_cli_bad_input(tmp_path):
     (tmp_path / "flat").mkdir()
-    result = runner.invoke(app, ["imp", "--arch", "resnet20", "--data", str(tmp_path / "flat"), "--out",
-                                 str(tmp_path / "r")])
+    result = runner.invoke(
+        app, ["imp", "--arch", "resnet20", "--data", str(tmp_path / "flat"), "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code == 2 and "not an ImageFolder dataset" in result.output
     result = runner.invoke(app, ["imp", "--arch", "resnet21", "--data", "generated", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown architecture 'resnet21'" in result.output
-    result = runner.invoke(app, ["imp", "--arch", "resnet20", "--prune-fraction", "1.5", "--out",
-                                 str(tmp_path / "r"), "--data", "generated"])
+    result = runner.invoke(
+        app,
+        ["imp", "--arch", "resnet20", "--prune-fraction", "1.5", "--out", str(tmp_path / "r"), "--data", "generated"],
+    )
     assert result.exit_code == 2 and "prune-fraction" in result.output
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")

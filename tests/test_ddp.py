@@ -1,22 +1,41 @@
 """Data-parallel training through torchrun on CPU: two processes, gloo."""
+
 import json
 import os
 import subprocess
 import sys
 
 import torch
-
 from edgeshift.pruner.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--data", "generated", "--iterations", "3", "--batch-size", "16", "--train-samples", "64",
-         "--test-samples", "20"]
+SMALL = [
+    "--data",
+    "generated",
+    "--iterations",
+    "3",
+    "--batch-size",
+    "16",
+    "--train-samples",
+    "64",
+    "--test-samples",
+    "20",
+]
 
 
 def torchrun(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "edgeshift",
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "edgeshift",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 

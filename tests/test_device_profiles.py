@@ -36,9 +36,9 @@ def test_overrides_apply_only_to_the_provider_that_leads(tmp_path):
     text = (
         '[execution]\nproviders = ["XnnpackExecutionProvider", "CPUExecutionProvider"]\nintra_op_threads = 3\n'
         'session_config = { "session.intra_op.allow_spinning" = "0" }\n'
-        '[execution.when.CPUExecutionProvider]\ninter_op_threads = 2\n'
+        "[execution.when.CPUExecutionProvider]\ninter_op_threads = 2\n"
         'session_config = { "session.set_denormal_as_zero" = "1" }\n'
-        '[execution.when.XnnpackExecutionProvider]\nintra_op_threads = 1\n'
+        "[execution.when.XnnpackExecutionProvider]\nintra_op_threads = 1\n"
     )
     p = device_profiles.load_profile(write(tmp_path, text))
     cpu = device_profiles.plan_session(p, [CPU])
@@ -72,7 +72,7 @@ def test_host_profile_is_detected_from_this_machine():
 
     p = device_profiles.load_profile("host")
     assert p.execution.intra_op_threads == os.cpu_count()
-    assert 0 < p.serving.memory_budget_mb <= psutil.virtual_memory().total / 2 ** 20
+    assert 0 < p.serving.memory_budget_mb <= psutil.virtual_memory().total / 2**20
 
 
 def test_unknown_profile_lists_the_known_ones():
@@ -93,21 +93,26 @@ def test_a_users_own_profile_file(tmp_path):
     assert p.execution.providers == ("CPUExecutionProvider",)
 
 
-@pytest.mark.parametrize("text,match", [
-    ('[serving]\nlatency_target = 5\n', r"mine.toml: unknown key 'serving.latency_target'"),
-    ('[serving]\nbatch_size = "four"\n', r"mine.toml: serving.batch_size must be int"),
-    ('[execution]\nintra_op_threads = true\n', r"execution.intra_op_threads must be int or 'auto'"),
-    ('[execution]\ngraph_optimization = "max"\n', r"graph_optimization = 'max'; expected one of"),
-    ('[execution]\nproviders = []\n', "non-empty list"),
-    ('[execution.when.XnnpackProvider]\nintra_op_threads = 1\n',
-     r"\[execution.when.XnnpackProvider\] names a provider not in execution.providers \(CPUExecutionProvider\)"),
-    ('colour = "red"\n', "unknown key 'colour'"),
-    ('[serving\n', "not valid TOML"),
-    ('[benchmark]\niterations = 0\n', "iterations must be >= 1"),
-    ('[serving]\nswitch_cpu_share = 0\n', r"serving.switch_cpu_share must be in \(0, 1\]"),
-    ('[serving]\nswitch_cpu_share = 1.5\n', r"serving.switch_cpu_share must be in \(0, 1\]"),
-    ('[serving]\nswitch_cpu_share = "half"\n', r"serving.switch_cpu_share must be int or float"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[serving]\nlatency_target = 5\n", r"mine.toml: unknown key 'serving.latency_target'"),
+        ('[serving]\nbatch_size = "four"\n', r"mine.toml: serving.batch_size must be int"),
+        ("[execution]\nintra_op_threads = true\n", r"execution.intra_op_threads must be int or 'auto'"),
+        ('[execution]\ngraph_optimization = "max"\n', r"graph_optimization = 'max'; expected one of"),
+        ("[execution]\nproviders = []\n", "non-empty list"),
+        (
+            "[execution.when.XnnpackProvider]\nintra_op_threads = 1\n",
+            r"\[execution.when.XnnpackProvider\] names a provider not in execution.providers \(CPUExecutionProvider\)",
+        ),
+        ('colour = "red"\n', "unknown key 'colour'"),
+        ("[serving\n", "not valid TOML"),
+        ("[benchmark]\niterations = 0\n", "iterations must be >= 1"),
+        ("[serving]\nswitch_cpu_share = 0\n", r"serving.switch_cpu_share must be in \(0, 1\]"),
+        ("[serving]\nswitch_cpu_share = 1.5\n", r"serving.switch_cpu_share must be in \(0, 1\]"),
+        ('[serving]\nswitch_cpu_share = "half"\n', r"serving.switch_cpu_share must be int or float"),
+    ],
+)
 def test_bad_profiles_name_the_file_and_the_key(tmp_path, text, match):
     with pytest.raises(ProfileError, match=match):
         device_profiles.load_profile(write(tmp_path, text))

@@ -1,4 +1,5 @@
 """Knowledge distillation from the model a variant was made from (issue 16): the loss, and its effect."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,19 +7,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from device_helpers import ROOT
-from edgeshift.core.errors import EdgeshiftError
 from edgeshift.pruner.data import generated_dataset
 from edgeshift.pruner.distill import DistillConfig, Teacher
 from edgeshift.pruner.train import TrainConfig, to_tensor, train
+from torch import nn
+
+from edgeshift.core.errors import EdgeshiftError
 
 
 def small(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def test_the_loss_blends_the_task_with_the_teachers_softened_outputs():
@@ -30,15 +37,21 @@ def test_the_loss_blends_the_task_with_the_teachers_softened_outputs():
     assert float(Teacher(teacher, DistillConfig(weight=0.75)).loss(x, same, task)) == pytest.approx(0.5, abs=1e-6)
     other = torch.zeros_like(same)  # uniform student: the KL term is what the teacher's softened outputs differ by
     t = 4.0
-    expected_kl = float((F.softmax(same / t, 1) * (F.log_softmax(same / t, 1) + torch.log(torch.tensor(4.0))))
-                        .sum(1).mean())
+    expected_kl = float(
+        (F.softmax(same / t, 1) * (F.log_softmax(same / t, 1) + torch.log(torch.tensor(4.0)))).sum(1).mean()
+    )
     got = float(Teacher(teacher, DistillConfig(weight=0.5, temperature=t)).loss(x, other, task))
     assert got == pytest.approx(0.5 * 2.0 + 0.5 * t * t * expected_kl, rel=1e-5) and expected_kl > 0
 
 
-@pytest.mark.parametrize("cfg, message", [(DistillConfig(weight=1.0), "in [0, 1), got 1.0"),
-                                          (DistillConfig(weight=-0.5), "got -0.5"),
-                                          (DistillConfig(weight=0.5, temperature=0), "temperature must be > 0")])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (DistillConfig(weight=1.0), "in [0, 1), got 1.0"),
+        (DistillConfig(weight=-0.5), "got -0.5"),
+        (DistillConfig(weight=0.5, temperature=0), "temperature must be > 0"),
+    ],
+)
 def test_bad_settings_are_refused(cfg, message):
     with pytest.raises(EdgeshiftError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         cfg.validate()
@@ -56,8 +69,14 @@ def test_a_distilled_student_agrees_with_its_teacher_more_than_one_trained_on_la
     agreement = {}
     for weight in (0.0, 0.9):
         student = small(1)
-        train(student, data, test, cfg, progress=False,
-              teacher=Teacher(teacher, DistillConfig(weight=weight)) if weight else None)
+        train(
+            student,
+            data,
+            test,
+            cfg,
+            progress=False,
+            teacher=Teacher(teacher, DistillConfig(weight=weight)) if weight else None,
+        )
         x, _ = to_tensor(test)
         with torch.no_grad():
             agreement[weight] = float((student.eval()(x).argmax(1) == teacher(x).argmax(1)).float().mean())
@@ -94,11 +113,14 @@ def test_slim_distills_from_the_teacher_it_is_given(tmp_path):
         rare = int(torch.bincount(model(x).argmax(1), minlength=10).argmin())  # a class the input model rarely says
     quick = tmp_path / "quick.toml"  # host, timed briefly: only the outputs matter here
     host = (Path(ROOT) / "device_profiles" / "host.toml").read_text()
-    quick.write_text(host.replace('name = "host"', 'name = "quick"').replace("iterations = 2000", "iterations = 20")
-                     .replace("rounds = 10", "rounds = 2").replace("warmup = 50", "warmup = 2"))
+    quick.write_text(
+        host.replace('name = "host"', 'name = "quick"')
+        .replace("iterations = 2000", "iterations = 20")
+        .replace("rounds = 10", "rounds = 2")
+        .replace("warmup = 50", "warmup = 2")
+    )
     measure = OrtMeasurer(str(quick))
-    cfg = SlimConfig(target=0.9, pricing="macs", gate_epochs=1, finetune_epochs=1, lr=0.1, batch_size=50,
-                     distill=0.95)
+    cfg = SlimConfig(target=0.9, pricing="macs", gate_epochs=1, finetune_epochs=1, lr=0.1, batch_size=50, distill=0.95)
     share = {}
     for name, teacher in (("given", Constant(rare)), ("default", None)):
         student, _ = slim(model, data, test, cfg, pricer=MacsPricer(), measure=measure, teacher=teacher)

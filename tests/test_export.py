@@ -1,14 +1,15 @@
 """ONNX export: fused, simplified, fully checked, and numerically equal to PyTorch."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from edgeshift.exporter.onnx_export import ExportError, export_onnx
+from edgeshift.pruner.structured import prune_zero_channels
+from helpers import ZOO_CASES, assert_onnx_computes, inputs_for, make, plant_zeros
 from torch import nn
 
-from edgeshift.exporter.onnx_export import ExportError, export_onnx
-from helpers import ZOO_CASES, assert_onnx_computes, inputs_for, make, plant_zeros
-from edgeshift.pruner.structured import prune_zero_channels
 from edgeshift.core.errors import EdgeshiftError
 
 
@@ -45,8 +46,9 @@ def test_pruned_model_exports_with_its_own_widths(tmp_path):
 
 
 def test_tiny_graph_op_counts_after_fusion(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 2)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+    ).eval()
     with torch.no_grad():
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
@@ -89,5 +91,7 @@ def test_adaptive_pool_to_a_size_that_does_not_divide_exports_exactly(tmp_path):
     from edgeshift.exporter import export_onnx
 
     model = SmallPoolHead().eval()
-    report = export_onnx(model, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7)), tmp_path / "m.onnx")  # checks batch 1 and 2 through ORT
+    report = export_onnx(
+        model, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7)), tmp_path / "m.onnx"
+    )  # checks batch 1 and 2 through ORT
     assert report.rel_diff < 1e-5 and "Einsum" in report.op_counts

@@ -1,5 +1,6 @@
 """INT8 variants: onnxruntime.quantization on the build side, checked and reported against their FP32 source,
 kept only when measured faster; bad input fails in one line with nothing written."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,11 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import inputs_for, make
-from onnx import TensorProto, helper
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
 from edgeshift.device_profiles import load_profile
 from edgeshift.device_profiles.profile import QuantizationSettings
 from edgeshift.exporter.onnx_export import onnx_bytes
@@ -30,6 +26,11 @@ from edgeshift.exporter.quantize import (
 )
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.runtime.portfolio import Portfolio
+from helpers import inputs_for, make
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 
 runner = CliRunner()
 
@@ -49,10 +50,13 @@ def resnet():
     return model, onnx_bytes(model, x), rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
 
 
-@pytest.mark.parametrize("scheme,op,absent", [
-    (Int8Scheme("qoperator", "uint8"), "QLinearConv", "Conv"),
-    (Int8Scheme("qdq", "int8"), "DequantizeLinear", "QLinearConv"),
-])
+@pytest.mark.parametrize(
+    "scheme,op,absent",
+    [
+        (Int8Scheme("qoperator", "uint8"), "QLinearConv", "Conv"),
+        (Int8Scheme("qdq", "int8"), "DequantizeLinear", "QLinearConv"),
+    ],
+)
 def test_quantize_makes_the_format_asked_for_and_stays_close(resnet, scheme, op, absent):
     _, fp32, x = resnet
     int8 = quantize_onnx(fp32, Calibration(x[:32]), scheme, name="r20")
@@ -73,8 +77,10 @@ def test_auto_tries_both_formats_and_a_fixed_one_only_itself():
 
 def test_fastest_int8_times_every_auto_format_and_keeps_the_lowest_p50(resnet):
     _, fp32, x = resnet
-    quick = dataclasses.replace(load_profile("host"), benchmark=dataclasses.replace(
-        load_profile("host").benchmark, warmup=2, iterations=10, rounds=2))
+    quick = dataclasses.replace(
+        load_profile("host"),
+        benchmark=dataclasses.replace(load_profile("host").benchmark, warmup=2, iterations=10, rounds=2),
+    )
     feed = {"input": x[:1]}
     auto = fastest_int8(fp32, Calibration(x[:16]), quick, feed, name="r20")
     assert auto.candidates_p50_ms is not None and set(auto.candidates_p50_ms) == {"qoperator/uint8", "qdq/int8"}
@@ -89,12 +95,20 @@ def test_fastest_int8_times_every_auto_format_and_keeps_the_lowest_p50(resnet):
 def test_a_model_ort_cannot_quantize_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     node = helper.make_node("Mystery", ["input"], ["logits"], domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     with pytest.raises(QuantizationError, match=r"cannot quantize mystery as qdq/int8: \w+") as err:
-        quantize_onnx(model.SerializeToString(), Calibration(np.zeros((4, 4), np.float32)), Int8Scheme("qdq", "int8"),
-                      name="mystery")
+        quantize_onnx(
+            model.SerializeToString(),
+            Calibration(np.zeros((4, 4), np.float32)),
+            Int8Scheme("qdq", "int8"),
+            name="mystery",
+        )
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []  # ONNX Runtime's failing passes leave nothing in the working directory
 
@@ -103,11 +117,20 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
     model, _, x = resnet
     rng = np.random.default_rng(1)
     test = TestData(rng.standard_normal((64, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 64))
-    profile = dataclasses.replace(load_profile("host"), quantization=QuantizationSettings(format="qoperator",
-                                                                                          activations="uint8"))
-    path = build_portfolio({"dense": model}, inputs_for(32), tmp_path / "pf.zip", test_data=test, profile=profile,
-                           latency_iterations=60, int8=Calibration(x[:32], "minmax", "noise"), measure_memory=False,
-                           say=lambda line: None)
+    profile = dataclasses.replace(
+        load_profile("host"), quantization=QuantizationSettings(format="qoperator", activations="uint8")
+    )
+    path = build_portfolio(
+        {"dense": model},
+        inputs_for(32),
+        tmp_path / "pf.zip",
+        test_data=test,
+        profile=profile,
+        latency_iterations=60,
+        int8=Calibration(x[:32], "minmax", "noise"),
+        measure_memory=False,
+        say=lambda line: None,
+    )
     with Portfolio.open(path) as pf:
         m = pf.manifest
         names = pf.names
@@ -117,8 +140,9 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
     assert m.ladder is not None and m.ladder.profile == "host"
     assert set(m.ladder.steps) <= set(names)
     along = [kept[n] for n in m.ladder.steps]  # fastest first: slower and more accurate at every step
-    assert all(a.latency.p50_ms < b.latency.p50_ms and a.accuracy.top1 <= b.accuracy.top1
-               for a, b in zip(along, along[1:]))
+    assert all(
+        a.latency.p50_ms < b.latency.p50_ms and a.accuracy.top1 <= b.accuracy.top1 for a, b in zip(along, along[1:])
+    )
     assert kept["dense"].precision == "fp32" and kept["dense"].quantization is None
     if "dense-int8" not in kept:  # INT8 is kept only where measured faster: a fact of this CPU, not of the code
         reason = next(d.reason for d in m.dropped if d.name == "dense-int8")
@@ -126,8 +150,12 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
         pytest.skip(f"INT8 measured not faster on this CPU, so its record is not in the manifest: {reason}")
     q = kept["dense-int8"].quantization
     assert kept["dense-int8"].precision == "int8" and q is not None and q.source == "dense"
-    assert (q.format, q.activations, q.calibration_samples, q.calibration_method) == ("qoperator", "uint8", 32,
-                                                                                      "minmax")
+    assert (q.format, q.activations, q.calibration_samples, q.calibration_method) == (
+        "qoperator",
+        "uint8",
+        32,
+        "minmax",
+    )
     assert q.test_samples == 64 and 0 <= q.agreement_top1 <= 1 and q.max_logit_deviation > 0
     counted = sum(n.op_type == "QLinearConv" for n in graphs["dense-int8"].node)  # from the graph, not the record
     assert counted >= 19 and kept["dense-int8"].op_counts.get("QLinearConv") == counted
@@ -143,12 +171,25 @@ def test_cli_int8_needs_calibration_data_and_a_known_format(tmp_path):
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "pass --data" in result.output
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "bad"\n[quantization]\nformat = "int4"\n')
-    result = runner.invoke(app, ["export", str(tmp_path / "m.pt"), "-o", str(out), "--int8", "--data", "generated",
-                                 "--profile", str(bad)])
+    result = runner.invoke(
+        app, ["export", str(tmp_path / "m.pt"), "-o", str(out), "--int8", "--data", "generated", "--profile", str(bad)]
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "quantization.format" in result.output and "qoperator" in result.output
-    result = runner.invoke(app, ["export", str(tmp_path / "m.pt"), "-o", str(out), "--int8", "--data", "generated",
-                                 "--calibration-method", "guess"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "m.pt"),
+            "-o",
+            str(out),
+            "--int8",
+            "--data",
+            "generated",
+            "--calibration-method",
+            "guess",
+        ],
+    )
     assert result.exit_code == 2 and "minmax, entropy, percentile" in result.output
     assert sorted(os.listdir(tmp_path)) == ["bad.toml", "m.pt"]
 
@@ -156,9 +197,25 @@ def test_cli_int8_needs_calibration_data_and_a_known_format(tmp_path):
 def test_cli_export_int8(tmp_path):
     save_checkpoint(make("resnet20", {}, 32), tmp_path / "m.pt")
     out = tmp_path / "pf.zip"
-    result = runner.invoke(app, ["export", str(tmp_path / "m.pt"), "-o", str(out), "--int8", "--data", "generated",
-                                 "--test-samples", "100", "--calibration-samples", "16", "--iterations", "40",
-                                 "--no-memory"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "m.pt"),
+            "-o",
+            str(out),
+            "--int8",
+            "--data",
+            "generated",
+            "--test-samples",
+            "100",
+            "--calibration-samples",
+            "16",
+            "--iterations",
+            "40",
+            "--no-memory",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "ladder (fastest first" in result.output
     with Portfolio.open(out) as pf:

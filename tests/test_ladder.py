@@ -1,4 +1,5 @@
 """The ladder: ordered by latency measured under the profile, never by bytes; policies step along it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,18 +7,18 @@ import json
 
 import pytest
 from device_helpers import given_bench
-from onnx_helpers import speed_portfolio, tiny_portfolio
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
-from edgeshift.core.errors import EdgeshiftError
 from edgeshift.device_profiles import cpu_profile
 from edgeshift.device_profiles.profile import BenchmarkSettings
-from edgeshift import Runtime
 from edgeshift.runtime import policies
 from edgeshift.runtime.bench import bench_file
 from edgeshift.runtime.ladder import LadderPoint, bench_path_for, build_ladder, is_faster
 from edgeshift.runtime.portfolio import Portfolio
+from onnx_helpers import speed_portfolio, tiny_portfolio
+from typer.testing import CliRunner
+
+from edgeshift import Runtime
+from edgeshift.cli import app
+from edgeshift.core.errors import EdgeshiftError
 
 runner = CliRunner()
 PROFILE = dataclasses.replace(cpu_profile(1, name="test-1t"), benchmark=BenchmarkSettings(5, 60, 5.0, 3, 0.10))
@@ -119,8 +120,9 @@ def test_simulated_overload_steps_to_the_faster_variant_not_the_smaller(tmp_path
     bench_path_for(pf).write_text(json.dumps(given_bench(pf, "host")))  # this device's timings: the test's
     trace = tmp_path / "t.csv"
     trace.write_text("time_s,rps,cpu_share\n0,100,1\n3,100000,1\n8,100000,1\n")
-    result = runner.invoke(app, ["simulate", str(pf), "--trace", str(trace), "--policy", "qps-trend",
-                                 "--json", str(tmp_path / "s.json")])
+    result = runner.invoke(
+        app, ["simulate", str(pf), "--trace", str(trace), "--policy", "qps-trend", "--json", str(tmp_path / "s.json")]
+    )
     assert result.exit_code == 0, result.output
     switches = json.loads((tmp_path / "s.json").read_text())["switches"]
     # mid-ladder start (big_fast), up to dense while load is light, then overload: down to the faster variant

@@ -6,6 +6,7 @@ and the layers below it, never above. Every import counts, also one inside a fun
 function to dodge a cycle is still a dependency. The device side (core, device_profiles, runtime) also never
 imports torch or onnx.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,8 +16,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # repository folder -> the package it installs as (pyproject's [tool.setuptools.package-dir])
-FOLDERS = {"edgeshift": "edgeshift", "device_profiles": "edgeshift.device_profiles", "runtime": "edgeshift.runtime",
-           "pruner": "edgeshift.pruner", "exporter": "edgeshift.exporter"}
+FOLDERS = {
+    "edgeshift": "edgeshift",
+    "device_profiles": "edgeshift.device_profiles",
+    "runtime": "edgeshift.runtime",
+    "pruner": "edgeshift.pruner",
+    "exporter": "edgeshift.exporter",
+}
 LAYERS = ["core", "device_profiles", "runtime", "pruner", "exporter", "commands"]
 COMMANDS = ("edgeshift.pruner.cli", "edgeshift.exporter.cli", "edgeshift.exporter.pipeline")
 DEVICE_SIDE = ("core", "device_profiles", "runtime")
@@ -135,17 +141,32 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("files, expected", [
-    ({"runtime/engine.py": "def f():\n    from edgeshift.exporter import profile\n", "exporter/profile.py": ""},
-     "edgeshift.runtime.engine (runtime) imports edgeshift.exporter.profile (exporter), a layer above"),
-    ({"edgeshift/core/errors.py": "from edgeshift.device_profiles import registry\n",
-      "edgeshift/core/__init__.py": "", "device_profiles/registry.py": ""},
-     "edgeshift.core.errors (core) imports edgeshift.device_profiles.registry (device_profiles), a layer above"),
-    ({"pruner/a.py": "from . import b\n", "pruner/b.py": "def f():\n    from .a import x\n"},
-     "import cycle: edgeshift.pruner.a -> edgeshift.pruner.b -> edgeshift.pruner.a"),
-    ({"runtime/session.py": "import torch\n"}, "edgeshift.runtime.session (runtime) imports torch"),
-    ({"exporter/x.py": "from runtime.engine import Runtime\n"}, "imports 'runtime.engine': write edgeshift.runtime"),
-])
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        (
+            {"runtime/engine.py": "def f():\n    from edgeshift.exporter import profile\n", "exporter/profile.py": ""},
+            "edgeshift.runtime.engine (runtime) imports edgeshift.exporter.profile (exporter), a layer above",
+        ),
+        (
+            {
+                "edgeshift/core/errors.py": "from edgeshift.device_profiles import registry\n",
+                "edgeshift/core/__init__.py": "",
+                "device_profiles/registry.py": "",
+            },
+            "edgeshift.core.errors (core) imports edgeshift.device_profiles.registry (device_profiles), a layer above",
+        ),
+        (
+            {"pruner/a.py": "from . import b\n", "pruner/b.py": "def f():\n    from .a import x\n"},
+            "import cycle: edgeshift.pruner.a -> edgeshift.pruner.b -> edgeshift.pruner.a",
+        ),
+        ({"runtime/session.py": "import torch\n"}, "edgeshift.runtime.session (runtime) imports torch"),
+        (
+            {"exporter/x.py": "from runtime.engine import Runtime\n"},
+            "imports 'runtime.engine': write edgeshift.runtime",
+        ),
+    ],
+)
 def test_the_check_catches_a_planted_back_reference(tmp_path, files, expected):
     problems = violations(_tree(tmp_path, files))
     assert any(expected in p for p in problems), problems

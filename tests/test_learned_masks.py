@@ -1,4 +1,5 @@
 """Learned filter masks (issue 16): gates trained through their binarisation, priced, hardened into exact zeros."""
+
 from __future__ import annotations
 
 import json
@@ -6,15 +7,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
+from edgeshift.pruner.slim import choose_alignment
+from edgeshift.pruner.structured import prune_zero_channels
 from torch import nn
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
-from edgeshift.pruner.checkpoint import load_checkpoint
-from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
-from edgeshift.pruner.slim import choose_alignment
-from edgeshift.pruner.structured import prune_zero_channels
 
 runner = CliRunner()
 
@@ -131,8 +132,12 @@ def test_slim_times_its_widths_padded_and_keeps_the_faster_exactly(tmp_path):
     dense = get("resnet20", input_size=16).eval()
     quick = tmp_path / "quick.toml"  # host, timed briefly: which alignment wins does not matter, only consistency
     host = (Path(__file__).parents[1] / "device_profiles" / "host.toml").read_text()
-    quick.write_text(host.replace('name = "host"', 'name = "quick"').replace("iterations = 2000", "iterations = 40")
-                     .replace("rounds = 10", "rounds = 4").replace("warmup = 50", "warmup = 5"))
+    quick.write_text(
+        host.replace('name = "host"', 'name = "quick"')
+        .replace("iterations = 2000", "iterations = 40")
+        .replace("rounds = 10", "rounds = 4")
+        .replace("warmup = 50", "warmup = 5")
+    )
     cfg = SlimConfig(target=0.4, pricing="macs", gate_epochs=1, finetune_epochs=0, batch_size=32, align=4, pad_to=16)
     pruned, report = slim(dense, data, test, cfg, pricer=MacsPricer(), measure=OrtMeasurer(str(quick)))
     assert set(report.align_p50_ms) == {"4", "16"}, report.align_p50_ms  # some group is not a multiple of 16
@@ -154,30 +159,70 @@ def test_slim_refuses_a_bad_pad_multiple():
 
 # -- `edgeshift slim` ----------------------------------------------------------------------------------------
 
-NO_GROUP = '''
+NO_GROUP = """
 from torch import nn
 
 
 def build(num_classes=10):
     return nn.Sequential(nn.Conv2d(3, num_classes, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """ResNet-20 trained briefly on the generated data (a checkpoint, as `edgeshift train` writes it)."""
     path = tmp_path_factory.mktemp("slim") / "dense.pt"
-    result = runner.invoke(app, ["train", "--arch", "resnet20", "--data", "generated", "--iterations", "40",
-                                 "--batch-size", "32", "--lr", "0.05", "--train-samples", "400", "-o", str(path)])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "resnet20",
+            "--data",
+            "generated",
+            "--iterations",
+            "40",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.05",
+            "--train-samples",
+            "400",
+            "-o",
+            str(path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return path
 
 
 def test_slim_meets_the_target_under_host_and_prunes_exactly(trained, tmp_path):
     out, js = tmp_path / "slim.pt", tmp_path / "slim.json"
-    result = runner.invoke(app, ["slim", str(trained), "--target", "0.8", "--data", "generated", "--align", "1",
-                                 "--gate-epochs", "4", "--epochs", "1", "--train-samples", "400",
-                                 "--test-samples", "100", "-o", str(out), "--json", str(js)])
+    result = runner.invoke(
+        app,
+        [
+            "slim",
+            str(trained),
+            "--target",
+            "0.8",
+            "--data",
+            "generated",
+            "--align",
+            "1",
+            "--gate-epochs",
+            "4",
+            "--epochs",
+            "1",
+            "--train-samples",
+            "400",
+            "--test-samples",
+            "100",
+            "-o",
+            str(out),
+            "--json",
+            str(js),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(js.read_text())
     assert doc["pricing"] == "latency" and doc["price_unit"] == "ms" and doc["profile"] == "host"
@@ -189,12 +234,15 @@ def test_slim_meets_the_target_under_host_and_prunes_exactly(trained, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == doc["params_after"] < doc["params_before"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--target", "1.5"], "the target is a fraction of the dense model's cost in (0, 1], got 1.5"),
-    (["--target", "0"], "in (0, 1], got 0.0"),
-    (["--target", "0.5", "--data", "no/such/folder"], "no/such/folder"),
-    (["--target", "0.5", "--distill", "-0.1"], "distillation weight is a share of the loss in [0, 1), got -0.1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "1.5"], "the target is a fraction of the dense model's cost in (0, 1], got 1.5"),
+        (["--target", "0"], "in (0, 1], got 0.0"),
+        (["--target", "0.5", "--data", "no/such/folder"], "no/such/folder"),
+        (["--target", "0.5", "--distill", "-0.1"], "distillation weight is a share of the loss in [0, 1), got -0.1"),
+    ],
+)
 def test_slim_bad_input_is_one_line_and_writes_nothing(trained, args, message, tmp_path):
     data = [] if "--data" in args else ["--data", "generated"]
     result = runner.invoke(app, ["slim", str(trained), *data, *args, "-o", str(tmp_path / "x.pt")])
@@ -207,8 +255,22 @@ def test_slim_refuses_a_model_with_no_prunable_group(tmp_path, monkeypatch):
     (tmp_path / "nogroup.py").write_text(NO_GROUP)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = runner.invoke(app, ["slim", "--arch", "nogroup:build", "--input-size", "16", "--target", "0.5",
-                                 "--data", "generated", "-o", str(tmp_path / "x.pt")])
+    result = runner.invoke(
+        app,
+        [
+            "slim",
+            "--arch",
+            "nogroup:build",
+            "--input-size",
+            "16",
+            "--target",
+            "0.5",
+            "--data",
+            "generated",
+            "-o",
+            str(tmp_path / "x.pt"),
+        ],
+    )
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "no prunable channel group" in lines[0], result.output
     assert not (tmp_path / "x.pt").exists()

@@ -1,5 +1,6 @@
 """Model sources (issue 14): a factory of the user's own (`mymodels:build`) with a state dict through `prune`,
 `export` and `pipeline` to a portfolio the runtime serves; bad sources, factories and weights are one line."""
+
 from __future__ import annotations
 
 import json
@@ -8,19 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.models import sources
+from edgeshift.pruner.models.record import record_of
 from edgeshift.pruner.structured import prune_zero_channels
 from helpers import assert_same_function
 from test_any_cnn import check_exact, fresh, widths
 from test_any_cnn import plant as plant_bn
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 
 runner = CliRunner()
 
-MYMODELS = '''
+MYMODELS = """
 import torch
 from torch import nn
 
@@ -51,7 +53,7 @@ def build(num_classes=10, width=8):
 
 def branchy(num_classes=10):
     return Branchy(num_classes)
-'''
+"""
 
 
 @pytest.fixture
@@ -89,8 +91,23 @@ def test_factory_with_weights_through_prune_and_export_to_a_served_portfolio(use
     original = sources.create("mymodels:build", num_classes=10, input_size=32, kwargs={"width": 8})
     original.load_state_dict(torch.load(user_dir / "w.pt", weights_only=True))
     assert_same_function(original, pruned, fresh((3, 3, 32, 32), seed=99))  # the test's own float64 oracle
-    result = runner.invoke(app, ["export", "p.pt", *MODEL_ARGS, "-o", "port.zip", "--data", "generated",
-                                 "--test-samples", "50", "--iterations", "5", "--no-memory"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "p.pt",
+            *MODEL_ARGS,
+            "-o",
+            "port.zip",
+            "--data",
+            "generated",
+            "--test-samples",
+            "50",
+            "--iterations",
+            "5",
+            "--no-memory",
+        ],
+    )
     assert result.exit_code == 0, result.output
     bench = runner.invoke(app, ["bench", "port.zip", "--json", "b.json"])
     assert bench.exit_code == 0, bench.output
@@ -135,21 +152,24 @@ def test_pipeline_on_a_factory_of_the_users_own_ends_in_a_portfolio_bench_serves
     assert bench.exit_code == 0, bench.output
     assert json.loads((user_dir / "b.json").read_text())["variants"]
     level0, _ = load_checkpoint(user_dir / "out" / "variants" / "run" / "level_0" / "checkpoint.pt")
-    assert level0.edgeshift_arch["name"] == "mymodels:build"
+    assert record_of(level0).name == "mymodels:build"
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--arch", "keras/resnet"], "unknown model source 'keras/resnet'"),
-    (["--arch", "resnet21"], "unknown architecture 'resnet21'"),
-    (["--arch", "nosuchmodule:build", "--input-size", "32"], "cannot import 'nosuchmodule'"),
-    (["--arch", "mymodels:nothing", "--input-size", "32"], "has no function 'nothing'"),
-    (["--arch", "mymodels:build"], "does not say its input size"),
-    (["--arch", "mymodels:build", "--input-size", "32", "--weights", "w4.pt"], "does not fit model mymodels:build"),
-    (["--arch", "mymodels:build", "--input-size", "32", "--weights", "missing.pt"], "weights file not found"),
-    (["--arch", "mymodels:build", "--input-size", "32", "--arch-kwargs", "{width: 8}"], "is not JSON"),
-    (["--arch", "mymodels:build", "--input-size", "32", "--arch-kwargs", '{"depth": 3}'], "bad options"),
-    (["--arch", "mymodels:branchy", "--input-size", "32"], "cannot be traced"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--arch", "keras/resnet"], "unknown model source 'keras/resnet'"),
+        (["--arch", "resnet21"], "unknown architecture 'resnet21'"),
+        (["--arch", "nosuchmodule:build", "--input-size", "32"], "cannot import 'nosuchmodule'"),
+        (["--arch", "mymodels:nothing", "--input-size", "32"], "has no function 'nothing'"),
+        (["--arch", "mymodels:build"], "does not say its input size"),
+        (["--arch", "mymodels:build", "--input-size", "32", "--weights", "w4.pt"], "does not fit model mymodels:build"),
+        (["--arch", "mymodels:build", "--input-size", "32", "--weights", "missing.pt"], "weights file not found"),
+        (["--arch", "mymodels:build", "--input-size", "32", "--arch-kwargs", "{width: 8}"], "is not JSON"),
+        (["--arch", "mymodels:build", "--input-size", "32", "--arch-kwargs", '{"depth": 3}'], "bad options"),
+        (["--arch", "mymodels:branchy", "--input-size", "32"], "cannot be traced"),
+    ],
+)
 def test_bad_model_sources_are_one_line_and_write_nothing(user_dir, args, expected):
     result = runner.invoke(app, ["prune", *args, "-o", "p.pt"])
     line = one_error_line(result)
@@ -162,15 +182,17 @@ def test_weights_file_of_another_model_names_the_keys(user_dir):
     state["extra.weight"] = torch.zeros(2)
     del state["fc.bias"]
     torch.save(state, user_dir / "other.pt")
-    result = runner.invoke(app, ["prune", *MODEL_ARGS[:-4], "--weights", "other.pt", "--input-size", "32",
-                                 "-o", "p.pt"])
+    result = runner.invoke(
+        app, ["prune", *MODEL_ARGS[:-4], "--weights", "other.pt", "--input-size", "32", "-o", "p.pt"]
+    )
     line = one_error_line(result)
     assert "1 missing (fc.bias)" in line and "1 unexpected (extra.weight)" in line
 
 
 def test_pipeline_refuses_a_bad_factory_before_writing(user_dir):
-    (user_dir / "p.toml").write_text(PIPELINE.format(out=user_dir / "out").replace("mymodels:build",
-                                                                                    "mymodels:missing"))
+    (user_dir / "p.toml").write_text(
+        PIPELINE.format(out=user_dir / "out").replace("mymodels:build", "mymodels:missing")
+    )
     result = runner.invoke(app, ["pipeline", "p.toml"])
     assert "has no function 'missing'" in one_error_line(result)
     assert not (user_dir / "out").exists()
@@ -181,7 +203,8 @@ def test_pruned_models_of_any_source_round_trip_through_a_checkpoint(tmp_path, m
         "import sys\nsys.path.insert(0, %r)\nfrom test_any_cnn import NormActNet, GroupedNet, Res2Block\n"
         "def build(kind='normact'):\n"
         "    return {'normact': NormActNet, 'grouped': GroupedNet, 'res2': lambda: Res2Block(True)}[kind]()\n"
-        % str(Path(__file__).parent))
+        % str(Path(__file__).parent)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     for kind, bn_names in (("normact", ("bn1", "bn2")), ("grouped", ("bn1", "bn2")), ("res2", ("bn1", "bns.0"))):
         model = sources.create("patterns_factory:build", input_size=16, kwargs={"kind": kind}).eval()
@@ -197,18 +220,44 @@ def test_pruned_models_of_any_source_round_trip_through_a_checkpoint(tmp_path, m
 
 
 def test_train_imp_and_pai_take_a_factory_with_its_options(user_dir):
-    fast = ["--data", "generated", "--batch-size", "32", "--train-samples", "64", "--test-samples", "32",
-            "--iterations", "2"]
+    fast = [
+        "--data",
+        "generated",
+        "--batch-size",
+        "32",
+        "--train-samples",
+        "64",
+        "--test-samples",
+        "32",
+        "--iterations",
+        "2",
+    ]
     result = runner.invoke(app, ["train", *MODEL_ARGS, *fast, "-o", "t.pt"])
     assert result.exit_code == 0, result.output
     trained, _ = load_checkpoint(user_dir / "t.pt")
-    assert trained.edgeshift_arch["name"] == "mymodels:build" and trained.conv1.out_channels == 8
+    assert record_of(trained).name == "mymodels:build" and trained.conv1.out_channels == 8
     result = runner.invoke(app, ["imp", *MODEL_ARGS, *fast, "--levels", "1", "--out", "run"])
     assert result.exit_code == 0, result.output
     level1, payload = load_checkpoint(user_dir / "run" / "level_1" / "checkpoint.pt")
-    assert level1.edgeshift_arch["kwargs"] == {"width": 8} and payload["masks"]
-    result = runner.invoke(app, ["pai", "--arch", "mymodels:build", "--arch-kwargs", '{"width": 16}',
-                                 "--input-size", "32", "--sparsity", "0.5", "--all-layers", "--no-profile", "-o", "pai.pt"])
+    assert record_of(level1).kwargs == {"width": 8} and payload["masks"]
+    result = runner.invoke(
+        app,
+        [
+            "pai",
+            "--arch",
+            "mymodels:build",
+            "--arch-kwargs",
+            '{"width": 16}',
+            "--input-size",
+            "32",
+            "--sparsity",
+            "0.5",
+            "--all-layers",
+            "--no-profile",
+            "-o",
+            "pai.pt",
+        ],
+    )
     assert result.exit_code == 0, result.output
     pai, _ = load_checkpoint(user_dir / "pai.pt")
-    assert pai.edgeshift_arch["kwargs"] == {"width": 16} and pai.conv1.out_channels < 16
+    assert record_of(pai).kwargs == {"width": 16} and pai.conv1.out_channels < 16

@@ -1,4 +1,5 @@
 """Pruning at initialisation (Reconvene): the decision rule, the rectifier's widths and masks, coupling, the CLI."""
+
 import json
 import math
 
@@ -6,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.pruner import sparse
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.models import get
 from edgeshift.pruner.pai import PaiConfig, pai, planned_channels, prune_at_init
+from typer.testing import CliRunner
+
 from edgeshift.cli import app
 
 runner = CliRunner()
@@ -37,17 +38,31 @@ def exact_sparsities(model, wanted: dict[str, float]) -> dict[str, float]:
 
 
 def widths(model) -> dict[str, int]:
-    return {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d,
-                                                                                       torch.nn.Linear))}
+    return {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
 
 
-VGG11_PATTERN = {"features.0.0": 0.10, "features.2.0": 0.20, "features.4.0": 0.50, "features.5.0": 0.90,
-                 "features.7.0": 0.95, "features.8.0": 0.30, "features.10.0": 0.80, "features.11.0": 0.99,
-                 "fc": 0.50}
+VGG11_PATTERN = {
+    "features.0.0": 0.10,
+    "features.2.0": 0.20,
+    "features.4.0": 0.50,
+    "features.5.0": 0.90,
+    "features.7.0": 0.95,
+    "features.8.0": 0.30,
+    "features.10.0": 0.80,
+    "features.11.0": 0.99,
+    "fc": 0.50,
+}
 
 
-@pytest.mark.parametrize("mode, shrinks", [("reconvene", lambda r: r), ("all-layers", lambda r: True),
-                                           ("inverted", lambda r: not r), ("unstructured", lambda r: False)])
+@pytest.mark.parametrize(
+    "mode, shrinks",
+    [
+        ("reconvene", lambda r: r),
+        ("all-layers", lambda r: True),
+        ("inverted", lambda r: not r),
+        ("unstructured", lambda r: False),
+    ],
+)
 def test_decision_rule_and_widths_on_a_hand_made_pattern(mode, shrinks):
     torch.manual_seed(0)
     model = get("vgg11").eval()
@@ -167,8 +182,7 @@ def test_planned_channels_never_rounds_float_noise_up():
 
 def test_pai_cli_writes_checkpoint_and_report_then_trains(tmp_path):
     out, rep = tmp_path / "p.pt", tmp_path / "p.json"
-    result = runner.invoke(app, ["pai", "--arch", "resnet20", "--sparsity", "0.9", "-o", str(out), "--json",
-                                 str(rep)])
+    result = runner.invoke(app, ["pai", "--arch", "resnet20", "--sparsity", "0.9", "-o", str(out), "--json", str(rep)])
     assert result.exit_code == 0, result.output
     assert "mode reconvene" in result.output and "faster" in result.output
     doc = json.loads(rep.read_text())
@@ -181,9 +195,26 @@ def test_pai_cli_writes_checkpoint_and_report_then_trains(tmp_path):
     assert doc["compression"] > 1
     assert payload["masks"] and payload["meta"]["pai"]["mode"] == "reconvene"
     trained = tmp_path / "t.pt"
-    result = runner.invoke(app, ["train", "--init", str(out), "--data", "generated", "--iterations", "3",
-                                 "--batch-size", "16", "--train-samples", "64", "--test-samples", "20", "-o",
-                                 str(trained)])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--init",
+            str(out),
+            "--data",
+            "generated",
+            "--iterations",
+            "3",
+            "--batch-size",
+            "16",
+            "--train-samples",
+            "64",
+            "--test-samples",
+            "20",
+            "-o",
+            str(trained),
+        ],
+    )
     assert result.exit_code == 0, result.output
     tmodel, tpayload = load_checkpoint(trained)
     assert tpayload["meta"]["init"] == str(out) and tpayload["meta"]["pai"]["mode"] == "reconvene"
@@ -196,12 +227,15 @@ def test_pai_cli_writes_checkpoint_and_report_then_trains(tmp_path):
     assert widths(tmodel) == widths(model)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
-    (["--sparsity", "0"], "sparsity must be in (0, 1)"),
-    (["--sparsity", "0.9", "--scorer", "snip"], "unknown scorer 'snip'; known: magnitude, random, synflow"),
-    (["--sparsity", "0.9", "--all-layers", "--inverted"], "--all-layers and --inverted exclude each other"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
+        (["--sparsity", "0"], "sparsity must be in (0, 1)"),
+        (["--sparsity", "0.9", "--scorer", "snip"], "unknown scorer 'snip'; known: magnitude, random, synflow"),
+        (["--sparsity", "0.9", "--all-layers", "--inverted"], "--all-layers and --inverted exclude each other"),
+    ],
+)
 def test_pai_cli_bad_input(args, message, tmp_path):
     result = runner.invoke(app, ["pai", "--arch", "resnet20", "-o", str(tmp_path / "x.pt"), *args])
     assert result.exit_code == 2 and message in result.output, result.output

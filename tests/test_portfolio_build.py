@@ -1,4 +1,5 @@
 """The portfolio package: standard ZIP, verified hashes, post-processing, atomic writes, CLI."""
+
 import hashlib
 import json
 import os
@@ -8,15 +9,15 @@ import zipfile
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from edgeshift.exporter.portfolio import Tolerance, build_portfolio, postprocess
 from edgeshift.exporter.profile import TestData
-from helpers import assert_onnx_computes, inputs_for, make, plant_zeros
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.pruner.structured import prune_zero_channels
-from edgeshift.cli import app
 from edgeshift.runtime.manifest import parse_manifest
+from helpers import assert_onnx_computes, inputs_for, make, plant_zeros
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 
 runner = CliRunner()
 
@@ -30,9 +31,16 @@ def portfolio(tmp_path_factory):
     pruned, report = prune_zero_channels(sparse, inputs_for(32))
     rng = np.random.default_rng(0)
     test = TestData(rng.standard_normal((50, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 50))
-    path = build_portfolio({"dense": dense, "pruned": pruned}, inputs_for(32), tmp / "pf.zip", test_data=test,
-                           prune_reports={"pruned": report}, reference="dense", latency_iterations=20,
-                           architecture="resnet20")
+    path = build_portfolio(
+        {"dense": dense, "pruned": pruned},
+        inputs_for(32),
+        tmp / "pf.zip",
+        test_data=test,
+        prune_reports={"pruned": report},
+        reference="dense",
+        latency_iterations=20,
+        architecture="resnet20",
+    )
     SOURCES[path] = {"dense": dense, "pruned": sparse}  # what each variant must compute: the unpruned model
     return path
 
@@ -70,19 +78,21 @@ def test_portfolio_is_a_standard_zip_whose_hashes_match(portfolio):
 
 
 def variant(name, top1, p50, size, reference=False):
-    return {"name": name, "accuracy": {"top1": top1}, "latency": {"p50_ms": p50}, "bytes": size,
-            "reference": reference}
+    return {"name": name, "accuracy": {"top1": top1}, "latency": {"p50_ms": p50}, "bytes": size, "reference": reference}
 
 
 def test_postprocess_drops_dominated_and_near_duplicates_but_keeps_the_reference():
-    kept, dropped = postprocess([
-        variant("dense", 0.90, 10.0, 1000, reference=True),
-        variant("a", 0.91, 5.0, 500),
-        variant("b", 0.89, 6.0, 600),  # a beats it on all three
-        variant("c", 0.9105, 5.05, 505),  # a near-duplicate of a (bigger, so it goes)
-        variant("d", 0.80, 1.0, 100),
-        variant("e", 0.85, 0.9, 90),  # beats d
-    ], Tolerance())
+    kept, dropped = postprocess(
+        [
+            variant("dense", 0.90, 10.0, 1000, reference=True),
+            variant("a", 0.91, 5.0, 500),
+            variant("b", 0.89, 6.0, 600),  # a beats it on all three
+            variant("c", 0.9105, 5.05, 505),  # a near-duplicate of a (bigger, so it goes)
+            variant("d", 0.80, 1.0, 100),
+            variant("e", 0.85, 0.9, 90),  # beats d
+        ],
+        Tolerance(),
+    )
     assert [v["name"] for v in kept] == ["e", "a", "dense"]
     reasons = {d["name"]: d["reason"] for d in dropped}
     assert "beaten by a" in reasons["b"] and "near-duplicate of a" in reasons["c"] and "beaten by e" in reasons["d"]
@@ -101,8 +111,20 @@ def test_cli_export_inspect_and_report(tmp_path):
     plant_zeros(dense)
     save_checkpoint(dense, tmp_path / "sparse.pt")
     out = tmp_path / "pf.zip"
-    args = ["export", str(tmp_path / "dense.pt"), str(tmp_path / "sparse.pt"), "-o", str(out), "--data",
-            "generated", "--test-samples", "100", "--iterations", "10", "--no-memory"]
+    args = [
+        "export",
+        str(tmp_path / "dense.pt"),
+        str(tmp_path / "sparse.pt"),
+        "-o",
+        str(out),
+        "--data",
+        "generated",
+        "--test-samples",
+        "100",
+        "--iterations",
+        "10",
+        "--no-memory",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "sparse" in result.output and "all sha256 verified" in result.output
@@ -119,16 +141,16 @@ def test_cli_export_inspect_and_report(tmp_path):
 
 def test_cli_export_align_ships_variants_whose_conv_widths_are_multiples_of_eight(tmp_path):
     import onnx
-    from onnx import numpy_helper
-
     from edgeshift.runtime.portfolio import Portfolio
+    from onnx import numpy_helper
 
     sparse = make("resnet20", {}, 32)
     plant_zeros(sparse)
     save_checkpoint(sparse, tmp_path / "sparse.pt")
     out = tmp_path / "pf.zip"
-    result = runner.invoke(app, ["export", str(tmp_path / "sparse.pt"), "-o", str(out), "--align", "8",
-                                 "--iterations", "5", "--no-memory"])
+    result = runner.invoke(
+        app, ["export", str(tmp_path / "sparse.pt"), "-o", str(out), "--align", "8", "--iterations", "5", "--no-memory"]
+    )
     assert result.exit_code == 0, result.output
     with Portfolio.open(out) as pf:
         data = pf.inflate("sparse")
@@ -138,8 +160,9 @@ def test_cli_export_align_ships_variants_whose_conv_widths_are_multiples_of_eigh
     assert outs and all(c % 8 == 0 for c in outs)
     assert any(c not in (16, 32, 64) for c in outs)  # pruned, then aligned: not simply the dense widths
     assert_onnx_computes(data, sparse, inputs_for(32, batch=3, seed=99))  # still the sparse model's function
-    result = runner.invoke(app, ["export", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "p2.zip"),
-                                 "--align", "8", "--no-prune"])
+    result = runner.invoke(
+        app, ["export", str(tmp_path / "sparse.pt"), "-o", str(tmp_path / "p2.zip"), "--align", "8", "--no-prune"]
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "drop --no-prune" in result.output
     assert not (tmp_path / "p2.zip").exists()
 
@@ -148,8 +171,19 @@ def test_failed_export_leaves_no_partial_portfolio(tmp_path):
     save_checkpoint(make("resnet20", {}, 32), tmp_path / "good.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "pf.zip"
-    result = runner.invoke(app, ["export", str(tmp_path / "good.pt"), str(tmp_path / "bad.pt"), "-o", str(out),
-                                 "--no-memory", "--iterations", "5"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "good.pt"),
+            str(tmp_path / "bad.pt"),
+            "-o",
+            str(out),
+            "--no-memory",
+            "--iterations",
+            "5",
+        ],
+    )
     assert result.exit_code == 2 and "not a readable edgeshift checkpoint" in result.output
     assert sorted(os.listdir(tmp_path)) == ["bad.pt", "good.pt"]
 

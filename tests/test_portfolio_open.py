@@ -1,4 +1,5 @@
 """The device treats a portfolio as hostile: every kind of broken file is refused with a clear error."""
+
 import json
 import os
 import struct
@@ -6,11 +7,11 @@ import zipfile
 
 import numpy as np
 import pytest
-
-from onnx_helpers import manifest_for, tiny_blobs, tiny_classifier, tiny_portfolio, write_zip
-from edgeshift.core.errors import PortfolioError, UnknownNameError
 from edgeshift.runtime.manifest import variant_file
 from edgeshift.runtime.portfolio import Portfolio
+from onnx_helpers import manifest_for, tiny_blobs, tiny_classifier, tiny_portfolio, write_zip
+
+from edgeshift.core.errors import PortfolioError, UnknownNameError
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_decompression_bomb_with_a_lying_header(tmp_path):
     while True:
         idx = data.find(b"PK\x01\x02", idx)
         name_len = struct.unpack_from("<H", data, idx + 28)[0]
-        if data[idx + 46: idx + 46 + name_len] == variant_file("w4").encode():
+        if data[idx + 46 : idx + 46 + name_len] == variant_file("w4").encode():
             struct.pack_into("<I", data, idx + 24, declared)
             break
         idx += 4
@@ -128,8 +129,9 @@ def test_decompression_bomb_with_a_lying_header(tmp_path):
     assert peak < 2 * 1024 * 1024, peak
 
 
-@pytest.mark.parametrize("name", ["../evil.onnx", "variants/../../evil.onnx", "evil.txt", "/abs/evil.onnx",
-                                  "variants/sub/evil.onnx"])
+@pytest.mark.parametrize(
+    "name", ["../evil.onnx", "variants/../../evil.onnx", "evil.txt", "/abs/evil.onnx", "variants/sub/evil.onnx"]
+)
 def test_members_outside_variants_are_refused(tmp_path, name):
     blobs = tiny_blobs()
     members = {variant_file(n): d for n, d in blobs.items()}
@@ -168,21 +170,24 @@ def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
         assert pf.names == sorted(blobs, key=lambda n: len(blobs[n]))
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda m: m.update(schema_version=99), "schema_version 99 is not supported"),
-    (lambda m: m["variants"].reverse(), "sorted by bytes"),
-    (lambda m: m["variants"][0].update(file="variants/other.onnx"), "file must be"),
-    (lambda m: m["variants"][0].update(name="../x"), "not a safe name"),
-    (lambda m: m["variants"][1].update(name=m["variants"][0]["name"]), "appears twice"),
-    (lambda m: m["variants"][0].update(sha256="xyz"), "sha256 must be 64"),
-    (lambda m: m["input"].update(dtype="float64"), "input.dtype"),
-    (lambda m: m["input"].update(shape=[None, -3, 8, 8]), "bad dimension"),
-    (lambda m: m["preprocessing"].update(std=[0, 1, 1]), "std must not contain 0"),
-    (lambda m: m.pop("labels"), "lacks 'labels'"),
-    (lambda m: m["variants"][0].update(bytes="12"), "bytes must be int"),
-    (lambda m: m["variants"][0]["accuracy"].update(top1=1.5), r"top1 must be in \[0, 1\]"),
-    (lambda m: m["variants"].clear(), "no variants"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda m: m.update(schema_version=99), "schema_version 99 is not supported"),
+        (lambda m: m["variants"].reverse(), "sorted by bytes"),
+        (lambda m: m["variants"][0].update(file="variants/other.onnx"), "file must be"),
+        (lambda m: m["variants"][0].update(name="../x"), "not a safe name"),
+        (lambda m: m["variants"][1].update(name=m["variants"][0]["name"]), "appears twice"),
+        (lambda m: m["variants"][0].update(sha256="xyz"), "sha256 must be 64"),
+        (lambda m: m["input"].update(dtype="float64"), "input.dtype"),
+        (lambda m: m["input"].update(shape=[None, -3, 8, 8]), "bad dimension"),
+        (lambda m: m["preprocessing"].update(std=[0, 1, 1]), "std must not contain 0"),
+        (lambda m: m.pop("labels"), "lacks 'labels'"),
+        (lambda m: m["variants"][0].update(bytes="12"), "bytes must be int"),
+        (lambda m: m["variants"][0]["accuracy"].update(top1=1.5), r"top1 must be in \[0, 1\]"),
+        (lambda m: m["variants"].clear(), "no variants"),
+    ],
+)
 def test_manifest_schema_violations(tmp_path, mutate, match):
     blobs = tiny_blobs()
     manifest = manifest_for(blobs)

@@ -2,9 +2,11 @@
 
 The README's commands are parsed out, not copied here, so a README edit that breaks a command breaks this test.
 What the test changes, and only that: the dataset (`path/to/cifar10` -> `generated`), training and profiling
-lengths (a few steps on a small subset instead of the schedule shown; fewer timed calls at export), and `my.toml` after `cp` is shrunk the way a user edits
-it. `make test` is not run (it is this suite; CI runs it); `make demo` is, into a temporary folder.
+lengths (a few steps on a small subset instead of the schedule shown; fewer timed calls at export), and
+`my.toml` after `cp` is shrunk the way a user edits it. `make test` is not run (it is this suite; CI runs it);
+`make demo` is, into a temporary folder.
 """
+
 import os
 import re
 import shlex
@@ -14,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from device_helpers import BLOCK_TORCH
 
 HANG_GUARD_S = 3600  # a command that has not ended by then hung; no command here is held to a speed
@@ -25,8 +26,7 @@ BIN = Path(sys.executable).parent
 FAST = {  # appended to training commands: a few steps on a small subset
     "train": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "imp": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
-    "layerprune": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50", "--imprint-samples",
-                   "100"],
+    "layerprune": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50", "--imprint-samples", "100"],
     "slim": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "export": ["--iterations", "5", "--no-memory", "--test-samples", "100"],  # profiling length, not behaviour
 }
@@ -68,25 +68,50 @@ def device_run(portfolio: Path, photos: Path, device: Path, env: dict) -> None:
     """The demo's portfolio copied alone to a new folder runs inspect, bench and run where torch cannot load."""
     device.mkdir()
     shutil.copy(portfolio, device / "portfolio.zip")
-    for args in (["inspect", "portfolio.zip"], ["bench", "portfolio.zip", "--profile", "host"],
-                 ["run", "portfolio.zip", "--images", str(photos)]):
-        proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], cwd=device, env=env, capture_output=True,
-                              text=True, timeout=HANG_GUARD_S)
+    for args in (
+        ["inspect", "portfolio.zip"],
+        ["bench", "portfolio.zip", "--profile", "host"],
+        ["run", "portfolio.zip", "--images", str(photos)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", BLOCK_TORCH, *args],
+            cwd=device,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD_S,
+        )
         assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
     assert sorted(p.name for p in device.iterdir()) == ["portfolio.zip"]
 
 
 def test_training_commands_are_shortened_wherever_the_cli_is_launched_from():
-    for line in ("edgeshift imp --arch resnet20 --data path/to/cifar10 --epochs 10 --out r",
-                 "torchrun --standalone --nproc-per-node 2 -m edgeshift imp --arch resnet20 --epochs 10 --out r"):
+    for line in (
+        "edgeshift imp --arch resnet20 --data path/to/cifar10 --epochs 10 --out r",
+        "torchrun --standalone --nproc-per-node 2 -m edgeshift imp --arch resnet20 --epochs 10 --out r",
+    ):
         argv = concrete(line)
         assert argv[argv.index("--epochs") + 1] == "1" and "--train-samples" in argv
 
 
 def test_the_readme_lists_the_commands_this_test_runs():
     seen = {shlex.split(c)[1] for c in commands() if c.startswith("edgeshift ")}
-    assert {"train", "imp", "prune", "pai", "layerprune", "slim", "pipeline", "export", "inspect", "report", "profiles",
-            "bench", "run", "simulate"} <= seen
+    assert {
+        "train",
+        "imp",
+        "prune",
+        "pai",
+        "layerprune",
+        "slim",
+        "pipeline",
+        "export",
+        "inspect",
+        "report",
+        "profiles",
+        "bench",
+        "run",
+        "simulate",
+    } <= seen
     assert "make demo" in " ".join(commands()) and "make test" in " ".join(commands())
 
 
@@ -126,13 +151,29 @@ def test_every_readme_command_and_snippet_runs(tmp_path):
             assert (tmp_path / "demo" / "portfolio.zip").is_file() and (tmp_path / "demo" / "summary.md").is_file()
             device_run(tmp_path / "demo" / "portfolio.zip", work / "photos", tmp_path / "device", env)
     assert len(ran) == len(commands()) - 1
-    for name in ("dense.pt", "pruned.pt", "prune.json", "pai.pt", "pai.json", "spai.pt", "pai-trained.pt", "lp2.pt",
-                 "lp2.json", "lp-rpi4.pt", "portfolio.zip", "portfolio-int8.zip", "bench.json", "bench.csv",
-                 "portfolio.bench.json", "reports/portfolio.md",
-                 "out/mine/summary.md"):
+    for name in (
+        "dense.pt",
+        "pruned.pt",
+        "prune.json",
+        "pai.pt",
+        "pai.json",
+        "spai.pt",
+        "pai-trained.pt",
+        "lp2.pt",
+        "lp2.json",
+        "lp-rpi4.pt",
+        "portfolio.zip",
+        "portfolio-int8.zip",
+        "bench.json",
+        "bench.csv",
+        "portfolio.bench.json",
+        "reports/portfolio.md",
+        "out/mine/summary.md",
+    ):
         assert (work / name).is_file(), name
     for snippet in blocks("python"):
-        proc = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=HANG_GUARD_S)
+        proc = subprocess.run(
+            [sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
+        )
         assert proc.returncode == 0, (snippet, proc.stderr[-3000:])
     assert (work / "api-portfolio.zip").is_file()

@@ -1,17 +1,18 @@
 """The runtime: serving, input checks, switching under concurrent load, standby neighbours, policies."""
+
 import os
 import threading
 import time
 
 import numpy as np
 import pytest
-
-from onnx_helpers import reference_outputs, tiny_portfolio
 from edgeshift.runtime import policies
 from edgeshift.runtime.building import Pacer
 from edgeshift.runtime.engine import Runtime
-from edgeshift.core.errors import InputShapeError, UnknownNameError
 from edgeshift.runtime.policies import Observation, VariantView
+from onnx_helpers import reference_outputs, tiny_portfolio
+
+from edgeshift.core.errors import InputShapeError, UnknownNameError
 
 HANG_GUARD_S = 120  # a wait that never ends fails here; no test asserts how fast anything is
 
@@ -43,12 +44,15 @@ def test_starts_on_the_median_and_predicts_what_the_variant_computes(portfolio):
         assert s["per_variant"] == {"w8": 1, "w32": 1} and s["p50_ms"] > 0
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.zeros((2, 3, 9, 8), np.float32), r"\(2, 3, 9, 8\) float32; expected \(N, 3, 8, 8\) float32"),
-    (np.zeros((2, 3, 8, 8), np.float64), "float64; expected"),
-    (np.zeros((3, 8, 8), np.float32), "expected"),
-    ([[1.0]], "numpy array"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((2, 3, 9, 8), np.float32), r"\(2, 3, 9, 8\) float32; expected \(N, 3, 8, 8\) float32"),
+        (np.zeros((2, 3, 8, 8), np.float64), "float64; expected"),
+        (np.zeros((3, 8, 8), np.float32), "expected"),
+        ([[1.0]], "numpy array"),
+    ],
+)
 def test_wrong_input_names_the_expected_shape_and_dtype(portfolio, bad, match):
     with Runtime(portfolio[0]) as rt:
         with pytest.raises(InputShapeError, match=match):
@@ -115,8 +119,7 @@ def test_standby_neighbours_make_switches_a_reference_swap(portfolio):
 
 
 def views():
-    return [VariantView("s", 0, 0.80, 1.0, 10), VariantView("m", 1, 0.85, 2.0, 20),
-            VariantView("l", 2, 0.90, 4.0, 40)]
+    return [VariantView("s", 0, 0.80, 1.0, 10), VariantView("m", 1, 0.85, 2.0, 20), VariantView("l", 2, 0.90, 4.0, 40)]
 
 
 def obs(rps=10.0, share=1.0, mem=1000.0, p95=None):
@@ -205,7 +208,6 @@ def test_missing_providers_are_skipped_with_one_warning(portfolio):
     import warnings
 
     import onnxruntime as ort
-
     from edgeshift.runtime import session
 
     session._warned.clear()
@@ -222,8 +224,10 @@ def test_missing_providers_are_skipped_with_one_warning(portfolio):
     cores = os.cpu_count()
     crowded = [m for m in msgs if "threads on this machine" in m]
     if cores < 4:  # the rpi4 profile's 4 threads on fewer cores: said once, with both numbers
-        assert crowded == [f"profile rpi4: 4 threads on this machine's {cores} cores; they will take turns (a "
-                           "profile for another device? its latencies here are not that device's)"]
+        assert crowded == [
+            f"profile rpi4: 4 threads on this machine's {cores} cores; they will take turns (a "
+            "profile for another device? its latencies here are not that device's)"
+        ]
     assert len(msgs) == len(missing) + len(crowded)
 
 

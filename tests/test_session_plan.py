@@ -1,16 +1,17 @@
 """What a session really gets: providers present, threads per provider, and TensorRT engines cached per variant."""
+
 import json
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from typer.testing import CliRunner
-
-from onnx_helpers import tiny_portfolio
-from edgeshift.cli import app
 from edgeshift.device_profiles import load_profile
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.portfolio import Portfolio
+from onnx_helpers import tiny_portfolio
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 
 TRT = "TensorrtExecutionProvider"
 
@@ -20,8 +21,9 @@ def test_bench_and_runtime_report_the_provider_and_threads_in_effect(tmp_path):
     both bench and the runtime say so (the session's own providers, not the profile's wish)."""
     assert "XnnpackExecutionProvider" not in ort.get_available_providers()
     tiny_portfolio(tmp_path / "pf.zip")
-    result = CliRunner().invoke(app, ["bench", str(tmp_path / "pf.zip"), "--profile", "rpi4",
-                                      "--json", str(tmp_path / "b.json")])
+    result = CliRunner().invoke(
+        app, ["bench", str(tmp_path / "pf.zip"), "--profile", "rpi4", "--json", str(tmp_path / "b.json")]
+    )
     assert result.exit_code == 0, result.output
     assert "profile rpi4 (batch 1, CPUExecutionProvider, 4 intra-op threads," in result.output
     execution = json.loads((tmp_path / "b.json").read_text())["execution"]
@@ -53,7 +55,8 @@ def tensorrt_here(monkeypatch):
 
 
 def test_without_a_gpu_each_variant_is_given_its_own_engine_folder_and_switches_say_if_it_held_one(
-        tmp_path, tensorrt_here):
+    tmp_path, tensorrt_here
+):
     cache = tmp_path / "engines"
     (tmp_path / "jetson.toml").write_text(
         '[execution]\nproviders = ["TensorrtExecutionProvider", "CPUExecutionProvider"]\n'

@@ -1,12 +1,11 @@
 import pytest
-
 from edgeshift.runtime import policies
-from edgeshift.core.errors import InputFileError
 from edgeshift.runtime.policies import VariantView
 from edgeshift.runtime.simulate import read_trace, simulate
 
-VIEWS = [VariantView("s", 0, 0.80, 1.0, 10), VariantView("m", 1, 0.85, 2.0, 20),
-         VariantView("l", 2, 0.90, 4.0, 40)]
+from edgeshift.core.errors import InputFileError
+
+VIEWS = [VariantView("s", 0, 0.80, 1.0, 10), VariantView("m", 1, 0.85, 2.0, 20), VariantView("l", 2, 0.90, 4.0, 40)]
 COSTS = {"s": 5.0, "m": 10.0, "l": 20.0}
 
 
@@ -31,20 +30,25 @@ def test_rising_then_falling_load_switches_down_then_up(tmp_path):
 
 def test_cpu_contention_in_the_trace_moves_latency_slo(tmp_path):
     path = tmp_path / "t.json"
-    path.write_text('[{"time_s": 0, "rps": 10}, {"time_s": 10, "rps": 10, "cpu_share": 0.2}, '
-                    '{"time_s": 20, "rps": 10}, {"time_s": 25, "rps": 10}]')
+    path.write_text(
+        '[{"time_s": 0, "rps": 10}, {"time_s": 10, "rps": 10, "cpu_share": 0.2}, '
+        '{"time_s": 20, "rps": 10}, {"time_s": 25, "rps": 10}]'
+    )
     pol = policies.get("latency-slo", latency_target_ms=10, patience=2)
     res = simulate(read_trace(path), VIEWS, COSTS, pol, start=2, latency_target_ms=10)
     assert [s.target for s in res.switches] == ["s", "l"]
 
 
-@pytest.mark.parametrize("text,match", [
-    ("", "empty trace"),
-    ("t,rps\n0,1\n", "lacks time_s and rps"),
-    ("time_s,rps\n0,x\n", "not a finite number"),
-    ("time_s,rps\n5,1\n2,1\n", "increasing time_s"),
-    ("time_s,rps,cpu_share\n0,1,2\n", "cpu_share"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("", "empty trace"),
+        ("t,rps\n0,1\n", "lacks time_s and rps"),
+        ("time_s,rps\n0,x\n", "not a finite number"),
+        ("time_s,rps\n5,1\n2,1\n", "increasing time_s"),
+        ("time_s,rps,cpu_share\n0,1,2\n", "cpu_share"),
+    ],
+)
 def test_bad_traces(tmp_path, text, match):
     path = tmp_path / "t.csv"
     path.write_text(text)

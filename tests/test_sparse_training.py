@@ -1,17 +1,18 @@
 """Sparse training on generated data: exact sparsity per level, rewinding, resumption, one-shot baselines."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-
 from edgeshift.pruner import sparse
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.data import generated_dataset, load_dataset, load_imagefolder
 from edgeshift.pruner.imp import RunConfig, build_model, level_start, run_sparse
 from edgeshift.pruner.models import get
 from edgeshift.pruner.train import TrainConfig, train
+
 from edgeshift.core.errors import EdgeshiftError, InputFileError, UnknownNameError
 
 TRAIN = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0)
@@ -19,8 +20,9 @@ KW = {"width": 8}
 
 
 def cfg(method="imp", **kw):
-    return RunConfig(arch="resnet20", data="generated", method=method, train_samples=256, test_samples=100,
-                     rewind_step=2, **kw)
+    return RunConfig(
+        arch="resnet20", data="generated", method=method, train_samples=256, test_samples=100, rewind_step=2, **kw
+    )
 
 
 def test_prune_global_keeps_exactly_the_highest_scores():
@@ -35,7 +37,7 @@ def test_every_scorer_hits_the_target_sparsity(name):
     model = get("resnet20", **KW)
     mask = sparse.full_mask(model)
     for k in (1, 3, 6):
-        keep = sparse.target_keep(mask, 1 - 2.0 ** -k)
+        keep = sparse.target_keep(mask, 1 - 2.0**-k)
         got = sparse.get(name).score(model, mask, keep, 0)
         assert sum(int(m.sum()) for m in got.values()) == keep
 
@@ -57,7 +59,7 @@ def test_levels_have_exact_sparsity_and_masked_weights_are_zero(imp_run):
     assert [r["level"] for r in rows] == [0, 1, 2, 3]
     for r in rows:
         k = r["level"]
-        assert abs(r["sparsity"] - (1 - 2.0 ** -k)) <= 0.001
+        assert abs(r["sparsity"] - (1 - 2.0**-k)) <= 0.001
         model, payload = load_checkpoint(run / f"level_{k}" / "checkpoint.pt")
         params = sparse.prunable(model)
         for name, m in payload["masks"].items():
@@ -83,7 +85,9 @@ def test_each_level_starts_from_the_rewind_weights_times_its_mask(imp_run):
 def test_a_killed_run_resumes_to_the_same_results_and_never_rewrites_finished_levels(imp_run, tmp_path):
     run_full, rows_full = imp_run
     run = tmp_path / "run"
-    partial = run_sparse(run, cfg(), TRAIN, 3, arch_kwargs=KW, progress=False, stop_after=7)  # 4 + 2 steps, then dies in level 2
+    partial = run_sparse(
+        run, cfg(), TRAIN, 3, arch_kwargs=KW, progress=False, stop_after=7
+    )  # 4 + 2 steps, then dies in level 2
     assert [r["level"] for r in partial] == [0, 1]
     assert (run / "level_2").exists() and not (run / "level_2" / "metrics.json").exists()
     stamp = os.stat(run / "level_1" / "checkpoint.pt").st_mtime_ns
@@ -105,8 +109,9 @@ def test_a_run_directory_of_another_configuration_is_refused(imp_run):
 
 @pytest.mark.parametrize("method", ["magnitude", "random", "synflow"])
 def test_one_shot_baselines_write_the_same_level_layout(method, tmp_path):
-    rows = run_sparse(tmp_path / "r", cfg(method), TrainConfig(iterations=2, batch_size=32), 2, arch_kwargs=KW,
-                      progress=False)
+    rows = run_sparse(
+        tmp_path / "r", cfg(method), TrainConfig(iterations=2, batch_size=32), 2, arch_kwargs=KW, progress=False
+    )
     assert [round(r["compression"]) for r in rows] == [1, 2, 4]
     assert all((tmp_path / "r" / f"level_{k}" / "mask.pt").is_file() for k in range(3))
 
@@ -123,8 +128,7 @@ def test_training_learns_the_generated_data():
     train_ds, test_ds = generated_dataset(1024), generated_dataset(200, split_seed=1)
     model = get("resnet20", **KW)
     before = own_accuracy(model, test_ds)
-    res = train(model, train_ds, test_ds, TrainConfig(epochs=4, batch_size=32, lr=0.1, warmup_steps=10),
-                progress=False)
+    res = train(model, train_ds, test_ds, TrainConfig(epochs=4, batch_size=32, lr=0.1, warmup_steps=10), progress=False)
     after = own_accuracy(model, test_ds)
     assert before <= 0.3 and after >= 0.8  # ten classes: chance is 0.1; it learned, measured here
     assert res.test_accuracy == pytest.approx(after, abs=1e-9)  # and the trainer reports what it measured
@@ -137,8 +141,14 @@ def test_masks_hold_after_every_step():
     assert sum(int(m.sum()) for m in mask.values()) == 1000
     params = sparse.prunable(model)
     for step in range(3):  # one optimiser step at a time: after each, every masked weight is exactly 0
-        train(model, generated_dataset(128), generated_dataset(50, split_seed=1), TrainConfig(iterations=1,
-              batch_size=32, seed=step), mask=mask, progress=False)
+        train(
+            model,
+            generated_dataset(128),
+            generated_dataset(50, split_seed=1),
+            TrainConfig(iterations=1, batch_size=32, seed=step),
+            mask=mask,
+            progress=False,
+        )
         for k, m in mask.items():
             assert torch.count_nonzero(params[k].detach()[~m]) == 0, (step, k)
         assert any(torch.count_nonzero(params[k].detach()[m]) for k, m in mask.items())  # and it did train

@@ -1,12 +1,14 @@
 """Exact structured pruning: every prune is measured against the input model, and re-checked here."""
+
 import pytest
 import torch
-from torch import nn
-
-from helpers import ZOO_CASES, assert_same_function, following_bn, inputs_for, make, plant_zeros, zero_filter
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.structured import prune_zero_channels
+from helpers import ZOO_CASES, assert_same_function, following_bn, inputs_for, make, plant_zeros, zero_filter
+from torch import nn
+
 from edgeshift.core.errors import EdgeshiftError, ModelNotTraceableError
+
 
 def assert_exact(reference, pruned, size, report=None):
     """On fresh inputs (not those the prune saw), both models in float64, within 1e-5 of the output scale: the

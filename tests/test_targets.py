@@ -1,5 +1,6 @@
 """Latency targets in the pipeline ([variants] targets): candidates sized from the measured removal ladder, the
 choice per target from one bench, the whole run on generated data, and the refusals."""
+
 import json
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from edgeshift.exporter.pipeline.targets import (
 )
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.models import get
+from edgeshift.pruner.models.record import record_of, set_record
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
@@ -50,8 +52,10 @@ def test_fp32_candidates_are_skipped_only_where_int8_was_measured_as_accurate():
     assert not int8_close(ladder | {"dense_top1": {"fp32": 0.85, "int8": 0.86}}, -1)  # negative: never skip
     assert not int8_close({"ratios": ladder["ratios"]}, 0.5)  # not measured (INT8 off, or an older ladder)
     (line,) = int8_cover_lines((0.75, 0.33), ladder, 0.5)  # 0.33 is below the dense INT8 form's 0.4
-    assert line == ("target 0.75: the dense model's INT8 form meets it (0.40x, top-1 84.70% vs 85.00% FP32, within "
-                    "0.5 points): no FP32-sized candidate trained")
+    assert line == (
+        "target 0.75: the dense model's INT8 form meets it (0.40x, top-1 84.70% vs 85.00% FP32, within "
+        "0.5 points): no FP32-sized candidate trained"
+    )
     assert int8_cover_lines((0.75,), ladder, 0.2) == []
 
 
@@ -61,11 +65,16 @@ def test_the_removal_ladder_times_every_int8_format_and_keeps_the_faster_per_ste
     from edgeshift.pruner.data import model_splits
     from edgeshift.pruner.models.resnet import CifarResNet
 
-    cfg = parse_config({"data": {"path": "generated"}, "deploy": {"int8": True, "calibration_samples": 16},
-                        "variants": {"targets": [0.5]}})
+    cfg = parse_config(
+        {
+            "data": {"path": "generated"},
+            "deploy": {"int8": True, "calibration_samples": 16},
+            "variants": {"targets": [0.5]},
+        }
+    )
     dense = CifarResNet(14, 10).eval()  # four removable blocks: a short ladder
-    dense.edgeshift_arch = get("resnet20").edgeshift_arch
-    train, test = model_splits("generated", dense.edgeshift_arch, train_samples=100, test_samples=50)
+    set_record(dense, record_of(get("resnet20")))
+    train, test = model_splits("generated", record_of(dense), train_samples=100, test_samples=50)
     out = tmp_path / "removal.json"
     host = load_profile("host")
     doc = removal_ladder(dense, train, test, cfg, out, host)
@@ -73,7 +82,8 @@ def test_the_removal_ladder_times_every_int8_format_and_keeps_the_faster_per_ste
     assert steps == 5 and doc["profile"] == "host"
     labels = {"qoperator/uint8", "qdq/int8"}  # host's format is "auto": both are built and timed
     assert set(doc["p50_ms"]) == {f"fp32-{k}" for k in range(steps)} | {
-        f"int8-{label}-{k}" for label in labels for k in range(steps)}
+        f"int8-{label}-{k}" for label in labels for k in range(steps)
+    }
     for k in range(steps):
         fastest = min(labels, key=lambda label: doc["p50_ms"][f"int8-{label}-{k}"])
         assert doc["int8_formats"][k] == fastest
@@ -86,8 +96,14 @@ def test_the_removal_ladder_times_every_int8_format_and_keeps_the_faster_per_ste
 
 
 def test_each_target_gets_the_most_accurate_variant_that_meets_it():
-    bench = {"variants": [{"name": "dense", "p50_ms": 1.0}, {"name": "a", "p50_ms": 0.7},
-                          {"name": "b", "p50_ms": 0.45}, {"name": "c", "p50_ms": 0.4}]}
+    bench = {
+        "variants": [
+            {"name": "dense", "p50_ms": 1.0},
+            {"name": "a", "p50_ms": 0.7},
+            {"name": "b", "p50_ms": 0.45},
+            {"name": "c", "p50_ms": 0.4},
+        ]
+    }
     top1 = {"dense": 0.9, "a": 0.88, "b": 0.8, "c": 0.85}
     got = {c.target: c for c in choose((1.0, 0.75, 0.5, 0.3), bench, top1)}
     assert got[1.0].variant == "dense" and got[0.75].variant == "a"
@@ -170,43 +186,63 @@ def test_a_target_the_dense_int8_form_meets_trains_no_fp32_candidate(tmp_path):
     """A resumed run whose removal ladder measured the dense INT8 form as accurate and fast enough for the target:
     no candidate is trained, and the run says why, on the console and in its summary."""
     config, out = tmp_path / "t.toml", tmp_path / "out"
-    config.write_text(TARGETS.format(out=out).replace("targets = [0.6]", "targets = [0.9]").replace(
-        "latency_iterations = 5", "latency_iterations = 5\nint8 = true\ncalibration_samples = 16"))
+    config.write_text(
+        TARGETS.format(out=out)
+        .replace("targets = [0.6]", "targets = [0.9]")
+        .replace("latency_iterations = 5", "latency_iterations = 5\nint8 = true\ncalibration_samples = 16")
+    )
     cfg = load_config(config)
     (out / "variants").mkdir(parents=True)
     (out / "pipeline.json").write_text(json.dumps({"config_hash": cfg.hash()}))
-    (out / "variants" / "removal.json").write_text(json.dumps({
-        "profile": "host", "order": [], "dense_p50_ms": 1.0, "p50_ms": {},
-        "ratios": {"fp32": [1.0], "int8": [0.5]}, "dense_top1": {"fp32": 0.5, "int8": 0.5}}))
+    (out / "variants" / "removal.json").write_text(
+        json.dumps(
+            {
+                "profile": "host",
+                "order": [],
+                "dense_p50_ms": 1.0,
+                "p50_ms": {},
+                "ratios": {"fp32": [1.0], "int8": [0.5]},
+                "dense_top1": {"fp32": 0.5, "int8": 0.5},
+            }
+        )
+    )
     result = runner.invoke(app, ["pipeline", str(config)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "variants" / "plan.json").read_text()) == {"0.9": []}
-    line = ("target 0.9: the dense model's INT8 form meets it (0.50x, top-1 50.00% vs 50.00% FP32, within 0.5 "
-            "points): no FP32-sized candidate trained")
+    line = (
+        "target 0.9: the dense model's INT8 form meets it (0.50x, top-1 50.00% vs 50.00% FP32, within 0.5 "
+        "points): no FP32-sized candidate trained"
+    )
     assert line in result.output and f"- {line}" in (out / "summary.md").read_text()
     assert "training steps" not in result.output  # no candidate trained
 
 
-NO_GROUP = '''
+NO_GROUP = """
 from torch import nn
 
 
 def build(num_classes=10):
     return nn.Sequential(nn.Conv2d(3, num_classes, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-'''
+"""
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ("targets = [0.6]", "targets = [1.5]", "variants.targets must be fractions of the dense model's p50 in (0, 1]"),
-    ("targets = [0.6]", "targets = [0, 0.5]", "variants.targets must be fractions of the dense model's p50"),
-    ("align = 1", 'candidates = ["widths"]', "variants.candidates must be some of slim, layerprune, "
-                                            "layerprune+slim (not 'widths')"),
-    ("align = 1", 'dense = "missing.pt"', "dense checkpoint ([variants] dense) not found: missing.pt"),
-    ('arch = "resnet20"', 'arch = "nogroup:build"\ninput_size = 16', "has no prunable channel group"),
-    ('path = "generated"', 'path = "no/such/folder"', "data folder not found: no/such/folder"),
-    ("distill = 0.5", "distill = 1.0", "variants.distill must be a share of the loss in [0, 1), e.g. 0.9"),
-    ("align = 1", 'dense = "vgg.pt"', "[variants] dense is a vgg11 checkpoint but [model] arch is 'resnet20'"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("targets = [0.6]", "targets = [1.5]", "variants.targets must be fractions of the dense model's p50 in (0, 1]"),
+        ("targets = [0.6]", "targets = [0, 0.5]", "variants.targets must be fractions of the dense model's p50"),
+        (
+            "align = 1",
+            'candidates = ["widths"]',
+            "variants.candidates must be some of slim, layerprune, layerprune+slim (not 'widths')",
+        ),
+        ("align = 1", 'dense = "missing.pt"', "dense checkpoint ([variants] dense) not found: missing.pt"),
+        ('arch = "resnet20"', 'arch = "nogroup:build"\ninput_size = 16', "has no prunable channel group"),
+        ('path = "generated"', 'path = "no/such/folder"', "data folder not found: no/such/folder"),
+        ("distill = 0.5", "distill = 1.0", "variants.distill must be a share of the loss in [0, 1), e.g. 0.9"),
+        ("align = 1", 'dense = "vgg.pt"', "[variants] dense is a vgg11 checkpoint but [model] arch is 'resnet20'"),
+    ],
+)
 def test_pipeline_targets_refuse_bad_input_in_one_line_writing_nothing(old, new, message, tmp_path, monkeypatch):
     (tmp_path / "nogroup.py").write_text(NO_GROUP)
     save_checkpoint(get("vgg11"), tmp_path / "vgg.pt")

@@ -1,4 +1,5 @@
 """Interleaved timing in a process of its own on one ONNX Runtime thread pool (edgeshift.runtime.timing_process)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,12 +8,10 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from edgeshift.device_profiles import cpu_profile
 from edgeshift.runtime.session import create_session
 from edgeshift.runtime.timing_process import PER_SESSION, SHARED, Graph, TimingError, TimingSettings, time_graphs
-
+from onnx import TensorProto, helper
 from onnx_helpers import SIZE, tiny_classifier
 
 SETTINGS = TimingSettings(warmup=2, iterations=20, rounds=4, batch=1)
@@ -21,11 +20,17 @@ SETTINGS = TimingSettings(warmup=2, iterations=20, rounds=4, batch=1)
 def two_input_graph() -> bytes:
     """Inputs a: float32 [2,5] and b: int64 [3], each passed through: a graph that runs only on exactly that feed."""
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["a"], ["x"]), helper.make_node("Identity", ["b"], ["y"])], "two",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 5]),
-         helper.make_tensor_value_info("b", TensorProto.INT64, [3])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5]),
-         helper.make_tensor_value_info("y", TensorProto.INT64, [3])])
+        [helper.make_node("Identity", ["a"], ["x"]), helper.make_node("Identity", ["b"], ["y"])],
+        "two",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 5]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5]),
+            helper.make_tensor_value_info("y", TensorProto.INT64, [3]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -35,8 +40,11 @@ def two_input_graph() -> bytes:
 def graphs() -> dict[str, Graph]:
     image = {"input": np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)}
     pair = {"a": np.ones((2, 5), np.float32), "b": np.arange(3, dtype=np.int64)}
-    return {"w4": Graph(tiny_classifier(4), image), "w16": Graph(tiny_classifier(16), image),
-            "pair": Graph(two_input_graph(), pair)}
+    return {
+        "w4": Graph(tiny_classifier(4), image),
+        "w16": Graph(tiny_classifier(16), image),
+        "pair": Graph(two_input_graph(), pair),
+    }
 
 
 def test_graphs_are_timed_in_a_process_of_their_own_on_one_pool():
@@ -79,8 +87,9 @@ def test_a_feed_that_does_not_fit_its_graph_is_one_line_naming_it():
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("python", [["/nonexistent/edgeshift-test/python"], ["sh", "-c", "exit 127", "sh"]],
-                         ids=["missing", "exits-127"])
+@pytest.mark.parametrize(
+    "python", [["/nonexistent/edgeshift-test/python"], ["sh", "-c", "exit 127", "sh"]], ids=["missing", "exits-127"]
+)
 def test_where_no_timing_process_starts_the_graphs_are_timed_here_with_one_warning(python):
     """What an emulator without binfmt does (qemu-user: the child exits 127) and a missing interpreter: timed in
     this process on per-session pools, said once, and recorded in every result."""

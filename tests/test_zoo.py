@@ -1,11 +1,11 @@
 import pytest
 import torch
-from torch import nn
-
-from helpers import ZOO_CASES, inputs_for, make
 from edgeshift.pruner.fuse import fuse_conv_bn
 from edgeshift.pruner.metrics import count_params
 from edgeshift.pruner.models import get, names
+from helpers import ZOO_CASES, inputs_for, make
+from torch import nn
+
 from edgeshift.core.errors import UnknownNameError
 
 
@@ -19,14 +19,17 @@ def test_registry_lists_every_architecture():
     assert set(names()) == {"vgg11", "vgg16", "vgg19", "resnet20", "resnet56", "resnet18", "resnet50", "mobilenetv2"}
 
 
-@pytest.mark.parametrize("name,classes,expected", [
-    ("vgg16", 10, 14.72e6),  # the OpenLTH VGG-16 of DNNShifter's Table 4
-    ("resnet20", 10, 0.27e6),
-    ("resnet56", 10, 0.85e6),
-    ("resnet18", 1000, 11.69e6),
-    ("resnet50", 1000, 25.56e6),
-    ("mobilenetv2", 1000, 3.50e6),
-])
+@pytest.mark.parametrize(
+    "name,classes,expected",
+    [
+        ("vgg16", 10, 14.72e6),  # the OpenLTH VGG-16 of DNNShifter's Table 4
+        ("resnet20", 10, 0.27e6),
+        ("resnet56", 10, 0.85e6),
+        ("resnet18", 1000, 11.69e6),
+        ("resnet50", 1000, 25.56e6),
+        ("mobilenetv2", 1000, 3.50e6),
+    ],
+)
 def test_parameter_counts_match_the_literature(name, classes, expected):
     assert count_params(get(name, num_classes=classes)) == pytest.approx(expected, rel=0.01)
 

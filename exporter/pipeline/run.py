@@ -18,6 +18,7 @@ from edgeshift.device_profiles import DeviceProfile
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.layers.layerprune import removable_candidates
 from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
+from edgeshift.pruner.models.record import record_of
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.runtime import policies
 from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_json
@@ -62,9 +63,9 @@ def validate_targets(cfg: PipelineConfig) -> None:
     if v.dense:
         require_file(v.dense, "dense checkpoint ([variants] dense)")
         model = load_checkpoint(v.dense)[0]
-        if model.edgeshift_arch["name"] != cfg.model.arch:
+        if record_of(model).name != cfg.model.arch:
             raise EdgeshiftError(
-                f"[variants] dense is a {model.edgeshift_arch['name']} checkpoint but [model] arch "
+                f"[variants] dense is a {record_of(model).name} checkpoint but [model] arch "
                 f"is {cfg.model.arch!r}; make them the same model"
             )
     else:

@@ -37,6 +37,7 @@ from edgeshift.pruner.data import Dataset, model_splits
 from edgeshift.pruner.distill import DistillConfig
 from edgeshift.pruner.layers.candidates import Candidate, remove_candidates
 from edgeshift.pruner.layers.layerprune import LayerPruneConfig, criterion_data, layerprune, rank_candidates
+from edgeshift.pruner.models.record import record_of
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.pruner.slim import SlimConfig, slim
 from edgeshift.pruner.train import TrainConfig
@@ -195,7 +196,7 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path,
     dense, _ = load_checkpoint(dense_path)
     train, test = model_splits(
         cfg.data.path,
-        dense.edgeshift_arch,
+        record_of(dense),
         train_samples=cfg.data.train_samples or None,
         test_samples=cfg.data.test_samples or None,
         seed=cfg.train.seed,

@@ -11,6 +11,7 @@ its input's shape and follows another conv layer rather than a pooling step (VGG
 replaces it with ``nn.Identity``, so the rest of the graph stays valid; for a block that is exactly the model with
 its residual branch ``f`` at zero (where what it adds to is non-negative, as after a ReLU).
 """
+
 from __future__ import annotations
 
 import copy

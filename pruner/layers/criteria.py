@@ -5,6 +5,7 @@ training batches, scored on held-out batches; a candidate's importance is the pr
 previous candidate. ``weight-norm`` (eq. 5.1), ``taylor`` (eq. 5.2) and ``bn-scale`` (eq. 5.3) are the mean over the
 candidate's filters of a filter criterion; ``ensemble`` (eq. 5.4) sums each candidate's rank under the others.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,10 @@ class WeightNorm(LayerCriterion):
 
     @torch.no_grad()
     def score(self, model, candidates, data):
-        return {c.name: _mean_over_filters([m.weight.flatten(1).norm(dim=1) for m in _convs(model, c.name)])
-                for c in candidates}
+        return {
+            c.name: _mean_over_filters([m.weight.flatten(1).norm(dim=1) for m in _convs(model, c.name)])
+            for c in candidates
+        }
 
 
 @register_criterion
@@ -91,8 +94,10 @@ class BnScale(LayerCriterion):
         for c in candidates:
             bns = [m for m in model.get_submodule(c.name).modules() if isinstance(m, nn.BatchNorm2d)]
             if not bns:
-                raise EdgeshiftError(f"bn-scale needs BatchNorm layers, and {c.name} has none (was the model fused, "
-                                     "e.g. by `edgeshift prune`?); use the unfused checkpoint or another criterion")
+                raise EdgeshiftError(
+                    f"bn-scale needs BatchNorm layers, and {c.name} has none (was the model fused, "
+                    "e.g. by `edgeshift prune`?); use the unfused checkpoint or another criterion"
+                )
             out[c.name] = _mean_over_filters([m.weight.pow(2) for m in bns])
         return out
 
@@ -113,7 +118,9 @@ class Taylor(LayerCriterion):
                 if batches == data.taylor_batches:
                     break
                 model.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(data.train_x[i:i + data.batch_size]), data.train_y[i:i + data.batch_size])
+                loss = F.cross_entropy(
+                    model(data.train_x[i : i + data.batch_size]), data.train_y[i : i + data.batch_size]
+                )
                 loss.backward()
                 for name, layers in convs.items():
                     per = torch.cat([(m.weight.grad * m.weight).detach().flatten(1).norm(dim=1) for m in layers])
@@ -148,19 +155,23 @@ class Imprint(LayerCriterion):
         """Proxy top-1 at the input of the first candidate, then at each candidate's output (len + 1 values)."""
         length = _final_feature_length(model)
         captured: list[torch.Tensor | None] = [None] * (len(candidates) + 1)
-        hooks = [model.get_submodule(candidates[0].name).register_forward_pre_hook(
-            lambda m, inp: captured.__setitem__(0, inp[0]))]
+        hooks = [
+            model.get_submodule(candidates[0].name).register_forward_pre_hook(
+                lambda m, inp: captured.__setitem__(0, inp[0])
+            )
+        ]
         for i, c in enumerate(candidates, start=1):
-            hooks.append(model.get_submodule(c.name).register_forward_hook(
-                lambda m, inp, out, i=i: captured.__setitem__(i, out)))
+            hooks.append(
+                model.get_submodule(c.name).register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, out))
+            )
         was_training = model.training
         model.eval()
         try:
             sums: list[torch.Tensor | None] = [None] * len(captured)
             counts = torch.zeros(data.num_classes, dtype=torch.float64)
             for b in range(0, len(data.train_y), data.batch_size):
-                y = data.train_y[b:b + data.batch_size]
-                model(data.train_x[b:b + data.batch_size])
+                y = data.train_y[b : b + data.batch_size]
+                model(data.train_x[b : b + data.batch_size])
                 onehot = F.one_hot(y, data.num_classes).double()
                 counts += onehot.sum(0)
                 for i, feats in enumerate(captured):
@@ -169,8 +180,8 @@ class Imprint(LayerCriterion):
             weights = [F.normalize(s / counts.clamp(min=1)[:, None], dim=1) for s in sums]
             correct = [0] * len(captured)
             for b in range(0, len(data.heldout_y), data.batch_size):
-                y = data.heldout_y[b:b + data.batch_size]
-                model(data.heldout_x[b:b + data.batch_size])
+                y = data.heldout_y[b : b + data.batch_size]
+                model(data.heldout_x[b : b + data.batch_size])
                 for i, feats in enumerate(captured):
                     pred = (_embed(feats, length).double() @ weights[i].T).argmax(1)  # eq. 4.3
                     correct[i] += int((pred == y).sum())

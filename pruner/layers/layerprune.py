@@ -4,6 +4,7 @@ Budgets: remove the ``N`` lowest-ranked candidates, or keep removing (lowest fir
 through ONNX Runtime under a device profile meets a target. Accuracy figures in the report are ONNX Runtime top-1
 on the test split; latencies are under the profile's session settings, batch size and benchmark settings.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,6 +23,7 @@ from ..data import Dataset, model_splits
 from ..distill import DistillConfig, Teacher
 from ..measure import ModelMeasurer
 from ..metrics import count_macs, count_params
+from ..models.record import record_of
 from ..models.zoo import input_shape
 from ..train import config_dict
 from ..train import train as run_training
@@ -94,11 +96,15 @@ class LayerPruneReport:
             rows.append(f"{c.name:<20} {c.kind:<6} {c.score:>18.6g} {c.rank:>5}  {'yes' if c.removed else ''}")
         rows.append("")
         rows.append(f"removed  {len(self.removed)}: {', '.join(self.removed)}")
-        rows.append(f"params   {self.params_before:,} -> {self.params_after:,}; MACs {self.macs_before:,} -> "
-                    f"{self.macs_after:,} ({self.macs_before / max(self.macs_after, 1):.2f}x fewer)")
-        rows.append(f"latency  p50 {self.latency_before['p50_ms']:.3f} -> {self.latency_after['p50_ms']:.3f} ms, p95 "
-                    f"{self.latency_before['p95_ms']:.3f} -> {self.latency_after['p95_ms']:.3f} ms "
-                    f"({100 * self.latency_reduction:.1f}% lower p50, profile {self.profile}, ONNX Runtime)")
+        rows.append(
+            f"params   {self.params_before:,} -> {self.params_after:,}; MACs {self.macs_before:,} -> "
+            f"{self.macs_after:,} ({self.macs_before / max(self.macs_after, 1):.2f}x fewer)"
+        )
+        rows.append(
+            f"latency  p50 {self.latency_before['p50_ms']:.3f} -> {self.latency_after['p50_ms']:.3f} ms, p95 "
+            f"{self.latency_before['p95_ms']:.3f} -> {self.latency_after['p95_ms']:.3f} ms "
+            f"({100 * self.latency_reduction:.1f}% lower p50, profile {self.profile}, ONNX Runtime)"
+        )
         if self.accuracy_before is not None:
             acc = f"top-1    {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_removed:.2f}% after removal"
             if self.accuracy_after is not None:
@@ -126,10 +132,15 @@ def criterion_data(train: Dataset, num_classes: int, cfg: LayerPruneConfig) -> C
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(train))
     n_imprint = min(cfg.imprint_samples, len(train) // 2)
-    a, b = order[:n_imprint], order[n_imprint:n_imprint + min(cfg.heldout_samples, len(train) - n_imprint)]
-    return CriterionData(torch.from_numpy(train.normalised(np.sort(a))), torch.from_numpy(train.labels[np.sort(a)]),
-                         torch.from_numpy(train.normalised(np.sort(b))), torch.from_numpy(train.labels[np.sort(b)]),
-                         num_classes, cfg.batch_size)
+    a, b = order[:n_imprint], order[n_imprint : n_imprint + min(cfg.heldout_samples, len(train) - n_imprint)]
+    return CriterionData(
+        torch.from_numpy(train.normalised(np.sort(a))),
+        torch.from_numpy(train.labels[np.sort(a)]),
+        torch.from_numpy(train.normalised(np.sort(b))),
+        torch.from_numpy(train.labels[np.sort(b)]),
+        num_classes,
+        cfg.batch_size,
+    )
 
 
 def removable_candidates(model: nn.Module, remove: int | None = None) -> list[Candidate]:
@@ -137,17 +148,22 @@ def removable_candidates(model: nn.Module, remove: int | None = None) -> list[Ca
     Cheap (one forward pass of one example), so commands check it before loading data."""
     candidates = find_candidates(model, _example(model, 1))
     if not candidates:
-        raise EdgeshiftError(f"{model.edgeshift_arch['name']} has no removable layers or blocks: no submodule maps its "
-                             "input to an output of the same shape as y = f(x) + x (an identity residual block), and "
-                             "no conv layer of a sequential stage keeps its input's shape after another conv")
+        raise EdgeshiftError(
+            f"{record_of(model).name} has no removable layers or blocks: no submodule maps its "
+            "input to an output of the same shape as y = f(x) + x (an identity residual block), and "
+            "no conv layer of a sequential stage keeps its input's shape after another conv"
+        )
     if remove is not None and remove > len(candidates):
-        raise EdgeshiftError(f"cannot remove {remove}: {model.edgeshift_arch['name']} has {len(candidates)} "
-                             f"removable candidates; pass --remove 1..{len(candidates)}")
+        raise EdgeshiftError(
+            f"cannot remove {remove}: {record_of(model).name} has {len(candidates)} "
+            f"removable candidates; pass --remove 1..{len(candidates)}"
+        )
     return candidates
 
 
-def rank_candidates(model: nn.Module, criterion: str, data: CriterionData | None,
-                    remove: int | None = None) -> tuple[list[Candidate], dict[str, float]]:
+def rank_candidates(
+    model: nn.Module, criterion: str, data: CriterionData | None, remove: int | None = None
+) -> tuple[list[Candidate], dict[str, float]]:
     """The model's candidates (forward order) and the criterion's score for each; a ``remove`` count larger
     than the candidates is refused before any scoring."""
     candidates = removable_candidates(model, remove)
@@ -157,12 +173,17 @@ def rank_candidates(model: nn.Module, criterion: str, data: CriterionData | None
     return candidates, crit.score(model, candidates, data)
 
 
-def choose_removal(model: nn.Module, candidates: list[Candidate], scores: dict[str, float], cfg: LayerPruneConfig,
-                   measure: ModelMeasurer) -> tuple[list[str], list[dict]]:
+def choose_removal(
+    model: nn.Module,
+    candidates: list[Candidate],
+    scores: dict[str, float],
+    cfg: LayerPruneConfig,
+    measure: ModelMeasurer,
+) -> tuple[list[str], list[dict]]:
     """Names to remove (lowest score first) under the config's budget; the latency tried at each step."""
     order = sorted((c.name for c in candidates), key=lambda n: scores[n])
     if cfg.remove is not None:
-        return order[:cfg.remove], []
+        return order[: cfg.remove], []
     tried = []
     for k in range(len(order) + 1):
         trial = remove_candidates(model, order[:k], candidates)
@@ -173,12 +194,22 @@ def choose_removal(model: nn.Module, candidates: list[Candidate], scores: dict[s
     raise EdgeshiftError(
         f"latency budget {cfg.latency_budget_ms:g} ms is out of reach under profile {measure.profile_name}: p95 is "
         f"{tried[0]['p95_ms']:.3f} ms unpruned and {tried[-1]['p95_ms']:.3f} ms with all {len(order)} candidates "
-        f"removed; pass a budget of at least {tried[-1]['p95_ms']:.3f} ms")
+        f"removed; pass a budget of at least {tried[-1]['p95_ms']:.3f} ms"
+    )
 
 
-def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, test: Dataset | None = None,
-               finetune=None, mask: dict | None = None, *, measure: ModelMeasurer, distill: DistillConfig | None = None,
-               say: Callable[[str], None] = lambda message: None) -> tuple[nn.Module, LayerPruneReport]:
+def layerprune(
+    model: nn.Module,
+    cfg: LayerPruneConfig,
+    train: Dataset | None,
+    test: Dataset | None = None,
+    finetune=None,
+    mask: dict | None = None,
+    *,
+    measure: ModelMeasurer,
+    distill: DistillConfig | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> tuple[nn.Module, LayerPruneReport]:
     """Rank ``model``'s candidates with ``cfg.criterion``, remove to the budget, optionally fine-tune.
 
     ``finetune`` is a ``edgeshift.pruner.train.TrainConfig`` (None: no fine-tuning; it then needs ``train`` and
@@ -189,7 +220,7 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
     """
     cfg.validate()
     model = model.eval()
-    num_classes = model.edgeshift_arch["num_classes"]
+    num_classes = record_of(model).num_classes
     t0 = time.perf_counter()
     say(f"ranking layers and blocks by {cfg.criterion}")
     data = criterion_data(train, num_classes, cfg) if train is not None else None
@@ -204,17 +235,22 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
         criterion=cfg.criterion,
         budget={"remove": cfg.remove} if cfg.remove is not None else {"latency_budget_ms": cfg.latency_budget_ms},
         candidates=[CandidateScore(c.name, c.kind, scores[c.name], r[c.name], c.name in removed) for c in candidates],
-        removed=removed, params_before=count_params(model), params_after=count_params(pruned),
-        macs_before=count_macs(model, example), macs_after=count_macs(pruned, example),
-        latency_before=measure_latency(model, measure), latency_after=measure_latency(pruned, measure),
-        profile=measure.profile_name, tried=tried, seconds_ranking=seconds_ranking,
+        removed=removed,
+        params_before=count_params(model),
+        params_after=count_params(pruned),
+        macs_before=count_macs(model, example),
+        macs_after=count_macs(pruned, example),
+        latency_before=measure_latency(model, measure),
+        latency_after=measure_latency(pruned, measure),
+        profile=measure.profile_name,
+        tried=tried,
+        seconds_ranking=seconds_ranking,
     )
     if test is not None:
         say(f"removed {', '.join(removed)}; top-1 before and after through ONNX Runtime on {len(test)} test images")
         report.accuracy_before = onnx_top1(model, test, measure)
         report.accuracy_removed = onnx_top1(pruned, test, measure)
     if finetune is not None:
-
         if train is None or test is None:
             raise EdgeshiftError("fine-tuning needs the training and test data")
         params = dict(pruned.named_parameters())
@@ -223,34 +259,50 @@ def layerprune(model: nn.Module, cfg: LayerPruneConfig, train: Dataset | None, t
         result = run_training(pruned, train, test, finetune, mask=kept, label="fine-tune", teacher=teacher)
         pruned.eval()
         report.accuracy_after = onnx_top1(pruned, test, measure)
-        report.finetune = {**config_dict(finetune), **({"distill": asdict(distill)} if teacher else {}),
-                           "seconds": result.seconds, "steps": result.steps,
-                           "train_samples": len(train)}
+        report.finetune = {
+            **config_dict(finetune),
+            **({"distill": asdict(distill)} if teacher else {}),
+            "seconds": result.seconds,
+            "steps": result.steps,
+            "train_samples": len(train),
+        }
     return pruned, report
 
 
-def layerprune_checkpoint(checkpoint, out, cfg: LayerPruneConfig, *, data: str, finetune=None,
-                          train_samples: int | None = None, test_samples: int | None = None,
-                          json_out=None, measure: ModelMeasurer, distill: DistillConfig | None = None,
-                          say: Callable[[str], None] = lambda message: None, spec=None) -> LayerPruneReport:
+def layerprune_checkpoint(
+    checkpoint,
+    out,
+    cfg: LayerPruneConfig,
+    *,
+    data: str,
+    finetune=None,
+    train_samples: int | None = None,
+    test_samples: int | None = None,
+    json_out=None,
+    measure: ModelMeasurer,
+    distill: DistillConfig | None = None,
+    say: Callable[[str], None] = lambda message: None,
+    spec=None,
+) -> LayerPruneReport:
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
     import json
 
-
-
     cfg.validate()
     model, payload = load_model(checkpoint, spec)
-    arch = model.edgeshift_arch
+    record = record_of(model)
     removable_candidates(model, cfg.remove)  # an impossible budget is refused before minutes of loading
     say(f"loading {data}")
-    train, test = model_splits(data, arch, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
-    pruned, report = layerprune(model, cfg, train, test, finetune, mask=payload.get("masks") or None,
-                                measure=measure, distill=distill, say=say)
+    train, test = model_splits(data, record, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
+    pruned, report = layerprune(
+        model, cfg, train, test, finetune, mask=payload.get("masks") or None, measure=measure, distill=distill, say=say
+    )
     params = dict(pruned.named_parameters())
     masks = {k: v for k, v in (payload.get("masks") or {}).items() if k in params}
     meta = {k: v for k, v in payload.get("meta", {}).items() if k in ("test_accuracy",)}
-    meta.update(layerprune={k: v for k, v in report.to_dict().items() if k not in ("candidates", "tried")},
-                pruned_from=str(checkpoint))
+    meta.update(
+        layerprune={k: v for k, v in report.to_dict().items() if k not in ("candidates", "tried")},
+        pruned_from=str(checkpoint),
+    )
     if report.accuracy_after is not None or report.accuracy_removed is not None:
         meta["test_accuracy"] = report.accuracy_after if report.accuracy_after is not None else report.accuracy_removed
     save_checkpoint(pruned, out, masks=masks, meta=meta)

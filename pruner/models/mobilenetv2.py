@@ -1,4 +1,5 @@
 """MobileNetV2 (Sandler et al.) with a configurable width multiplier and stem stride."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -39,8 +40,14 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """``stem_stride=1`` and the first two stride-2 stages at stride 1 suit 32x32 inputs (``small_input=True``)."""
 
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, small_input: bool = False,
-                 in_channels: int = 3, dropout: float = 0.2):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        small_input: bool = False,
+        in_channels: int = 3,
+        dropout: float = 0.2,
+    ):
         super().__init__()
         cin = _divisible(32 * width_mult)
         last = _divisible(1280 * max(1.0, width_mult))

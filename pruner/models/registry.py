@@ -1,4 +1,5 @@
 """The architecture registry: each zoo model registers its builder where it is defined (``@register_model``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

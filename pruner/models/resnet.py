@@ -2,6 +2,7 @@
 
 Forwards never hardcode widths, so a model whose layers were pruned to other widths runs unchanged.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -7,8 +7,9 @@
   ``num_classes`` when the function takes it).
 
 The string, the keyword arguments, the class count and the input size are recorded on the model
-(``model.edgeshift_arch``), so a checkpoint stores the recipe as data and rebuilds the model from it.
+(``record.ModelRecord``), so a checkpoint stores the recipe as data and rebuilds the model from it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,6 +24,7 @@ from torch import nn
 from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
 
 from . import zoo
+from .record import ModelRecord, record_of, set_record
 
 KINDS = ("zoo", "timm", "torchvision", "factory")
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -58,8 +60,10 @@ def parse(text: str) -> ModelSource:
         return ModelSource("factory", text)
 
     if text not in zoo.names():
-        raise ModelSourceError(f"unknown architecture {text!r}; known: {', '.join(zoo.names())}; or a model "
-                               "source timm/NAME, torchvision/NAME or package.module:function")
+        raise ModelSourceError(
+            f"unknown architecture {text!r}; known: {', '.join(zoo.names())}; or a model "
+            "source timm/NAME, torchvision/NAME or package.module:function"
+        )
     return ModelSource("zoo", text)
 
 
@@ -140,13 +144,13 @@ def build(source: ModelSource, num_classes: int | None, kwargs: dict) -> nn.Modu
     return model
 
 
-def create(text: str, num_classes: int | None = None, input_size: int | None = None,
-           kwargs: dict | None = None) -> nn.Module:
-    """Build the model ``text`` names, recording how (``edgeshift_arch``): the front door for every source."""
+def create(
+    text: str, num_classes: int | None = None, input_size: int | None = None, kwargs: dict | None = None
+) -> nn.Module:
+    """Build the model ``text`` names, recording how (``record.ModelRecord``): the front door for every source."""
     source = parse(text)
     kwargs = dict(kwargs or {})
     if source.kind == "zoo":
-
         return zoo.get(source.name, num_classes=num_classes, input_size=input_size, **kwargs)
     try:
         model = build(source, num_classes, kwargs)
@@ -156,20 +160,20 @@ def create(text: str, num_classes: int | None = None, input_size: int | None = N
         raise ModelSourceError(f"bad options for model source {source}: {exc}") from None
     except Exception as exc:  # the user's factory, or a library, failed building
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelSourceError(f"model source {source} failed to build: {type(exc).__name__}: {first[:200]}") \
-            from None
+        raise ModelSourceError(f"model source {source} failed to build: {type(exc).__name__}: {first[:200]}") from None
     # torchvision's classification models are defined at 224 with ImageNet's normalisation
     defaults = TORCHVISION_DEFAULTS if source.kind == "torchvision" else config_defaults(model)
     size = input_size or defaults.input_size
     if size is None:
-        raise ModelSourceError(f"model source {source} does not say its input size; pass it (--input-size, or "
-                               "input_size in the pipeline's [model])")
+        raise ModelSourceError(
+            f"model source {source} does not say its input size; pass it (--input-size, or "
+            "input_size in the pipeline's [model])"
+        )
     classes = num_classes if num_classes is not None else _output_features(model)
-    arch: dict[str, Any] = {"name": str(source), "num_classes": classes, "input_size": int(size),
-                            "kwargs": kwargs}
+    record = ModelRecord(str(source), classes, int(size), kwargs)
     if defaults.mean and defaults.std:
-        arch["normalisation"] = {"mean": list(defaults.mean), "std": list(defaults.std)}
-    model.edgeshift_arch = arch
+        record = record.with_normalisation(defaults.mean, defaults.std)
+    set_record(model, record)
     return model
 
 
@@ -187,8 +191,10 @@ def parse_kwargs(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"--arch-kwargs is not JSON ({exc.msg} at character {exc.pos}); pass an object "
-                               """such as '{"width": 8}'""") from None
+        raise ModelSourceError(
+            f"--arch-kwargs is not JSON ({exc.msg} at character {exc.pos}); pass an object "
+            """such as '{"width": 8}'"""
+        ) from None
     if not isinstance(value, dict):
         raise ModelSourceError("""--arch-kwargs must be a JSON object such as '{"width": 8}'""")
     return value
@@ -218,34 +224,42 @@ def load_weights(model: nn.Module, path: str, source: str = "") -> None:
     one line naming the first few missing, unexpected and mis-shaped keys with their counts."""
     import torch
 
-
     require_file(path, "weights file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputFileError(f"{path} is not a readable state dict ({first[:160]}); save one with "
-                             "torch.save(model.state_dict(), path)") from None
+        raise InputFileError(
+            f"{path} is not a readable state dict ({first[:160]}); save one with torch.save(model.state_dict(), path)"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):  # common wrappers, edgeshift checkpoints included
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputFileError(f"{path} does not hold a state dict (a dict of tensors); save one with "
-                             "torch.save(model.state_dict(), path)")
+        raise InputFileError(
+            f"{path} does not hold a state dict (a dict of tensors); save one with torch.save(model.state_dict(), path)"
+        )
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+    shaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shaped:
-        parts = [f"{len(lst)} {what} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
-                 for what, lst in (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped))
-                 if lst]
-        raise InputFileError(f"{path} does not fit model {source or type(model).__name__}: {'; '.join(parts)}; "
-                             "pass the state dict of this model with the same options")
+        parts = [
+            f"{len(lst)} {what} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
+            for what, lst in (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped))
+            if lst
+        ]
+        raise InputFileError(
+            f"{path} does not fit model {source or type(model).__name__}: {'; '.join(parts)}; "
+            "pass the state dict of this model with the same options"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -255,6 +269,5 @@ def input_size_of(text: str, input_size: int | None = None, kwargs: dict | None 
         return int(input_size)
     source = parse(text)
     if source.kind == "zoo":
-
         return zoo.entry(source.name).input_size
-    return int(create(text, kwargs=kwargs).edgeshift_arch["input_size"])
+    return record_of(create(text, kwargs=kwargs)).input_size

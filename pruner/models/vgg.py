@@ -1,4 +1,5 @@
 """CIFAR-style VGG with a single linear classifier (the OpenLTH / lottery-ticket configuration)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,10 +1,12 @@
 """The model zoo's front door: ``create_model(name, num_classes=..., **kw)`` builds a registered architecture and
 records how, as data (the checkpoint format relies on it)."""
+
 from __future__ import annotations
 
 from edgeshift.core.errors import EdgeshiftError
 
 from . import mobilenetv2, resnet, vgg  # noqa: F401  (they register their architectures)
+from .record import ModelRecord, record_of, set_record
 from .registry import MODELS, ZooEntry
 
 
@@ -29,12 +31,7 @@ def get(name: str, num_classes: int | None = None, input_size: int | None = None
         model = e.builder(num_classes=num_classes, **kw)
     except TypeError as exc:
         raise EdgeshiftError(f"bad options for architecture {name!r}: {exc}") from None
-    model.edgeshift_arch = {
-        "name": name,
-        "num_classes": num_classes,
-        "input_size": int(input_size or e.input_size),
-        "kwargs": dict(kw),
-    }
+    set_record(model, ModelRecord(name, num_classes, int(input_size or e.input_size), dict(kw)))
     return model
 
 
@@ -43,11 +40,9 @@ create_model = get
 
 def input_shape(model, batch: int = 1) -> tuple[int, int, int, int]:
     """The (N, C, H, W) input shape recorded for a zoo model."""
-    arch = getattr(model, "edgeshift_arch", None)
-    if arch is None:
-        raise ValueError("model was not built by the zoo; pass example inputs explicitly")
-    size = arch["input_size"]
-    channels = arch["kwargs"].get("in_channels", arch["kwargs"].get("in_chans"))
+    record = record_of(model)
+    size = record.input_size
+    channels = record.kwargs.get("in_channels", record.kwargs.get("in_chans"))
     if channels is None:  # a model from another source: its first conv says
         import torch
 

@@ -1,4 +1,5 @@
 """Channel alignment: widths rounded up to a multiple with zero channels that change no output."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,9 +36,14 @@ def pad_channels(model: nn.Module, example_inputs: torch.Tensor, multiple: int =
     added = 0
     for spec in coupled_groups(model, example_inputs):
         pad = -spec.size % multiple
-        if pad == 0 or spec.blocked or any(
+        if (
+            pad == 0
+            or spec.blocked
+            or any(
                 len(it.idxs) != spec.size or not np.array_equal(np.sort(it.idxs), np.arange(spec.size))
-                for it in spec.items):
+                for it in spec.items
+            )
+        ):
             continue
         grown: set[tuple[str, str]] = set()
         for it in spec.items:

@@ -1,5 +1,6 @@
 """Which channels are coupled: Torch-Pruning's dependency groups over the fused model, analysed once per
 structure (cached by signature), with every consumer of each channel and what it reads."""
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,7 @@ def _block_diagonal(layer: nn.Conv2d, used: np.ndarray) -> np.ndarray:
     k_out = out_ch // layer.groups
     full = np.zeros((out_ch, k_in * layer.groups), dtype=bool)
     for g in range(layer.groups):
-        full[g * k_out:(g + 1) * k_out, g * k_in:(g + 1) * k_in] = used[g * k_out:(g + 1) * k_out]
+        full[g * k_out : (g + 1) * k_out, g * k_in : (g + 1) * k_in] = used[g * k_out : (g + 1) * k_out]
     return full
 
 
@@ -123,14 +124,26 @@ _STRUCTURE_CACHE_SIZE = 16
 
 def _plain_attributes(m: nn.Module) -> tuple:
     """A module's plain settings (``self.first``, ``self.width``): forward code may branch on them."""
-    return tuple(sorted((k, v) for k, v in vars(m).items()
-                        if not k.startswith("_") and k != "training" and type(v) in (bool, int, float, str)))
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training" and type(v) in (bool, int, float, str)
+        )
+    )
 
 
 def _signature(model: nn.Module, input_shape: tuple) -> tuple:
-    layers = tuple((name, type(m).__qualname__, tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
-                    getattr(m, "groups", None), _plain_attributes(m))
-                   for name, m in model.named_modules())
+    layers = tuple(
+        (
+            name,
+            type(m).__qualname__,
+            tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
+            getattr(m, "groups", None),
+            _plain_attributes(m),
+        )
+        for name, m in model.named_modules()
+    )
     return type(model).__module__, type(model).__qualname__, tuple(input_shape[1:]), layers
 
 
@@ -141,23 +154,31 @@ def _analyse_structure(model: nn.Module, example_inputs: torch.Tensor) -> _Struc
     # One forward through ShapeProp gives Torch-Pruning its trace and channel_states its node shapes. It runs on
     # meta tensors swapped in for every parameter and buffer: shapes and the autograd graph, no arithmetic.
     wrapper = ShapeRecordingModule(gm)
-    meta = {k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
-            for k, v in wrapper.named_parameters()}
+    meta = {
+        k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
+        for k, v in wrapper.named_parameters()
+    }
     meta.update({k: torch.empty_like(v, device="meta") for k, v in wrapper.named_buffers()})  # BN statistics
     # Torch-Pruning traces through autograd: a caller under torch.no_grad() must not get its bare assertion.
     with _tolerant_index_mapping() as unmapped, warnings.catch_warnings(), torch.enable_grad():
         warnings.filterwarnings("ignore", message=".*unwrapped")  # bare parameters: their groups are blocked
         dg = tp.DependencyGraph().build_dependency(
-            wrapper, example_inputs=(torch.empty_like(example_inputs[:1], device="meta"),),
-            forward_fn=lambda module, inputs: functional_call(module, meta, inputs))
+            wrapper,
+            example_inputs=(torch.empty_like(example_inputs[:1], device="meta"),),
+            forward_fn=lambda module, inputs: functional_call(module, meta, inputs),
+        )
         return _Structure(gm, _group_specs(dg, model, ignored, unmapped, _forward_order(model, gm)))
 
 
 # Torch-Pruning's parameter-free ops that move channels to other positions: a group through one is kept whole
 # (a split it cannot map per chunk, slices, unbind, expand, and reshapes other than flattening into a linear
 # layer). A mapped split is passed, its chunks losing equally many channels (plan.py).
-_MOVING_OPS = {tp.ops.OPTYPE.SPLIT: "a channel split", tp.ops.OPTYPE.SLICE: "a channel slice",
-               tp.ops.OPTYPE.UNBIND: "an unbind", tp.ops.OPTYPE.EXPAND: "an expand"}
+_MOVING_OPS = {
+    tp.ops.OPTYPE.SPLIT: "a channel split",
+    tp.ops.OPTYPE.SLICE: "a channel slice",
+    tp.ops.OPTYPE.UNBIND: "an unbind",
+    tp.ops.OPTYPE.EXPAND: "an expand",
+}
 
 
 @contextlib.contextmanager
@@ -168,8 +189,11 @@ def _tolerant_index_mapping():
     from torch_pruning.dependency import index_mapping, shape_infer
 
     unmapped: set = set()
-    originals = {name: getattr(index_mapping, name) for name in dir(index_mapping)
-                 if name.startswith("update_") and name.endswith("_index_mapping") and name != "update_index_mapping"}
+    originals = {
+        name: getattr(index_mapping, name)
+        for name in dir(index_mapping)
+        if name.startswith("update_") and name.endswith("_index_mapping") and name != "update_index_mapping"
+    }
 
     def tolerant(fn):
         def wrapped(graph, node):
@@ -178,6 +202,7 @@ def _tolerant_index_mapping():
             except Exception:
                 unmapped.add(node.module)
                 node.dependencies = []  # reached, never passed: beyond it the search would only wander
+
         return wrapped
 
     originals["update_split_index_mapping"] = _update_split_index_mapping
@@ -229,8 +254,9 @@ def _order_split_chunks(graph, unmapped: set) -> None:
         if node.type != tp.ops.OPTYPE.SPLIT:
             continue
         sizes = _split_sizes(node.grad_fn)
-        chunks = [[nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
-                  for out in node.outputs]
+        chunks = [
+            [nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn] for out in node.outputs
+        ]
         if sizes is None or any(len(c) != 1 or c[0] >= len(sizes) for c in chunks):
             unmapped.add(node.module)
             node.dependencies = []
@@ -280,9 +306,9 @@ def _update_split_index_mapping(graph, node) -> None:
     for reverse in (False, True):
         done: set[int] = set()
         for out, nr in zip(node.outputs, chunks):
-            for dep in (out.dependencies if reverse else node.dependencies):
+            for dep in out.dependencies if reverse else node.dependencies:
                 if id(dep) not in done and dep.target == (node if reverse else out):
-                    dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[nr:nr + 2], reverse=reverse)
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[nr : nr + 2], reverse=reverse)
                     done.add(id(dep))
                     break
 
@@ -298,8 +324,13 @@ def _forward_order(model: nn.Module, gm: fx.GraphModule) -> dict[nn.Module, int]
     return order
 
 
-def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: frozenset | set = frozenset(),
-                 order: dict[nn.Module, int] | None = None) -> list[_GroupSpec]:
+def _group_specs(
+    dg,
+    model: nn.Module,
+    ignored: list[nn.Module],
+    unmapped: frozenset | set = frozenset(),
+    order: dict[nn.Module, int] | None = None,
+) -> list[_GroupSpec]:
     """Torch-Pruning's coupled channel groups, by module name, with each item's role; a group we cannot map
     one-to-one is blocked, with the reason naming a module."""
     names = {m: n for n, m in model.named_modules()}
@@ -307,17 +338,26 @@ def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: froze
     for group in _all_groups(dg, ignored, names, specs, order or {}):
         items, reason, has_consumer, splits = [], "", False, []
         size = len(group[0].idxs)
-        makers = list(dict.fromkeys(names[it.dep.target.module] for it in group.items
-                                    if _is_layer(it.dep.target.module) and it.dep.target.module in names
-                                    and dg.is_out_channel_pruning_fn(it.dep.handler)))
+        makers = list(
+            dict.fromkeys(
+                names[it.dep.target.module]
+                for it in group.items
+                if _is_layer(it.dep.target.module)
+                and it.dep.target.module in names
+                and dg.is_out_channel_pruning_fn(it.dep.handler)
+            )
+        )
         root_name = ", ".join(makers[:3]) + (f" and {len(makers) - 3} more" if len(makers) > 3 else "") or "?"
         for item in group.items:
             module, handler = item.dep.target.module, item.dep.handler
             idxs = np.asarray(item.idxs, dtype=np.int64)
             roots = np.asarray(item.root_idxs, dtype=np.int64)
             op_type = item.dep.target.type
-            if op_type == tp.ops.OPTYPE.SPLIT and module not in unmapped and \
-                    getattr(module, "edgeshift_chunks", None) is not None:
+            if (
+                op_type == tp.ops.OPTYPE.SPLIT
+                and module not in unmapped
+                and getattr(module, "edgeshift_chunks", None) is not None
+            ):
                 offsets = np.asarray(module.offsets)
                 splits.append((roots, np.searchsorted(offsets, idxs, side="right") - 1, len(offsets) - 1))
                 continue
@@ -343,8 +383,10 @@ def _group_specs(dg, model: nn.Module, ignored: list[nn.Module], unmapped: froze
             elif not any(True for _ in module.parameters()):
                 continue  # Torch-Pruning's parameter-free ops (add, flatten, activations): nothing to rebuild
             else:
-                reason = reason or (f"{names.get(module, type(module).__name__)} ({type(module).__name__}) reads "
-                                    f"the channels of {root_name} and is not a conv, linear or batch norm")
+                reason = reason or (
+                    f"{names.get(module, type(module).__name__)} ({type(module).__name__}) reads "
+                    f"the channels of {root_name} and is not a conv, linear or batch norm"
+                )
                 role = "follow"
             if module not in names:
                 reason = reason or f"a module outside the model reads the channels of {root_name}"
@@ -415,14 +457,29 @@ def _all_groups(dg, ignored: list[nn.Module], names: dict, specs: list[_GroupSpe
                 group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
         except _GroupDiverged:
             visited.add(m)
-            specs.append(_GroupSpec(width, [], True, f"Torch-Pruning's analysis of the channels of {names.get(m)} "
-                                    f"did not settle (over {_MAX_GROUP_ITEMS} items: channels added onto "
-                                    "shifting parts of one another?)", names.get(m, "")))
+            specs.append(
+                _GroupSpec(
+                    width,
+                    [],
+                    True,
+                    f"Torch-Pruning's analysis of the channels of {names.get(m)} "
+                    f"did not settle (over {_MAX_GROUP_ITEMS} items: channels added onto "
+                    "shifting parts of one another?)",
+                    names.get(m, ""),
+                )
+            )
             continue
         except Exception as exc:
             visited.add(m)
-            specs.append(_GroupSpec(width, [], True, f"Torch-Pruning cannot follow the channels of {names.get(m)} "
-                                                     f"({type(exc).__name__})", names.get(m, "")))
+            specs.append(
+                _GroupSpec(
+                    width,
+                    [],
+                    True,
+                    f"Torch-Pruning cannot follow the channels of {names.get(m)} ({type(exc).__name__})",
+                    names.get(m, ""),
+                )
+            )
             continue
         prunable = True
         for dep, _ in group:
@@ -510,13 +567,22 @@ def _build_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Group
                 if any(not np.array_equal(c, calls[0], equal_nan=True) for c in calls[1:]):
                     states = np.full_like(calls[0], np.nan)  # a shared layer seeing different inputs
                 if _is_grouped(module):  # constants are not folded into a grouped conv (zeros still go)
-                    consumers.append(_Consumer(module, it.idxs, it.roots, _block_diagonal(module, used_map[module]),
-                                               states, False))
+                    consumers.append(
+                        _Consumer(module, it.idxs, it.roots, _block_diagonal(module, used_map[module]), states, False)
+                    )
                 else:
-                    consumers.append(_Consumer(module, it.idxs, it.roots, used_map[module], states,
-                                               _foldable(module)))
-        g = _Group(spec.size, consumers, producers, actions, blocked, np.zeros(spec.size, dtype=bool), reason,
-                   spec.root, splits=spec.splits)
+                    consumers.append(_Consumer(module, it.idxs, it.roots, used_map[module], states, _foldable(module)))
+        g = _Group(
+            spec.size,
+            consumers,
+            producers,
+            actions,
+            blocked,
+            np.zeros(spec.size, dtype=bool),
+            reason,
+            spec.root,
+            splits=spec.splits,
+        )
         # the channel kept when all are removable: the one whose producers have the fewest nonzero weights
         nnz = np.zeros(spec.size)
         for layer, idxs, roots in producers:

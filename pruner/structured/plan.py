@@ -1,5 +1,6 @@
 """Deciding and executing removals: the exact plan (to a fixpoint), the published drop rule, folding
 constant channels into consumers' biases, and rebuilding the layers in one batch."""
+
 from __future__ import annotations
 
 import copy
@@ -70,8 +71,14 @@ def _grouped_sides(groups: list[_Group]) -> dict[nn.Module, dict[str, list[tuple
     return sides
 
 
-def _realisable(gone_in: np.ndarray, gone_out: np.ndarray, blocks: int, whole_ok: bool = True,
-                in_ok: bool = True, out_ok: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _realisable(
+    gone_in: np.ndarray,
+    gone_out: np.ndarray,
+    blocks: int,
+    whole_ok: bool = True,
+    in_ok: bool = True,
+    out_ok: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Of a grouped conv's planned input and output removals, those one grouped conv can still express: whole
     groups (inputs and outputs together, one group always kept), and in every other group the same number of
     inputs and the same number of outputs (ONNX's Conv needs equal groups), at least one of each kept."""
@@ -101,8 +108,9 @@ def _hold_partial_blocks(groups: list[_Group], held: list[np.ndarray]) -> bool:
             for gi, idxs, roots in sides[side]:
                 gone[idxs] |= groups[gi].removable[roots] & (not groups[gi].blocked)
                 seen[idxs] = True
-        ok_in, ok_out = _realisable(gone_in, gone_out, layer.groups, seen_in.all() and seen_out.all(),
-                                    bool(seen_in.all()), bool(seen_out.all()))
+        ok_in, ok_out = _realisable(
+            gone_in, gone_out, layer.groups, seen_in.all() and seen_out.all(), bool(seen_in.all()), bool(seen_out.all())
+        )
         for side, partial in (("in", gone_in & ~ok_in), ("out", gone_out & ~ok_out)):
             for gi, idxs, roots in sides[side]:
                 hit = partial[idxs] & groups[gi].removable[roots]
@@ -124,7 +132,7 @@ def _hold_uneven_chunks(groups: list[_Group], held: list[np.ndarray]) -> bool:
             widths = [len(np.unique(roots[chunk == c])) for c in range(n_chunks)]
             k = min(min(len(p) for p in per_chunk), min(widths) - 1)
             for p in per_chunk:
-                extra = p[max(k, 0):]
+                extra = p[max(k, 0) :]
                 if len(extra) and not hold[extra].all():
                     hold[extra] = True
                     any_held = True
@@ -201,13 +209,19 @@ def _execute(groups: list[_Group], removed: dict | None = None) -> None:
             hit = g.removable[roots]
             if hit.any() and not _is_grouped(module):
                 pending.setdefault((id(module), handler), (module, handler, set()))[2].update(idxs[hit].tolist())
-        sides = [(layer, idxs, roots, "out_channels") for layer, idxs, roots in g.producers] + \
-                [(c.layer, c.idxs, c.roots, "in_channels") for c in g.consumers]
+        sides = [(layer, idxs, roots, "out_channels") for layer, idxs, roots in g.producers] + [
+            (c.layer, c.idxs, c.roots, "in_channels") for c in g.consumers
+        ]
         for layer, idxs, roots, width in sides:
             hit = g.removable[roots]
             if _is_grouped(layer) and hit.any():
-                gone = grouped.setdefault(layer, {"in_channels": np.zeros(layer.in_channels, dtype=bool),
-                                                  "out_channels": np.zeros(layer.out_channels, dtype=bool)})
+                gone = grouped.setdefault(
+                    layer,
+                    {
+                        "in_channels": np.zeros(layer.in_channels, dtype=bool),
+                        "out_channels": np.zeros(layer.out_channels, dtype=bool),
+                    },
+                )
                 gone[width][idxs[hit]] = True
     for key, (module, handler, idxs) in pending.items():
         before = np.asarray(sorted(removed.get(key, ())), dtype=np.int64)
@@ -234,26 +248,43 @@ def _shrink_grouped(conv: nn.Conv2d, gone_in: np.ndarray, gone_out: np.ndarray) 
     cols = np.stack([np.flatnonzero(~g_in[g]) for g in keep])  # [kept groups, inputs kept per group]
     per_group = len(rows) // len(keep)
     weight = conv.weight.detach()[torch.as_tensor(rows)]
-    index = torch.as_tensor(np.repeat(cols, per_group, axis=0))[:, :, None, None].expand(
-        -1, -1, *weight.shape[2:])
+    index = torch.as_tensor(np.repeat(cols, per_group, axis=0))[:, :, None, None].expand(-1, -1, *weight.shape[2:])
     conv.weight = nn.Parameter(torch.gather(weight, 1, index).clone())
     if conv.bias is not None:
         conv.bias = nn.Parameter(conv.bias.detach()[torch.as_tensor(rows)].clone())
     conv.groups, conv.out_channels, conv.in_channels = len(keep), len(rows), len(keep) * cols.shape[1]
 
 
-_PASS_THROUGH = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Dropout,
-                 nn.BatchNorm2d, NormActRemainder)
+_PASS_THROUGH = (
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.Dropout,
+    nn.BatchNorm2d,
+    NormActRemainder,
+)
 
 
 def _producer_width(model: nn.Module, node: fx.Node) -> int | None:
     """The channel count now reaching ``node``: the out channels of the conv behind a chain of per-channel
     modules (what a split in a block's code splits)."""
     mods = dict(model.named_modules())
-    while isinstance(node, fx.Node) and node.args and (
-            node.op == "call_module" and isinstance(mods.get(node.target), _PASS_THROUGH)
-            or node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS
-            or node.op == "call_method" and node.target in ELEMENTWISE_METHODS):
+    while (
+        isinstance(node, fx.Node)
+        and node.args
+        and (
+            node.op == "call_module"
+            and isinstance(mods.get(node.target), _PASS_THROUGH)
+            or node.op == "call_function"
+            and node.target in ELEMENTWISE_FUNCTIONS
+            or node.op == "call_method"
+            and node.target in ELEMENTWISE_METHODS
+        )
+    ):
         node = node.args[0]
     if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(mods.get(node.target), nn.Conv2d):
         return mods[node.target].out_channels
@@ -266,11 +297,18 @@ def _resize_splits(model: nn.Module, gm: fx.GraphModule) -> None:
     The new widths are recorded on the module (``edgeshift_split_widths``) for checkpoints. ``chunk`` needs
     nothing; a split the planner cannot resize this way is caught by the output check (kept whole there)."""
     for node in gm.graph.nodes:
-        if not (node.op == "call_function" and node.target is torch.split or
-                node.op == "call_method" and node.target == "split"):
+        if not (
+            node.op == "call_function"
+            and node.target is torch.split
+            or node.op == "call_method"
+            and node.target == "split"
+        ):
             continue
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
-                                                                         node.kwargs.get("split_size"))
+        size = (
+            node.args[1]
+            if len(node.args) > 1
+            else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+        )
         metas, stack = node.meta.get("tensor_meta"), node.meta.get("nn_module_stack") or {"": ("", None)}
         if not isinstance(size, int) or not isinstance(metas, (tuple, list)):
             continue
@@ -279,8 +317,9 @@ def _resize_splits(model: nn.Module, gm: fx.GraphModule) -> None:
             continue
         owner = model.get_submodule(list(stack.values())[-1][0])
         recorded = vars(owner).get("edgeshift_split_widths", {})
-        names = list(recorded) or [a for a, v in vars(owner).items()
-                                   if type(v) is int and v == size and not a.startswith("_")]
+        names = list(recorded) or [
+            a for a, v in vars(owner).items() if type(v) is int and v == size and not a.startswith("_")
+        ]
         if len(names) == 1 and getattr(owner, names[0]) != width // len(metas):
             setattr(owner, names[0], width // len(metas))
             owner.edgeshift_split_widths = {names[0]: width // len(metas)}
@@ -301,14 +340,21 @@ def _explain(groups: list[_Group], limit: int = 12) -> list[str]:
         if not kept.any():
             continue
         if g.splits:
-            notes.append(f"kept {int(kept.sum())} zero/constant channel(s) of {g.root}: they pass a channel split, "
-                         "whose chunks must lose equally many")
+            notes.append(
+                f"kept {int(kept.sum())} zero/constant channel(s) of {g.root}: they pass a channel split, "
+                "whose chunks must lose equally many"
+            )
         if any(_is_grouped(c.layer) for c in g.consumers) or any(_is_grouped(p[0]) for p in g.producers):
-            layer = next(c.layer for c in g.consumers if _is_grouped(c.layer)) if any(
-                _is_grouped(c.layer) for c in g.consumers) else next(p[0] for p in g.producers if _is_grouped(p[0]))
-            notes.append(f"kept {int(kept.sum())} zero/constant channel(s) of {g.size}: a grouped conv "
-                         f"({layer.groups} groups) loses whole groups or the same number of channels from every "
-                         "group, and these are beyond that")
+            layer = (
+                next(c.layer for c in g.consumers if _is_grouped(c.layer))
+                if any(_is_grouped(c.layer) for c in g.consumers)
+                else next(p[0] for p in g.producers if _is_grouped(p[0]))
+            )
+            notes.append(
+                f"kept {int(kept.sum())} zero/constant channel(s) of {g.size}: a grouped conv "
+                f"({layer.groups} groups) loses whole groups or the same number of channels from every "
+                "group, and these are beyond that"
+            )
     unique = list(dict.fromkeys(notes))
     return unique[:limit] + ([f"... and {len(unique) - limit} more"] if len(unique) > limit else [])
 
@@ -361,7 +407,8 @@ def _execute_verified(groups: list[_Group], check, resize_splits) -> tuple[int, 
         resize_splits()
         for g in unit:
             g.removable = np.zeros(g.size, dtype=bool)
-        notes.append(f"kept the channels of {', '.join(g.root for g in unit)}: removing them {problem} "
-                     "(an operation the planner does not understand is near)")
+        notes.append(
+            f"kept the channels of {', '.join(g.root for g in unit)}: removing them {problem} "
+            "(an operation the planner does not understand is near)"
+        )
     return folded, notes
-

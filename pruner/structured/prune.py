@@ -14,6 +14,7 @@ Decisions feed back (removing a layer's outputs may leave its inputs unread), so
 ``mode="drop"`` is the published rule instead: drop every channel whose producing filters are all zero, bias and
 all, whatever that does to the output.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,8 +40,9 @@ def _layer_widths(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def output_deviation(reference: nn.Module, candidate: nn.Module, example_inputs: torch.Tensor,
-                     random_batches: int = 3, seed: int = 0) -> tuple[float, float]:
+def output_deviation(
+    reference: nn.Module, candidate: nn.Module, example_inputs: torch.Tensor, random_batches: int = 3, seed: int = 0
+) -> tuple[float, float]:
     """(max |candidate - reference|, max |reference|) over the example and a few random batches."""
     gen = torch.Generator().manual_seed(seed)
     batches = [example_inputs] + [torch.randn(example_inputs.shape, generator=gen) for _ in range(random_batches)]
@@ -54,8 +56,9 @@ def output_deviation(reference: nn.Module, candidate: nn.Module, example_inputs:
     return max_diff, max_out
 
 
-def _measured(reference: nn.Module, candidate: nn.Module, example_inputs: torch.Tensor,
-              random_batches: int) -> tuple[float, float] | None:
+def _measured(
+    reference: nn.Module, candidate: nn.Module, example_inputs: torch.Tensor, random_batches: int
+) -> tuple[float, float] | None:
     """``output_deviation``, or None when the candidate no longer runs or changed the output's shape."""
     try:
         return output_deviation(reference, candidate, example_inputs, random_batches)
@@ -69,8 +72,13 @@ def _reference_outputs(reference: nn.Module, example_inputs: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def _problem(reference: nn.Module, candidate: nn.Module, example_inputs: torch.Tensor, rtol: float,
-             reference_out: torch.Tensor | None = None) -> str | None:
+def _problem(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_inputs: torch.Tensor,
+    rtol: float,
+    reference_out: torch.Tensor | None = None,
+) -> str | None:
     """None when ``candidate`` computes ``reference``'s output on the example within ``rtol``; else what is wrong."""
     ref = _reference_outputs(reference, example_inputs) if reference_out is None else reference_out
     try:
@@ -92,13 +100,21 @@ def _runs_on(model: nn.Module, example_inputs: torch.Tensor) -> None:
         model(example_inputs[:1])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgeshiftError(f"the model does not run on inputs shaped {tuple(example_inputs.shape)} ({first}); "
-                             "give an input size it takes") from None
+        raise EdgeshiftError(
+            f"the model does not run on inputs shaped {tuple(example_inputs.shape)} ({first}); "
+            "give an input size it takes"
+        ) from None
 
 
-def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode: str = "exact",
-                        rtol: float = DEFAULT_RTOL, random_batches: int = 3,
-                        align: int = 1) -> tuple[nn.Module, PruneReport]:
+def prune_zero_channels(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    mode: str = "exact",
+    rtol: float = DEFAULT_RTOL,
+    random_batches: int = 3,
+    align: int = 1,
+) -> tuple[nn.Module, PruneReport]:
     """Structurally remove every channel of ``model`` that cannot change its output; returns (pruned, report).
 
     The input model is left untouched. The pruned model has conv+BN fused. In ``mode="exact"`` (default) the
@@ -143,28 +159,44 @@ def prune_zero_channels(model: nn.Module, example_inputs: torch.Tensor, *, mode:
             _plan_exact(groups)
             reference_out = _reference_outputs(reference, example_inputs)
             folded, kept = _execute_verified(
-                groups, lambda: _problem(reference, work, example_inputs, rtol, reference_out),
-                lambda: _resize_splits(work, gm))
+                groups,
+                lambda: _problem(reference, work, example_inputs, rtol, reference_out),
+                lambda: _resize_splits(work, gm),
+            )
             notes += kept
             deviation = None
         padded = pad_channels(work, example_inputs, align)
         t3 = time.perf_counter() - checking
         widths_after = _layer_widths(work)
         # measured once when nothing changed since the check (no fallback, no padding)
-        max_diff, max_out = deviation if deviation is not None and padded == 0 else \
-            output_deviation(reference, work, example_inputs, random_batches)
+        max_diff, max_out = (
+            deviation
+            if deviation is not None and padded == 0
+            else output_deviation(reference, work, example_inputs, random_batches)
+        )
         report = PruneReport(
-            mode=mode, params_before=count_params(reference), params_after=count_params(work),
-            macs_before=count_macs(reference, example_inputs), macs_after=count_macs(work, example_inputs),
-            fuse_seconds=t1 - t0, plan_seconds=t2 - t1, prune_seconds=t3 - t2,
-            max_abs_diff=max_diff, max_abs_output=max_out, channels_folded=folded,
+            mode=mode,
+            params_before=count_params(reference),
+            params_after=count_params(work),
+            macs_before=count_macs(reference, example_inputs),
+            macs_after=count_macs(work, example_inputs),
+            fuse_seconds=t1 - t0,
+            plan_seconds=t2 - t1,
+            prune_seconds=t3 - t2,
+            max_abs_diff=max_diff,
+            max_abs_output=max_out,
+            channels_folded=folded,
             layers=[LayerChange(n, widths_before[n], widths_after[n]) for n in widths_before],
-            align=align, channels_padded=padded, notes=notes,
+            align=align,
+            channels_padded=padded,
+            notes=notes,
         )
     finally:
         reference.train(was_training)
     if mode == "exact" and report.rel_diff > rtol:
-        raise NotExactError(f"pruning changed the output by {max_diff:.3g} ({report.rel_diff:.3g} relative, "
-                            f"limit {rtol:g}); the model has an operation the planner does not understand")
+        raise NotExactError(
+            f"pruning changed the output by {max_diff:.3g} ({report.rel_diff:.3g} relative, "
+            f"limit {rtol:g}); the model has an operation the planner does not understand"
+        )
     work.eval()
     return work, report

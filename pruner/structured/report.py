@@ -1,4 +1,5 @@
 """What a prune did: per-layer widths, sizes, times and the measured output deviation."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -48,18 +49,32 @@ class PruneReport:
     def table(self) -> str:
         """A plain-text table: per-layer channels, then the totals."""
         rows = [f"{'layer':<36} {'before':>7} {'after':>7}"]
-        rows += [f"{c.name:<36} {c.channels_before:>7} {c.channels_after:>7}" for c in self.layers
-                 if c.channels_after != c.channels_before]
+        rows += [
+            f"{c.name:<36} {c.channels_before:>7} {c.channels_after:>7}"
+            for c in self.layers
+            if c.channels_after != c.channels_before
+        ]
         rows.append("")
-        rows.append(f"params       {self.params_before:>12,} -> {self.params_after:>12,}  "
-                    f"({self.params_before / max(self.params_after, 1):.2f}x smaller)")
-        rows.append(f"MACs         {self.macs_before:>12,} -> {self.macs_after:>12,}  "
-                    f"({self.macs_before / max(self.macs_after, 1):.2f}x fewer)")
-        rows.append(f"channels     {self.channels_removed} removed, {self.channels_folded} folded into biases"
-                    + (f", {self.channels_padded} zero channels added (widths multiples of {self.align})"
-                       if self.align > 1 else ""))
-        rows.append(f"time         fuse {self.fuse_seconds * 1e3:.1f} ms, plan {self.plan_seconds * 1e3:.1f} ms, "
-                    f"prune {self.prune_seconds * 1e3:.1f} ms")
+        rows.append(
+            f"params       {self.params_before:>12,} -> {self.params_after:>12,}  "
+            f"({self.params_before / max(self.params_after, 1):.2f}x smaller)"
+        )
+        rows.append(
+            f"MACs         {self.macs_before:>12,} -> {self.macs_after:>12,}  "
+            f"({self.macs_before / max(self.macs_after, 1):.2f}x fewer)"
+        )
+        rows.append(
+            f"channels     {self.channels_removed} removed, {self.channels_folded} folded into biases"
+            + (
+                f", {self.channels_padded} zero channels added (widths multiples of {self.align})"
+                if self.align > 1
+                else ""
+            )
+        )
+        rows.append(
+            f"time         fuse {self.fuse_seconds * 1e3:.1f} ms, plan {self.plan_seconds * 1e3:.1f} ms, "
+            f"prune {self.prune_seconds * 1e3:.1f} ms"
+        )
         rows.append(f"max |diff|   {self.max_abs_diff:.3g} (relative {self.rel_diff:.3g}, mode={self.mode})")
         rows += [f"note         {note}" for note in self.notes]
         return "\n".join(rows)

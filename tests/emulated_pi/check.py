@@ -78,14 +78,34 @@ def apt_download(cache: Path, suite: str, arch: str, packages: list[str], *, clo
     """Debian packages of ``arch`` from ``suite`` into a private apt directory (the host's apt is not touched);
     ``closure``: with every package they depend on, as an empty system would need them."""
     root = cache / f"apt-{suite}-{arch}"
-    for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
-                "var/lib/apt/lists/partial", "var/cache/apt/archives/partial", "var/lib/dpkg"):
+    for sub in (
+        "etc/apt/apt.conf.d",
+        "etc/apt/preferences.d",
+        "etc/apt/sources.list.d",
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+        "var/lib/dpkg",
+    ):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "var/lib/dpkg/status").touch()
     (root / "etc/apt/sources.list").write_text(f"deb [arch={arch} signed-by={KEYRING}] {MIRROR} {suite} main\n")
-    opts = ["-o", f"Dir={root}", "-o", f"Dir::State::status={root}/var/lib/dpkg/status",
-            "-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures::={arch}", "-o", "Debug::NoLocking=1",
-            "-o", "Acquire::Languages=none", "-o", "APT::Sandbox::User=root", "-q"]
+    opts = [
+        "-o",
+        f"Dir={root}",
+        "-o",
+        f"Dir::State::status={root}/var/lib/dpkg/status",
+        "-o",
+        f"APT::Architecture={arch}",
+        "-o",
+        f"APT::Architectures::={arch}",
+        "-o",
+        "Debug::NoLocking=1",
+        "-o",
+        "Acquire::Languages=none",
+        "-o",
+        "APT::Sandbox::User=root",
+        "-q",
+    ]
     archives = root / "var/cache/apt/archives"
     sh(["apt-get", *opts, "update"])
     if closure:
@@ -144,8 +164,22 @@ def install_site(cache: Path, suite: str, wheel: Path, onnxruntime: str | None) 
     py = USERLANDS[suite]
     site = cache / f"site-{suite}-{onnxruntime or 'resolved'}"
     shutil.rmtree(site, ignore_errors=True)
-    base = [sys.executable, "-m", "pip", "install", "-q", "--target", str(site), "--python-version", py,
-            "--implementation", "cp", "--abi", f"cp{py.replace('.', '')}", "--only-binary=:all:"]
+    base = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--target",
+        str(site),
+        "--python-version",
+        py,
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{py.replace('.', '')}",
+        "--only-binary=:all:",
+    ]
     base += [arg for p in PLATFORMS for arg in ("--platform", p)]
     if onnxruntime is None:
         sh([*base, str(wheel)])
@@ -175,9 +209,17 @@ def make_portfolio(work: Path) -> tuple[Path, Path, Path, Path, Path]:
     cross = manifest_for(blobs)
     for v in cross["variants"]:
         if v["name"] == "w32-int8":
-            v.update(precision="int8", device_timing="pending", quantization={
-                "source": "w32", "format": "qdq", "activations": "int8", "calibration_samples": 16,
-                "calibration_method": "minmax"})
+            v.update(
+                precision="int8",
+                device_timing="pending",
+                quantization={
+                    "source": "w32",
+                    "format": "qdq",
+                    "activations": "int8",
+                    "calibration_samples": 16,
+                    "calibration_method": "minmax",
+                },
+            )
     write_zip(work / "pi-cross.zip", cross, {variant_file(n): d for n, d in blobs.items()})
     images = work / "images"
     images.mkdir()
@@ -205,14 +247,56 @@ class Commands:
         return {
             "help": ["-m", "edgeshift", "--help"],
             "inspect": ["-m", "edgeshift", "inspect", str(self.portfolio)],
-            "bench": ["-m", "edgeshift", "bench", str(self.portfolio), "--profile", profile,
-                      "--json", str(self.out / f"bench-{tag}.json")],
-            "run": ["-m", "edgeshift", "run", str(self.portfolio), "--images", str(self.images), "--profile", profile,
-                    "--variant", "w16", "--top", "2"],
-            "run-int8": ["-m", "edgeshift", "run", str(self.portfolio), "--images", str(self.images),
-                         "--profile", profile, "--variant", "w32-int8", "--top", "2"],
-            "simulate": ["-m", "edgeshift", "simulate", str(self.portfolio), "--trace", str(self.trace),
-                         "--profile", profile, "--policy", "qps-trend"],
+            "bench": [
+                "-m",
+                "edgeshift",
+                "bench",
+                str(self.portfolio),
+                "--profile",
+                profile,
+                "--json",
+                str(self.out / f"bench-{tag}.json"),
+            ],
+            "run": [
+                "-m",
+                "edgeshift",
+                "run",
+                str(self.portfolio),
+                "--images",
+                str(self.images),
+                "--profile",
+                profile,
+                "--variant",
+                "w16",
+                "--top",
+                "2",
+            ],
+            "run-int8": [
+                "-m",
+                "edgeshift",
+                "run",
+                str(self.portfolio),
+                "--images",
+                str(self.images),
+                "--profile",
+                profile,
+                "--variant",
+                "w32-int8",
+                "--top",
+                "2",
+            ],
+            "simulate": [
+                "-m",
+                "edgeshift",
+                "simulate",
+                str(self.portfolio),
+                "--trace",
+                str(self.trace),
+                "--profile",
+                profile,
+                "--policy",
+                "qps-trend",
+            ],
             "api": [str(HERE / "on_device.py"), str(self.portfolio), str(self.inputs), profile],
             "bench-save": ["-m", "edgeshift", "bench", str(self.cross), "--profile", profile, "--save"],
         }
@@ -228,8 +312,7 @@ class Outcome:
 
 def run_python(python: list[str], args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     """Run in ``cwd`` (not the checkout, whose ``edgeshift/`` folder ``-m`` would otherwise pick up)."""
-    return subprocess.run([*python, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=COMMAND_TIMEOUT_S)
+    return subprocess.run([*python, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
 
 
 def crash_name(returncode: int) -> str:
@@ -252,8 +335,9 @@ def parse_run(stdout: str) -> list[tuple[str, list[tuple[str, float]]]]:
     return rows
 
 
-def compare(name: str, device: subprocess.CompletedProcess, host: subprocess.CompletedProcess, out: Path,
-            tag: str) -> str | None:
+def compare(
+    name: str, device: subprocess.CompletedProcess, host: subprocess.CompletedProcess, out: Path, tag: str
+) -> str | None:
     """What is wrong with the device's answer to command ``name`` (None: it matches the host's)."""
     if device.returncode != 0:
         tail = "\n    ".join((device.stdout + device.stderr).strip().splitlines()[-6:])
@@ -322,8 +406,10 @@ def check(cache: Path, onnxruntime: str | None, userlands: list[str], cpus: list
                     raise CheckFailed(f"the host itself fails `{name}`: {host[profile, name].stderr.strip()[-400:]}")
         outcomes = []
         for suite in userlands:
-            say(f"installing the wheel for Python {USERLANDS[suite]} ({suite}) with aarch64 wheels, "
-                f"onnxruntime {onnxruntime or '(resolved by pip)'}")
+            say(
+                f"installing the wheel for Python {USERLANDS[suite]} ({suite}) with aarch64 wheels, "
+                f"onnxruntime {onnxruntime or '(resolved by pip)'}"
+            )
             try:
                 site = install_site(cache, suite, wheel, onnxruntime)
             except CheckFailed as exc:
@@ -338,16 +424,19 @@ def check(cache: Path, onnxruntime: str | None, userlands: list[str], cpus: list
                 outcome, t0 = Outcome(suite, cpu), time.perf_counter()
                 python = [str(qemu), "-cpu", cpu, "-L", str(rootfs[suite]), str(python_exe)]
                 for name, args in commands.for_profile(profile, f"{suite}-{cpu}").items():
-                    problem = compare(name, run_python(python, args, device_env, work), host[profile, name], work,
-                                      f"{suite}-{cpu}")
+                    problem = compare(
+                        name, run_python(python, args, device_env, work), host[profile, name], work, f"{suite}-{cpu}"
+                    )
                     if problem:
                         outcome.failures.append(problem)
                         if "killed by" in problem:
                             break  # a crash at import ends every later command the same way
                 outcome.seconds = time.perf_counter() - t0
                 status = "ok" if not outcome.failures else "FAILED: " + outcome.failures[0]
-                say(f"  {suite} python{USERLANDS[suite]} on {cpu} ({profile}), onnxruntime {ort_version}: "
-                    f"{status} ({outcome.seconds:.0f} s)")
+                say(
+                    f"  {suite} python{USERLANDS[suite]} on {cpu} ({profile}), onnxruntime {ort_version}: "
+                    f"{status} ({outcome.seconds:.0f} s)"
+                )
                 outcomes.append(outcome)
         say(f"done in {time.perf_counter() - started:.0f} s")
         return outcomes
@@ -357,8 +446,12 @@ def check(cache: Path, onnxruntime: str | None, userlands: list[str], cpus: list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=ROOT / "build" / "emulated-pi",
-                        help="where downloads and unpacked userlands are kept (reused by later runs)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "build" / "emulated-pi",
+        help="where downloads and unpacked userlands are kept (reused by later runs)",
+    )
     parser.add_argument("--onnxruntime", help="pin this onnxruntime version (default: what pip resolves)")
     parser.add_argument("--matrix", help="comma-separated onnxruntime versions: run the check for each, print a table")
     parser.add_argument("--userland", action="append", choices=sorted(USERLANDS), help="default: all")
