@@ -20,18 +20,18 @@ $(STAMP): pyproject.toml
 test: lint
 	$(PY) -m pytest
 
-# ruff (lint + format) and mypy on the device side and the bottom layer. mypy reads them through a tree of links
-# named as the installed package (build/typecheck/edgeshift/...), since the folders install under other names.
-DEVICE_SIDE := edgeshift runtime device_profiles
+# ruff (lint + format) over the whole tree; mypy over every package, then tests/ and benchmarks/ against them. mypy
+# reads the packages through a tree of links named as the installed package (build/typecheck/edgeshift/...), since
+# the folders install under other names.
+PACKAGES := runtime device_profiles pruner exporter
 lint: $(STAMP)
-	$(VENV)/bin/ruff check $(DEVICE_SIDE)
-	$(VENV)/bin/ruff format --check $(DEVICE_SIDE)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	rm -rf build/typecheck && mkdir -p build/typecheck/edgeshift
 	for f in core __init__.py __main__.py cli.py; do ln -s ../../../edgeshift/$$f build/typecheck/edgeshift/$$f; done
-	ln -s ../../../runtime build/typecheck/edgeshift/runtime
-	ln -s ../../../device_profiles build/typecheck/edgeshift/device_profiles
-	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p edgeshift.core \
-		-p edgeshift.runtime -p edgeshift.device_profiles -m edgeshift -m edgeshift.cli
+	for p in $(PACKAGES); do ln -s ../../../$$p build/typecheck/edgeshift/$$p; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p edgeshift
+	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml ../../tests ../../benchmarks
 
 # The whole pipeline (configs/demo.toml) on generated data, or DATA=path ARCH=name OUT=dir.
 DATA ?= generated

@@ -28,6 +28,9 @@ def synthetic_sparse(
         m.weight.mul_(scale.reshape(-1, *[1] * (m.weight.dim() - 1)))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert (
+                m.running_mean is not None and m.running_var is not None and m.weight is not None and m.bias is not None
+            )
             m.running_var.uniform_(0.5, 1.5)
             m.bias.normal_(0, 0.1)
     if compression > 1:

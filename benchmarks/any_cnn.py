@@ -85,6 +85,9 @@ def plant(model: nn.Module, seed: int = 0, zero: float = 0.30, constant: float =
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             c = m.num_features
+            assert (
+                m.running_mean is not None and m.running_var is not None and m.weight is not None and m.bias is not None
+            )
             m.running_mean.normal_(0, 0.1, generator=gen)
             m.running_var.uniform_(0.5, 1.5, generator=gen)
             m.weight.uniform_(0.5, 1.5, generator=gen)  # timm zero-initialises residual branches' last gamma

@@ -75,8 +75,8 @@ def main() -> None:
         fp32 = fp32_onnx(model, shape)
         if trained:
             record = record_of(model)
-            train = load_dataset(args.data, "train", num_classes=record.num_classes, size=record.input_size)
-            test = load_dataset(args.data, "test", num_classes=record.num_classes, size=record.input_size)
+            train = load_dataset(args.data, "train", num_classes=record.classes, size=record.input_size)
+            test = load_dataset(args.data, "test", num_classes=record.classes, size=record.input_size)
             train = dataclasses.replace(train.subset(args.calibration_samples), mean=test.mean, std=test.std)
             calibration = Calibration(train.normalised(), args.calibration_method, train.name)
         else:
@@ -87,7 +87,7 @@ def main() -> None:
                 "random",
             )
         blobs = {"fp32": fp32, **{s.label: quantize_onnx(fp32, calibration, s, name=name) for s in schemes}}
-        row = {"bytes": {k: len(v) for k, v in blobs.items()}, "p50_ms": {}, "speedup": {}, "top1": {}}
+        row: dict[str, dict] = {"bytes": {k: len(v) for k, v in blobs.items()}, "p50_ms": {}, "speedup": {}, "top1": {}}
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         for threads in args.threads:
             profile = timing_profile(args.profile, threads=threads)

@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from _common import width_pruned
 from edgeshift.pruner.models.record import record_of
@@ -34,7 +35,7 @@ def interleaved_p50(models: dict, profile, rounds: int) -> dict:
     from edgeshift.pruner.layers.layerprune import measure_latency
 
     measure = OrtMeasurer(profile)
-    seen = {k: [] for k in models}
+    seen: dict[Any, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for k, m in models.items():
             seen[k].append(measure_latency(m, measure)["p50_ms"])
@@ -101,14 +102,14 @@ def main() -> None:
     profile = device_profiles.load_profile(args.profile)
     dense, _ = load_checkpoint(args.checkpoint)
     record = record_of(dense)
-    train_ds = load_dataset(args.data, "train", num_classes=record.num_classes, size=record.input_size)
+    train_ds = load_dataset(args.data, "train", num_classes=record.classes, size=record.input_size)
     train_ds = train_ds.subset(args.train_samples, 0)
-    test_ds = load_dataset(args.data, "test", num_classes=record.num_classes, size=record.input_size)
+    test_ds = load_dataset(args.data, "test", num_classes=record.classes, size=record.input_size)
     dense_acc = reports[(args.criteria[0], 1)]["accuracy_before"]
     layer_models = {key: load_checkpoint(args.out / f"{key[0]}-remove{key[1]}.pt")[0] for key in reports}
     ratios = [round(0.05 * i, 2) for i in range(1, 15)]
     # every latency in one pass, interleaved, median of rounds: models compared under the same conditions
-    candidates = {
+    candidates: dict[Any, Any] = {
         "dense": dense,
         **{k: m for k, m in layer_models.items()},
         **{("width", r): width_pruned(dense, r) for r in ratios},
@@ -134,7 +135,7 @@ def main() -> None:
             save_checkpoint(model, args.out / f"width-l1-{r:g}.pt", meta={"test_accuracy": doc["accuracy_after"]})
             path.write_text(json.dumps(doc))
         width_docs[r] = json.loads(path.read_text())
-    final = {
+    final: dict[Any, Any] = {
         "dense": dense,
         **layer_models,
         **{("width", r): load_checkpoint(args.out / f"width-l1-{r:g}.pt")[0] for r in width_docs},

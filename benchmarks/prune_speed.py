@@ -30,6 +30,9 @@ def synthetic_sparse_vgg16(compression: float = 16.0, seed: int = 0) -> nn.Modul
         m.weight.mul_(torch.exp(torch.randn(m.weight.shape[0]) * 1.0).reshape(-1, *[1] * (m.weight.dim() - 1)))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert (
+                m.running_mean is not None and m.running_var is not None and m.weight is not None and m.bias is not None
+            )
             m.running_var.uniform_(0.5, 1.5)
             m.bias.normal_(0, 0.1)
     scores = torch.cat([m.weight.abs().flatten() for m in layers])

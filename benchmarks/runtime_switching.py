@@ -52,6 +52,7 @@ def run_phase(rt: Runtime, inputs, refs, seconds: float | None, switcher=None):
     if switcher is not None:
         switcher()
     else:
+        assert seconds is not None  # a phase without a switcher runs for a set time
         time.sleep(seconds)
     stop.set()
     for t in threads:
@@ -108,7 +109,7 @@ def main() -> None:
             if s["reason"] == "benchmark"
         ]
         # every session open at once (benchmark only: reaches into the runtime to swap prebuilt slots)
-        slots = {n: rt._build(n)[0] for n in names}
+        slots = {n: rt._build(n).slot for n in names}
         rt._active = slots[start]
 
         def replay():

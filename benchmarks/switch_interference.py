@@ -55,8 +55,8 @@ def job_fn(job: str, rt: Runtime, other: str, raw: bytes):
 
         return paced
     if job in ("build", "build-paced"):
-        paced = job == "build-paced"
-        return lambda: rt._build(other, paced=paced)
+        pace = job == "build-paced"
+        return lambda: rt._build(other, paced=pace)
     raise SystemExit(f"unknown job {job!r}; known: none, sha, sha-paced:K, build, build-paced")
 
 

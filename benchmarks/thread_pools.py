@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,9 @@ def _measure(model: bytes, mode: str, profile_name: str, repeats: int) -> list[l
                     samples.append(time.perf_counter() - t)
             out.append([percentile_stats(samples, 1).p50_ms])
         else:
-            calls = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
+            calls: dict[str, Callable[[], object]] = {
+                name: functools.partial(s.run, None, feed) for name, s in sessions.items()
+            }
             stats = time_interleaved(
                 calls,
                 warmup=settings.warmup,

@@ -34,6 +34,12 @@ m = torchvision.models.resnet18(num_classes=10).eval()
 with torch.no_grad():
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
+            assert (
+                mod.running_mean is not None
+                and mod.running_var is not None
+                and mod.weight is not None
+                and mod.bias is not None
+            )
             mod.running_var.uniform_(0.5, 1.5)
             mod.weight.uniform_(0.5, 1.5)
 print("resnet18 blocks:", [c.name for c in find_candidates(m, torch.randn(1, 3, 64, 64)) if c.kind == "block"])
@@ -104,6 +110,12 @@ for name in ("vgg11_bn", "alexnet"):
                 c.bias[dead] = 0
             if id(c) in bns:
                 b = bns[id(c)]
+                assert (
+                    b.running_mean is not None
+                    and b.running_var is not None
+                    and b.weight is not None
+                    and b.bias is not None
+                )
                 b.running_var.uniform_(0.5, 1.5)
                 b.weight[dead] = 0
                 b.bias[dead] = 0
@@ -112,9 +124,9 @@ for name in ("vgg11_bn", "alexnet"):
     pruned, report = prune_zero_channels(m, x)
     took = time.time() - t
     diff, scale = oracle_same(m, pruned, torch.randn(2, 3, 224, 224, generator=g))
-    removed = 1 - report.params_after / report.params_before
+    share_removed = 1 - report.params_after / report.params_before
     print(
         f"{name}: {took:.1f} s, params {report.params_before:,} -> {report.params_after:,} "
-        f"({100 * removed:.1f}% removed), "
+        f"({100 * share_removed:.1f}% removed), "
         f"float64 max |diff| {diff:.2e} of {scale:.2f}, notes {report.notes}"
     )

@@ -144,14 +144,15 @@ def export_portfolio(
     mean = list(record.normalisation.mean) if record.normalisation else None
     std = list(record.normalisation.std) if record.normalisation else None
     if data is not None:
-        ds = load_dataset(data, "test", num_classes=record.num_classes, size=record.input_size)
+        ds = load_dataset(data, "test", num_classes=record.classes, size=record.input_size)
         if ds.num_classes != record.num_classes:
             raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {record.num_classes}")
         ds = ds.subset(test_samples)
         test, labels, mean, std = TestData(ds.normalised(), ds.labels, ds.name), ds.classes, list(ds.mean), list(ds.std)
     calibration = None
     if int8:
-        train = load_dataset(data, "train", num_classes=record.num_classes, size=record.input_size)
+        assert data is not None and mean is not None and std is not None  # int8 needs --data, checked above
+        train = load_dataset(data, "train", num_classes=record.classes, size=record.input_size)
         train = dataclasses.replace(train.subset(calibration_samples), mean=tuple(mean), std=tuple(std))
         calibration = Calibration(train.normalised(), calibration_method, train.name)  # type: ignore[arg-type]
     example = torch.randn(input_shape(next(iter(models.values())), 2), generator=torch.Generator().manual_seed(0))

@@ -9,6 +9,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from edgeshift.pruner.fuse import fuse_conv_bn
@@ -110,7 +111,7 @@ def _torch_to_onnx_bytes(model, example_inputs, opset: int) -> bytes:
         torch.onnx.export(
             model,
             (example_inputs,),
-            buf,
+            cast(Any, buf),  # a file object works as well as a path; the stubs name paths only
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],

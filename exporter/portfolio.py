@@ -229,12 +229,12 @@ def _int8_variants(
                 + ("; trying the other setting" if attempt is tries[0] else "")
             )
         if agree is not None and agree < floor:
-            figures = ", ".join(f"{100 * a:.1f}% with reduce_range {r}" for r, a in measured)
+            figures = ", ".join(f"{100 * a:.1f}% with reduce_range {r}" for r, a in measured if a is not None)
             dropped.append(
                 {
                     "name": qname,
                     "reason": f"INT8 agrees with its FP32 source {name} on {figures} of "
-                    f"{len(test_data.y)} test images, under the profile's "
+                    f"{_samples(test_data)} test images, under the profile's "
                     f"quantization.min_agreement {100 * floor:.0f}%",
                 }
             )
@@ -277,6 +277,10 @@ def _int8_variants(
         }
         out[qname] = _Built(entry, data, session, logits)
     return out, dropped
+
+
+def _samples(test: TestData | None) -> int:
+    return len(test.y) if test is not None else 0
 
 
 def build_portfolio(
@@ -324,7 +328,7 @@ def build_portfolio(
     reference = reference or max(variants, key=lambda n: count_params(variants[n]))
     channels = int(example_inputs.shape[1])
     built: dict[str, _Built] = {}
-    num_classes = None
+    num_classes = 0  # the variants' output width, from the first export
     with tempfile.TemporaryDirectory(prefix="edgeshift-export-") as tmp:
         for name, model in variants.items():
             path = Path(tmp) / f"{name}.onnx"
@@ -338,11 +342,11 @@ def build_portfolio(
             say(
                 f"   {name}: exported ({len(built) + 1}/{len(variants)}), {exp.params:,} params, {len(data):,} ONNX "
                 f"bytes, max |ONNX - torch| {exp.max_abs_diff:.1e}"
-                + ("" if top1 is None else f", top-1 {100 * top1:.2f}% on {len(test_data.y)} test images")
+                + ("" if top1 is None else f", top-1 {100 * top1:.2f}% on {_samples(test_data)} test images")
             )
             num_classes = int(exp.output_shape[1])
-            pr = prune_reports.get(name)
-            pr = pr.to_dict() if hasattr(pr, "to_dict") else pr
+            report = prune_reports.get(name)
+            pr = report.to_dict() if report is not None and hasattr(report, "to_dict") else report
             built[name] = _Built(
                 {
                     "name": name,
@@ -357,7 +361,12 @@ def build_portfolio(
                     "reference": name == reference,
                     "accuracy": None
                     if top1 is None
-                    else {"top1": top1, "top5": top5, "samples": len(test_data.y), "dataset": test_data.name},
+                    else {
+                        "top1": top1,
+                        "top5": top5,
+                        "samples": _samples(test_data),
+                        "dataset": test_data.name if test_data else "",
+                    },
                     "exactness": {
                         "onnx_vs_torch_max_abs_diff": exp.max_abs_diff,
                         "onnx_vs_torch_rel_diff": exp.rel_diff,
@@ -430,8 +439,8 @@ def build_portfolio(
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise EdgeshiftError(f"{len(labels)} labels given for a model with {num_classes} classes")
-    quantized = int8 is not None and any(e.get("precision") == "int8" for e in kept)
-    checks_record, checks_data = check_inputs_member(int8.x) if quantized else (None, None)
+    has_int8 = any(e.get("precision") == "int8" for e in kept)
+    checks_record, checks_data = check_inputs_member(int8.x) if int8 is not None and has_int8 else (None, None)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         producer="edgeshift 0.1.0",

@@ -79,12 +79,15 @@ class Int8Scheme:
 
 def schemes_for(settings: QuantizationSettings) -> list[Int8Scheme]:
     """The profile's scheme, or for ``format = "auto"`` the candidates to time against each other."""
+    reduce_range = settings.reduce_range
+    if isinstance(reduce_range, str):  # "auto": loading the profile resolves it for the machine that builds
+        raise ValueError("reduce_range is still 'auto': quantize with a profile from load_profile")
     if settings.format == "auto":
         return [
-            Int8Scheme("qoperator", "uint8", settings.per_channel, settings.reduce_range),
-            Int8Scheme("qdq", "int8", settings.per_channel, settings.reduce_range),
+            Int8Scheme("qoperator", "uint8", settings.per_channel, reduce_range),
+            Int8Scheme("qdq", "int8", settings.per_channel, reduce_range),
         ]
-    return [Int8Scheme(settings.format, settings.activations, settings.per_channel, settings.reduce_range)]
+    return [Int8Scheme(settings.format, settings.activations, settings.per_channel, reduce_range)]
 
 
 class _Reader:

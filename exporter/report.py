@@ -87,7 +87,11 @@ def pareto_png(portfolio: Portfolio, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     pts = [
-        (v, v.record.latency and v.record.latency.p50_ms, v.record.accuracy and v.record.accuracy.top1)
+        (
+            v,
+            v.record.latency.p50_ms if v.record.latency else None,
+            v.record.accuracy.top1 if v.record.accuracy else None,
+        )
         for v in portfolio.variants
     ]
     biggest = max(v.bytes for v in portfolio.variants)

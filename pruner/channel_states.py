@@ -10,6 +10,7 @@ constants times the weights). Unknown operations make their outputs ``nan``, whi
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def _apply_elementwise(fn, values: np.ndarray, ndim: int) -> np.ndarray:
     return fn(t).reshape(-1).double().numpy()
 
 
-def used_weights(layer: nn.Module) -> np.ndarray:
+def used_weights(layer: nn.Conv2d | nn.Linear) -> np.ndarray:
     """Bool [out, in_per_group]: whether any weight linking output o and input i is nonzero.
 
     A sum of |w| is 0 iff every w is (so -0.0 counts as zero); the sum over the kernel is a product with a ones
@@ -92,7 +93,7 @@ def used_weights(layer: nn.Module) -> np.ndarray:
     return out.numpy()
 
 
-def _layer_output(layer: nn.Module, inp: np.ndarray, used: np.ndarray) -> np.ndarray:
+def _layer_output(layer: nn.Conv2d | nn.Linear, inp: np.ndarray, used: np.ndarray) -> np.ndarray:
     """Per-output-channel constant of a Conv2d/Linear given its per-input-channel constants."""
     out_ch, in_per_group = layer.weight.shape[0], layer.weight.shape[1]
     groups = getattr(layer, "groups", 1)
@@ -209,14 +210,18 @@ def channel_states(
         return None
 
     for node in gm.graph.nodes:
-        out = _unknown(node)
-        shape_in = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        out: Any = _unknown(node)  # an array of per-channel constants, a list of them (a split), or None
+        shape = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         x = state(node.args[0]) if node.args else None
+        if isinstance(x, np.ndarray) and shape is None:  # no recorded shape: nothing is known about its output
+            states[node] = out
+            continue
+        shape_in: tuple = shape or ()  # recorded wherever the input's state is known
         if node.op == "call_module":
             m = mods[node.target]
             if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(x, np.ndarray):
                 layer_inputs.setdefault(m, []).append(x)
-                if isinstance(m, nn.Conv2d) or (shape_in is not None and len(shape_in) == 2):
+                if isinstance(m, nn.Conv2d) or (shape is not None and len(shape_in) == 2):
                     out = _layer_output(m, x, used[m])
             elif isinstance(m, ELEMENTWISE_MODULES) and isinstance(x, np.ndarray):
                 out = _apply_elementwise(m, x, len(shape_in))
@@ -234,7 +239,7 @@ def channel_states(
                 if (
                     a is not None
                     and b is not None
-                    and _shape(node) is not None
+                    and out is not None
                     and np.shape(a) in ((), np.shape(out))
                     and np.shape(b) in ((), np.shape(out))
                 ):
@@ -253,19 +258,15 @@ def channel_states(
                 f = getattr(torch.Tensor, fn) if isinstance(fn, str) else fn
                 out = _apply_elementwise(lambda t: f(t), x, len(shape_in))
             elif fn in (torch.flatten, "flatten", "view", "reshape") and isinstance(x, np.ndarray):
-                shape_out = _shape(node)
-                if shape_out is not None and len(shape_out) == 2 and shape_in[0] == shape_out[0]:
+                flat_shape = _shape(node)
+                if flat_shape is not None and len(flat_shape) == 2 and shape_in[0] == flat_shape[0]:
                     out = _flatten_states(x, shape_in)
             elif fn in (F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d) and isinstance(x, np.ndarray):
                 out = x.copy()
             elif fn == "mean" and isinstance(x, np.ndarray):
                 dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
                 dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
-                if (
-                    all(d not in (0, 1) and d is not None for d in dims)
-                    and _shape(node) is not None
-                    and len(_shape(node)) >= 2
-                ):
+                if all(d not in (0, 1) and d is not None for d in dims) and len(_shape(node) or ()) >= 2:
                     out = x.copy()
             elif fn in SPLITS and isinstance(x, np.ndarray):
                 out = _split_states(node, x)
@@ -281,7 +282,8 @@ def channel_states(
                 dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
                 if dim == 1 and all(isinstance(p, np.ndarray) for p in parts):
                     out = np.concatenate(parts)
-        if out is not None and _shape(node) is not None and np.shape(out) != (_shape(node)[1],):
+        shape_out = _shape(node)
+        if out is not None and shape_out is not None and np.shape(out) != (shape_out[1],):
             out = _unknown(node)
         states[node] = out
     return layer_inputs

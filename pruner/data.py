@@ -224,8 +224,8 @@ def model_splits(
     """The training and test splits of ``data`` for a model of ``record`` (its class count and input size),
     optionally stratified subsets; refuses data with another class count."""
 
-    train = load_dataset(data, "train", num_classes=record.num_classes, size=record.input_size)
-    test = load_dataset(data, "test", num_classes=record.num_classes, size=record.input_size)
+    train = load_dataset(data, "train", num_classes=record.classes, size=record.input_size)
+    test = load_dataset(data, "test", num_classes=record.classes, size=record.input_size)
     if train.num_classes != record.num_classes:
         raise EdgeshiftError(
             f"the data has {train.num_classes} classes, the model {record.num_classes}: pass the data it was trained on"

@@ -19,6 +19,8 @@ from .models.record import has_record, record_of, set_record
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
     """The modules and functions timm marks as not traceable (where timm is already imported: a timm model)."""
     fx_mod = sys.modules.get("timm.layers._fx")
+    if fx_mod is None:
+        return (), ()
     try:
         return tuple(fx_mod.get_notrace_modules()), tuple(fx_mod.get_notrace_functions())
     except Exception:  # no timm, or a timm whose private helpers moved: trace without its lists
@@ -95,7 +97,7 @@ class Tracer(fx.Tracer):
             if n not in needed:
                 needed.add(n)
                 stack.extend(n.all_input_nodes)
-        graph, env = fx.Graph(), {}
+        graph, env = fx.Graph(), dict[fx.Node, fx.Node]()
         for n in self.graph.nodes:
             if n in needed:
                 env[n] = graph.node_copy(n, lambda a: env[a])
@@ -213,7 +215,7 @@ def _foldable_norm(bn: nn.Module | None) -> bool:
 def _remainder(bn: nn.Module) -> nn.Module:
     if type(bn) is nn.BatchNorm2d:
         return nn.Identity()
-    return NormActRemainder(getattr(bn, "drop", None) or nn.Identity(), bn.act)
+    return NormActRemainder(getattr(bn, "drop", None) or nn.Identity(), bn.get_submodule("act"))
 
 
 def conv_bn_pairs(
@@ -223,7 +225,7 @@ def conv_bn_pairs(
     nothing else."""
     gm = gm or trace(model, example_inputs)
     mods = dict(model.named_modules())
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not _foldable_norm(mods.get(node.target)):
             continue
@@ -234,13 +236,14 @@ def conv_bn_pairs(
             and isinstance(mods.get(src.target), nn.Conv2d)
             and len(src.users) == 1
         ):
-            pairs.append((src.target, node.target))
+            pairs.append((str(src.target), str(node.target)))
     return pairs
 
 
 @torch.no_grad()
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Rewrite ``conv`` in place so conv(x) equals bn(conv(x)) in eval mode (per-channel factors in float64)."""
+    assert bn.running_mean is not None and bn.running_var is not None  # eval-mode statistics are what is folded
     b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
     gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(b)
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(b)
@@ -303,6 +306,8 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, example_inputs: torch.
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return model  # nothing to fuse: no need to trace
     for conv_name, bn_name in conv_bn_pairs(model, example_inputs=example_inputs):
-        fold_bn_into_conv(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)  # as conv_bn_pairs chose them
+        fold_bn_into_conv(conv, bn)
         model.set_submodule(bn_name, _remainder(model.get_submodule(bn_name)))
     return model

@@ -25,6 +25,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,7 +114,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, train_cfg: TrainConfig) -> di
     creates it. Checking while rank 0 was writing made the other rank see a folder holding only run.json's
     temporary file and refuse it as "not an edgeshift run directory": the flaky failure of the README's
     torchrun line."""
-    doc = {"config_hash": cfg.hash(train_cfg), "run": asdict(cfg), "train": config_dict(train_cfg)}
+    doc: dict[str, Any] = {"config_hash": cfg.hash(train_cfg), "run": asdict(cfg), "train": config_dict(train_cfg)}
     meta = run_dir / "run.json"
     old = None
     if run_dir.exists():

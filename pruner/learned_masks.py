@@ -208,13 +208,15 @@ class LearnedMasks(nn.Module):
         # the weight is in units of the dearest gate: its pull on the loss starts at ``cfg.weight``
         ones = [torch.ones(n, requires_grad=True) for n in self._sizes]
         (self._cost(ones) / self.dense_cost).backward()
-        dearest = max(float(o.grad.max()) for o in ones)
+        grads = [o.grad for o in ones if o.grad is not None]
+        assert len(grads) == len(ones)  # every gate has a price
+        dearest = max(float(g.max()) for g in grads)
         self._dearest = dearest
         self.weight = (self.cfg.weight or 0.01) / dearest
         # each gate's step is scaled by dearest / its price (a diagonal preconditioner: the balance points do not
         # move): every gate drifts shut at one speed, and a closed gate reopens when its task gradient per unit of
         # price beats the weight, so channels close in order of importance per cost, not of cost alone
-        self._step_scale = [dearest / o.grad.clamp(min=dearest / 100) for o in ones]
+        self._step_scale = [dearest / g.clamp(min=dearest / 100) for g in grads]
 
     def plan(self, total_steps: int) -> None:
         """Tell the gates how many steps they train: the target ramps over ``ramp`` of them and, without a given

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
         nonlocal total
         total += out[0].numel() * m.in_features
 
-    hooks = []
+    hooks: list[tuple[nn.Module, Callable[..., Any]]] = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append((m, conv_hook))

@@ -173,7 +173,7 @@ class PaiReport:
             f"MACs     {self.macs_dense:>12,} -> {self.macs_after:>12,} "
             f"({self.macs_dense / max(self.macs_after, 1):.2f}x fewer)"
         )
-        if self.cpu_speedup is not None:
+        if self.cpu_speedup is not None and self.latency_dense is not None and self.latency_after is not None:
             rows.append(
                 f"ORT CPU  p50 {self.latency_dense['p50_ms']:.2f} ms -> {self.latency_after['p50_ms']:.2f} ms "
                 f"({self.cpu_speedup:.2f}x faster, batch {self.latency_after['batch']})"
@@ -344,6 +344,7 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
     cfg.validate()
     if cfg.profile and measure is None:
         raise ValueError("pai(cfg) with cfg.profile needs a measurer (edgeshift.exporter.profile.cpu_measurer)")
+    measurer = measure if cfg.profile else None
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = sources.create(
@@ -353,10 +354,11 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
     example = _example(model, 1)
     params_dense, macs_dense = count_params(model), count_macs(model, example)
     profile_seconds = 0.0
-    latency_dense = bytes_dense = None
-    if cfg.profile:
+    latency_dense: dict | None = None
+    bytes_dense: int | None = None
+    if measurer is not None:
         tp = time.perf_counter()
-        latency_dense, bytes_dense = _latency(model, cfg, measure)
+        latency_dense, bytes_dense = _latency(model, cfg, measurer)
         profile_seconds += time.perf_counter() - tp
 
     mask = sparse.full_mask(model)
@@ -365,10 +367,12 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
     params_after, macs_after = count_params(model), count_macs(model, example)
     nonzero = params_after - sum(int((~m).sum()) for m in new_mask.values())
 
-    latency_after = bytes_after = speedup = None
-    if cfg.profile:
+    latency_after: dict | None = None
+    bytes_after: int | None = None
+    speedup: float | None = None
+    if measurer is not None and latency_dense is not None:
         tp = time.perf_counter()
-        latency_after, bytes_after = _latency(model, cfg, measure)
+        latency_after, bytes_after = _latency(model, cfg, measurer)
         profile_seconds += time.perf_counter() - tp
         speedup = latency_dense["p50_ms"] / latency_after["p50_ms"]
     seconds = time.perf_counter() - t0

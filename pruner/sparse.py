@@ -20,9 +20,14 @@ from .models.zoo import input_shape
 Mask = dict[str, torch.Tensor]
 
 
-def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None  # every prunable weight takes part in the forward pass
+    return p.grad
+
+
+def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights pruning acts on: every Conv2d and Linear weight, by parameter name."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             out[f"{name}.weight" if name else "weight"] = m.weight
@@ -108,12 +113,12 @@ def _synflow(model: nn.Module, mask: Mask, keep: int, seed: int = 0, iterations:
     net = copy.deepcopy(model).double().eval()
     params = prunable(net)
     with torch.no_grad():
-        for p in net.parameters():
-            p.abs_()
+        for weight in net.parameters():
+            weight.abs_()
     shape = _input_shape(model)
     x = torch.ones(shape, dtype=torch.float64)
     total_alive = sum(int(m.sum()) for m in mask.values())
-    current = {k: v.clone() for k, v in mask.items()}
+    current: dict[str, torch.Tensor] = {k: v.clone() for k, v in mask.items()}
     originals = {k: p.detach().clone() for k, p in params.items()}
     for it in range(1, iterations + 1):
         with torch.no_grad():
@@ -121,7 +126,7 @@ def _synflow(model: nn.Module, mask: Mask, keep: int, seed: int = 0, iterations:
                 p.copy_(originals[k] * current[k])
         net.zero_grad()
         net(x).sum().backward()
-        scores = {k: (p.grad * p).abs() for k, p in params.items()}
+        scores = {k: (_grad(p) * p).abs() for k, p in params.items()}
         k_keep = int(round(total_alive * (keep / max(total_alive, 1)) ** (it / iterations)))
         current = prune_global(scores, current, k_keep)
     return current

@@ -164,8 +164,9 @@ def cnn_specs(draw, max_blocks: int = 5) -> CNNSpec:
     for _ in range(draw(st.integers(0, max_blocks))):
         kind = draw(st.sampled_from(["conv", "conv", "residual", "concat", "chunks", "shuffle", "se", "pool"]))
         if kind == "conv":
-            block: Block = draw(convs(width, size))
-            width, size = block.out, _out_size(size, block)
+            conv = draw(convs(width, size))
+            block: Block = conv
+            width, size = conv.out, _out_size(size, conv)
         elif kind == "residual":
             projection = draw(st.booleans())
             out = draw(st.sampled_from(WIDTHS)) if projection else width
@@ -230,6 +231,12 @@ class ConvBlock(nn.Module):
         one value (the activation of the norm's bias)."""
         spec, norm = self.spec, self.norm
         if isinstance(norm, nn.BatchNorm2d):
+            assert (
+                norm.running_mean is not None
+                and norm.running_var is not None
+                and norm.weight is not None
+                and norm.bias is not None
+            )
             norm.running_mean.normal_(0, 0.1, generator=generator)
             norm.running_var.uniform_(0.5, 1.5, generator=generator)
             norm.weight.uniform_(0.5, 1.5, generator=generator)
@@ -239,6 +246,7 @@ class ConvBlock(nn.Module):
             for c in spec.constant:
                 norm.weight[c], norm.bias[c] = 0.0, 0.7
         else:
+            assert self.conv.bias is not None  # a conv without a norm after it has a bias
             for c in spec.dead:
                 self.conv.weight[c], self.conv.bias[c] = 0.0, 0.0
             for c in spec.constant:
@@ -299,6 +307,7 @@ class Head(nn.Module):
     def __init__(self, kind: str, c_in: int, size: int, classes: int):
         super().__init__()
         self.kind = kind
+        self.fc: nn.Module
         if kind == "gap-linear":
             self.fc = nn.Linear(c_in, classes)
         elif kind == "flatten-linear":

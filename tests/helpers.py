@@ -35,6 +35,9 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             n = m.num_features
+            assert (
+                m.running_mean is not None and m.running_var is not None and m.weight is not None and m.bias is not None
+            )
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             m.weight.copy_(torch.rand(n, generator=g) + 0.5)
@@ -44,7 +47,8 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
 def following_bn(model: nn.Module) -> dict[nn.Conv2d, nn.BatchNorm2d]:
     from edgeshift.pruner.fuse import conv_bn_pairs
 
-    return {model.get_submodule(c): model.get_submodule(b) for c, b in conv_bn_pairs(model)}
+    pairs = {model.get_submodule(c): model.get_submodule(b) for c, b in conv_bn_pairs(model)}
+    return {c: b for c, b in pairs.items() if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)}
 
 
 @torch.no_grad()
@@ -54,6 +58,9 @@ def zero_filter(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, ch: int, fused_bias:
     if conv.bias is not None:
         conv.bias[ch] = 0
     if bn is not None:
+        assert (
+            bn.running_mean is not None and bn.running_var is not None and bn.weight is not None and bn.bias is not None
+        )
         bn.running_mean[ch] = 0
         bn.bias[ch] = fused_bias
     elif conv.bias is not None:

@@ -108,7 +108,7 @@ def manifest_for(blobs: dict[str, bytes], top1: dict[str, float] | None = None, 
                 "exactness": None,
             }
         )
-    variants.sort(key=lambda v: v["bytes"])
+    variants.sort(key=lambda v: int(str(v["bytes"])))
     next(v for v in variants if v["name"] == reference or reference is None and v is variants[-1])["reference"] = True
     return {
         "schema_version": SCHEMA_VERSION,

@@ -18,6 +18,7 @@ def fresh(shape=(2, 3, 16, 16), seed=7):
 @torch.no_grad()
 def plant(bn: nn.BatchNorm2d, zero=(), constant=(), value=0.7):
     """Channels ``zero`` exactly 0 after the norm, channels ``constant`` equal to ``value``."""
+    assert bn.running_mean is not None and bn.running_var is not None and bn.weight is not None and bn.bias is not None
     bn.running_var.uniform_(0.5, 1.5)
     bn.running_mean.normal_(0, 0.1)
     for c in zero:

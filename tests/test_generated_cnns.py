@@ -145,14 +145,14 @@ def check_architecture(spec: CNNSpec, int8: bool = True) -> dict:
         ops = collections.Counter(n.op_type for n in onnx.load_from_string(int8_model).graph.node)
         assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= 1, ops
         quantized = ort.InferenceSession(int8_model, providers=["CPUExecutionProvider"])
-        x = torch.cat(fresh).numpy()
-        top1 = [s.run(None, {name: x})[0].argmax(1) for s in (session, quantized)]
+        images = torch.cat(fresh).numpy()
+        top1 = [s.run(None, {name: images})[0].argmax(1) for s in (session, quantized)]
         measured["int8_agreement"] = float((top1[0] == top1[1]).mean())
     torch.set_grad_enabled(True)
     return measured
 
 
-def test_random_cnns_prune_exactly_export_and_quantize():
+def test_random_cnns_prune_exactly_export_and_quantize() -> None:
     """The property over the profile's architectures; then every block kind must have been drawn."""
     drawn: collections.Counter = collections.Counter()
     agreements: list[float] = []

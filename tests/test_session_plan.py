@@ -35,7 +35,7 @@ def test_bench_and_runtime_report_the_provider_and_threads_in_effect(tmp_path):
 
 
 @pytest.fixture
-def tensorrt_here(monkeypatch):
+def tensorrt_here(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """This machine has no GPU: make ONNX Runtime report TensorRT, record what each session is given, and write a
     file where TensorRT would write its engine. The session itself is a real CPU session. What a test on this can
     show is the paths each session is given and the kit's reading of those folders; not that TensorRT builds,

@@ -39,7 +39,7 @@ def two_input_graph() -> bytes:
 
 def graphs() -> dict[str, Graph]:
     image = {"input": np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)}
-    pair = {"a": np.ones((2, 5), np.float32), "b": np.arange(3, dtype=np.int64)}
+    pair: dict[str, np.ndarray] = {"a": np.ones((2, 5), np.float32), "b": np.arange(3, dtype=np.int64)}
     return {
         "w4": Graph(tiny_classifier(4), image),
         "w16": Graph(tiny_classifier(16), image),

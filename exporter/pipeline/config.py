@@ -31,7 +31,7 @@ from edgeshift.pruner.methods.base import one_of
 from edgeshift.core.config import load, read_toml, setting
 from edgeshift.core.errors import InputFileError, UnknownNameError, require_file
 
-from ..quantize import CALIBRATION_METHODS
+from ..quantize import CALIBRATION_METHODS, CalibrationMethodName
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class DeploySection:
         "when measured faster than its FP32 source",
     )
     calibration_samples: int = setting(64, "int8: training images for calibration", minimum=1)
-    calibration_method: str = setting(
+    calibration_method: CalibrationMethodName = setting(
         "minmax",
         "int8: minmax | entropy | percentile",
         check=lambda v: None if v in CALIBRATION_METHODS else f"must be one of {', '.join(CALIBRATION_METHODS)}",

@@ -28,6 +28,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -222,7 +223,8 @@ def build_target_variants(cfg: PipelineConfig, variants: Path, dense_path: Path,
         if path.exists():
             continue
         print(f"candidate {i}/{len(unique)} {name}: {steps} training steps", flush=True)
-        model, meta = dense, {}
+        model = dense
+        meta: dict[str, Any] = {}
         if plan.remove:
             lp = LayerPruneConfig(
                 criterion=cfg.variants.criterion, remove=plan.remove, profile=profile.name, seed=cfg.train.seed

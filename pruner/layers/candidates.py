@@ -76,9 +76,10 @@ def adds_its_input(m: nn.Module) -> bool:
         return node
 
     out = skip(out, _ACTIVATION_MODULES)
-    adds = isinstance(out, fx.Node) and (
-        (out.op == "call_function" and out.target in _ADDS)
-        or (out.op == "call_method" and out.target in ("add", "add_"))
+    if not isinstance(out, fx.Node):
+        return False
+    adds = (out.op == "call_function" and out.target in _ADDS) or (
+        out.op == "call_method" and out.target in ("add", "add_")
     )
     return adds and any(skip(arg, _PASS_THROUGH) is inputs[0] for arg in out.args[:2])
 

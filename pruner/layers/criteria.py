@@ -175,14 +175,17 @@ class Imprint(LayerCriterion):
                 onehot = F.one_hot(y, data.num_classes).double()
                 counts += onehot.sum(0)
                 for i, feats in enumerate(captured):
+                    assert feats is not None  # every hook ran in the forward pass
                     part = onehot.T @ _embed(feats, length).double()  # [classes, dim] class sums, eq. 4.2
-                    sums[i] = part if sums[i] is None else sums[i] + part
-            weights = [F.normalize(s / counts.clamp(min=1)[:, None], dim=1) for s in sums]
+                    so_far = sums[i]
+                    sums[i] = part if so_far is None else so_far + part
+            weights = [F.normalize(s / counts.clamp(min=1)[:, None], dim=1) for s in sums if s is not None]
             correct = [0] * len(captured)
             for b in range(0, len(data.heldout_y), data.batch_size):
                 y = data.heldout_y[b : b + data.batch_size]
                 model(data.heldout_x[b : b + data.batch_size])
                 for i, feats in enumerate(captured):
+                    assert feats is not None
                     pred = (_embed(feats, length).double() @ weights[i].T).argmax(1)  # eq. 4.3
                     correct[i] += int((pred == y).sum())
         finally:

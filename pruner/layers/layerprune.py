@@ -105,7 +105,7 @@ class LayerPruneReport:
             f"{self.latency_before['p95_ms']:.3f} -> {self.latency_after['p95_ms']:.3f} ms "
             f"({100 * self.latency_reduction:.1f}% lower p50, profile {self.profile}, ONNX Runtime)"
         )
-        if self.accuracy_before is not None:
+        if self.accuracy_before is not None and self.accuracy_removed is not None:
             acc = f"top-1    {100 * self.accuracy_before:.2f}% -> {100 * self.accuracy_removed:.2f}% after removal"
             if self.accuracy_after is not None:
                 acc += f" -> {100 * self.accuracy_after:.2f}% after fine-tuning"
@@ -220,7 +220,7 @@ def layerprune(
     """
     cfg.validate()
     model = model.eval()
-    num_classes = record_of(model).num_classes
+    num_classes = record_of(model).classes
     t0 = time.perf_counter()
     say(f"ranking layers and blocks by {cfg.criterion}")
     data = criterion_data(train, num_classes, cfg) if train is not None else None
@@ -261,7 +261,7 @@ def layerprune(
         report.accuracy_after = onnx_top1(pruned, test, measure)
         report.finetune = {
             **config_dict(finetune),
-            **({"distill": asdict(distill)} if teacher else {}),
+            **({"distill": asdict(distill)} if teacher and distill else {}),
             "seconds": result.seconds,
             "steps": result.steps,
             "train_samples": len(train),

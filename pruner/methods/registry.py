@@ -50,6 +50,10 @@ def _shown(value: Any) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _made(factory: Any) -> Any:
+    return factory() if callable(factory) else None
+
+
 def method_lines() -> list[str]:
     """Every installed method with where it comes from, and each setting with its default and help, as a
     ``[[methods]]`` table would take it."""
@@ -60,6 +64,6 @@ def method_lines() -> list[str]:
         fields = dataclasses.fields(cls.Settings)
         width = max((len(f.name) for f in fields), default=0)
         for f in fields:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else _made(f.default_factory)
             lines.append(f"    {f.name:<{width}} = {_shown(default)}  # {f.metadata['help']}")
     return lines

@@ -37,6 +37,15 @@ class ModelRecord:
     normalisation: Normalisation | None = None  # recorded by the source's config or by training
     reparameterized: bool = False  # its multi-branch blocks were folded into single convs
 
+    @property
+    def classes(self) -> int:
+        """The class count, which data for the model must have; refused where the source does not say it."""
+        if self.num_classes is None:
+            raise EdgeshiftError(
+                f"model source {self.name} does not say its class count (no final Linear); pass it (--num-classes)"
+            )
+        return self.num_classes
+
     def with_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> ModelRecord:
         return dataclasses.replace(self, normalisation=Normalisation(tuple(map(float, mean)), tuple(map(float, std))))
 

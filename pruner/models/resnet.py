@@ -109,7 +109,7 @@ class ResNet(nn.Module):
         super().__init__()
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
         elif stem == "cifar":
             self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()

@@ -59,7 +59,7 @@ def pad_channels(model: nn.Module, example_inputs: torch.Tensor, multiple: int =
                 if m.affine:
                     m.weight = nn.Parameter(_grown(m.weight, 0, pad, 1.0))
                     m.bias = nn.Parameter(_grown(m.bias, 0, pad))
-                if m.track_running_stats:
+                if m.running_mean is not None and m.running_var is not None:  # tracked running statistics
                     m.running_mean = _grown(m.running_mean, 0, pad)
                     m.running_var = _grown(m.running_var, 0, pad, 1.0)
                 m.num_features += pad

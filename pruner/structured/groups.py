@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -41,16 +43,20 @@ def _foldable(m: nn.Module) -> bool:
     """A constant input channel of this layer folds exactly into its bias (no zero padding at borders)."""
     if isinstance(m, nn.Linear):
         return True
+    assert isinstance(m, nn.Conv2d)
     if isinstance(m.padding, str):
         return m.padding == "valid"
     return all(p == 0 for p in m.padding)
 
 
-def _is_layer(m: nn.Module) -> bool:
+WeightLayer = nn.Conv2d | nn.Linear  # what produces and consumes a group's channels
+
+
+def _is_layer(m: nn.Module) -> TypeGuard[WeightLayer]:
     return isinstance(m, (nn.Conv2d, nn.Linear))
 
 
-def _is_grouped(m: nn.Module) -> bool:
+def _is_grouped(m: nn.Module) -> TypeGuard[nn.Conv2d]:
     """A grouped conv that is not depthwise: it loses whole groups, or equally many channels from each group."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
 
@@ -69,7 +75,7 @@ def _block_diagonal(layer: nn.Conv2d, used: np.ndarray) -> np.ndarray:
 class _Consumer:
     """One layer reading a group's channels: (its input index, the group's root index) pairs."""
 
-    layer: nn.Module
+    layer: WeightLayer
     idxs: np.ndarray
     roots: np.ndarray
     used: np.ndarray  # [out, in] any nonzero weight
@@ -81,10 +87,10 @@ class _Consumer:
 class _Group:
     size: int  # root channels
     consumers: list[_Consumer]
-    producers: list[tuple[nn.Module, np.ndarray, np.ndarray]]  # (layer, out idxs, roots)
-    actions: list[tuple[nn.Module, object, np.ndarray, np.ndarray]]  # (module, TP handler, idxs, roots)
+    producers: list[tuple[WeightLayer, np.ndarray, np.ndarray]]  # (layer, out idxs, roots)
+    actions: list[tuple[nn.Module, Callable[..., Any], np.ndarray, np.ndarray]]  # (module, TP handler, idxs, roots)
     blocked: bool  # contains a layer kind we cannot reason about: nothing removable
-    removable: np.ndarray = None  # bool per root channel
+    removable: np.ndarray  # bool per root channel
     reason: str = ""  # why it is blocked, in words naming a module
     root: str = ""
     keep_one: int = 0  # channel kept when every channel is removable
@@ -94,7 +100,7 @@ class _Group:
 @dataclass
 class _ItemSpec:
     name: str  # module name in the model
-    handler: object  # Torch-Pruning's pruning function for this dimension
+    handler: Callable[..., Any]  # Torch-Pruning's pruning function for this dimension
     idxs: np.ndarray
     roots: np.ndarray
     role: str  # "producer" | "consumer" | "follow"
@@ -182,7 +188,7 @@ _MOVING_OPS = {
 
 
 @contextlib.contextmanager
-def _tolerant_index_mapping():
+def _tolerant_index_mapping() -> Iterator[set]:
     """Build Torch-Pruning's graph even where its index mapping fails on an op (a channel shuffle's reshape
     divides by zero), with every channel split's chunk widths right (``_order_split_chunks``); the ops it failed
     on are yielded, and groups through them are kept whole."""
@@ -334,7 +340,7 @@ def _group_specs(
     """Torch-Pruning's coupled channel groups, by module name, with each item's role; a group we cannot map
     one-to-one is blocked, with the reason naming a module."""
     names = {m: n for n, m in model.named_modules()}
-    specs = []
+    specs: list[_GroupSpec] = []
     for group in _all_groups(dg, ignored, names, specs, order or {}):
         items, reason, has_consumer, splits = [], "", False, []
         size = len(group[0].idxs)
@@ -502,10 +508,12 @@ def _flattens(group, item) -> bool:
 
 def _width(module: nn.Module, role: str) -> int:
     if role == "consumer":
-        return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+        return module.in_channels if isinstance(module, nn.Conv2d) else int(getattr(module, "in_features"))
     if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
         return module.num_features
-    return module.weight.shape[0]
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0])
 
 
 def coupled_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_GroupSpec]:
@@ -547,14 +555,19 @@ def _build_groups(model: nn.Module, example_inputs: torch.Tensor) -> list[_Group
     """Bind the architecture's groups to this model's modules and weights."""
     structure = _structure(model, example_inputs)
     mods = dict(model.named_modules())
-    used_map = {m: used_weights(m) for m in mods.values() if _is_layer(m)}
+    used_map: dict[nn.Module, np.ndarray] = {m: used_weights(m) for m in mods.values() if _is_layer(m)}
     inputs = channel_states(model, structure.gm, used_map)
     groups = []
     for spec in structure.groups:
-        consumers, producers, actions, blocked, reason = [], [], [], spec.blocked, spec.reason
+        blocked, reason = spec.blocked, spec.reason
+        consumers: list[_Consumer] = []
+        producers: list[tuple[WeightLayer, np.ndarray, np.ndarray]] = []
+        actions: list[tuple[nn.Module, Callable[..., Any], np.ndarray, np.ndarray]] = []
         for it in spec.items:
             module = mods[it.name]
             actions.append((module, it.handler, it.idxs, it.roots))
+            if it.role in ("producer", "consumer"):
+                assert _is_layer(module)  # only convs and linears are given these roles (_group_specs)
             if it.role == "producer":
                 producers.append((module, it.idxs, it.roots))
             elif it.role == "consumer":

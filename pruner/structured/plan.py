@@ -4,6 +4,8 @@ constant channels into consumers' biases, and rebuilding the layers in one batch
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,9 +60,9 @@ def _plan_fixpoint(groups: list[_Group], held: list[np.ndarray]) -> None:
                     removed_out[layer][idxs] = ok[roots]
 
 
-def _grouped_sides(groups: list[_Group]) -> dict[nn.Module, dict[str, list[tuple[int, np.ndarray, np.ndarray]]]]:
+def _grouped_sides(groups: list[_Group]) -> dict[nn.Conv2d, dict[str, list[tuple[int, np.ndarray, np.ndarray]]]]:
     """For each grouped conv: where its inputs and its outputs sit, as (group index, channel idxs, roots)."""
-    sides: dict[nn.Module, dict[str, list]] = {}
+    sides: dict[nn.Conv2d, dict[str, list[tuple[int, np.ndarray, np.ndarray]]]] = {}
     for gi, g in enumerate(groups):
         for c in g.consumers:
             if _is_grouped(c.layer):
@@ -83,7 +85,7 @@ def _realisable(
     groups (inputs and outputs together, one group always kept), and in every other group the same number of
     inputs and the same number of outputs (ONNX's Conv needs equal groups), at least one of each kept."""
     g_in, g_out = gone_in.reshape(blocks, -1), gone_out.reshape(blocks, -1)
-    whole = g_in.all(1) & g_out.all(1) & whole_ok
+    whole = np.asarray(g_in.all(1) & g_out.all(1) & whole_ok)
     if whole.all():
         whole[0] = False
     keep_in, keep_out = np.zeros_like(g_in), np.zeros_like(g_out)
@@ -109,7 +111,12 @@ def _hold_partial_blocks(groups: list[_Group], held: list[np.ndarray]) -> bool:
                 gone[idxs] |= groups[gi].removable[roots] & (not groups[gi].blocked)
                 seen[idxs] = True
         ok_in, ok_out = _realisable(
-            gone_in, gone_out, layer.groups, seen_in.all() and seen_out.all(), bool(seen_in.all()), bool(seen_out.all())
+            gone_in,
+            gone_out,
+            layer.groups,
+            bool(seen_in.all() and seen_out.all()),
+            bool(seen_in.all()),
+            bool(seen_out.all()),
         )
         for side, partial in (("in", gone_in & ~ok_in), ("out", gone_out & ~ok_out)):
             for gi, idxs, roots in sides[side]:
@@ -198,10 +205,10 @@ def _execute(groups: list[_Group], removed: dict | None = None) -> None:
     since Torch-Pruning's handler keeps the group count and equal widths). ``removed`` carries, between calls
     on parts of one plan, the original indices each layer already lost, so that later calls hit the right ones."""
     removed = {} if removed is None else removed
-    grouped: dict[nn.Module, dict[str, np.ndarray]] = {}
+    grouped: dict[nn.Conv2d, dict[str, np.ndarray]] = {}
     # one call per layer and dimension with every group's indices: a layer reading a concatenation is in several
     # groups, and indices are positions in the layer as it was
-    pending: dict[tuple[int, object], tuple[nn.Module, object, set[int]]] = {}
+    pending: dict[tuple[int, object], tuple[nn.Module, Callable[..., Any], set[int]]] = {}
     for g in groups:
         if not g.removable.any():
             continue
@@ -223,11 +230,11 @@ def _execute(groups: list[_Group], removed: dict | None = None) -> None:
                     },
                 )
                 gone[width][idxs[hit]] = True
-    for key, (module, handler, idxs) in pending.items():
+    for key, (module, handler, channels) in pending.items():
         before = np.asarray(sorted(removed.get(key, ())), dtype=np.int64)
-        wanted = np.asarray(sorted(idxs), dtype=np.int64)
+        wanted = np.asarray(sorted(channels), dtype=np.int64)
         handler(module, (wanted - np.searchsorted(before, wanted)).tolist())  # positions in the layer as it is
-        removed[key] = set(before.tolist()) | idxs
+        removed[key] = set(before.tolist()) | channels
     for module, gone in grouped.items():
         _shrink_grouped(module, gone["in_channels"], gone["out_channels"])
 
@@ -285,10 +292,12 @@ def _producer_width(model: nn.Module, node: fx.Node) -> int | None:
             and node.target in ELEMENTWISE_METHODS
         )
     ):
-        node = node.args[0]
-    if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(mods.get(node.target), nn.Conv2d):
-        return mods[node.target].out_channels
-    return None
+        arg = node.args[0]
+        if not isinstance(arg, fx.Node):
+            return None
+        node = arg
+    conv = mods.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+    return conv.out_channels if isinstance(conv, nn.Conv2d) else None
 
 
 def _resize_splits(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -322,7 +331,7 @@ def _resize_splits(model: nn.Module, gm: fx.GraphModule) -> None:
         ]
         if len(names) == 1 and getattr(owner, names[0]) != width // len(metas):
             setattr(owner, names[0], width // len(metas))
-            owner.edgeshift_split_widths = {names[0]: width // len(metas)}
+            setattr(owner, "edgeshift_split_widths", {names[0]: width // len(metas)})  # a plain attribute
 
 
 def _explain(groups: list[_Group], limit: int = 12) -> list[str]:
@@ -385,7 +394,8 @@ def _execute_verified(groups: list[_Group], check, resize_splits) -> tuple[int, 
 
     The slow path, taken only when the one-batch rebuild was not exact: it finds the groups whose mapping the
     planner got wrong (an op it does not understand) and keeps those whole, so the rest is still pruned."""
-    folded, notes, removed = 0, [], {}
+    folded, notes = 0, []
+    removed: dict[tuple[int, object], set[int]] = {}
     for unit in _units(groups):
         if not any(g.removable.any() for g in unit):
             continue

@@ -14,7 +14,7 @@ from edgeshift import Runtime
 
 def main(portfolio: str, inputs: str, profile: str) -> None:
     x = np.load(inputs)
-    answers = {}
+    answers: dict[str, object] = {}
     with Runtime(portfolio, profile=profile, policy="manual") as rt:
         order = [rt.active, *[n for n in rt.variants if n != rt.active], rt.active]
         for name in order:
