@@ -1,4 +1,4 @@
-"""Exact pruning on the architectures people deploy (issue 14): timm and torchvision models with planted sparsity.
+"""Exact pruning on the architectures people deploy: timm and torchvision models with planted sparsity.
 
 For each architecture: built untrained at ``--size`` input and ``--classes`` classes, then in every BatchNorm
 (subclasses included) 30% of the channels made exactly zero (gamma = beta = 0) and 3% made constant (gamma = 0,
@@ -29,7 +29,7 @@ from torch import nn
 
 from edgeshift.core.errors import EdgeshiftError
 
-# (label, source): the 21 architectures of issue 14's table.
+# (label, source): the 21 architectures of the table in BENCHMARKS.md.
 ARCHITECTURES = [
     ("ResNet-18 (timm)", "timm/resnet18"),
     ("ResNet-18 (torchvision)", "torchvision/resnet18"),
@@ -55,7 +55,7 @@ ARCHITECTURES = [
 ]
 
 
-# Beyond the issue's table ("we will also try architectures not named here"): ``--extra`` runs these instead.
+# Beyond that table: ``--extra`` runs these instead.
 EXTRA_ARCHITECTURES = [
     ("MobileNetV3-Large", "timm/mobilenetv3_large_100"),
     ("EfficientNet-Lite0", "timm/efficientnet_lite0"),
@@ -188,7 +188,7 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", action="store_true", help="also print the BENCHMARKS.md table")
-    ap.add_argument("--extra", action="store_true", help="run architectures beyond issue 14's table instead")
+    ap.add_argument("--extra", action="store_true", help="run architectures beyond the table instead")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows = []

@@ -4,7 +4,7 @@ For each ONNX file: the nodes ONNX Runtime runs after its graph optimisations, a
 median time of one call of the model spent in them, and the share of the model's p50; then the part no width
 removes: the fastest node's time times the node count (what the model would cost if every node were as cheap as
 its cheapest), and the time outside nodes (session call, thread-pool wake-ups). Used to show why a target is out of
-reach on a model (issue 16), e.g. the ONNX files `benchmarks/targets_cifar.py` writes:
+reach on a model, e.g. the ONNX files `benchmarks/targets_cifar.py` writes:
 
     python benchmarks/op_breakdown.py RUN/compare/onnx/dense.onnx RUN/compare/onnx/lp7-int8.onnx [--profile host]
 """

@@ -2,7 +2,7 @@
 
 Two portfolios: the sparse variants as trained (unstructured zeros kept, every layer full width) and the same
 variants after exact structured pruning. Prints each variant's ONNX and deflated bytes and the totals.
-Target (issue 3): the portfolio deflates to <= 40% of the summed ONNX bytes when the variants come from real
+Target: the portfolio deflates to <= 40% of the summed ONNX bytes when the variants come from real
 sparse training. Without --run-dir the variants are synthetic (benchmarks/_common.py), which says nothing of
 trained weights' deflation; with --run-dir RUN (an `edgeshift imp` run of VGG-16) the real levels are used.
 
@@ -39,7 +39,7 @@ def main() -> None:
         source = f"trained levels from {args.run_dir}"
     else:
         models = {f"c{2**k}x": synthetic_sparse("vgg16", 2**k, filter_sigma=1.0) for k in range(args.levels)}
-        source = "synthetic sparse VGG-16 (NOT trained: the issue's figure needs real sparse training)"
+        source = "synthetic sparse VGG-16 (NOT trained: the target needs real sparse training)"
     print(f"source: {source}")
     totals = {"sparse": [0, 0], "pruned": [0, 0]}
     print(

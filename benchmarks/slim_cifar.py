@@ -1,4 +1,4 @@
-"""Learned filter masks on CIFAR-10 (issue 16): `edgeshift slim` at several targets, priced by latency or MACs.
+"""Learned filter masks on CIFAR-10: `edgeshift slim` at several targets, priced by latency or MACs.
 
 For each (pricing, target): gates learn with the model, closed channels become exact zeros, a short fine-tune,
 an exact prune; then the table: the price model's predicted ratio, the MACs ratio and the p50 ratio measured under

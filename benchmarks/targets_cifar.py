@@ -1,4 +1,4 @@
-"""Latency targets on CIFAR-10 (issue 16): every method's variants, and their INT8 forms, in one timed run.
+"""Latency targets on CIFAR-10: every method's variants, and their INT8 forms, in one timed run.
 
 Takes a finished `edgeshift pipeline` run with `[variants] targets` (its dense model and candidates: layer removal
 `lp<k>`, learned widths `slim<s>`, both `lp<k>-slim<s>`), adds Torch-Pruning's uniform L1 width pruning of the same

@@ -1,4 +1,4 @@
-"""What each conv and linear layer costs on the device as a function of its widths, measured (issue 16).
+"""What each conv and linear layer costs on the device as a function of its widths, measured.
 
 For every conv/linear layer of a model, a one-node ONNX graph with the layer's kernel, stride, padding, groups and
 input size is timed through ONNX Runtime under the device profile at a few widths (both sides scaled together),

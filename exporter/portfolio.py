@@ -43,6 +43,7 @@ from edgeshift.runtime.measure import LatencyStats, machine_label
 from edgeshift.runtime.memprobe import measure_session_memory
 from edgeshift.runtime.session import create_session
 
+import edgeshift
 from edgeshift.core.atomic import atomic_path, check_output_path
 from edgeshift.core.errors import EdgeshiftError
 
@@ -443,7 +444,7 @@ def build_portfolio(
     checks_record, checks_data = check_inputs_member(int8.x) if int8 is not None and has_int8 else (None, None)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
-        producer="edgeshift 0.1.0",
+        producer=f"edgeshift {edgeshift.__version__}",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         architecture=architecture or "",
         input=InputSpec(

@@ -1,4 +1,5 @@
-"""Structured pruning at initialisation with layer sensitivity (Reconvene, Phase 4).
+"""Structured pruning at initialisation with layer sensitivity ("Rapid Deployment of DNNs for Edge Computing via
+Structured Pruning at Initialization": Reconvene, Phase 4).
 
 ``pai(config)`` builds a freshly initialised zoo model and
   1. pre-processes it: profiles the dense model (params, MACs, ONNX bytes, ONNX Runtime latency) and prunes it

@@ -1,4 +1,7 @@
-"""``edgeshift slim``: a trained model's widths chosen by learned filter masks, priced by device latency (issue 16).
+"""``edgeshift slim``: a trained model's widths chosen by learned filter masks, priced by device latency.
+
+"Neural Networks Model Compression: The Static, the Dynamic and the Shallow" (Elkerdawy), ch. 3: learnable
+filter masks; here each channel is priced by what it costs under the device profile.
 
 The gates (``learned_masks.LearnedMasks``) train with the model for ``gate_epochs`` until the priced cost meets the
 target; the closed gates become exact zeros; the model fine-tunes ``finetune_epochs`` with those zeros held

@@ -1,4 +1,4 @@
-"""Exact pruning on the patterns real CNNs use (issue 14), each on a small model of its own with planted zero and
+"""Exact pruning on the patterns real CNNs use, each on a small model of its own with planted zero and
 constant channels: exact on fresh inputs, the expected widths removed, and a reason where a group is kept."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Knowledge distillation from the model a variant was made from (issue 16): the loss, and its effect."""
+"""Knowledge distillation from the model a variant was made from: the loss, and its effect."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from onnx_helpers import CLASSES, SIZE, manifest_for, tiny_blobs, tiny_classifie
 
 from edgeshift.core.errors import InputFileError, PortfolioError
 
-HANG_GUARD_S = 120  # the bound on any one hostile case; a command still running then has hung
+HANG_GUARD_S = 120  # the bound on any one hostile case; a command still running then has hung
 MAX_RSS_MB = 2048
 
 

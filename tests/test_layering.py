@@ -2,8 +2,11 @@
 
 Layers, bottom first: edgeshift.core (imports nothing of ours), device_profiles, runtime (with the device CLI and
 the front door), pruner, exporter, then the pipeline and the build commands. A module may import its own layer
-and the layers below it, never above. Every import counts, also one inside a function: an import moved into a
-function to dodge a cycle is still a dependency. The device side (core, device_profiles, runtime) also never
+and the layers below it, never above. Within the build side's two layers the same holds for their sub-layers
+(``SUBLAYERS``: in pruner, the model sources, then the foundations, exact structured pruning, the algorithms and
+last the methods; in exporter, ONNX and its measurement, then the portfolio); a new module is placed there
+explicitly. Every import counts, also one inside a function or through ``lazy_module("...")``: an import moved
+into a function to dodge a cycle is still a dependency. The device side (core, device_profiles, runtime) also never
 imports torch or onnx.
 """
 
@@ -26,6 +29,36 @@ FOLDERS = {
 LAYERS = ["core", "device_profiles", "runtime", "pruner", "exporter", "commands"]
 COMMANDS = ("edgeshift.pruner.cli", "edgeshift.exporter.cli", "edgeshift.exporter.pipeline")
 DEVICE_SIDE = ("core", "device_profiles", "runtime")
+P, E = "edgeshift.pruner.", "edgeshift.exporter."
+# bottom first; a module is in the first sub-layer holding its name or a package above it
+SUBLAYERS = {
+    "pruner": [
+        [P + "models"],
+        [
+            P + m
+            for m in (
+                "channel_states",
+                "metrics",
+                "measure",
+                "distill",
+                "distributed",
+                "data",
+                "fuse",
+                "sparse",
+                "train",
+                "checkpoint",
+            )
+        ],
+        [P + "structured"],
+        [P + m for m in ("layers", "learned_masks", "slim", "pai", "imp", "prune_cmd", "train_checkpoint")],
+        [P + "methods"],
+    ],
+    "exporter": [
+        [E + m for m in ("onnx_export", "profile", "quantize", "layer_prices", "report")],
+        [E + m for m in ("portfolio", "export_cmd")],
+    ],
+}
+FRONT_DOORS = ("edgeshift.pruner", "edgeshift.exporter")  # lazy front doors: imported by nothing of ours
 BUILD_ONLY = ("torch", "onnx", "onnxsim", "torch_pruning", "torchvision", "timm")
 
 
@@ -36,6 +69,18 @@ def layer(module: str) -> str:
     if len(parts) > 1 and parts[1] in LAYERS:
         return parts[1]
     return "runtime"  # edgeshift itself, edgeshift.cli, edgeshift.__main__: the device-side front door and CLI
+
+
+def sublayer(module: str) -> int | None:
+    """The module's sub-layer within the build side's layer (None: not in a layer that has them, or a front door);
+    -1 for a build-side module placed in none."""
+    top = layer(module)
+    if top not in SUBLAYERS or module in FRONT_DOORS:
+        return None
+    for i, names in enumerate(SUBLAYERS[top]):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return i
+    return -1
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -53,7 +98,14 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, in
     is_package = path.name == "__init__.py"
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", "") == "lazy_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            out.append((str(node.args[0].value), node.lineno))
+        elif isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -87,6 +139,18 @@ def violations(root: Path) -> list[str]:
                 continue
             if LAYERS.index(layer(target)) > LAYERS.index(layer(name)):
                 problems.append(f"{where}: {name} ({layer(name)}) imports {target} ({layer(target)}), a layer above")
+            elif (
+                layer(target) == layer(name)
+                and (below := sublayer(name)) is not None
+                and (above := sublayer(target)) is not None
+            ):
+                if below == -1 or above == -1:
+                    unplaced = name if below == -1 else target
+                    problems.append(f"{where}: {unplaced} has no place in SUBLAYERS[{layer(name)!r}]; add it")
+                elif above > below:
+                    problems.append(f"{where}: {name} imports {target}, a sub-layer above it in {layer(name)}")
+            elif target in FRONT_DOORS and layer(name) in SUBLAYERS:
+                problems.append(f"{where}: {name} imports the front door {target}; import the module defining it")
             if target != name:
                 graph[name].add(target)
     problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
@@ -161,6 +225,35 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
             "import cycle: edgeshift.pruner.a -> edgeshift.pruner.b -> edgeshift.pruner.a",
         ),
         ({"runtime/session.py": "import torch\n"}, "edgeshift.runtime.session (runtime) imports torch"),
+        (
+            {
+                "pruner/models/__init__.py": "",
+                "pruner/models/zoo.py": "from edgeshift.pruner.slim import x\n",
+                "pruner/slim.py": "",
+            },
+            "edgeshift.pruner.models.zoo imports edgeshift.pruner.slim, a sub-layer above it in pruner",
+        ),
+        (
+            {
+                "pruner/structured/__init__.py": "",
+                "pruner/structured/plan.py": "from ..methods import base\n",
+                "pruner/methods/__init__.py": "",
+                "pruner/methods/base.py": "",
+            },
+            "edgeshift.pruner.structured.plan imports edgeshift.pruner.methods.base, a sub-layer above it in pruner",
+        ),
+        (
+            {"pruner/imp.py": "from .newthing import x\n", "pruner/newthing.py": ""},
+            "edgeshift.pruner.newthing has no place in SUBLAYERS['pruner']; add it",
+        ),
+        (
+            {
+                "edgeshift/core/__init__.py": "",
+                "edgeshift/core/x.py": "runtime = lazy_module('edgeshift.runtime.engine')\n",
+                "runtime/engine.py": "",
+            },
+            "edgeshift.core.x (core) imports edgeshift.runtime.engine (runtime), a layer above",
+        ),
         (
             {"exporter/x.py": "from runtime.engine import Runtime\n"},
             "imports 'runtime.engine': write edgeshift.runtime",

@@ -1,4 +1,4 @@
-"""Learned filter masks (issue 16): gates trained through their binarisation, priced, hardened into exact zeros."""
+"""Learned filter masks: gates trained through their binarisation, priced, hardened into exact zeros."""
 
 from __future__ import annotations
 

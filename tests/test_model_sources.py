@@ -1,4 +1,4 @@
-"""Model sources (issue 14): a factory of the user's own (`mymodels:build`) with a state dict through `prune`,
+"""Model sources: a factory of the user's own (`mymodels:build`) with a state dict through `prune`,
 `export` and `pipeline` to a portfolio the runtime serves; bad sources, factories and weights are one line."""
 
 from __future__ import annotations

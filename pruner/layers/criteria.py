@@ -1,7 +1,8 @@
 """Layer criteria: how much each candidate layer or block matters (higher = keep), one small class each.
 
-``imprint`` (thesis ch. 4): a proxy classifier after every candidate, imprinted from class-mean embeddings of
-training batches, scored on held-out batches; a candidate's importance is the proxy accuracy it adds over the
+From "Neural Networks Model Compression: The Static, the Dynamic and the Shallow" (Elkerdawy). ``imprint`` (ch. 4):
+a proxy classifier after every candidate, imprinted from class-mean embeddings of training batches, scored on
+held-out batches; a candidate's importance is the proxy accuracy it adds over the
 previous candidate. ``weight-norm`` (eq. 5.1), ``taylor`` (eq. 5.2) and ``bn-scale`` (eq. 5.3) are the mean over the
 candidate's filters of a filter criterion; ``ensemble`` (eq. 5.4) sums each candidate's rank under the others.
 """

@@ -1,4 +1,5 @@
-"""Exact structured pruning of sparse models (DNNShifter Phase 2, modules 1-4, made general and exact).
+"""Exact structured pruning of sparse models ("DNNShifter: An efficient DNN pruning system for edge computing",
+Phase 2, modules 1-4, made general and exact).
 
 ``prune_zero_channels`` fuses conv+BN, finds every channel whose removal cannot change the output, plans all
 removals at once over Torch-Pruning's dependency groups (residual adds, depthwise convs, flatten into a linear
