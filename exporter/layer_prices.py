@@ -10,6 +10,7 @@ whose removal saves nothing on the device is not worth closing. ``MacsPricer`` i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from edgeshift.device_profiles import DeviceProfile, load_profile
 from edgeshift.pruner.metrics import forward_with_hooks
 from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from .profile import OrtMeasurer
 
@@ -46,7 +48,6 @@ class _Geometry:
 
     def at(self, fraction: float) -> _Geometry:
         """The same layer with both widths scaled by ``fraction`` (grouped convs keep their group count)."""
-        import dataclasses
 
         def scaled(c: int) -> int:
             step = self.groups if not self.depthwise else 1
@@ -105,7 +106,6 @@ def layer_graph(g: _Geometry, batch: int = 1) -> bytes:
 
 def _geometries(model, example_inputs) -> list[_Geometry]:
     """Every conv and linear layer the forward on ``example_inputs`` runs, with its input size."""
-    from torch import nn
 
     seen: dict[str, _Geometry] = {}
     names = {m: n for n, m in model.named_modules()}

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
 from edgeshift.pruner.fuse import fuse_conv_bn
 from edgeshift.pruner.metrics import count_macs
 
@@ -61,7 +65,6 @@ def initializer_params(model_proto) -> int:
 
 
 def _ort_outputs(onnx_bytes: bytes, batches: list[np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -75,8 +78,6 @@ def _exportable_adaptive_pooling():
     """During export, an adaptive average pool whose output size does not divide its input (a VGG head's 7x7 pool
     on a small input) is computed as two matrix products with constant averaging matrices, which ONNX can hold;
     torch's exporter refuses the op itself. Same windows, same averages: exact up to float rounding."""
-    import torch
-    import torch.nn.functional as F
 
     original = F.adaptive_avg_pool2d
 
@@ -103,7 +104,6 @@ def _exportable_adaptive_pooling():
 
 
 def _torch_to_onnx_bytes(model, example_inputs, opset: int) -> bytes:
-    import torch
 
     buf = io.BytesIO()
     with warnings.catch_warnings(), _exportable_adaptive_pooling():
@@ -125,7 +125,6 @@ def _torch_to_onnx_bytes(model, example_inputs, opset: int) -> bytes:
 def onnx_bytes(model, example_inputs, opset: int = DEFAULT_OPSET) -> bytes:
     """The model (put in eval mode) as ONNX bytes in memory: not fused, simplified or checked; for quick
     measurements (latency, accuracy) of models built in the same process. ``export_onnx`` is the real export."""
-    import torch
 
     model.eval()
     with torch.no_grad():
@@ -150,8 +149,6 @@ def export_onnx(
     ONNX Runtime outputs on the example and random inputs (batch 1 and the example's batch) must match torch
     within ``rtol`` of the output scale, else NotExactError. The file is written atomically.
     """
-    import onnx
-    import torch
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -186,7 +183,7 @@ def export_onnx(
     simplified = False
     if simplify:
         try:
-            import onnxsim
+            import onnxsim  # here: where no onnxsim wheel installs, export goes on unsimplified (the fallback below)
 
             candidate, ok = onnxsim.simplify(proto)
             if not ok:

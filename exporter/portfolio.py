@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 from edgeshift.device_profiles import DeviceProfile
 from edgeshift.device_profiles.profile import cross_built
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
@@ -174,7 +175,6 @@ class _Built:
 
 
 def _op_counts(data: bytes) -> dict[str, int]:
-    import onnx
 
     return op_counts(onnx.load_model_from_string(data))
 

@@ -9,10 +9,13 @@ latencies, INT8 against FP32, the ladder), from one interleaved run in a process
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from edgeshift.device_profiles import DeviceProfile, cpu_profile, load_profile
 from edgeshift.device_profiles.profile import BenchmarkSettings
 from edgeshift.runtime.measure import LatencyStats, time_calls
@@ -62,7 +65,6 @@ def timing_profile(
     profile: DeviceProfile | str, *, threads: int | None = None, iterations: int | None = None
 ) -> DeviceProfile:
     """``profile`` (a name, a path or a profile) with its intra-op threads and timed calls overridden where given."""
-    import dataclasses
 
     p = load_profile(profile) if isinstance(profile, str) else profile
     if threads is not None:
@@ -74,7 +76,6 @@ def timing_profile(
 
 def profile_threads(profile: DeviceProfile) -> int:
     """The intra-op threads a profile runs with (0, ORT's choice, counts as the machine's cores)."""
-    import os
 
     t = profile.execution.intra_op_threads
     return int(t) if isinstance(t, int) and t > 0 else os.cpu_count() or 1
@@ -140,7 +141,6 @@ class OrtMeasurer:
         return {name: s.to_dict() for name, s in stats.items()}
 
     def top1(self, model, x: np.ndarray, y: np.ndarray) -> float:
-        import torch
 
         session, _ = self._session(model, torch.from_numpy(x[:1]))
         return onnx_accuracy(session, TestData(x, y))[0]
@@ -148,7 +148,6 @@ class OrtMeasurer:
 
 def cpu_measurer(threads: int = 1, iterations: int = 50, *, warmup: int = 5, max_seconds: float = 3.0) -> OrtMeasurer:
     """An ``OrtMeasurer`` on the CPU provider with ``threads`` intra-op threads and a short timing budget."""
-    import dataclasses
 
     profile = dataclasses.replace(cpu_profile(threads), benchmark=BenchmarkSettings(warmup, iterations, max_seconds))
     return OrtMeasurer(profile)

@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 from edgeshift.device_profiles.profile import DeviceProfile, QuantizationSettings
 from edgeshift.runtime.session import create_session
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgeshift.core.errors import EdgeshiftError
 
@@ -106,10 +110,6 @@ class _Reader:
 def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, name: str = "model") -> bytes:
     """The INT8 model of ``fp32`` (ONNX bytes), checked by the ONNX checker and loadable by ONNX Runtime; raise
     QuantizationError naming ``name`` and the scheme when ONNX Runtime cannot quantize it."""
-    import onnx
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {
         "minmax": CalibrationMethod.MinMax,

@@ -100,7 +100,7 @@ def load_imagefolder(
     if cache and cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as z:
             return Dataset(z["images"], z["labels"], classes, name=f"{root.name}/{split}")
-    try:
+    try:  # Pillow only where image folders are read (the build extra has it; a bare install may not)
         from PIL import Image
     except ImportError:
         raise EdgeshiftError("reading image folders needs Pillow: pip install pillow") from None

@@ -13,6 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def init_from_env() -> tuple[int, int]:
@@ -43,7 +44,5 @@ def barrier() -> None:
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module to run forward/backward through: DDP when there are several processes."""
     if world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model)
     return model

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import sys
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace as st
 
 from edgeshift.core.errors import ModelNotTraceableError
 
@@ -116,7 +118,6 @@ class Tracer(fx.Tracer):
 def _not_tracing():
     """Run real modules in the middle of a trace: fx's patches of ``nn.Module.__call__`` lifted for the block
     (fx's own private helper; a torch without it cannot decide branches, and the module stays one node)."""
-    from torch.fx import _symbolic_trace as st
 
     revert = getattr(st, "_maybe_revert_all_patches", None)
     if revert is None or not hasattr(st, "_is_fx_tracing_flag"):
@@ -263,7 +264,6 @@ REPARAMETERIZE_METHODS = ("reparameterize", "switch_to_deploy")
 
 
 def _takes_no_arguments(fn) -> bool:
-    import inspect
 
     try:
         params = inspect.signature(fn).parameters.values()

@@ -19,6 +19,7 @@ layer (plain structured PaI), ``inverted`` the sensitive ones, ``unstructured`` 
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -406,7 +407,6 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
 def save_pai(cfg: PaiConfig, out, json_out=None, measure: ModelMeasurer | None = None) -> PaiReport:
     """Run ``pai(cfg)`` and write the checkpoint (model + masks, the report in its meta) and optionally the JSON
     report, both atomically."""
-    import json
 
     model, mask, report = pai(cfg, measure)
     doc = report.to_dict()

@@ -13,6 +13,8 @@ with the dense model, and the padding is kept only where it measured faster (``c
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -209,7 +211,6 @@ def slim(
     """Learn ``model``'s widths to the target, fine-tune, prune exactly; returns (pruned model, report). The input
     model is not modified. With ``cfg.distill`` both phases also learn from ``teacher`` (default: ``model``; pass
     the original dense model when ``model`` is itself a pruned, not yet fine-tuned one)."""
-    import copy
 
     t0 = time.perf_counter()
     dense = model.eval()
@@ -307,7 +308,6 @@ def slim_checkpoint(
 ) -> SlimReport:
     """``edgeshift slim``: checkpoint (or model source) in, slim checkpoint (and JSON report) out, atomically;
     nothing is written unless the whole run succeeds."""
-    import json
 
     cfg.validate()
     model, payload = load_model(checkpoint, spec)

@@ -7,6 +7,7 @@ on the test split; latencies are under the profile's session settings, batch siz
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -285,7 +286,6 @@ def layerprune_checkpoint(
     spec=None,
 ) -> LayerPruneReport:
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
-    import json
 
     cfg.validate()
     model, payload = load_model(checkpoint, spec)

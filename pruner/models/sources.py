@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
@@ -184,7 +186,6 @@ def _output_features(model: nn.Module) -> int | None:
 
 def parse_kwargs(text: str | None) -> dict:
     """A model source's keyword arguments from the command line: a JSON object, e.g. '{"width": 8}'."""
-    import json
 
     if not text:
         return {}
@@ -222,7 +223,6 @@ class ModelSpec:
 def load_weights(model: nn.Module, path: str, source: str = "") -> None:
     """Load a trained state dict (``torch.load(weights_only=True)``) into ``model``; a file that does not fit is
     one line naming the first few missing, unexpected and mis-shaped keys with their counts."""
-    import torch
 
     require_file(path, "weights file")
     try:

@@ -3,6 +3,8 @@ records how, as data (the checkpoint format relies on it)."""
 
 from __future__ import annotations
 
+import torch
+
 from edgeshift.core.errors import EdgeshiftError
 
 from . import mobilenetv2, resnet, vgg  # noqa: F401  (they register their architectures)
@@ -44,8 +46,6 @@ def input_shape(model, batch: int = 1) -> tuple[int, int, int, int]:
     size = record.input_size
     channels = record.kwargs.get("in_channels", record.kwargs.get("in_chans"))
     if channels is None:  # a model from another source: its first conv says
-        import torch
-
         first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
         channels = first.in_channels if first is not None else 3
     return (batch, int(channels), size, size)
@@ -57,7 +57,6 @@ def reinitialise(model, seed: int = 0) -> None:
     Every layer is reset (PyTorch defaults, BN statistics cleared), then the architecture's own
     ``init_weights`` runs; seeded, and the global RNG state is left as it was.
     """
-    import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -14,6 +14,9 @@ import torch
 import torch_pruning as tp
 from torch import fx, nn
 from torch.func import functional_call
+from torch_pruning.dependency import index_mapping, shape_infer
+from torch_pruning.dependency.group import Group
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping, _SplitIndexMapping
 
 from ..channel_states import ShapeRecordingModule, channel_states, used_weights
 from ..fuse import trace
@@ -192,7 +195,6 @@ def _tolerant_index_mapping() -> Iterator[set]:
     """Build Torch-Pruning's graph even where its index mapping fails on an op (a channel shuffle's reshape
     divides by zero), with every channel split's chunk widths right (``_order_split_chunks``); the ops it failed
     on are yielded, and groups through them are kept whole."""
-    from torch_pruning.dependency import index_mapping, shape_infer
 
     unmapped: set = set()
     originals = {
@@ -303,7 +305,6 @@ def _concat_before_split(graph) -> None:
 
 def _update_split_index_mapping(graph, node) -> None:
     """Torch-Pruning's split mapping, each consumer edge mapped to the chunk it reads (``_order_split_chunks``)."""
-    from torch_pruning.dependency.index_mapping import _SplitIndexMapping
 
     chunks = getattr(node.module, "edgeshift_chunks", None)
     if node.type != tp.ops.OPTYPE.SPLIT or chunks is None or not node.enable_index_mapping:
@@ -421,8 +422,6 @@ class _GroupDiverged(Exception):
 @contextlib.contextmanager
 def _bounded_group_growth():
     """Within the block, a Torch-Pruning group growing past ``_MAX_GROUP_ITEMS`` raises ``_GroupDiverged``."""
-    from torch_pruning.dependency.group import Group
-    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
     original, flatten = Group.add_dep, _FlattenIndexMapping.__call__
 
