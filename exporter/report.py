@@ -80,6 +80,8 @@ def markdown_table(portfolio: Portfolio) -> str:
 
 
 def pareto_png(portfolio: Portfolio, path: Path) -> None:
+    # here, not at the top: the file-only Agg backend must be chosen before pyplot first loads, and only a chart
+    # needs matplotlib (seconds to import)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,7 +19,6 @@ layer (plain structured PaI), ``inverted`` the sensitive ones, ``unstructured`` 
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -30,15 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import EdgeshiftError, UnknownNameError
 from edgeshift.core.registry import Registry
 
 from . import sparse
-from .checkpoint import save_checkpoint
 from .measure import ModelMeasurer
 from .metrics import count_macs, count_params
 from .models import sources, zoo
+from .runner import Outcome, write_outcome
 from .structured import coupled_groups
 
 AVERAGES = ("layer-mean", "global")
@@ -409,9 +407,6 @@ def save_pai(cfg: PaiConfig, out, json_out=None, measure: ModelMeasurer | None =
     report, both atomically."""
 
     model, mask, report = pai(cfg, measure)
-    doc = report.to_dict()
-    summary = {k: v for k, v in doc.items() if k != "layers"}
-    save_checkpoint(model, out, masks=mask, meta={"pai": summary, "config": asdict(cfg)})
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(doc, indent=2))
+    summary = {k: v for k, v in report.to_dict().items() if k != "layers"}
+    write_outcome(out, Outcome(model, report, {"pai": summary, "config": asdict(cfg)}, mask), json_out)
     return report

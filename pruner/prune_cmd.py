@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, save_checkpoint
+from .models.sources import ModelSpec
 from .models.zoo import input_shape
+from .runner import CheckpointJob, Outcome, run_checkpoint
 from .structured import PruneReport, prune_zero_channels
 
 
@@ -17,13 +18,21 @@ def example_inputs_for(model: torch.nn.Module, batch: int = 2, seed: int = 0) ->
 
 
 def prune_checkpoint(
-    checkpoint: Path | None, out: Path, *, mode: str = "exact", batch: int = 2, seed: int = 0, align: int = 1, spec=None
+    checkpoint: Path | None,
+    out: Path,
+    *,
+    mode: str = "exact",
+    batch: int = 2,
+    seed: int = 0,
+    align: int = 1,
+    spec: ModelSpec | None = None,
 ) -> PruneReport:
     """Prune a checkpoint, or a model source with its weights (``spec``), and save the result."""
-    model, payload = load_model(checkpoint, spec)
-    pruned, report = prune_zero_channels(model, example_inputs_for(model, batch, seed), mode=mode, align=align)
-    meta = dict(payload.get("meta", {}))
-    meta["prune_report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
-    meta["pruned_from"] = str(checkpoint if checkpoint is not None else spec.weights or spec.source)
-    save_checkpoint(pruned, out, meta=meta)
-    return report
+
+    def step(model: torch.nn.Module, payload: dict) -> Outcome[PruneReport]:
+        pruned, report = prune_zero_channels(model, example_inputs_for(model, batch, seed), mode=mode, align=align)
+        meta = dict(payload.get("meta", {}))
+        meta["prune_report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
+        return Outcome(pruned, report, meta)
+
+    return run_checkpoint(CheckpointJob(checkpoint, spec, out), step).report

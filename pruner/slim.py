@@ -14,7 +14,6 @@ with the dense model, and the padding is kept only where it measured faster (``c
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -22,10 +21,8 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import EdgeshiftError
 
-from .checkpoint import load_model, save_checkpoint
 from .data import Dataset, model_splits
 from .distill import DistillConfig, Teacher
 from .learned_masks import GateConfig, LayerPrice, LearnedMasks
@@ -33,6 +30,7 @@ from .measure import ModelMeasurer
 from .metrics import count_macs, count_params
 from .models.record import record_of
 from .models.zoo import input_shape
+from .runner import CheckpointJob, Outcome, run_checkpoint
 from .structured import prune_zero_channels
 from .train import TrainConfig
 from .train import train as run_training
@@ -310,18 +308,18 @@ def slim_checkpoint(
     nothing is written unless the whole run succeeds."""
 
     cfg.validate()
-    model, payload = load_model(checkpoint, spec)
-    LearnedMasks(model, _example(model), cfg.gates()).detach_hooks()  # no prunable group: refused before the data
-    record = record_of(model)
-    say(f"loading {data}")
-    train, test = model_splits(data, record, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
-    pruned, report = slim(model, train, test, cfg, pricer=pricer, measure=measure, say=say)
-    meta = {
-        "test_accuracy": report.accuracy_after,
-        "slim": {k: v for k, v in report.to_dict().items() if k != "history"},
-        "pruned_from": str(checkpoint if checkpoint is not None else spec.weights or spec.source),
-    }
-    save_checkpoint(pruned, out, meta=meta)
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2))
-    return report
+
+    def step(model: nn.Module, payload: dict) -> Outcome[SlimReport]:
+        LearnedMasks(model, _example(model), cfg.gates()).detach_hooks()  # no prunable group: refused before data
+        say(f"loading {data}")
+        train, test = model_splits(
+            data, record_of(model), train_samples=train_samples, test_samples=test_samples, seed=cfg.seed
+        )
+        pruned, report = slim(model, train, test, cfg, pricer=pricer, measure=measure, say=say)
+        meta = {
+            "test_accuracy": report.accuracy_after,
+            "slim": {k: v for k, v in report.to_dict().items() if k != "history"},
+        }
+        return Outcome(pruned, report, meta)
+
+    return run_checkpoint(CheckpointJob(checkpoint, spec, out, json_out), step).report

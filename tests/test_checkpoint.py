@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -52,3 +54,27 @@ def test_missing_and_foreign_files_are_clear_errors(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(InputFileError, match="not a readable"):
         read_checkpoint(tmp_path / "text.pt")
+
+
+def test_the_checkpoint_runner_writes_nothing_unless_the_step_succeeds_and_records_the_source(tmp_path):
+    from edgeshift.pruner.checkpoint import read_checkpoint
+    from edgeshift.pruner.models.sources import ModelSpec
+    from edgeshift.pruner.runner import CheckpointJob, Outcome, run_checkpoint
+
+    class Report:
+        def to_dict(self):
+            return {"answer": 42}
+
+    job = CheckpointJob(None, ModelSpec("resnet20"), tmp_path / "out.pt", tmp_path / "out.json")
+
+    def failing(model, payload):
+        raise RuntimeError("the step failed")
+
+    with pytest.raises(RuntimeError):
+        run_checkpoint(job, failing)
+    assert list(tmp_path.iterdir()) == []
+
+    outcome = run_checkpoint(job, lambda model, payload: Outcome(model, Report(), {"kept": True}))
+    meta = read_checkpoint(tmp_path / "out.pt")["meta"]
+    assert meta == {"kept": True, "pruned_from": "resnet20"} and outcome.meta == meta
+    assert json.loads((tmp_path / "out.json").read_text()) == {"answer": 42}

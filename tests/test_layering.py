@@ -47,6 +47,7 @@ SUBLAYERS = {
                 "sparse",
                 "train",
                 "checkpoint",
+                "runner",
             )
         ],
         [P + "structured"],

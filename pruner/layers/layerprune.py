@@ -7,7 +7,6 @@ on the test split; latencies are under the profile's session settings, batch siz
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -16,16 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import EdgeshiftError
 
-from ..checkpoint import load_model, save_checkpoint
 from ..data import Dataset, model_splits
 from ..distill import DistillConfig, Teacher
 from ..measure import ModelMeasurer
 from ..metrics import count_macs, count_params
 from ..models.record import record_of
 from ..models.zoo import input_shape
+from ..runner import CheckpointJob, Outcome, run_checkpoint
 from ..train import config_dict
 from ..train import train as run_training
 from .candidates import Candidate, find_candidates, remove_candidates
@@ -288,24 +286,32 @@ def layerprune_checkpoint(
     """``edgeshift layerprune``: checkpoint in, layer-pruned checkpoint (and JSON report) out, atomically."""
 
     cfg.validate()
-    model, payload = load_model(checkpoint, spec)
-    record = record_of(model)
-    removable_candidates(model, cfg.remove)  # an impossible budget is refused before minutes of loading
-    say(f"loading {data}")
-    train, test = model_splits(data, record, train_samples=train_samples, test_samples=test_samples, seed=cfg.seed)
-    pruned, report = layerprune(
-        model, cfg, train, test, finetune, mask=payload.get("masks") or None, measure=measure, distill=distill, say=say
-    )
-    params = dict(pruned.named_parameters())
-    masks = {k: v for k, v in (payload.get("masks") or {}).items() if k in params}
-    meta = {k: v for k, v in payload.get("meta", {}).items() if k in ("test_accuracy",)}
-    meta.update(
-        layerprune={k: v for k, v in report.to_dict().items() if k not in ("candidates", "tried")},
-        pruned_from=str(checkpoint),
-    )
-    if report.accuracy_after is not None or report.accuracy_removed is not None:
-        meta["test_accuracy"] = report.accuracy_after if report.accuracy_after is not None else report.accuracy_removed
-    save_checkpoint(pruned, out, masks=masks, meta=meta)
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2))
-    return report
+
+    def step(model: nn.Module, payload: dict) -> Outcome[LayerPruneReport]:
+        removable_candidates(model, cfg.remove)  # an impossible budget is refused before minutes of loading
+        say(f"loading {data}")
+        train, test = model_splits(
+            data, record_of(model), train_samples=train_samples, test_samples=test_samples, seed=cfg.seed
+        )
+        pruned, report = layerprune(
+            model,
+            cfg,
+            train,
+            test,
+            finetune,
+            mask=payload.get("masks") or None,
+            measure=measure,
+            distill=distill,
+            say=say,
+        )
+        params = dict(pruned.named_parameters())
+        masks = {k: v for k, v in (payload.get("masks") or {}).items() if k in params}
+        meta = {k: v for k, v in payload.get("meta", {}).items() if k in ("test_accuracy",)}
+        meta["layerprune"] = {k: v for k, v in report.to_dict().items() if k not in ("candidates", "tried")}
+        if report.accuracy_after is not None or report.accuracy_removed is not None:
+            meta["test_accuracy"] = (
+                report.accuracy_after if report.accuracy_after is not None else report.accuracy_removed
+            )
+        return Outcome(pruned, report, meta, masks)
+
+    return run_checkpoint(CheckpointJob(checkpoint, spec, out, json_out), step).report
