@@ -64,6 +64,7 @@ def export(
 ) -> None:
     """Export variants to ONNX, profile them, drop dominated ones and pack one DEFLATE portfolio."""
     spec = model_spec(arch, arch_kwargs, weights, input_size, num_classes)
+    device_profile = load_profile(profile)  # resolved once: timing at export and the table printed after
     path = export_cmd.export_portfolio(
         list(sources or []),
         out,
@@ -71,7 +72,7 @@ def export(
         data=data,
         test_samples=test_samples,
         prune=prune,
-        profile=profile,
+        profile=device_profile,
         threads=threads,
         latency_iterations=iterations,
         int8=int8,
@@ -81,7 +82,7 @@ def export(
         force=force,
         align=align,
     )
-    print_portfolio(path, load_profile(profile), load=False)
+    print_portfolio(path, device_profile, load=False)
     typer.echo(f"wrote {path}")
 
 

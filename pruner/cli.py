@@ -146,7 +146,12 @@ def pai_cmd(
     num_classes: Optional[int] = typer.Option(None, help="Default: the architecture's."),
     input_size: Optional[int] = typer.Option(None, help="Square input side. Default: the architecture's."),
     seed: int = typer.Option(0, help="Initialisation, scorer and re-initialisation seed."),
-    profile: bool = typer.Option(True, help="Measure dense and pruned latency through ONNX Runtime."),
+    latency: bool = typer.Option(
+        True,
+        "--latency/--no-latency",
+        "--profile/--no-profile",  # the earlier spelling, still read
+        help="Time the dense and the pruned model through ONNX Runtime.",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
@@ -171,7 +176,7 @@ def pai_cmd(
         num_classes=num_classes,
         input_size=input_size,
         seed=seed,
-        profile=profile,
+        measure_latency=latency,
         arch_kwargs=tuple(sorted(sources.parse_kwargs(arch_kwargs).items())),
     )
     report = pai.save_pai(cfg, out, json_out, ort_profile.cpu_measurer(cfg.latency_threads, cfg.latency_iterations))

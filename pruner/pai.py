@@ -92,7 +92,7 @@ class PaiConfig:
     input_size: int | None = None  # default: the architecture's
     arch_kwargs: tuple[tuple[str, object], ...] = ()  # extra zoo options, e.g. (("width_mult", 0.5),)
     seed: int = 0  # initialisation, scorer and re-initialisation
-    profile: bool = True  # measure dense and pruned latency through ONNX Runtime
+    measure_latency: bool = True  # time the dense and the pruned model through ONNX Runtime
     latency_batch: int = 1  # batch size of the latency measurement
     latency_threads: int = 1  # ONNX Runtime intra-op threads for the latency measurement
     latency_iterations: int = 50  # timed calls per model (after warm-up), capped at 3 s each
@@ -337,14 +337,14 @@ def pai(cfg: PaiConfig, measure: ModelMeasurer | None = None) -> tuple[nn.Module
     """Prune a freshly initialised ``cfg.arch`` at initialisation; returns (model, mask, report).
 
     The model is in eval mode with masked weights zeroed; train it with the mask enforced
-    (``edgeshift.pruner.train.train(..., mask=mask)`` or ``edgeshift train --init``). With ``cfg.profile``,
+    (``edgeshift.pruner.train.train(..., mask=mask)`` or ``edgeshift train --init``). With ``cfg.measure_latency``,
     ``measure`` (e.g. ``edgeshift.exporter.profile.cpu_measurer(cfg.latency_threads, cfg.latency_iterations)``)
     times the dense and the pruned model.
     """
     cfg.validate()
-    if cfg.profile and measure is None:
-        raise ValueError("pai(cfg) with cfg.profile needs a measurer (edgeshift.exporter.profile.cpu_measurer)")
-    measurer = measure if cfg.profile else None
+    if cfg.measure_latency and measure is None:
+        raise ValueError("pai(cfg) with measure_latency needs a measurer (edgeshift.exporter.profile.cpu_measurer)")
+    measurer = measure if cfg.measure_latency else None
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = sources.create(

@@ -253,7 +253,7 @@ def test_train_imp_and_pai_take_a_factory_with_its_options(user_dir):
             "--sparsity",
             "0.5",
             "--all-layers",
-            "--no-profile",
+            "--no-latency",
             "-o",
             "pai.pt",
         ],

@@ -156,7 +156,7 @@ def test_residual_stream_with_a_sensitive_writer_keeps_its_width_and_says_why():
 
 @pytest.mark.parametrize("arch", ["vgg11", "resnet20"])
 def test_pai_model_exports_with_exactly_the_planned_widths(arch, tmp_path):
-    model, mask, report = pai(PaiConfig(arch, 0.9, profile=False))
+    model, mask, report = pai(PaiConfig(arch, 0.9, measure_latency=False))
     path = tmp_path / "m.onnx"
     export_onnx(model, torch.randn(2, 3, 32, 32), path)
     proto = onnx.load(path)
@@ -168,7 +168,7 @@ def test_pai_model_exports_with_exactly_the_planned_widths(arch, tmp_path):
 
 
 def test_unstructured_mode_is_plain_pai_at_the_target_sparsity():
-    model, mask, report = pai(PaiConfig("resnet20", 0.8, mode="unstructured", profile=False))
+    model, mask, report = pai(PaiConfig("resnet20", 0.8, mode="unstructured", measure_latency=False))
     assert report.compression == 1.0 and report.params_after == report.params_dense
     assert 1 - sparse.density(mask) == pytest.approx(0.8, abs=1e-4)
     assert all(layer.channels_after == layer.channels_before for layer in report.layers)
@@ -250,7 +250,7 @@ def test_train_needs_exactly_one_of_arch_and_init(tmp_path):
 
 
 def test_layer_collapse_is_reported():
-    _, _, report = pai(PaiConfig("resnet20", 0.97, profile=False))  # global magnitude empties the classifier
+    _, _, report = pai(PaiConfig("resnet20", 0.97, measure_latency=False))  # global magnitude empties the classifier
     assert "fc" in report.collapsed_layers and "layer collapse" in report.table()
-    _, _, fine = pai(PaiConfig("resnet20", 0.8, profile=False))
+    _, _, fine = pai(PaiConfig("resnet20", 0.8, measure_latency=False))
     assert fine.collapsed_layers == []

@@ -59,7 +59,7 @@ class PruningAtInitialisation:
                             mode=settings.mode,
                             num_classes=classes,
                             seed=context.seed,
-                            profile=False,
+                            measure_latency=False,
                             input_size=run.input_size,
                             arch_kwargs=run.arch_kwargs,
                         ),
