@@ -64,20 +64,20 @@ def build_vgg16_portfolio(
     measure_memory: bool = False,
     latency_iterations: int = 30,
 ) -> Path:
-    from edgeshift.exporter.portfolio import build_portfolio
+    from edgeshift.exporter.portfolio import BuildSettings, VariantFacts, build_portfolio
 
     models, reports, x = vgg16_variants(compressions, prune)
     return build_portfolio(
         models,
         x,
         out,
-        prune_reports=reports,
-        compressions={f"c{c}x": float(c) for c in compressions},
-        reference="c1x",
-        architecture="vgg16",
-        latency_iterations=latency_iterations,
-        measure_memory=measure_memory,
-        force=force,
+        facts=VariantFacts(
+            prune_reports=reports,
+            compressions={f"c{c}x": float(c) for c in compressions},
+            reference="c1x",
+            architecture="vgg16",
+        ),
+        settings=BuildSettings(latency_iterations=latency_iterations, measure_memory=measure_memory, force=force),
     )
 
 

@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from edgeshift.device_profiles import DeviceProfile, load_profile
@@ -21,9 +22,9 @@ from torch import nn
 from edgeshift.core.atomic import check_output_path
 from edgeshift.core.errors import EdgeshiftError, InputFileError
 
-from .portfolio import build_portfolio
+from .portfolio import BuildSettings, VariantFacts, build_portfolio
 from .profile import TestData
-from .quantize import CALIBRATION_METHODS, Calibration
+from .quantize import CALIBRATION_METHODS, Calibration, CalibrationMethodName
 
 LEVEL_RE = re.compile(r"^level_(\d+)$")
 
@@ -154,26 +155,15 @@ def export_portfolio(
         assert data is not None and mean is not None and std is not None  # int8 needs --data, checked above
         train = load_dataset(data, "train", num_classes=record.classes, size=record.input_size)
         train = dataclasses.replace(train.subset(calibration_samples), mean=tuple(mean), std=tuple(std))
-        calibration = Calibration(train.normalised(), calibration_method, train.name)  # type: ignore[arg-type]
+        method = cast(CalibrationMethodName, calibration_method)  # one of them: checked above
+        calibration = Calibration(train.normalised(), method, train.name)
     example = torch.randn(input_shape(next(iter(models.values())), 2), generator=torch.Generator().manual_seed(0))
     reference = max(compressions, key=lambda n: (-compressions[n], n))
     return build_portfolio(
         models,
         example,
         out,
-        labels=labels,
         test_data=test,
-        prune_reports=reports,
-        compressions=compressions,
-        recipes=recipes,
-        reference=reference,
-        mean=mean,
-        std=std,
-        architecture=record.name,
-        profile=device_profile,
-        threads=threads,
-        latency_iterations=latency_iterations,
-        int8=calibration,
-        measure_memory=measure_memory,
-        force=force,
+        facts=VariantFacts(labels, reports, compressions, recipes, reference, mean, std, record.name),
+        settings=BuildSettings(device_profile, threads, latency_iterations, calibration, measure_memory, force=force),
     )

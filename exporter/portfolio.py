@@ -10,9 +10,10 @@ import json
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -284,38 +285,56 @@ def _samples(test: TestData | None) -> int:
     return len(test.y) if test is not None else 0
 
 
+@dataclass(frozen=True)
+class VariantFacts:
+    """What the manifest says about the variants beyond what their modules show."""
+
+    labels: list[str] | None = None  # class names (default: "0", "1", ...)
+    prune_reports: Mapping[str, Any] = field(default_factory=dict)  # per variant: its exact prune's report
+    compressions: Mapping[str, float] = field(default_factory=dict)  # per variant: weights vs the largest source
+    recipes: Mapping[str, str] = field(default_factory=dict)  # per variant: how it was made, in words
+    reference: str | None = None  # the dense variant, always kept (default: the one with the most parameters)
+    mean: list[float] | None = None  # the input normalisation the device applies
+    std: list[float] | None = None
+    architecture: str | None = None  # the model source's name
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How a portfolio is built: the device profile it is timed under, and what else is made and measured."""
+
+    profile: DeviceProfile | str = "host"
+    threads: int | None = None  # overrides the profile's intra-op threads
+    latency_iterations: int | None = None  # overrides the profile's timed calls per variant
+    int8: Calibration | None = None  # calibration images: an INT8 variant of each, kept when measured faster
+    measure_memory: bool = True  # each session's peak memory, in a fresh process
+    tolerance: Tolerance = Tolerance()
+    force: bool = False  # overwrite an existing portfolio
+
+
 def build_portfolio(
     variants: dict,
     example_inputs,
     out_path: str | os.PathLike,
     *,
-    labels: list[str] | None = None,
     test_data: TestData | None = None,
-    prune_reports: dict | None = None,
-    compressions: dict[str, float] | None = None,
-    recipes: dict[str, str] | None = None,
-    reference: str | None = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    architecture: str | None = None,
-    profile: DeviceProfile | str = "host",
-    threads: int | None = None,
-    latency_iterations: int | None = None,
-    int8: Calibration | None = None,
-    measure_memory: bool = True,
-    tolerance: Tolerance = Tolerance(),
-    force: bool = False,
+    facts: VariantFacts = VariantFacts(),
+    settings: BuildSettings = BuildSettings(),
     say: Callable[[str], None] = print,
 ) -> Path:
     """Export, check, time, post-process and pack ``variants`` (name -> nn.Module) into one portfolio file.
 
-    Every variant is timed against the others in one interleaved run under the device ``profile`` (``threads``
-    and ``latency_iterations`` override its intra-op threads and timed calls). ``int8`` (calibration images) adds
-    an INT8 variant of each, in the profile's ``[quantization]`` format, kept only when measured faster than its
-    FP32 source. ``reference`` names the dense variant that is always kept (default: the one with the most
-    parameters). The ladder the runtime's policies step along is measured here and recorded in the manifest.
-    Nothing is written at ``out_path`` unless every step succeeds.
+    Every variant is timed against the others in one interleaved run under the device profile (``settings``).
+    With calibration images, an INT8 variant of each is made in the profile's ``[quantization]`` format and kept
+    only when measured faster than its FP32 source and as accurate as its floor. The ladder the runtime's policies
+    step along is measured here and recorded in the manifest. Nothing is written at ``out_path`` unless every
+    step succeeds.
     """
+    labels, reference, mean, std = facts.labels, facts.reference, facts.mean, facts.std
+    prune_reports, compressions, recipes = dict(facts.prune_reports), facts.compressions, facts.recipes
+    int8, tolerance = settings.int8, settings.tolerance
+    force, measure_memory = settings.force, settings.measure_memory
+    threads, latency_iterations = settings.threads, settings.latency_iterations
 
     out_path = check_output_path(out_path, force)
     if not variants:
@@ -323,9 +342,8 @@ def build_portfolio(
     for name in variants:
         if not NAME_RE.match(name):
             raise EdgeshiftError(f"variant name {name!r} is not safe; use letters, digits, '.', '_', '-'")
-    timing = timing_profile(profile, threads=threads, iterations=latency_iterations)
+    timing = timing_profile(settings.profile, threads=threads, iterations=latency_iterations)
     threads_used = profile_threads(timing)
-    prune_reports = prune_reports or {}
     reference = reference or max(variants, key=lambda n: count_params(variants[n]))
     channels = int(example_inputs.shape[1])
     built: dict[str, _Built] = {}
@@ -357,8 +375,8 @@ def build_portfolio(
                     "deflated_bytes": deflated_size(data),
                     "params": exp.params,
                     "macs": exp.macs,
-                    "compression": float((compressions or {}).get(name, 1.0)),
-                    "recipe": (recipes or {}).get(name, "dense" if name == reference else "pruned"),
+                    "compression": float(compressions.get(name, 1.0)),
+                    "recipe": recipes.get(name, "dense" if name == reference else "pruned"),
                     "reference": name == reference,
                     "accuracy": None
                     if top1 is None
@@ -446,7 +464,7 @@ def build_portfolio(
         schema_version=SCHEMA_VERSION,
         producer=f"edgeshift {edgeshift.__version__}",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        architecture=architecture or "",
+        architecture=facts.architecture or "",
         input=InputSpec(
             name=INPUT_NAME, shape=(None, *map(int, example_inputs.shape[1:])), dtype="float32", layout="NCHW"
         ),

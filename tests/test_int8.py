@@ -13,7 +13,7 @@ import pytest
 from edgeshift.device_profiles import load_profile
 from edgeshift.device_profiles.profile import QuantizationSettings
 from edgeshift.exporter.onnx_export import onnx_bytes
-from edgeshift.exporter.portfolio import build_portfolio
+from edgeshift.exporter.portfolio import BuildSettings, build_portfolio
 from edgeshift.exporter.profile import TestData
 from edgeshift.exporter.quantize import (
     Calibration,
@@ -125,11 +125,10 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
         inputs_for(32),
         tmp_path / "pf.zip",
         test_data=test,
-        profile=profile,
-        latency_iterations=60,
-        int8=Calibration(x[:32], "minmax", "noise"),
-        measure_memory=False,
         say=lambda line: None,
+        settings=BuildSettings(
+            profile=profile, latency_iterations=60, int8=Calibration(x[:32], "minmax", "noise"), measure_memory=False
+        ),
     )
     with Portfolio.open(path) as pf:
         m = pf.manifest

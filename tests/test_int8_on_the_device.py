@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from edgeshift.device_profiles.profile import cpu_flags, cross_built, needs_reduce_range
-from edgeshift.exporter.portfolio import build_portfolio
+from edgeshift.exporter.portfolio import BuildSettings, build_portfolio
 from edgeshift.exporter.profile import TestData
 from edgeshift.exporter.quantize import Calibration
 from edgeshift.runtime.engine import Runtime
@@ -100,11 +100,8 @@ def test_an_int8_variant_under_the_agreement_floor_is_made_again_then_dropped_wi
         inputs_for(32),
         tmp_path / "pf.zip",
         test_data=test,
-        profile=strict,
-        latency_iterations=20,
-        int8=calibration,
-        measure_memory=False,
         say=said.append,
+        settings=BuildSettings(profile=strict, latency_iterations=20, int8=calibration, measure_memory=False),
     )
     with Portfolio.open(path) as pf:
         assert pf.names == ["dense"]
@@ -127,10 +124,8 @@ def test_int8_built_for_an_arm_device_on_x86_waits_for_the_devices_bench(tmp_pat
         inputs_for(32),
         tmp_path / "pf.zip",
         test_data=test,
-        profile=quick,
-        int8=calibration,
-        measure_memory=False,
         say=lambda line: None,
+        settings=BuildSettings(profile=quick, int8=calibration, measure_memory=False),
     )
     with Portfolio.open(path) as pf:
         record = pf.info("dense-int8").record
@@ -170,10 +165,8 @@ def test_bench_refuses_an_int8_variant_this_device_computes_differently(tmp_path
         inputs_for(32),
         tmp_path / "pf.zip",
         test_data=test,
-        profile=lax,
-        int8=calibration,
-        measure_memory=False,
         say=lambda line: None,
+        settings=BuildSettings(profile=lax, int8=calibration, measure_memory=False),
     )
     with Portfolio.open(path) as pf:
         shipped = pf.check_inputs()

@@ -9,7 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from edgeshift.exporter.portfolio import Tolerance, build_portfolio, postprocess
+from edgeshift.exporter.portfolio import BuildSettings, Tolerance, VariantFacts, build_portfolio, postprocess
 from edgeshift.exporter.profile import TestData
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.pruner.structured import prune_zero_channels
@@ -36,10 +36,8 @@ def portfolio(tmp_path_factory):
         inputs_for(32),
         tmp / "pf.zip",
         test_data=test,
-        prune_reports={"pruned": report},
-        reference="dense",
-        latency_iterations=20,
-        architecture="resnet20",
+        facts=VariantFacts(prune_reports={"pruned": report}, reference="dense", architecture="resnet20"),
+        settings=BuildSettings(latency_iterations=20),
     )
     SOURCES[path] = {"dense": dense, "pruned": sparse}  # what each variant must compute: the unpruned model
     return path
