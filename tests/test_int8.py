@@ -145,7 +145,8 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
     assert kept["dense"].precision == "fp32" and kept["dense"].quantization is None
     if "dense-int8" not in kept:  # INT8 is kept only where measured faster: a fact of this CPU, not of the code
         reason = next(d.reason for d in m.dropped if d.name == "dense-int8")
-        assert "not faster than its FP32 source dense" in reason
+        # not_faster_reason's two forms: its p50 is not lower, or it lost interleaved rounds
+        assert reason.startswith("INT8 ") and ("not faster than dense" in reason or "slower in" in reason), reason
         pytest.skip(f"INT8 measured not faster on this CPU, so its record is not in the manifest: {reason}")
     q = kept["dense-int8"].quantization
     assert kept["dense-int8"].precision == "int8" and q is not None and q.source == "dense"
