@@ -105,7 +105,42 @@ def pipeline(
     pipeline_lib.run_pipeline(pipeline_lib.load_config(config, arch=arch, data=data, out=out))
 
 
+def method(
+    name: str = typer.Argument(..., help="A pruning method: `edgeshift methods` lists them with their settings."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for its checkpoints (a killed run resumes here)."),
+    data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="One of the method's settings, KEY=VALUE in TOML (remove=[2,3], criterion=taylor)."
+    ),
+    dense: Optional[Path] = typer.Option(
+        None, help="A trained dense checkpoint the method starts from (default: trained here, per --epochs)."
+    ),
+    arch: Optional[str] = typer.Option(None, help=SOURCE_HELP + " Default: --dense's, else resnet20."),
+    epochs: int = typer.Option(3, min=1, help="Training epochs (the dense model's; per level or variant)."),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(0.05, help="Peak learning rate."),
+    train_samples: int = typer.Option(0, min=0, help="Stratified training subset (0: all)."),
+    test_samples: int = typer.Option(0, min=0, help="Stratified test subset (0: all)."),
+    seed: int = typer.Option(0),
+    profile: str = typer.Option("host", help="Device profile (name or TOML file) for every latency figure."),
+) -> None:
+    """Run one pruning method on its own (the pipeline's first step): its checkpoints, for `edgeshift export`."""
+    document = {
+        "model": {"arch": arch} if arch else {},
+        "data": {"path": data, "train_samples": train_samples, "test_samples": test_samples},
+        "methods": [pipeline_lib.method_document(name, list(set_ or []))],
+        "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed},
+        "deploy": {"profile": profile},
+        "variants": {"dense": str(dense)} if dense else {},
+        "output": {"dir": str(out)},
+    }
+    made = pipeline_lib.run_method(document)
+    typer.echo(f"{len(made)} sources in {out / 'variants'}: " + ", ".join(p.name for p in made))
+    typer.echo(f"next: edgeshift export {' '.join(str(p) for p in made)} -o portfolio.zip --data {data}")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("method")(handle_errors(method))
     app.command("export")(handle_errors(export))
     app.command("report")(handle_errors(report))
     app.command("pipeline")(handle_errors(pipeline))

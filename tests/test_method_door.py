@@ -9,6 +9,7 @@ import textwrap
 import zipfile
 
 import pytest
+from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.methods import METHODS, check_method
 from typer.testing import CliRunner
 
@@ -174,3 +175,28 @@ def test_every_built_in_method_has_a_settings_dataclass_with_help_on_every_field
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0
     assert all(f"{name}: " in result.output for name in METHODS.names())
+
+
+def test_edgeshift_method_runs_one_method_alone_with_its_settings_checked(tmp_path):
+    common = ["--data", "generated", "--train-samples", "200", "--test-samples", "100", "--epochs", "1"]
+    for args, message in (
+        (["layerprune", "--set", "remove=2"], "methods[0].remove must be a list of int, got int 2"),
+        (["layerprune", "--set", "removes=[2]"], "unknown key 'methods[0].removes'; known in [methods[0]]: criterion"),
+        (["obd"], "unknown method 'obd'; known: imp, layerprune"),
+        (["layerprune", "--set", "oops"], "--set takes KEY=VALUE"),
+    ):
+        refused = runner.invoke(app, ["method", *args, "-o", str(tmp_path / "refused"), *common])
+        assert refused.exit_code == 2 and message in refused.output and refused.output.count("\n") == 1, refused.output
+    assert not (tmp_path / "refused").exists()  # refused before any work
+
+    out = tmp_path / "lp"
+    args = ["method", "layerprune", "--set", "remove=[2]", "--set", "finetune_epochs=0", "--set", "criterion=bn-scale"]
+    result = runner.invoke(app, [*args, "-o", str(out), *common, "--batch-size", "100"])
+    assert result.exit_code == 0, result.output
+    assert "2 sources in" in result.output and "edgeshift export" in result.output
+    dense, pruned = (
+        load_checkpoint(out / "variants" / "dense.pt")[0],
+        load_checkpoint(out / "variants" / "layerprune-2.pt"),
+    )
+    assert sum(p.numel() for p in pruned[0].parameters()) < sum(p.numel() for p in dense.parameters())
+    assert pruned[1]["meta"]["layerprune"]["criterion"] == "bn-scale"  # the setting reached the method

@@ -210,6 +210,15 @@ def read_toml(path: Any, *, error: type[EdgeshiftError] = EdgeshiftError, what: 
         raise error(f"{path}: not valid TOML (nested too deeply)") from None
 
 
+def toml_value(text: str) -> Any:
+    """A value written on a command line as TOML reads it (``[2, 3]``, ``0.5``, ``true``, ``"x"``); a bare word
+    that is not TOML is that string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def read_capped(path: Any, cap: int, *, error: type[EdgeshiftError] = EdgeshiftError, what: str = "file") -> bytes:
     """The bytes of ``path``, refused with ``error`` when it holds more than ``cap`` (read at most ``cap + 1``:
     a file we did not write is never read whole before its size is known)."""

@@ -12,10 +12,11 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from edgeshift.device_profiles import DeviceProfile
-from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint
 from edgeshift.pruner.layers.layerprune import removable_candidates
 from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
 from edgeshift.pruner.models.record import record_of
@@ -28,12 +29,13 @@ from edgeshift.runtime.simulate import result_document, simulate_file
 
 from edgeshift import device_profiles
 from edgeshift.core.atomic import write_text_atomic
+from edgeshift.core.config import toml_value
 from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
 from edgeshift.core.tables import echo_table, markdown_table
 
 from ..export_cmd import export_portfolio
 from ..report import write_report
-from .config import PipelineConfig
+from .config import PipelineConfig, parse_config
 from .methods import build_variants, model_spec
 from .targets import candidate_lines, choice_lines, choose, int8_cover_lines
 
@@ -52,6 +54,14 @@ def validate(cfg: PipelineConfig) -> DeviceProfile:
         raise InputFileError(f"data folder not found: {cfg.data.path} (pass a folder or 'generated')")
     if cfg.deploy.trace:
         require_file(cfg.deploy.trace, "load trace")
+    if cfg.variants.dense:
+        require_file(cfg.variants.dense, "dense checkpoint ([variants] dense)")
+        name = read_checkpoint(cfg.variants.dense)["arch"]["name"]
+        if name != cfg.model.arch:
+            raise EdgeshiftError(
+                f"[variants] dense is a {name} checkpoint but [model] arch is {cfg.model.arch!r}; make them the same "
+                "model"
+            )
     if cfg.variants.targets:
         validate_targets(cfg)
     return profile
@@ -223,3 +233,28 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     print(f"everything is in {out}")
     sys.stdout.flush()
     return out
+
+
+def method_document(name: str, assignments: list[str]) -> dict[str, Any]:
+    """One ``[[methods]]`` table from ``--set KEY=VALUE`` assignments, each refused in one line if malformed."""
+    table: dict[str, Any] = {"name": name}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgeshiftError(f"--set takes KEY=VALUE (e.g. remove=[2,3] or criterion=taylor), got {item!r}")
+        table[key.strip()] = toml_value(text.strip())
+    return table
+
+
+def run_method(document: dict[str, Any], source: str = "edgeshift method") -> list[Path]:
+    """Step 1 of the pipeline alone: one method's variants (checkpoints) from a configuration document with one
+    ``[[methods]]`` table, resumable in its output folder; returns them for ``edgeshift export``."""
+    dense = document.get("variants", {}).get("dense")
+    if dense and "arch" not in document.get("model", {}):  # the model is the dense checkpoint's
+        require_file(dense, "dense checkpoint (--dense)")
+        document.setdefault("model", {})["arch"] = read_checkpoint(dense)["arch"]["name"]
+    cfg = parse_config(document, source)
+    profile = validate(cfg)
+    out = prepare_output(cfg)
+    _step(1, 1, f"variants: {cfg.model.arch} on {cfg.data.path}, method {cfg.methods[0].name} -> {out / 'variants'}")
+    return build_variants(cfg, out, profile)
