@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from edgeshift.pruner.models import get
 from edgeshift.pruner.models.record import record_of, set_record
-from torch import nn
 
 
 @torch.no_grad()
@@ -96,6 +97,7 @@ def width_pruned(model: nn.Module, ratio: float) -> nn.Module:
     import copy
 
     import torch_pruning as tp
+
     from edgeshift.pruner.models.zoo import input_shape
 
     m = copy.deepcopy(model).eval()

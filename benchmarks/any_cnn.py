@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from edgeshift.exporter import export_onnx
-from edgeshift.pruner.metrics import count_params
-from edgeshift.pruner.structured import prune_zero_channels
 from torch import nn
 
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.exporter import export_onnx
+from edgeshift.pruner.metrics import count_params
+from edgeshift.pruner.structured import prune_zero_channels
 
 # (label, source): the 21 architectures of the table in BENCHMARKS.md.
 ARCHITECTURES = [

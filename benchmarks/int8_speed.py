@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from edgeshift.pruner.models.record import record_of
 
 
@@ -28,6 +29,7 @@ def fp32_onnx(model, shape) -> bytes:
     import tempfile
 
     import torch
+
     from edgeshift.exporter.onnx_export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,6 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import onnxruntime as ort
+
     from edgeshift.exporter.profile import TestData, onnx_accuracy, time_interleaved_models, timing_profile
     from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
     from edgeshift.pruner.checkpoint import load_checkpoint

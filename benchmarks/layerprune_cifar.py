@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import width_pruned
+
 from edgeshift.pruner.models.record import record_of
 
 
@@ -90,14 +91,14 @@ def main() -> None:
             reports[(criterion, n)] = json.loads(Path(f"{stem}.json").read_text())
 
     import torch
+
+    from edgeshift import device_profiles
     from edgeshift.exporter.profile import OrtMeasurer
     from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
     from edgeshift.pruner.data import load_dataset
     from edgeshift.pruner.layers.layerprune import onnx_top1
     from edgeshift.pruner.metrics import count_macs, count_params
     from edgeshift.pruner.train import TrainConfig, train
-
-    from edgeshift import device_profiles
 
     profile = device_profiles.load_profile(args.profile)
     dense, _ = load_checkpoint(args.checkpoint)

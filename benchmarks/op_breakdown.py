@@ -24,6 +24,7 @@ from pathlib import Path
 def breakdown(path: Path, profile, calls: int = 500) -> dict:
     import numpy as np
     import onnxruntime as ort
+
     from edgeshift.runtime.session import session_options, session_plan
 
     plan = session_plan(profile, None)

@@ -16,6 +16,7 @@ import statistics
 
 import numpy as np
 import torch
+
 from edgeshift.device_profiles import cpu_profile
 from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes
 from edgeshift.pruner.checkpoint import load_checkpoint

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from edgeshift.device_profiles import cpu_profile
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.pruner.checkpoint import load_checkpoint

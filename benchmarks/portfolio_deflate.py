@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from _common import synthetic_sparse
+
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.exporter.profile import deflated_size
 from edgeshift.pruner.structured import prune_zero_channels

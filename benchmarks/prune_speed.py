@@ -16,9 +16,10 @@ import statistics
 import time
 
 import torch
+from torch import nn
+
 from edgeshift.pruner.models import get
 from edgeshift.pruner.structured import STRUCTURE_CACHE, prune_zero_channels
-from torch import nn
 
 
 @torch.no_grad()

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from _common import ensure_vgg16_portfolio
+
+from edgeshift import device_profiles
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
 from edgeshift.runtime.portfolio import Portfolio
 from edgeshift.runtime.session import absorb_first_session_cost, create_session, session_for_variant
-
-from edgeshift import device_profiles
 
 
 def main() -> None:

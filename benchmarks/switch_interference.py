@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 from _common import ensure_vgg16_portfolio
+
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
 

@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 
 from _common import width_pruned
+
 from edgeshift.pruner.models.record import record_of
 
 METHODS = ("uniform L1", "IMP", "layer removal", "learned masks", "removal + masks")
@@ -59,6 +60,8 @@ def method_of(name: str, extra: frozenset[str] = frozenset()) -> str:
 def main() -> None:
     import numpy as np
     import torch
+
+    from edgeshift.core.atomic import write_text_atomic
     from edgeshift.device_profiles import load_profile
     from edgeshift.exporter.onnx_export import INPUT_NAME, onnx_bytes
     from edgeshift.exporter.profile import TestData, onnx_accuracy, time_interleaved_models
@@ -71,8 +74,6 @@ def main() -> None:
     from edgeshift.pruner.structured import prune_zero_channels
     from edgeshift.pruner.train import TrainConfig, train
     from edgeshift.runtime.session import create_session
-
-    from edgeshift.core.atomic import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished pipeline run with [variants] targets")

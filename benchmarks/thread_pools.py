@@ -53,6 +53,7 @@ def _feed(session) -> dict:
 def _measure(model: bytes, mode: str, profile_name: str, repeats: int) -> list[list[float]]:
     """p50 ms of each session, per repeat, for one mode (run in its own process)."""
     import onnxruntime as ort
+
     from edgeshift.device_profiles import load_profile
     from edgeshift.runtime.measure import percentile_stats, time_interleaved
     from edgeshift.runtime.session import create_session, session_options, session_plan

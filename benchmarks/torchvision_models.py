@@ -13,13 +13,13 @@ import time
 
 import torch
 import torchvision
-from edgeshift.pruner.checkpoint import load_checkpoint
-from edgeshift.pruner.layers import find_candidates
-from edgeshift.pruner.structured import prune_zero_channels
 from torch import nn
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.layers import find_candidates
+from edgeshift.pruner.structured import prune_zero_channels
 
 
 def oracle_same(a, b, x):

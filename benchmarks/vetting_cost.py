@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 from _common import ensure_vgg16_portfolio
+
+from edgeshift import device_profiles
 from edgeshift.runtime import vetting
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
-
-from edgeshift import device_profiles
 
 
 def open_and_predict(path, profile, vet: bool, calls: int) -> tuple[float, float]:

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from edgeshift.device_profiles import load_profile
-from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP, model_spec
-from edgeshift.runtime.inspect_cmd import print_portfolio
 
 from edgeshift.core.commands import handle_errors
 from edgeshift.core.lazy import lazy_module
+from edgeshift.device_profiles import load_profile
+from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP, model_spec
+from edgeshift.runtime.inspect_cmd import print_portfolio
 
 # The library behind these commands imports torch and onnx (seconds): it loads when a build command runs, so that
 # `edgeshift --help` and the device commands never pay for it, and a device without torch still lists its commands.

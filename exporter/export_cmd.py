@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import cast
 
 import torch
+from torch import nn
+
+from edgeshift.core.atomic import check_output_path
+from edgeshift.core.errors import EdgeshiftError, InputFileError
 from edgeshift.device_profiles import DeviceProfile, load_profile
 from edgeshift.pruner.checkpoint import load_model
 from edgeshift.pruner.data import load_dataset
@@ -17,10 +21,6 @@ from edgeshift.pruner.models.record import ModelRecord, record_of
 from edgeshift.pruner.models.sources import ModelSpec
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.pruner.structured import PruneReport, prune_zero_channels
-from torch import nn
-
-from edgeshift.core.atomic import check_output_path
-from edgeshift.core.errors import EdgeshiftError, InputFileError
 
 from .portfolio import BuildSettings, VariantFacts, build_portfolio
 from .profile import TestData

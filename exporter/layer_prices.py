@@ -14,11 +14,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
 from edgeshift.device_profiles import DeviceProfile, load_profile
 from edgeshift.pruner.metrics import forward_with_hooks
 from edgeshift.runtime.timing_process import Graph, TimingSettings, time_graphs
-from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from .profile import OrtMeasurer
 

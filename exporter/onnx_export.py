@@ -16,11 +16,11 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from edgeshift.pruner.fuse import fuse_conv_bn
-from edgeshift.pruner.metrics import count_macs
 
 from edgeshift.core.atomic import write_bytes_atomic
 from edgeshift.core.errors import EdgeshiftError, NotExactError
+from edgeshift.pruner.fuse import fuse_conv_bn
+from edgeshift.pruner.metrics import count_macs
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"

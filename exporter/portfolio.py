@@ -17,6 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+
+import edgeshift
+from edgeshift.core.atomic import atomic_path, check_output_path
+from edgeshift.core.errors import EdgeshiftError
 from edgeshift.device_profiles import DeviceProfile
 from edgeshift.device_profiles.profile import cross_built
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
@@ -44,10 +48,6 @@ from edgeshift.runtime.manifest import (
 from edgeshift.runtime.measure import LatencyStats, machine_label
 from edgeshift.runtime.memprobe import measure_session_memory
 from edgeshift.runtime.session import create_session
-
-import edgeshift
-from edgeshift.core.atomic import atomic_path, check_output_path
-from edgeshift.core.errors import EdgeshiftError
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_counts
 from .profile import (

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from edgeshift.device_profiles import DeviceProfile, cpu_profile, load_profile
 from edgeshift.device_profiles.profile import BenchmarkSettings
 from edgeshift.runtime.measure import LatencyStats, time_calls

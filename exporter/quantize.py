@@ -21,12 +21,12 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnxruntime as ort
-from edgeshift.device_profiles.profile import DeviceProfile, QuantizationSettings
-from edgeshift.runtime.session import create_session
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.device_profiles.profile import DeviceProfile, QuantizationSettings
+from edgeshift.runtime.session import create_session
 
 from .profile import time_interleaved_models
 

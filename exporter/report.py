@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeshift.runtime.portfolio import Portfolio
-
 from edgeshift.core.atomic import atomic_path, write_text_atomic
 from edgeshift.core.errors import InputFileError
+from edgeshift.runtime.portfolio import Portfolio
 
 
 def timing_label(portfolio: Portfolio) -> str:

@@ -22,6 +22,7 @@ def _rss_bytes() -> int:
 
 def probe(path: str, threads: int = 1, runs: int = 5) -> dict:
     import numpy as np
+
     from edgeshift.device_profiles import cpu_profile
 
     from .session import create_session

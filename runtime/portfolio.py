@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from edgeshift.device_profiles.profile import LimitsSettings
 
 from edgeshift.core.errors import PortfolioError, UnknownNameError, require_file
 from edgeshift.core.jsonio import loads_bounded
+from edgeshift.device_profiles.profile import LimitsSettings
 
 from .graph_check import check_graph
 from .manifest import (

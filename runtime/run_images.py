@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from edgeshift.device_profiles.profile import LimitsSettings
 
 from edgeshift.core.errors import EdgeshiftError, InputFileError
 from edgeshift.core.text import printable
+from edgeshift.device_profiles.profile import LimitsSettings
 
 from .manifest import Preprocessing
 

@@ -8,9 +8,8 @@ import threading
 import time
 import warnings
 
-from edgeshift.device_profiles.profile import SessionPlan, plan_session
-
 from edgeshift.core.errors import EdgeshiftError, PortfolioError
+from edgeshift.device_profiles.profile import SessionPlan, plan_session
 
 _warned: set[tuple] = set()
 

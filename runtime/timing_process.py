@@ -301,6 +301,7 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes:
 def _serve(stdin: IO[bytes]) -> dict:
     """The child's side: read the request, build the sessions on one pool, time them; the answer as a document."""
     import onnxruntime as ort
+
     from edgeshift.device_profiles.profile import parse_profile
 
     from .session import create_session, one_line, session_plan

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+
 from edgeshift.runtime.measure import machine_fingerprint
 from edgeshift.runtime.portfolio import Portfolio
 

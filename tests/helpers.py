@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from edgeshift.pruner.models import get
 from torch import nn
+
+from edgeshift.pruner.models import get
 
 # (name, kwargs, input size) small enough for a fast suite; every zoo architecture appears.
 ZOO_CASES = [

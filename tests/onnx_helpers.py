@@ -9,8 +9,9 @@ import zipfile
 
 import numpy as np
 import onnx
-from edgeshift.runtime.manifest import SCHEMA_VERSION, variant_file
 from onnx import TensorProto, helper, numpy_helper
+
+from edgeshift.runtime.manifest import SCHEMA_VERSION, variant_file
 
 SIZE = 8
 CLASSES = 4

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from edgeshift.pruner.fuse import NormActRemainder
 from edgeshift.pruner.structured import prune_zero_channels
-from torch import nn
 
 
 def fresh(shape=(2, 3, 16, 16), seed=7):

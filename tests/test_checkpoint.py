@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
-from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from edgeshift.pruner.structured import prune_zero_channels
 from helpers import inputs_for, make, plant_zeros
 
 from edgeshift.core.errors import InputFileError
+from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from edgeshift.pruner.structured import prune_zero_channels
 
 
 def test_round_trip_keeps_outputs_masks_and_meta(tmp_path):

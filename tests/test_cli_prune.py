@@ -1,11 +1,11 @@
 import json
 
 import torch
-from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from helpers import assert_same_function, inputs_for, make, plant_zeros
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 

@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 from device_helpers import BLOCK_TORCH, given_bench, npy_images
-from edgeshift.runtime.ladder import bench_path_for
 from onnx_helpers import speed_portfolio, tiny_portfolio, write_zip
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.runtime.ladder import bench_path_for
 
 runner = CliRunner()
 

@@ -1,9 +1,9 @@
 import json
 
-from edgeshift.pruner.checkpoint import load_checkpoint
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.pruner.checkpoint import load_checkpoint
 
 runner = CliRunner()
 SMALL = [

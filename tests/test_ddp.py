@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+
 from edgeshift.pruner.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from device_helpers import ROOT
-from edgeshift.pruner.data import generated_dataset
-from edgeshift.pruner.distill import DistillConfig, Teacher
-from edgeshift.pruner.train import TrainConfig, to_tensor, train
 from torch import nn
 
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.pruner.data import generated_dataset
+from edgeshift.pruner.distill import DistillConfig, Teacher
+from edgeshift.pruner.train import TrainConfig, to_tensor, train
 
 
 def small(seed: int) -> nn.Module:

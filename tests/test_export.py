@@ -5,12 +5,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from edgeshift.exporter.onnx_export import ExportError, export_onnx
-from edgeshift.pruner.structured import prune_zero_channels
 from helpers import ZOO_CASES, assert_onnx_computes, inputs_for, make, plant_zeros
 from torch import nn
 
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.exporter.onnx_export import ExportError, export_onnx
+from edgeshift.pruner.structured import prune_zero_channels
 
 
 def ort_run(path, x):

@@ -35,12 +35,13 @@ from cnn_generator import (
     coverage,
     judged_widths,
 )
-from edgeshift.exporter.onnx_export import export_onnx
-from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
-from edgeshift.pruner.structured import prune_zero_channels
 from hypothesis import HealthCheck, given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from torch import nn
+
+from edgeshift.exporter.onnx_export import export_onnx
+from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
+from edgeshift.pruner.structured import prune_zero_channels
 
 PROFILES = {
     "ci": settings(

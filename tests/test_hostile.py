@@ -23,16 +23,16 @@ import numpy as np
 import onnx
 import pytest
 from device_helpers import BLOCK_TORCH
+from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import CLASSES, SIZE, manifest_for, tiny_blobs, tiny_classifier, write_zip
+
+from edgeshift.core.errors import InputFileError, PortfolioError
 from edgeshift.device_profiles import cpu_profile
 from edgeshift.runtime import timing_process
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.manifest import variant_file
 from edgeshift.runtime.portfolio import Portfolio
 from edgeshift.runtime.timing_process import Graph, TimingError, vet_graphs
-from onnx import TensorProto, helper, numpy_helper
-from onnx_helpers import CLASSES, SIZE, manifest_for, tiny_blobs, tiny_classifier, write_zip
-
-from edgeshift.core.errors import InputFileError, PortfolioError
 
 HANG_GUARD_S = 120  # the bound on any one hostile case; a command still running then has hung
 MAX_RSS_MB = 2048

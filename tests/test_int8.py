@@ -10,6 +10,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import inputs_for, make
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 from edgeshift.device_profiles import load_profile
 from edgeshift.device_profiles.profile import QuantizationSettings
 from edgeshift.exporter.onnx_export import onnx_bytes
@@ -26,11 +31,6 @@ from edgeshift.exporter.quantize import (
 )
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.runtime.portfolio import Portfolio
-from helpers import inputs_for, make
-from onnx import TensorProto, helper
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
 
 runner = CliRunner()
 

@@ -10,13 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from edgeshift.device_profiles.profile import cpu_flags, cross_built, needs_reduce_range
-from edgeshift.exporter.portfolio import BuildSettings, build_portfolio
-from edgeshift.exporter.profile import TestData
-from edgeshift.exporter.quantize import Calibration
-from edgeshift.runtime.engine import Runtime
-from edgeshift.runtime.ladder import bench_path_for
-from edgeshift.runtime.portfolio import Portfolio
 from helpers import inputs_for, make
 from torch import nn
 from typer.testing import CliRunner
@@ -24,6 +17,13 @@ from typer.testing import CliRunner
 from edgeshift import device_profiles
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.device_profiles.profile import cpu_flags, cross_built, needs_reduce_range
+from edgeshift.exporter.portfolio import BuildSettings, build_portfolio
+from edgeshift.exporter.profile import TestData
+from edgeshift.exporter.quantize import Calibration
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.ladder import bench_path_for
+from edgeshift.runtime.portfolio import Portfolio
 
 EPYC_ROME = (
     "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"

@@ -7,18 +7,18 @@ import json
 
 import pytest
 from device_helpers import given_bench
-from edgeshift.device_profiles import cpu_profile
-from edgeshift.device_profiles.profile import BenchmarkSettings
-from edgeshift.runtime import policies
-from edgeshift.runtime.bench import bench_file
-from edgeshift.runtime.ladder import LadderPoint, bench_path_for, build_ladder, is_faster
-from edgeshift.runtime.portfolio import Portfolio
 from onnx_helpers import speed_portfolio, tiny_portfolio
 from typer.testing import CliRunner
 
 from edgeshift import Runtime
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.device_profiles import cpu_profile
+from edgeshift.device_profiles.profile import BenchmarkSettings
+from edgeshift.runtime import policies
+from edgeshift.runtime.bench import bench_file
+from edgeshift.runtime.ladder import LadderPoint, bench_path_for, build_ladder, is_faster
+from edgeshift.runtime.portfolio import Portfolio
 
 runner = CliRunner()
 PROFILE = dataclasses.replace(cpu_profile(1, name="test-1t"), benchmark=BenchmarkSettings(5, 60, 5.0, 3, 0.10))

@@ -5,6 +5,11 @@ import zipfile
 
 import pytest
 import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
+from edgeshift.core.errors import EdgeshiftError, UnknownNameError
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.data import load_dataset
@@ -12,11 +17,6 @@ from edgeshift.pruner.layers import criteria, find_candidates, remove_candidates
 from edgeshift.pruner.layers.criteria import Imprint
 from edgeshift.pruner.layers.layerprune import LayerPruneConfig, criterion_data
 from edgeshift.pruner.models import get
-from torch import nn
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
-from edgeshift.core.errors import EdgeshiftError, UnknownNameError
 
 runner = CliRunner()
 

@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from edgeshift.pruner.checkpoint import load_checkpoint
-from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
-from edgeshift.pruner.slim import choose_alignment
-from edgeshift.pruner.structured import prune_zero_channels
 from torch import nn
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
+from edgeshift.pruner.slim import choose_alignment
+from edgeshift.pruner.structured import prune_zero_channels
 
 runner = CliRunner()
 

@@ -9,12 +9,12 @@ import textwrap
 import zipfile
 
 import pytest
-from edgeshift.pruner.checkpoint import load_checkpoint
-from edgeshift.pruner.methods import METHODS, check_method
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.methods import METHODS, check_method
 
 runner = CliRunner()
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
-from edgeshift.pruner.models import sources
-from edgeshift.pruner.models.record import record_of
-from edgeshift.pruner.structured import prune_zero_channels
 from helpers import assert_same_function
 from test_any_cnn import check_exact, fresh, widths
 from test_any_cnn import plant as plant_bn
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+from edgeshift.pruner.models import sources
+from edgeshift.pruner.models.record import record_of
+from edgeshift.pruner.structured import prune_zero_channels
 
 runner = CliRunner()
 

@@ -7,14 +7,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 from edgeshift.exporter.onnx_export import export_onnx
 from edgeshift.pruner import sparse
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.models import get
 from edgeshift.pruner.pai import PaiConfig, pai, planned_channels, prune_at_init
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
 
 runner = CliRunner()
 

@@ -9,12 +9,12 @@ import zipfile
 
 import pytest
 from device_helpers import BLOCK_TORCH, npy_images
-from edgeshift.exporter.pipeline import build_variants, load_config, parse_config, prepare_output, validate
-from edgeshift.pruner.checkpoint import load_checkpoint
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.exporter.pipeline import build_variants, load_config, parse_config, prepare_output, validate
+from edgeshift.pruner.checkpoint import load_checkpoint
 
 runner = CliRunner()
 

@@ -8,14 +8,14 @@ import json
 
 import pytest
 from device_helpers import given_bench
-from edgeshift.runtime import policies
-from edgeshift.runtime.ladder import bench_path_for
-from edgeshift.runtime.policies import VariantView
-from edgeshift.runtime.simulate import TracePoint, simulate
 from onnx_helpers import speed_portfolio
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.runtime import policies
+from edgeshift.runtime.ladder import bench_path_for
+from edgeshift.runtime.policies import VariantView
+from edgeshift.runtime.simulate import TracePoint, simulate
 
 # The ladder, fastest first: batch-1 p95 1, 2 and 4 ms, more accurate at every step, bigger sessions.
 VIEWS = [

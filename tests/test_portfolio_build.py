@@ -9,15 +9,15 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import assert_onnx_computes, inputs_for, make, plant_zeros
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 from edgeshift.exporter.portfolio import BuildSettings, Tolerance, VariantFacts, build_portfolio, postprocess
 from edgeshift.exporter.profile import TestData
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.pruner.structured import prune_zero_channels
 from edgeshift.runtime.manifest import parse_manifest
-from helpers import assert_onnx_computes, inputs_for, make, plant_zeros
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
 
 runner = CliRunner()
 
@@ -139,8 +139,9 @@ def test_cli_export_inspect_and_report(tmp_path):
 
 def test_cli_export_align_ships_variants_whose_conv_widths_are_multiples_of_eight(tmp_path):
     import onnx
-    from edgeshift.runtime.portfolio import Portfolio
     from onnx import numpy_helper
+
+    from edgeshift.runtime.portfolio import Portfolio
 
     sparse = make("resnet20", {}, 32)
     plant_zeros(sparse)

@@ -7,11 +7,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from edgeshift.runtime.manifest import variant_file
-from edgeshift.runtime.portfolio import Portfolio
 from onnx_helpers import manifest_for, tiny_blobs, tiny_classifier, tiny_portfolio, write_zip
 
 from edgeshift.core.errors import PortfolioError, UnknownNameError
+from edgeshift.runtime.manifest import variant_file
+from edgeshift.runtime.portfolio import Portfolio
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from edgeshift.pruner.checkpoint import load_checkpoint
-from edgeshift.pruner.layers import find_candidates
 from helpers import assert_same_function
 from torch import nn
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.layers import find_candidates
 
 MODELS = '''
 import torch

@@ -6,13 +6,13 @@ import time
 
 import numpy as np
 import pytest
+from onnx_helpers import reference_outputs, tiny_portfolio
+
+from edgeshift.core.errors import InputShapeError, UnknownNameError
 from edgeshift.runtime import policies
 from edgeshift.runtime.building import Pacer
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.policies import Observation, VariantView
-from onnx_helpers import reference_outputs, tiny_portfolio
-
-from edgeshift.core.errors import InputShapeError, UnknownNameError
 
 HANG_GUARD_S = 120  # a wait that never ends fails here; no test asserts how fast anything is
 
@@ -208,6 +208,7 @@ def test_missing_providers_are_skipped_with_one_warning(portfolio):
     import warnings
 
     import onnxruntime as ort
+
     from edgeshift.runtime import session
 
     session._warned.clear()

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-from edgeshift.device_profiles import load_profile
-from edgeshift.runtime.engine import Runtime
-from edgeshift.runtime.portfolio import Portfolio
 from onnx_helpers import tiny_portfolio
 from typer.testing import CliRunner
 
 from edgeshift.cli import app
+from edgeshift.device_profiles import load_profile
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.portfolio import Portfolio
 
 TRT = "TensorrtExecutionProvider"
 

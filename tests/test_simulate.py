@@ -1,9 +1,9 @@
 import pytest
+
+from edgeshift.core.errors import InputFileError
 from edgeshift.runtime import policies
 from edgeshift.runtime.policies import VariantView
 from edgeshift.runtime.simulate import read_trace, simulate
-
-from edgeshift.core.errors import InputFileError
 
 VIEWS = [VariantView("s", 0, 0.80, 1.0, 10), VariantView("m", 1, 0.85, 2.0, 20), VariantView("l", 2, 0.90, 4.0, 40)]
 COSTS = {"s": 5.0, "m": 10.0, "l": 20.0}

@@ -6,14 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
+
+from edgeshift.core.errors import EdgeshiftError, InputFileError, UnknownNameError
 from edgeshift.pruner import sparse
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.data import generated_dataset, load_dataset, load_imagefolder
 from edgeshift.pruner.imp import RunConfig, build_model, level_start, run_sparse
 from edgeshift.pruner.models import get
 from edgeshift.pruner.train import TrainConfig, train
-
-from edgeshift.core.errors import EdgeshiftError, InputFileError, UnknownNameError
 
 TRAIN = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0)
 KW = {"width": 8}

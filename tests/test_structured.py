@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
-from edgeshift.pruner.structured import prune_zero_channels
 from helpers import ZOO_CASES, assert_same_function, following_bn, inputs_for, make, plant_zeros, zero_filter
 from torch import nn
 
 from edgeshift.core.errors import EdgeshiftError, ModelNotTraceableError
+from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
+from edgeshift.pruner.structured import prune_zero_channels
 
 
 def assert_exact(reference, pruned, size, report=None):

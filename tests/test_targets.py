@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 from device_helpers import ROOT
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
 from edgeshift.exporter.pipeline import load_config
 from edgeshift.exporter.pipeline.targets import (
     CandidatePlan,
@@ -19,9 +22,6 @@ from edgeshift.exporter.pipeline.targets import (
 from edgeshift.pruner.checkpoint import load_checkpoint, save_checkpoint
 from edgeshift.pruner.models import get
 from edgeshift.pruner.models.record import record_of, set_record
-from typer.testing import CliRunner
-
-from edgeshift.cli import app
 
 runner = CliRunner()
 

@@ -8,11 +8,12 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+from onnx_helpers import SIZE, tiny_classifier
+
 from edgeshift.device_profiles import cpu_profile
 from edgeshift.runtime.session import create_session
 from edgeshift.runtime.timing_process import PER_SESSION, SHARED, Graph, TimingError, TimingSettings, time_graphs
-from onnx import TensorProto, helper
-from onnx_helpers import SIZE, tiny_classifier
 
 SETTINGS = TimingSettings(warmup=2, iterations=20, rounds=4, batch=1)
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
-from edgeshift.pruner.fuse import fuse_conv_bn
-from edgeshift.pruner.metrics import count_params
-from edgeshift.pruner.models import get, names
 from helpers import ZOO_CASES, inputs_for, make
 from torch import nn
 
 from edgeshift.core.errors import UnknownNameError
+from edgeshift.pruner.fuse import fuse_conv_bn
+from edgeshift.pruner.metrics import count_params
+from edgeshift.pruner.models import get, names
 
 
 def test_unknown_architecture_names_the_known_ones():

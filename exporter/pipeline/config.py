@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeshift.core.config import load, read_toml, setting
+from edgeshift.core.errors import InputFileError, UnknownNameError, require_file
 from edgeshift.pruner.layers.criteria import CRITERIA
 from edgeshift.pruner.methods import METHODS
 from edgeshift.pruner.methods.base import one_of
-
-from edgeshift.core.config import load, read_toml, setting
-from edgeshift.core.errors import InputFileError, UnknownNameError, require_file
 
 from ..quantize import CALIBRATION_METHODS, CalibrationMethodName
 
@@ -77,7 +76,7 @@ class VariantsSection:
         (),
         "latency targets, fractions of the dense model's p50 under [deploy] "
         "profile, in (0, 1]: per target, the most accurate candidate that "
-        "meets it (empty: [method]'s variants)",
+        "meets it (empty: the [[methods]] tables' variants)",
         check=_targets,
     )
     dense: str = setting(

@@ -13,14 +13,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from edgeshift.core.atomic import atomic_path
 from edgeshift.device_profiles import DeviceProfile, load_profile
 from edgeshift.pruner.imp import run_sparse
 from edgeshift.pruner.methods import METHODS, DataChoice, MethodContext
 from edgeshift.pruner.methods.sparse_training import run_config
 from edgeshift.pruner.models.sources import ModelSpec
 from edgeshift.pruner.train import TrainConfig
-
-from edgeshift.core.atomic import atomic_path
 
 from ..layer_prices import LatencyPricer, MacsPricer
 from ..profile import OrtMeasurer

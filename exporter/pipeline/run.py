@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from edgeshift import device_profiles
+from edgeshift.core.atomic import write_text_atomic
+from edgeshift.core.config import toml_value
+from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
+from edgeshift.core.tables import echo_table, markdown_table
 from edgeshift.device_profiles import DeviceProfile
 from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint
 from edgeshift.pruner.layers.layerprune import removable_candidates
@@ -26,12 +32,6 @@ from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, ladder
 from edgeshift.runtime.ladder import bench_path_for
 from edgeshift.runtime.portfolio import Portfolio
 from edgeshift.runtime.simulate import result_document, simulate_file
-
-from edgeshift import device_profiles
-from edgeshift.core.atomic import write_text_atomic
-from edgeshift.core.config import toml_value
-from edgeshift.core.errors import EdgeshiftError, InputFileError, require_file
-from edgeshift.core.tables import echo_table, markdown_table
 
 from ..export_cmd import export_portfolio
 from ..report import write_report

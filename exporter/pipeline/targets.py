@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from edgeshift.core.atomic import atomic_path, write_text_atomic
 from edgeshift.device_profiles import DeviceProfile
 from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edgeshift.pruner.data import Dataset, model_splits
@@ -43,9 +46,6 @@ from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.pruner.slim import SlimConfig, slim
 from edgeshift.pruner.train import TrainConfig
 from edgeshift.runtime.session import create_session
-from torch import nn
-
-from edgeshift.core.atomic import atomic_path, write_text_atomic
 
 from ..layer_prices import LatencyPricer
 from ..onnx_export import INPUT_NAME, onnx_bytes

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from edgeshift.device_profiles import DeviceProfile
-
 from edgeshift.core.registry import Registry
+from edgeshift.device_profiles import DeviceProfile
 
 from ..measure import ModelMeasurer
 from ..models.sources import ModelSpec

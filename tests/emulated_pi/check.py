@@ -196,9 +196,10 @@ def make_portfolio(work: Path) -> tuple[Path, Path, Path, Path, Path]:
     """A portfolio of three FP32 variants and a QDQ INT8 one (the Pi's scheme), .npy images, a batch for the API,
     a load trace, and the same portfolio as built on x86 for the Pi (its INT8 variant untimed for the device):
     (portfolio, images folder, inputs.npy, trace.csv, cross-built portfolio)."""
+    from onnx_helpers import manifest_for, tiny_classifier, write_zip
+
     from edgeshift.exporter.quantize import Calibration, Int8Scheme, quantize_onnx
     from edgeshift.runtime.manifest import variant_file
-    from onnx_helpers import manifest_for, tiny_classifier, write_zip
 
     rng = np.random.default_rng(0)
     blobs = {f"w{w}": tiny_classifier(w, depth=3) for w in (8, 16, 32)}
