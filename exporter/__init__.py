@@ -11,6 +11,8 @@ from edgeshift.core.lazy import lazy_exports
 _EXPORTS = {
     "export_onnx": "edgeshift.exporter.onnx_export",
     "build_portfolio": "edgeshift.exporter.portfolio",
+    "BuildSettings": "edgeshift.exporter.portfolio",
+    "VariantFacts": "edgeshift.exporter.portfolio",
     "export_portfolio": "edgeshift.exporter.export_cmd",
     "write_report": "edgeshift.exporter.report",
     "OrtMeasurer": "edgeshift.exporter.profile",
