@@ -1,0 +1,116 @@
+"""Nested widths: every narrower variant is a prefix of the wider one in every coupled channel group, trained by the
+steps of "Self-adaptive neural network for edge devices" (Rapa), sec. 4.2: the narrowest level fine-tuned, then each
+wider level rebuilt from it with the dropped channels' original weights and only those re-added weights fine-tuned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from edgeshift.core.config import setting
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data import Dataset, model_splits
+from ..models.record import record_of
+from ..models.zoo import input_shape
+from ..nested import Level, check_widths, freeze_outside, narrow, rebuild, reorder_channels
+from ..train import train
+from .base import MethodContext
+
+
+def _widths(values: tuple[float, ...]) -> str | None:
+    try:
+        check_widths(values)
+    except Exception as exc:  # the one-line reason, as the config loader prints it
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class NestSettings:
+    widths: tuple[float, ...] = setting(
+        (0.75, 0.5, 0.25), "the narrower levels, fractions of every group's channels, decreasing", check=_widths
+    )
+    finetune_epochs: float = setting(
+        1.0,
+        "epochs of fine-tuning per level (the narrowest: all its weights; each wider one: only the weights it re-adds)",
+        minimum=0,
+    )
+    lr: float = setting(0.01, "peak learning rate of each level's fine-tune (cosine)")
+
+
+class NestedWidths:
+    """The full width and each narrower one, as checkpoints whose weights nest."""
+
+    name: ClassVar[str] = "nest"
+    help: ClassVar[str] = "nested widths: narrower levels are prefixes of wider ones (one network, many widths)"
+    Settings: ClassVar[type[NestSettings]] = NestSettings
+
+    def make_variants(self, settings: NestSettings, context: MethodContext) -> list[Path]:
+        dense = context.dense()
+        levels = (1.0, *check_widths(settings.widths))
+        paths = {w: context.folder / f"nest-{w:g}.pt" for w in levels}
+        if all(p.exists() for p in paths.values()):
+            return [dense, *paths.values()]
+        model, _ = load_checkpoint(dense)
+        example = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
+        nested = reorder_channels(model, example)  # exact: the same function, channels by importance
+        d = context.data
+        train_ds, test_ds = model_splits(
+            d.path, record_of(model), train_samples=d.train_samples, test_samples=d.test_samples, seed=context.seed
+        )
+        # every level from the reordered model's original weights, with where its entries sit in the full model
+        shaped = {w: Level(w, model, {}) if w == 1.0 else narrow(model, example, w) for w in levels}
+        narrower: Level | None = None
+        for width in reversed(levels):  # narrowest first
+            path = paths[width]
+            if path.exists():  # a resumed run: this level is done
+                narrower = Level(width, load_checkpoint(path)[0], shaped[width].kept)
+                continue
+            level = shaped[width]
+            trainable = rebuild(narrower, level, model) if narrower is not None else None
+            context.say(
+                f"nest: width {width:g}, fine-tuning "
+                + ("all weights" if trainable is None else "the re-added weights only")
+            )
+            accuracy = self._finetune(level.model, trainable, settings, context, train_ds, test_ds)
+            save_checkpoint(
+                level.model.eval(),
+                path,
+                meta={
+                    "nest": {"width": width, "widths": list(levels), "groups": len(nested)},
+                    "test_accuracy": accuracy,
+                    "pruned_from": str(dense),
+                },
+            )
+            narrower = level
+        return [dense, *paths.values()]
+
+    @staticmethod
+    def _finetune(
+        model: nn.Module,
+        trainable: dict[str, torch.Tensor] | None,
+        settings: NestSettings,
+        context: MethodContext,
+        train_ds: Dataset,
+        test_ds: Dataset,
+    ) -> float | None:
+        if settings.finetune_epochs <= 0:
+            return None
+        steps = max(1, round(settings.finetune_epochs * len(train_ds) / context.train.batch_size))
+        cfg = dataclasses.replace(context.train, iterations=steps, lr=settings.lr, warmup_steps=0)
+        if trainable is not None:  # the shared prefix must not move: no weight decay, its gradients zeroed
+            cfg = dataclasses.replace(cfg, weight_decay=0.0)
+        hooks = freeze_outside(model, trainable) if trainable is not None else []
+        try:
+            result = train(model, train_ds, test_ds, cfg, label="fine-tune")
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return result.test_accuracy

@@ -1,0 +1,204 @@
+"""Nested widths: one network whose every narrower width is a prefix of the wider one in every coupled channel group.
+
+"Self-adaptive neural network for edge devices" (Rapa), sec. 4.2: channels are ranked by magnitude and removed in
+steps, the history of what went kept (sec. 4.2.1); the smallest model is fine-tuned; each larger level is rebuilt
+from the tuned narrower one plus the dropped channels' original weights (sec. 4.2.2), and only the re-added weights
+are fine-tuned (sec. 4.2.3). Here the history is an order: every unblocked coupled group's channels are permuted so
+the most important come first (``reorder_channels``, which leaves the function unchanged), so a width is the first
+``ceil(fraction x size)`` channels of each group (``narrow``), and a narrower level's weights are the leading slices
+of the wider level's. Groups the coupling analysis keeps whole (grouped convs, channel splits, outputs) keep every
+channel at every width.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeshift.core.errors import EdgeshiftError
+
+from .structured.groups import _GroupSpec, coupled_groups
+
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def check_widths(widths: Sequence[float]) -> tuple[float, ...]:
+    """Widths as fractions of the full model, each in (0, 1), strictly decreasing; refused in one line otherwise."""
+    values = tuple(float(w) for w in widths)
+    if not values:
+        raise EdgeshiftError("give at least one width, a fraction of the full model in (0, 1), e.g. 0.75,0.5,0.25")
+    bad = [w for w in values if not 0 < w < 1]
+    if bad:
+        raise EdgeshiftError(f"widths are fractions of the full model in (0, 1); got {bad[0]:g}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise EdgeshiftError(f"widths must decrease (each level narrower than the last), got {list(values)}")
+    return values
+
+
+def _nestable(model: nn.Module, example: torch.Tensor) -> list[_GroupSpec]:
+    specs = [s for s in coupled_groups(model, example) if not s.blocked and s.size > 1]
+    specs = [s for s in specs if any(it.role == "producer" for it in s.items)]
+    if not specs:
+        raise EdgeshiftError(
+            "the model has no channel group that can be narrowed (every group is coupled to an operation that must "
+            "keep its channels); nested widths need one"
+        )
+    return specs
+
+
+def _importance(model: nn.Module, spec: _GroupSpec) -> np.ndarray:
+    """Per root channel: the L1 norm of the weights producing it, over every layer writing the group."""
+    mods = dict(model.named_modules())
+    score = np.zeros(spec.size)
+    for it in spec.items:
+        if it.role == "producer":
+            weight = mods[it.name].weight.detach()
+            per_channel = weight.abs().reshape(weight.shape[0], -1).sum(1).double().numpy()
+            np.add.at(score, it.roots, per_channel[it.idxs])
+    return score
+
+
+def _local_tensors(module: nn.Module, role: str) -> list[tuple[str, int]]:
+    """The tensors an item's channel indices address (by attribute), with the dimension they index: a consumer's
+    weight along its inputs; a producer's or a per-channel layer's weight, bias and statistics along channels."""
+    if role == "consumer":
+        return [("weight", 1)] if isinstance(module, (nn.Conv2d, nn.Linear)) else []
+    names = ["weight", "bias"] + (["running_mean", "running_var"] if isinstance(module, NORMS) else [])
+    return [(n, 0) for n in names if isinstance(getattr(module, n, None), torch.Tensor)]
+
+
+def _tensors(module: nn.Module, role: str) -> list[tuple[torch.Tensor, int]]:
+    return [(getattr(module, n), d) for n, d in _local_tensors(module, role)]
+
+
+@dataclass(frozen=True)
+class NestedGroup:
+    """One coupled group as nested: its root layer, its size, and the importance of its channels in their new order
+    (non-increasing)."""
+
+    root: str
+    size: int
+    importance: tuple[float, ...]
+
+
+def reorder_channels(model: nn.Module, example: torch.Tensor) -> list[NestedGroup]:
+    """Permute, in place, every nestable group's channels so the most important come first (ties: the earlier
+    channel); every layer reading or writing the group moves with it, so the model computes the same function."""
+    mods = dict(model.named_modules())
+    nested = []
+    for spec in _nestable(model, example):  # the coupling analysis traces with autograd: no no_grad around it
+        score = _importance(model, spec)
+        order = np.lexsort((np.arange(spec.size), -score))
+        rank = np.empty(spec.size, dtype=np.int64)
+        rank[order] = np.arange(spec.size)
+        done: set[tuple[int, int]] = set()
+        for it in spec.items:
+            positions, roots = np.asarray(it.idxs), np.asarray(it.roots)
+            source = torch.as_tensor(positions[np.lexsort((positions, rank[roots]))])
+            target = torch.as_tensor(np.sort(positions))
+            for tensor, dim in _tensors(mods[it.name], it.role):
+                if (id(tensor), dim) in done:  # a module listed twice (its in and out side): moved once
+                    continue
+                done.add((id(tensor), dim))
+                with torch.no_grad():
+                    tensor.index_copy_(dim, target, tensor.index_select(dim, source).clone())
+        nested.append(NestedGroup(spec.root, spec.size, tuple(float(s) for s in score[order])))
+    return nested
+
+
+def kept_channels(size: int, width: float) -> int:
+    """The channels a group of ``size`` keeps at ``width``: at least one."""
+    return max(1, math.ceil(width * size - 1e-9))
+
+
+# per tensor name (a parameter or buffer of the full model), per dimension: the positions a level keeps, in the full
+# model's coordinates (a dimension not listed is kept whole)
+KeptIndex = dict[str, dict[int, np.ndarray]]
+
+
+@dataclass
+class Level:
+    """One width of a nested network: the model at that width and where its tensors sit in the full model's."""
+
+    width: float
+    model: nn.Module
+    kept: KeptIndex
+
+
+def narrow(model: nn.Module, example: torch.Tensor, width: float) -> Level:
+    """A copy of a reordered ``model`` keeping the first ``kept_channels(size, width)`` channels of every nestable
+    group (structurally: the layers are rebuilt smaller), with where each tensor's entries came from; ``model`` is
+    untouched. A layer reading one group keeps a leading slice; one reading a concatenation of groups keeps the
+    leading slice of each group's segment."""
+    small = copy.deepcopy(model)
+    mods = dict(small.named_modules())
+    kept: dict[str, dict[int, list[int]]] = {}
+    # one call per layer and dimension with every group's positions, all in the layer's coordinates before any cut
+    # (a layer reading a concatenation is in several groups)
+    pending: dict[tuple[int, object], tuple[nn.Module, Any, set[int]]] = {}
+    for spec in _nestable(small, example):
+        keep = kept_channels(spec.size, width)
+        for it in spec.items:
+            roots, positions = np.asarray(it.roots), np.asarray(it.idxs)
+            for tensor_name, dim in _tensor_names(mods[it.name], it.name, it.role):
+                kept.setdefault(tensor_name, {}).setdefault(dim, []).extend(positions[roots < keep].tolist())
+            if keep < spec.size and (roots >= keep).any():
+                module = mods[it.name]
+                entry = pending.setdefault((id(module), it.handler), (module, it.handler, set()))
+                entry[2].update(positions[roots >= keep].tolist())
+    for module, handler, gone in pending.values():
+        with torch.no_grad():
+            handler(module, sorted(gone))
+    index = {
+        name: {dim: np.unique(np.asarray(p, dtype=np.int64)) for dim, p in dims.items()} for name, dims in kept.items()
+    }
+    return Level(width, small, index)
+
+
+def _tensor_names(module: nn.Module, name: str, role: str) -> list[tuple[str, int]]:
+    """The names (in the model) and dimensions of the tensors an item's channel indices address."""
+    return [(f"{name}.{local}" if name else local, dim) for local, dim in _local_tensors(module, role)]
+
+
+@torch.no_grad()
+def rebuild(narrower: Level, wider: Level, full: nn.Module) -> dict[str, torch.Tensor]:
+    """Put the narrower level's (tuned) tensors into the wider level, in place, where they sit in it; the re-added
+    channels keep the wider level's weights (the original ones), sec. 4.2.2. Returns, per parameter of the wider
+    level, a mask of the re-added entries (1) against the shared ones (0): what its fine-tune may change, sec.
+    4.2.3. ``full`` is the full-width model both levels were narrowed from (it gives the full shapes)."""
+    shapes = {**{n: p.shape for n, p in full.named_parameters()}, **{n: b.shape for n, b in full.named_buffers()}}
+    tensors = {**dict(wider.model.named_parameters()), **dict(wider.model.named_buffers())}
+    small = {**dict(narrower.model.named_parameters()), **dict(narrower.model.named_buffers())}
+    trainable = {name: torch.ones_like(p) for name, p in wider.model.named_parameters()}
+    for name, values in small.items():
+        if name not in tensors or name not in shapes or values.dim() == 0:
+            continue
+        # positions of the narrower level's entries within the wider level: its kept positions, renumbered
+        where = []
+        for d, n in enumerate(shapes[name]):
+            outer = wider.kept.get(name, {}).get(d, np.arange(n))
+            inner = narrower.kept.get(name, {}).get(d, np.arange(n))
+            where.append(torch.as_tensor(np.searchsorted(outer, inner)))
+        index = torch.meshgrid(*where, indexing="ij")
+        tensors[name][index] = values
+        if name in trainable:
+            trainable[name][index] = 0
+    return trainable
+
+
+def freeze_outside(model: nn.Module, trainable: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Zero every gradient outside ``trainable`` (train without weight decay, so the frozen entries do not move);
+    returns the hooks, to remove after training."""
+    handles = []
+    for name, param in model.named_parameters():
+        mask = trainable.get(name)
+        if mask is not None and not bool(mask.all()):
+            handles.append(param.register_hook(lambda grad, m=mask: grad * m))
+    return handles

@@ -1,0 +1,197 @@
+"""Nested widths: the reorder is exact, every narrower level is a prefix of the wider one, the rebuild puts the
+narrower level's weights into the leading slices and the original ones into the re-added channels, and a fine-tune
+with the prefix frozen moves only the re-added weights."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from cnn_generator import CNNSpec, Concat, Conv, Pool, Residual, build
+from helpers import assert_same_function
+from torch import nn
+from typer.testing import CliRunner
+
+from edgeshift.cli import app
+from edgeshift.core.errors import EdgeshiftError
+from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.models import get
+from edgeshift.pruner.nested import check_widths, freeze_outside, narrow, rebuild, reorder_channels
+from edgeshift.pruner.structured.groups import coupled_groups
+
+SPECS = {
+    "resnet20": None,  # residual streams: groups with several producers
+    "flatten-concat": CNNSpec(  # a branch concatenation and a flatten into a linear head
+        Conv(8, norm="bn"),
+        (Concat(Conv(6), Conv(4)), Pool("max"), Conv(12, norm="bnact", act="silu")),
+        "flatten-linear",
+    ),
+    "residual-projection": CNNSpec(
+        Conv(8),
+        (Residual((Conv(8), Conv(16, act="none")), projection=True), Conv(16, groups="depthwise", norm="none")),
+        "gap-mlp",
+    ),
+}
+
+
+def model_of(key: str) -> tuple[nn.Module, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    spec = SPECS[key]
+    if spec is None:
+        model = get("resnet20", width=8).eval()
+        for m in model.modules():  # trained-looking statistics, so the norms are not identities
+            if isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.weight.data.uniform_(0.5, 1.5, generator=gen)
+        return model, torch.randn(2, 3, 32, 32, generator=gen)
+    return build(spec), torch.randn(2, 3, 16, 16, generator=gen)
+
+
+def conv_and_linear(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+@pytest.mark.parametrize("key", sorted(SPECS))
+def test_reordering_keeps_the_function_and_sorts_every_group_by_importance(key):
+    model, x = model_of(key)
+    reordered = copy.deepcopy(model)
+    nested = reorder_channels(reordered, x)
+    assert nested
+    assert_same_function(model, reordered, torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(1)))
+    mods = dict(reordered.named_modules())
+    for spec in coupled_groups(reordered, x):  # the test's own ranking, from the weights written
+        if spec.blocked or spec.size < 2 or not any(it.role == "producer" for it in spec.items):
+            continue
+        score = np.zeros(spec.size)
+        for it in spec.items:
+            if it.role == "producer":
+                w = mods[it.name].weight.detach().abs().reshape(mods[it.name].weight.shape[0], -1).sum(1).numpy()
+                np.add.at(score, it.roots, w[it.idxs])
+        assert all(a >= b - 1e-9 for a, b in zip(score, score[1:])), (spec.root, score)
+
+
+# a layer reading a concatenation keeps the leading part of each group's segment: (segment start, size) per group
+CONCAT_READERS = {("flatten-concat", "features.3.conv.weight"): ((0, 6), (6, 4))}
+
+
+def index(dims: dict, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    ranges = [torch.as_tensor(dims[d]) if d in dims else torch.arange(n) for d, n in enumerate(shape)]
+    return torch.meshgrid(*ranges, indexing="ij")
+
+
+def leading_runs(positions: np.ndarray, segments: tuple[tuple[int, int], ...]) -> bool:
+    """Whether ``positions`` is, in every segment, a run starting at the segment's start."""
+    for start, size in segments:
+        inside = positions[(positions >= start) & (positions < start + size)] - start
+        if not np.array_equal(inside, np.arange(len(inside))) or len(inside) == 0:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("key", sorted(SPECS))
+def test_every_narrower_level_is_a_prefix_of_the_wider_in_every_layer(key):
+    model, x = model_of(key)
+    reorder_channels(model, x)
+    full = {n: p.detach() for n, p in model.named_parameters()}
+    levels = [narrow(model, x, w) for w in (0.75, 0.5, 0.25)]
+    sizes = [sum(p.numel() for p in model.parameters())] + [
+        sum(p.numel() for p in lv.model.parameters()) for lv in levels
+    ]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    for level in levels:
+        for name, tensor in level.model.named_parameters():
+            dims = level.kept.get(name, {})
+            for d, positions in dims.items():  # where the entries come from: leading, per group
+                segments = CONCAT_READERS.get((key, name), ((0, full[name].shape[d]),)) if d == 1 else None
+                assert leading_runs(positions, segments or ((0, full[name].shape[d]),)), (name, d, positions)
+            expected = full[name][index(dims, full[name].shape)]
+            assert torch.equal(tensor.detach(), expected), name  # the full model's weights at those positions
+        level.model(x)  # and it runs
+    for (k, name), _ in CONCAT_READERS.items():
+        if k == key:  # the concatenation really was cut in both segments
+            assert not np.array_equal(levels[1].kept[name][1], np.arange(len(levels[1].kept[name][1])))
+
+
+def test_rebuild_puts_the_tuned_narrower_weights_in_front_and_the_original_ones_behind():
+    model, x = model_of("flatten-concat")
+    reorder_channels(model, x)
+    thin = narrow(model, x, 0.5)
+    with torch.no_grad():
+        for p in thin.model.parameters():
+            p.add_(1.0)  # as if fine-tuned: every shared weight differs from the original
+    wide = narrow(model, x, 0.75)
+    original = {n: p.detach().clone() for n, p in wide.model.named_parameters()}
+    trainable = rebuild(thin, wide, model)
+    tuned = dict(thin.model.named_parameters())
+    full = dict(model.named_parameters())
+    for name, p in wide.model.named_parameters():
+        shared = trainable[name] == 0
+        assert int(shared.sum()) == tuned[name].numel(), name  # every narrower entry has its place
+        assert torch.equal(p.detach()[~shared], original[name][~shared]), name  # re-added: the original weights
+        # placed in the full model's coordinates, the rebuilt level holds the tuned narrower tensor where it sits
+        placed = torch.full_like(full[name], float("nan"))
+        placed[index(wide.kept.get(name, {}), full[name].shape)] = p.detach()
+        assert torch.equal(placed[index(thin.kept.get(name, {}), full[name].shape)], tuned[name].detach()), name
+
+
+def test_a_fine_tune_with_the_prefix_frozen_moves_only_the_re_added_weights():
+    model, x = model_of("resnet20")
+    reorder_channels(model, x)
+    thin, level = narrow(model, x, 0.5), narrow(model, x, 0.75)
+    trainable = rebuild(thin, level, model)
+    wide = level.model
+    before = {n: p.detach().clone() for n, p in wide.named_parameters()}
+    hooks = freeze_outside(wide, trainable)
+    opt = torch.optim.SGD(wide.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+    wide.train()
+    for _ in range(3):
+        opt.zero_grad()
+        wide(x).square().mean().backward()
+        opt.step()
+    for hook in hooks:
+        hook.remove()
+    moved = 0
+    for name, p in wide.named_parameters():
+        frozen = trainable[name] == 0
+        assert torch.equal(p.detach()[frozen], before[name][frozen]), name
+        moved += int((p.detach() != before[name]).sum())
+    assert moved > 0
+
+
+@pytest.mark.parametrize(
+    "widths, message",
+    [
+        ((), "at least one width"),
+        ((0.5, 1.0), "in (0, 1); got 1"),
+        ((0.0,), "in (0, 1); got 0"),
+        ((0.5, 0.75), "must decrease"),
+        ((0.5, 0.5), "must decrease"),
+    ],
+)
+def test_bad_widths_are_refused_in_one_line(widths, message):
+    with pytest.raises(EdgeshiftError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_widths(widths)
+
+
+def test_a_model_with_no_group_to_narrow_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).eval()  # its one group is the output
+    with pytest.raises(EdgeshiftError, match="no channel group that can be narrowed"):
+        reorder_channels(model, torch.randn(2, 3, 4, 4))
+
+
+def test_the_nest_method_through_the_door_writes_nested_levels(tmp_path):
+    common = ["--data", "generated", "--train-samples", "200", "--test-samples", "100", "--epochs", "1"]
+    refused = CliRunner().invoke(app, ["method", "nest", "--set", "widths=[0.5,0.75]", "-o", str(tmp_path), *common])
+    assert refused.exit_code == 2 and "must decrease" in refused.output and refused.output.count("\n") == 1
+    args = ["method", "nest", "--set", "widths=[0.5,0.25]", "--set", "finetune_epochs=0.5", "--batch-size", "100"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "nest"), *common])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "nest" / "variants"
+    levels = [load_checkpoint(folder / f"nest-{w}.pt")[0] for w in ("1", "0.5", "0.25")]
+    for wider, narrower in zip(levels, levels[1:]):
+        wide = conv_and_linear(wider)
+        for name, layer in conv_and_linear(narrower).items():
+            v, w = layer.weight.detach(), wide[name].weight.detach()
+            assert torch.equal(v, w[tuple(slice(0, n) for n in v.shape)]), name  # still nested after fine-tuning
