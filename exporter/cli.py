@@ -116,6 +116,7 @@ def method(
         None, help="A trained dense checkpoint the method starts from (default: trained here, per --epochs)."
     ),
     arch: Optional[str] = typer.Option(None, help=SOURCE_HELP + " Default: --dense's, else resnet20."),
+    input_size: int = typer.Option(0, min=0, help=INPUT_SIZE_HELP),
     epochs: int = typer.Option(3, min=1, help="Training epochs (the dense model's; per level or variant)."),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(0.05, help="Peak learning rate."),
@@ -126,7 +127,7 @@ def method(
 ) -> None:
     """Run one pruning method on its own (the pipeline's first step): its checkpoints, for `edgeshift export`."""
     document = {
-        "model": {"arch": arch} if arch else {},
+        "model": {**({"arch": arch} if arch else {}), **({"input_size": input_size} if input_size else {})},
         "data": {"path": data, "train_samples": train_samples, "test_samples": test_samples},
         "methods": [pipeline_lib.method_document(name, list(set_ or []))],
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed},

@@ -53,6 +53,11 @@ def _nestable(model: nn.Module, example: torch.Tensor) -> list[_GroupSpec]:
     return specs
 
 
+def check_nestable(model: nn.Module, example: torch.Tensor) -> int:
+    """How many of the model's channel groups nest; refused in one line when none does."""
+    return len(_nestable(model, example))
+
+
 def _importance(model: nn.Module, spec: _GroupSpec) -> np.ndarray:
     """Per root channel: the L1 norm of the weights producing it, over every layer writing the group."""
     mods = dict(model.named_modules())

@@ -195,3 +195,15 @@ def test_the_nest_method_through_the_door_writes_nested_levels(tmp_path):
         for name, layer in conv_and_linear(narrower).items():
             v, w = layer.weight.detach(), wide[name].weight.detach()
             assert torch.equal(v, w[tuple(slice(0, n) for n in v.shape)]), name  # still nested after fine-tuning
+
+
+def test_nest_refuses_a_model_with_nothing_to_narrow_before_training_it(tmp_path, monkeypatch):
+    (tmp_path / "flat_model.py").write_text(
+        "from torch import nn\n\n\ndef build(num_classes=5):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["method", "nest", "--arch", "flat_model:build", "--input-size", "8", "--set", "widths=[0.5]"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out"), "--data", "generated", "--epochs", "1"])
+    assert result.exit_code == 2 and "no channel group that can be narrowed" in result.output
+    assert not any((tmp_path / "out" / "variants").iterdir())  # refused before the dense model was trained

@@ -19,7 +19,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import Dataset, model_splits
 from ..models.record import record_of
 from ..models.zoo import input_shape
-from ..nested import Level, check_widths, freeze_outside, narrow, rebuild, reorder_channels
+from ..nested import Level, check_nestable, check_widths, freeze_outside, narrow, rebuild, reorder_channels
 from ..train import train
 from .base import MethodContext
 
@@ -53,8 +53,10 @@ class NestedWidths:
     Settings: ClassVar[type[NestSettings]] = NestSettings
 
     def make_variants(self, settings: NestSettings, context: MethodContext) -> list[Path]:
-        dense = context.dense()
         levels = (1.0, *check_widths(settings.widths))
+        probe = context.model.build()  # the architecture, before minutes of training: refused if nothing nests
+        check_nestable(probe, torch.randn(input_shape(probe, 2), generator=torch.Generator().manual_seed(0)))
+        dense = context.dense()
         paths = {w: context.folder / f"nest-{w:g}.pt" for w in levels}
         if all(p.exists() for p in paths.values()):
             return [dense, *paths.values()]
