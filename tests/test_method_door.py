@@ -200,3 +200,18 @@ def test_edgeshift_method_runs_one_method_alone_with_its_settings_checked(tmp_pa
     )
     assert sum(p.numel() for p in pruned[0].parameters()) < sum(p.numel() for p in dense.parameters())
     assert pruned[1]["meta"]["layerprune"]["criterion"] == "bn-scale"  # the setting reached the method
+
+
+def test_a_method_package_that_does_not_import_is_named_in_one_line(tmp_path):
+    site = tmp_path / "site"
+    info = site / "broken_method-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-method\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[edgeshift.methods]\nbroken = broken_method_module:Broken\n")
+    (site / "broken_method_module.py").write_text("import a_module_nobody_has\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    listed = edgeshift(env, tmp_path, "methods")
+    assert listed.returncode == 2 and listed.stderr.strip().splitlines() == [
+        "error: entry point broken = broken_method_module:Broken (edgeshift.methods) cannot be loaded: "
+        "ModuleNotFoundError: No module named 'a_module_nobody_has'"
+    ]

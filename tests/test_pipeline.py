@@ -185,3 +185,11 @@ def test_pipeline_cli_bad_config(tmp_path):
     result = runner.invoke(app, ["pipeline", str(write_config(tmp_path)), "--arch", "resnet21"])
     assert result.exit_code == 2 and "unknown architecture 'resnet21'" in result.output
     assert not (tmp_path / "out" / "variants").exists()  # refused before any work
+
+
+def test_the_old_method_tables_criterion_goes_to_the_targets_without_changing_the_callers_document():
+    variants = {"targets": [0.5]}
+    old = {"method": {"name": "layerprune", "criterion": "taylor"}, "variants": variants}
+    with pytest.warns(FutureWarning):
+        cfg = parse_config(old, "old.toml")
+    assert cfg.variants.criterion == "taylor" and variants == {"targets": [0.5]}

@@ -245,8 +245,9 @@ def _from_old_method(table: Any, document: dict, source: str) -> list[dict]:
         key = OLD_METHOD_KEYS.get(key, key)
         if key in own:
             new[key] = value
-        elif key == "criterion" and document.get("variants", {}).get("targets"):
-            document["variants"].setdefault("criterion", value)  # the targets' criterion was read from [method]
+        if key == "criterion" and isinstance(variants := document.get("variants"), dict) and variants.get("targets"):
+            # the targets' criterion was read from [method]; the caller's table is not changed
+            document["variants"] = {"criterion": value, **variants}
     shown = " ".join(f"{k} = {_toml_value(v)}" for k, v in new.items())
     warnings.warn(
         f"{source}: [method] is the old form, read as [[methods]] {shown} (write it so)", FutureWarning, stacklevel=3

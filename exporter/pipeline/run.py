@@ -25,7 +25,6 @@ from edgeshift.device_profiles import DeviceProfile
 from edgeshift.pruner.checkpoint import load_checkpoint, read_checkpoint
 from edgeshift.pruner.layers.layerprune import removable_candidates
 from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
-from edgeshift.pruner.models.record import record_of
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.runtime import policies
 from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_json
@@ -70,16 +69,8 @@ def validate(cfg: PipelineConfig) -> DeviceProfile:
 def validate_targets(cfg: PipelineConfig) -> None:
     """The model the targets start from can make every family of candidates asked for."""
     v = cfg.variants
-    if v.dense:
-        require_file(v.dense, "dense checkpoint ([variants] dense)")
-        model = load_checkpoint(v.dense)[0]
-        if record_of(model).name != cfg.model.arch:
-            raise EdgeshiftError(
-                f"[variants] dense is a {record_of(model).name} checkpoint but [model] arch "
-                f"is {cfg.model.arch!r}; make them the same model"
-            )
-    else:
-        model = model_spec(cfg).build()
+    # [variants] dense was checked against [model] arch by validate
+    model = load_checkpoint(v.dense)[0] if v.dense else model_spec(cfg).build()
     families = set(v.candidates)
     try:
         if families & {"slim", "layerprune+slim"}:

@@ -34,7 +34,11 @@ def check_method(cls: Any, where: str) -> None:
 def _load_installed() -> None:
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
         where = f"entry point {ep.name} = {ep.value} ({GROUP})"
-        cls = ep.load()
+        try:
+            cls = ep.load()
+        except Exception as exc:  # another package's method that does not import: named, in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise EdgeshiftError(f"{where} cannot be loaded: {type(exc).__name__}: {first[:200]}") from None
         check_method(cls, where)
         if cls.name != ep.name:
             raise EdgeshiftError(f"{where}: the class calls itself {cls.name!r}; name the entry point the same")
