@@ -221,7 +221,8 @@ def test_cli_export_int8(tmp_path):
     with Portfolio.open(out) as pf:
         records = {v.name: v.record for v in pf.variants}
         dropped = {d.name: d.reason for d in pf.manifest.dropped}
-    assert "m-int8" in records or "not faster" in dropped["m-int8"]
+    # not_faster_reason's two forms: its p50 is not lower, or it lost interleaved rounds
+    assert "m-int8" in records or any(form in dropped["m-int8"] for form in ("not faster than m", "slower in"))
     if "m-int8" not in records:  # INT8 is kept only where measured faster: a fact of this CPU, not of the code
         pytest.skip(f"INT8 measured not faster on this CPU, so its record is not in the manifest: {dropped['m-int8']}")
     q = records["m-int8"].quantization
