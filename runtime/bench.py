@@ -43,6 +43,7 @@ class VariantBench:
     engine_cached: bool | None = None  # its compiled engine came from the profile's cache (None: no engine cache)
     thread_pool: str = ""  # "shared": timed in a process of its own on one pool; "per-session": in this one
     agreement: float | None = None  # INT8: top-1 agreement with its FP32 source on the shipped check inputs, here
+    sliced: bool = False  # a nested width: inflate_ms is slicing its base's weights (kept in memory once read)
 
 
 def _rss_mb() -> float:
@@ -120,6 +121,7 @@ def bench_portfolio(portfolio: Portfolio, profile, variants: list[str] | None = 
                 cached[name],
                 st.thread_pool,
                 agree,
+                portfolio.is_nested(name),
             )
         )
     return results
@@ -219,7 +221,7 @@ def bench_rows(results: list[VariantBench], ladder: list[str] | None = None) -> 
     return [
         [
             r.name,
-            f"{r.inflate_ms:.1f}",
+            f"{r.inflate_ms:.1f}" + (" sliced" if r.sliced else ""),
             f"{r.create_ms:.1f}",
             f"{r.p50_ms:.3f}",
             f"{r.p95_ms:.3f}",

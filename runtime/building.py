@@ -41,6 +41,7 @@ class SwitchRecord:
     standby: bool  # served from a warm standby session (no inflate/create)
     yielded_ms: float = 0.0  # of inflate_ms: time the switch slept to leave the CPU to requests
     engine_cached: bool | None = None  # its compiled engine was in the profile's cache (None: no engine cache)
+    sliced: bool = False  # a nested width, built from its base's weights in memory (inflate_ms: the slicing)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +55,7 @@ class Built:
     warm_ms: float
     yielded_ms: float  # of inflate_ms: time spent resting
     engine_cached: bool | None = None  # see SwitchRecord
+    sliced: bool = False  # see SwitchRecord
 
 
 class Pacer:
@@ -82,8 +84,9 @@ def build_slot(
     cpu_share: float = 1.0,
     serving: Callable[[], bool] = lambda: False,
 ) -> Built:
-    """Inflate, create and warm ``name``'s session; rest between inflated pieces while ``serving()`` so the
-    build works at most ``cpu_share`` of the time (1 = never rest)."""
+    """Inflate (a nested width: slice from its base's weights in memory), create and warm ``name``'s session;
+    rest between inflated pieces while ``serving()`` so the build works at most ``cpu_share`` of the time (1 =
+    never rest)."""
     pace = Pacer(cpu_share, serving)
     plan = session_plan(profile, portfolio.info(name).sha256)
     cached = engine_cached(plan)  # before the session is made, which would fill the cache
@@ -95,4 +98,12 @@ def build_slot(
     for _ in range(warmup_runs):
         run_bounded(session, {inp.name: zeros}, profile.limits.run_seconds, f"{portfolio.path}: variant {name!r}")
     warm_ms = (time.perf_counter() - t2) * 1e3
-    return Built(Slot(name, session, inp.name), inflate_ms, create_ms, warm_ms, pace.yielded_s * 1e3, cached)
+    return Built(
+        Slot(name, session, inp.name),
+        inflate_ms,
+        create_ms,
+        warm_ms,
+        pace.yielded_s * 1e3,
+        cached,
+        portfolio.is_nested(name),
+    )

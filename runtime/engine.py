@@ -114,6 +114,7 @@ class Runtime:
                 False,
                 first.yielded_ms,
                 first.engine_cached,
+                first.sliced,
             )
         )
         if self.preload_neighbours:
@@ -249,6 +250,7 @@ class Runtime:
                 standby,
                 built.yielded_ms if built else 0.0,
                 built.engine_cached if built else None,
+                built.sliced if built else False,
             )
             with self._lock:
                 self._switches.append(record)

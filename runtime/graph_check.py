@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 from edgeshift.core.errors import PortfolioError
 
-__all__ = ["GraphFacts", "check_graph", "MAX_FIELDS", "MAX_GRAPH_DEPTH"]
+__all__ = ["GraphFacts", "Malformed", "WireReader", "check_graph", "MAX_FIELDS", "MAX_GRAPH_DEPTH"]
 
 MAX_FIELDS = 2_000_000  # protobuf fields walked per model: ~1 s of this reader; a real CNN has a few thousand
 MAX_GRAPH_DEPTH = 4  # a subgraph (If's branches) inside a subgraph inside ...
@@ -52,8 +52,8 @@ _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
 _FUNCTION_NAME, _FUNCTION_NODE, _FUNCTION_DOMAIN = 1, 7, 10
 
 
-class _Malformed(Exception):
-    pass
+class Malformed(Exception):
+    """Bytes that are not a protobuf message."""
 
 
 @dataclass
@@ -67,20 +67,18 @@ class GraphFacts:
     outputs: list[str] = field(default_factory=list)
 
 
-class _Reader:
-    def __init__(self, data, max_nodes: int, max_initializers: int):
-        self.data, self.fields = data, 0
-        self.max_nodes, self.max_initializers = max_nodes, max_initializers
-        self.facts = GraphFacts()
-        self.functions: set[tuple[str, str]] = set()
-        self.calls: set[tuple[str, str]] = set()
+class WireReader:
+    """Fields of protobuf messages in a buffer, read under one budget of ``MAX_FIELDS``: the part of the wire
+    format an ONNX model needs (also used to splice nested variants, ``edgeshift.runtime.nested``)."""
 
-    # -- the wire format ------------------------------------------------------------------------------------
+    def __init__(self, data):
+        self.data, self.fields = data, 0
+
     def varint(self, pos: int, end: int) -> tuple[int, int]:
         data, value, shift = self.data, 0, 0
         while True:
             if pos >= end or shift > 63:
-                raise _Malformed("a truncated or overlong varint")
+                raise Malformed("a truncated or overlong varint")
             b = data[pos]
             pos += 1
             value |= (b & 0x7F) << shift
@@ -89,35 +87,53 @@ class _Reader:
             shift += 7
 
     def fields_of(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-        """(field number, wire type, value or start, end) of each field of the message in data[start:end]."""
+        """(field number, wire type, value or start, end) of each field of the message in data[start:end]; for a
+        fixed-size field (wire type 1 or 5), (number, wire, start, end) of its bytes."""
+        for number, wire, _, a, b in self.spans(start, end):
+            yield number, wire, a, b
+
+    def spans(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """As ``fields_of``, with where each field begins (its key) third: ``data[begin:end]`` is the whole field."""
         pos = start
         while pos < end:
             self.fields += 1
             if self.fields > MAX_FIELDS:
-                raise _Malformed(f"more than {MAX_FIELDS:,} protobuf fields")
+                raise Malformed(f"more than {MAX_FIELDS:,} protobuf fields")
+            begin = pos
             key, pos = self.varint(pos, end)
             number, wire = key >> 3, key & 7
             if wire == 0:
                 value, pos = self.varint(pos, end)
-                yield number, wire, value, pos
+                yield number, wire, begin, value, pos
             elif wire == 2:
                 length, pos = self.varint(pos, end)
                 if pos + length > end:
-                    raise _Malformed("a field runs past its message")
-                yield number, wire, pos, pos + length
+                    raise Malformed("a field runs past its message")
+                yield number, wire, begin, pos, pos + length
                 pos += length
             elif wire in (1, 5):
-                pos += 8 if wire == 1 else 4
-                if pos > end:
-                    raise _Malformed("a field runs past its message")
+                size = 8 if wire == 1 else 4
+                if pos + size > end:
+                    raise Malformed("a field runs past its message")
+                yield number, wire, begin, pos, pos + size
+                pos += size
             else:
-                raise _Malformed(f"wire type {wire} (groups are not ONNX)")
+                raise Malformed(f"wire type {wire} (groups are not ONNX)")
 
     def text(self, start: int, end: int) -> str:
         try:
             return bytes(self.data[start:end]).decode("utf-8")
         except UnicodeDecodeError:
-            raise _Malformed("a name is not UTF-8") from None
+            raise Malformed("a name is not UTF-8") from None
+
+
+class _Reader(WireReader):
+    def __init__(self, data, max_nodes: int, max_initializers: int):
+        super().__init__(data)
+        self.max_nodes, self.max_initializers = max_nodes, max_initializers
+        self.facts = GraphFacts()
+        self.functions: set[tuple[str, str]] = set()
+        self.calls: set[tuple[str, str]] = set()
 
     # -- ONNX messages ----------------------------------------------------------------------------------------
     def model(self) -> None:
@@ -132,7 +148,7 @@ class _Reader:
             elif number == _MODEL_FUNCTIONS:
                 self.function(a, b)
         if len(graphs) != 1:
-            raise _Malformed("no graph")
+            raise Malformed("no graph")
         self.graph(*graphs[0], depth=0)
         unknown = self.calls - self.functions
         if unknown:
@@ -286,7 +302,7 @@ def check_graph(
     reader = _Reader(data, max_nodes, max_initializers)
     try:
         reader.model()
-    except _Malformed as exc:
+    except Malformed as exc:
         raise PortfolioError(f"is not a valid ONNX model ({exc})") from None
     facts = reader.facts
     if len(facts.inputs) != 1:

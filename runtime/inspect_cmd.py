@@ -42,7 +42,8 @@ def print_portfolio(path: Path, profile, verify: bool = True, load: bool = True)
             rows.append(
                 [
                     v.name + (" *" if v.reference else ""),
-                    v.record.precision,
+                    v.record.precision
+                    + ("" if v.record.nested is None else f", {v.record.nested.width:g} of {v.record.nested.base}"),
                     f"{v.compression:.1f}x",
                     f"{v.params:,}",
                     f"{v.macs:,}",

@@ -17,8 +17,8 @@ from typing import Any, Literal, Optional
 from edgeshift.core.config import load
 from edgeshift.core.errors import PortfolioError
 
-SCHEMA_VERSION = 3  # 2: INT8 variants, the ladder, latency rounds and profile; 3: device_timing
-READABLE_SCHEMAS = (1, 2, 3)  # an older manifest is a newer one without the new optional fields
+SCHEMA_VERSION = 4  # 2: INT8 variants, the ladder, latency rounds and profile; 3: device_timing; 4: nested
+READABLE_SCHEMAS = (1, 2, 3, 4)  # an older manifest is a newer one without the new optional fields
 MANIFEST_NAME = "manifest.json"
 CHECKS_NAME = "checks.npy"  # preprocessed inputs a device re-checks INT8 variants on (float32 [count, C, H, W])
 MAX_CHECK_INPUTS = 16
@@ -101,6 +101,27 @@ class Quantization:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SharedWeight:
+    """One weight a nested variant takes from its base: the base's initializer of the same name, sliced."""
+
+    name: str
+    ranges: tuple[tuple[tuple[int, int], ...], ...]  # per dimension: the [start, stop) runs kept, ascending
+
+
+@dataclass(frozen=True, kw_only=True)
+class Nested:
+    """A narrower width of a nested network, built on the device from its base variant's weights
+    (``edgeshift.runtime.nested``): the member ``file`` holds its skeleton (the ONNX model without the shared
+    weights' data); ``sha256`` and ``bytes`` of the record are those of the ONNX bytes assembled from it."""
+
+    base: str  # the variant whose weights it slices: stored whole, FP32
+    width: float  # the fraction of every nested channel group it keeps
+    skeleton_sha256: str
+    skeleton_bytes: int
+    shared: tuple[SharedWeight, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class VariantRecord:
     name: str  # [A-Za-z0-9._-], at most 64
     file: str  # variants/<name>.onnx
@@ -122,6 +143,7 @@ class VariantRecord:
     # "pending": built on another CPU than the device's (an ARM profile on x86), so untimed for it; the runtime
     # leaves it alone until `edgeshift bench --save` on the device keeps it (faster than its source, agreeing)
     device_timing: Optional[Literal["pending"]] = None
+    nested: Optional[Nested] = None  # schema 4: a narrower width built from its base's weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +192,14 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MAX_SHARED_RUNS = 1 << 20  # [start, stop) runs over all of a portfolio's shared weights
+
+
+def member_bytes(v: VariantRecord) -> int:
+    """What the variant's member in the ZIP inflates to: its skeleton for a nested variant, else its ONNX."""
+    return v.nested.skeleton_bytes if v.nested is not None else v.bytes
 
 
 def variant_file(name: str) -> str:
@@ -267,6 +297,7 @@ def parse_manifest(document: Any, max_variants: int = 1024) -> Manifest:
             raise PortfolioError(f"manifest: {where}.quantization.source is not a safe name")
         if v.device_timing is not None and v.quantization is None:
             raise PortfolioError(f"manifest: {where}: only an INT8 variant can wait for the device's timing")
+    _check_nested(m)
     if m.checks is not None:
         c = m.checks
         item = 1
@@ -290,3 +321,39 @@ def parse_manifest(document: Any, max_variants: int = 1024) -> Manifest:
         if not 0 <= m.ladder.min_gain < 1:
             raise PortfolioError("manifest: ladder.min_gain must be in [0, 1)")
     return m
+
+
+def _check_nested(m: Manifest) -> None:
+    """A nested variant names a whole FP32 variant of the portfolio as its base, a width, a skeleton no larger than
+    what it assembles to, and distinct shared weights with runs that are ordered and bounded."""
+    by_name = {v.name: v for v in m.variants}
+    runs = 0
+    for i, v in enumerate(m.variants):
+        n = v.nested
+        if n is None:
+            continue
+        where = f"variants[{i}].nested"
+        base = by_name.get(n.base)
+        if base is None or base.nested is not None or base.precision != "fp32" or n.base == v.name:
+            raise PortfolioError(f"manifest: {where}.base must name another whole FP32 variant of the portfolio")
+        if v.precision != "fp32":
+            raise PortfolioError(f"manifest: {where}: only an FP32 variant is nested")
+        if not 0 < n.width <= 1:
+            raise PortfolioError(f"manifest: {where}.width must be in (0, 1]")
+        if not SHA_RE.match(n.skeleton_sha256) or not 0 < n.skeleton_bytes <= v.bytes:
+            raise PortfolioError(f"manifest: {where} needs a sha256 and a size within the variant's bytes")
+        names = [w.name for w in n.shared]
+        if len(set(names)) != len(names) or any(not 0 < len(w) <= MAX_TEXT for w in names):
+            raise PortfolioError(f"manifest: {where}.shared must name distinct weights")
+        for w in n.shared:
+            if len(w.ranges) > 8:
+                raise PortfolioError(f"manifest: {where}.shared {w.name!r}: more than 8 dimensions")
+            for dim in w.ranges:
+                runs += len(dim)
+                previous = 0
+                for start, stop in dim:
+                    if not previous <= start < stop:
+                        raise PortfolioError(f"manifest: {where}.shared {w.name!r}: runs must be ordered and non-empty")
+                    previous = stop
+        if runs > MAX_SHARED_RUNS:
+            raise PortfolioError(f"manifest: more than {MAX_SHARED_RUNS:,} shared-weight runs")

@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -40,9 +41,11 @@ from .manifest import (
     InputSpec,
     Manifest,
     VariantRecord,
+    member_bytes,
     parse_manifest,
     variant_file,
 )
+from .nested import assemble
 
 _ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
@@ -75,6 +78,8 @@ class Portfolio:
         self.manifest = manifest
         self.limits = limits or LimitsSettings()
         self._graphs_checked: set[str] = set()
+        self._bases: dict[str, bytes] = {}  # inflated base variants of nested ones: the weights they slice
+        self._bases_lock = threading.Lock()
         infos = {i.filename: i for i in zf.infolist()}
         self.variants: list[VariantInfo] = []
         for v in manifest.variants:
@@ -175,9 +180,9 @@ class Portfolio:
         for file, v in declared.items():
             if file not in names:
                 raise PortfolioError(f"{path}: variant {v.name!r} is declared but {file} is missing")
-            if zf.getinfo(file).file_size != v.bytes:
+            if zf.getinfo(file).file_size != member_bytes(v):
                 raise PortfolioError(
-                    f"{path}: {file} claims {zf.getinfo(file).file_size} bytes inflated, the manifest {v.bytes}"
+                    f"{path}: {file} claims {zf.getinfo(file).file_size} bytes inflated, the manifest {member_bytes(v)}"
                 )
         return manifest
 
@@ -205,13 +210,54 @@ class Portfolio:
         """The variant of median size (the lower one for an even count): where the runtime starts."""
         return self.variants[(len(self.variants) - 1) // 2].name
 
+    def is_nested(self, name: str) -> bool:
+        """Whether ``name`` is built from its base's weights in memory (sliced) rather than inflated whole."""
+        return self.info(name).record.nested is not None
+
     def _chunks(self, name: str):
         v = self.info(name)
-        return v, _member_chunks(self._zip, self._zip.getinfo(variant_file(name)), v.bytes, self.path)
+        return v, _member_chunks(self._zip, self._zip.getinfo(variant_file(name)), member_bytes(v.record), self.path)
 
-    def _check_hash(self, v: VariantInfo, digest: str) -> None:
-        if digest != v.sha256:
-            raise PortfolioError(f"{self.path}: variant {v.name!r} fails its sha256 check (tampered or corrupt)")
+    def _check_hash(self, v: VariantInfo, digest: str, what: str = "") -> None:
+        """The member's digest against the manifest: the variant's sha256, or its skeleton's for a nested one."""
+        nested = v.record.nested
+        expected = nested.skeleton_sha256 if nested is not None and what == "" else v.sha256
+        if digest != expected:
+            raise PortfolioError(f"{self.path}: variant {v.name!r} fails its sha256 check{what} (tampered or corrupt)")
+
+    def _base(self, name: str, pace: Pace | None) -> bytes:
+        """The inflated, checked ONNX bytes of base variant ``name``, kept in memory once read: what every nested
+        variant on it slices, so a switch between widths inflates nothing."""
+        with self._bases_lock:
+            data = self._bases.get(name)
+            if data is None:
+                data = self._bases[name] = self.inflate(name, pace)
+            return data
+
+    def release_bases(self) -> None:
+        """Forget the base variants' bytes kept for slicing (the next nested build inflates its base again)."""
+        with self._bases_lock:
+            self._bases.clear()
+
+    def _assembled(self, name: str, pace: Pace | None) -> bytes:
+        """A nested variant's ONNX bytes: its skeleton (inflated, sha256-checked) with its shared weights sliced
+        from its base's (``edgeshift.runtime.nested``), the result sha256-checked and its graph checked."""
+        v, chunks = self._chunks(name)
+        nested = v.record.nested
+        assert nested is not None
+        digest, parts = hashlib.sha256(), []
+        for chunk in _paced(chunks, pace):
+            digest.update(chunk)
+            parts.append(chunk)
+        self._check_hash(v, digest.hexdigest())
+        base = self._base(nested.base, pace)
+        try:
+            data = assemble(b"".join(parts), base, [(w.name, w.ranges) for w in nested.shared], v.bytes)
+        except PortfolioError as exc:
+            raise PortfolioError(f"{self.path}: variant {v.name!r} {exc}") from None
+        self._check_hash(v, hashlib.sha256(data).hexdigest(), " once assembled from its base")
+        self._check_graph(name, data)
+        return data
 
     def _check_graph(self, name: str, data) -> None:
         """Refuse a graph ONNX Runtime must not see (``graph_check``); once per variant, its bytes being fixed by
@@ -235,7 +281,10 @@ class Portfolio:
         """The ONNX bytes of ``name``, inflated in memory, capped at the declared size, sha256-checked, its graph
         checked (``graph_check``).
 
-        ``pace``, if given, is called after each piece with the seconds that piece took (see ``Pace``)."""
+        ``pace``, if given, is called after each piece with the seconds that piece took (see ``Pace``). A nested
+        variant is assembled from its skeleton and its base's weights (``_assembled``)."""
+        if self.is_nested(name):
+            return self._assembled(name, pace)
         v, chunks = self._chunks(name)
         digest, parts = hashlib.sha256(), []
         for chunk in _paced(chunks, pace):
@@ -252,8 +301,8 @@ class Portfolio:
         """Inflate ``name`` into an anonymous in-memory file (Linux ``memfd``: RAM, never disk) and yield a path
         ONNX Runtime can read, after the sha256 has been checked; the file is gone on exit. Where memfd is
         missing, yields None: use ``inflate``. Reading by path keeps large copies out of the GIL. ``pace`` as in
-        ``inflate``."""
-        if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        ``inflate``. A nested variant is assembled in memory: None, use ``inflate``."""
+        if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd") or self.is_nested(name):
             yield None
             return
         v, chunks = self._chunks(name)
@@ -302,13 +351,16 @@ class Portfolio:
 
     def verify(self) -> None:
         """Inflate every variant, streaming (one piece in memory at a time), and check its size, CRC-32 and sha256;
-        its graph is checked when it is first inflated for use."""
+        its graph is checked when it is first inflated for use. A nested variant's skeleton is checked so, then
+        assembled from its base and checked again."""
         for name in self.names:
             v, chunks = self._chunks(name)
             digest = hashlib.sha256()
             for chunk in chunks:
                 digest.update(chunk)
             self._check_hash(v, digest.hexdigest())
+            if v.record.nested is not None:
+                self._assembled(name, None)
 
     @property
     def file_bytes(self) -> int:
