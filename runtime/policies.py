@@ -225,6 +225,86 @@ class MemoryPolicy(SwitchPolicy):
         )
 
 
+@POLICIES.register(
+    "self-adaptive",
+    help="the widest width (most accurate step) that meets the latency target at the CPU share left and fits the "
+    "memory available",
+)
+class SelfAdaptivePolicy(SwitchPolicy):
+    """The controller of "Self-adaptive neural network for edge devices" (sec. 3, sec. 4.3): from the device's
+    state (the CPU share it gives us, the memory available, the latency target) to a width of a nested network,
+    the most accurate ladder step that is predicted to meet the target and whose session fits; the fastest when
+    none does. It covers the paper's three scenarios (``SCENARIOS``): with no constraint it keeps the widest step;
+    with the CPU restricted it drops channel groups until the target is met again; with memory short it drops
+    them until the session fits. A step up (adding groups back) waits until the wider step meets
+    ``target * (1 - hysteresis)``, and after a switch it waits ``switch_every_windows`` windows."""
+
+    name = "self-adaptive"
+
+    def __init__(self, *args, hysteresis: float = 0.2, reserve_mb: float = 64.0, **kw):
+        super().__init__(*args, **kw)
+        self.hysteresis, self.reserve_mb = hysteresis, reserve_mb
+        self._quiet = 0
+
+    def width_for(self, obs: Observation, variants: list[VariantView], active: int, margin: float = 0.0) -> int:
+        """The step the state calls for: the most accurate one meeting ``target * (1 - margin)`` and fitting."""
+        room = min(obs.available_mb - self.reserve_mb + variants[active].memory_mb, self.memory_budget_mb)
+        target = self.latency_target_ms * (1 - margin)
+        fits = [
+            i
+            for i, v in enumerate(variants)
+            if self.predicted_p95_ms(v, obs) <= target and (v.memory_mb <= room or i == 0)
+        ]
+        return max(fits, key=lambda i: (variants[i].top1, i)) if fits else 0
+
+    def decide(self, obs, variants, active):
+        if self._quiet > 0:
+            self._quiet -= 1
+            return None
+        target = self.width_for(obs, variants, active)
+        if target > active:  # more channel groups back only with room to spare
+            target = max(active, self.width_for(obs, variants, active, self.hysteresis))
+        if target == active:
+            return None
+        self._quiet = self.switch_every_windows - 1
+        v = variants[target]
+        return Decision(
+            target,
+            f"{v.name} predicts {self.predicted_p95_ms(v, obs):.1f} ms at {100 * obs.cpu_share:.0f}% CPU (target "
+            f"{self.latency_target_ms:g} ms) and needs {v.memory_mb:.0f} MB of {obs.available_mb:.0f} MB available",
+        )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A device state from "Self-adaptive neural network for edge devices", sec. 3: what the controller is for."""
+
+    name: str
+    help: str
+    cpu_share: float  # of the speed the ladder was measured at
+    memory_share: float | None  # memory available, as a share of what the widest step's session needs; None: ample
+
+    def observation(
+        self, variants: list[VariantView], active: int, offered_qps: float = 0.0, reserve_mb: float = 64.0
+    ) -> Observation:
+        """The state as a policy sees it while ``variants[active]`` runs: the device's free memory is what the
+        scenario leaves for a session, plus the policy's reserve, less what the active session holds."""
+        widest = max(v.memory_mb for v in variants)
+        room = 1e9 if self.memory_share is None else self.memory_share * widest
+        available = room + reserve_mb - variants[active].memory_mb
+        return Observation(0.0, offered_qps, offered_qps, None, self.cpu_share, available)
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("no-constraint", "the device meets the widest model's needs", 1.0, None),
+        Scenario("restricted-cpu", "low-power mode: 30% less processing power", 0.7, None),
+        Scenario("limited-memory", "other applications leave less memory than the widest model uses", 1.0, 0.5),
+    )
+}
+
+
 def names() -> list[str]:
     return POLICIES.names()
 
