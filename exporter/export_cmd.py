@@ -22,7 +22,7 @@ from edgeshift.pruner.models.sources import ModelSpec
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.pruner.structured import PruneReport, prune_zero_channels
 
-from .portfolio import BuildSettings, VariantFacts, build_portfolio
+from .portfolio import BuildSettings, NestedSource, VariantFacts, build_portfolio
 from .profile import TestData
 from .quantize import CALIBRATION_METHODS, Calibration, CalibrationMethodName
 
@@ -62,6 +62,16 @@ def discover_sources(paths: list[Path]) -> list[Source]:
     if dupes:
         raise EdgeshiftError(f"two sources would both be named {dupes[0]!r}; rename one of the files")
     return found
+
+
+def nested_sources(levels: dict[str, tuple[str, float]]) -> dict[str, NestedSource]:
+    """Each narrower width whose full width (same nest run) is also exported, with that one as its base."""
+    bases = {family: name for name, (family, width) in levels.items() if width == 1.0}
+    return {
+        name: NestedSource(bases[family], width)
+        for name, (family, width) in levels.items()
+        if width < 1.0 and family in bases
+    }
 
 
 def export_portfolio(
@@ -119,8 +129,12 @@ def export_portfolio(
     totals: dict[str, int] = {}
     nonzeros: dict[str, int] = {}
     record: ModelRecord | None = None
+    levels: dict[str, tuple[str, float]] = {}  # nested widths: variant -> (family, width)
     for s in sources:
-        model, _ = load_model(s.checkpoint, s.spec)
+        model, checkpoint = load_model(s.checkpoint, s.spec)
+        nest = checkpoint.get("meta", {}).get("nest")
+        if isinstance(nest, dict) and isinstance(nest.get("family"), str):
+            levels[s.name] = (nest["family"], float(nest["width"]))
         name = record_of(model).name
         if record is not None and name != record.name:
             raise EdgeshiftError(
@@ -164,6 +178,8 @@ def export_portfolio(
         example,
         out,
         test_data=test,
-        facts=VariantFacts(labels, reports, compressions, recipes, reference, mean, std, record.name),
+        facts=VariantFacts(
+            labels, reports, compressions, recipes, reference, mean, std, record.name, nested_sources(levels)
+        ),
         settings=BuildSettings(device_profile, threads, latency_iterations, calibration, measure_memory, force=force),
     )

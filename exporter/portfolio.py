@@ -38,6 +38,7 @@ from edgeshift.runtime.manifest import (
     Ladder,
     Latency,
     Manifest,
+    Nested,
     OutputSpec,
     Preprocessing,
     Quantization,
@@ -49,6 +50,7 @@ from edgeshift.runtime.measure import LatencyStats, machine_label
 from edgeshift.runtime.memprobe import measure_session_memory
 from edgeshift.runtime.session import create_session
 
+from .nesting import nested_form
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_counts
 from .profile import (
     DEFLATE_LEVEL,
@@ -262,6 +264,7 @@ def _int8_variants(
             "exactness": None,
             "op_counts": _op_counts(data),
             "precision": "int8",
+            "nested": None,  # stored whole: INT8 weights are not slices of the base's FP32 ones
             "quantization": Quantization(
                 source=name,
                 format=scheme.format,
@@ -286,6 +289,14 @@ def _samples(test: TestData | None) -> int:
 
 
 @dataclass(frozen=True)
+class NestedSource:
+    """A variant that is a narrower width of another (nested widths): its weights are slices of ``base``'s."""
+
+    base: str  # the widest level's variant name
+    width: float  # the fraction of every nested channel group it keeps
+
+
+@dataclass(frozen=True)
 class VariantFacts:
     """What the manifest says about the variants beyond what their modules show."""
 
@@ -297,6 +308,7 @@ class VariantFacts:
     mean: list[float] | None = None  # the input normalisation the device applies
     std: list[float] | None = None
     architecture: str | None = None  # the model source's name
+    nested: Mapping[str, NestedSource] = field(default_factory=dict)  # per narrower width: its base
 
 
 @dataclass(frozen=True)
@@ -397,6 +409,7 @@ def build_portfolio(
                 session,
                 logits,
             )
+        skeletons = _share_nested(built, facts.nested, np.asarray(example_inputs, np.float32), say)
         x1 = np.random.default_rng(0).standard_normal((1, *example_inputs.shape[1:])).astype(np.float32)
         feed = {INPUT_NAME: x1}
         dropped: list[dict] = []
@@ -451,6 +464,7 @@ def build_portfolio(
     # a variant pending the device's own timing is neither beaten nor laddered on this machine's figures
     pending = [b.entry for b in built.values() if b.entry.get("device_timing") == "pending"]
     kept, beaten = postprocess([b.entry for b in built.values() if b.entry not in pending], tolerance)
+    kept, beaten = _keep_bases(kept, beaten, built)
     dropped += beaten
     ladder = build_ladder([_point(built[e["name"]], stats[e["name"]]) for e in kept], timing.benchmark.ladder_min_gain)
     kept = sorted(kept + pending, key=lambda v: (v["bytes"], v["name"]))
@@ -488,7 +502,54 @@ def build_portfolio(
         ),
         checks=checks_record,
     )
-    return write_portfolio(out_path, manifest, {n: b.data for n, b in built.items()}, checks=checks_data)
+    members = {n: skeletons.get(n, b.data) for n, b in built.items()}
+    return write_portfolio(out_path, manifest, members, checks=checks_data)
+
+
+def _share_nested(
+    built: dict[str, _Built], nested: Mapping[str, NestedSource], example: np.ndarray, say: Callable[[str], None]
+) -> dict[str, bytes]:
+    """Give each narrower width its nested form (``exporter.nesting``): its entry records the skeleton and the
+    shared slices, its bytes become the assembled ONNX (what is timed and quantized: what the device runs).
+    Returns the skeletons, what the portfolio stores for them."""
+    skeletons = {}
+    for name, source in nested.items():
+        if name not in built or source.base not in built or source.base == name or source.base in nested:
+            raise EdgeshiftError(
+                f"nested variant {name!r} names base {source.base!r}, which is not another, whole variant here"
+            )
+        b = built[name]
+        form = nested_form(b.data, built[source.base].data, example)
+        skeletons[name] = form.skeleton
+        b.data = form.assembled
+        b.entry.update(
+            sha256=_sha256(form.assembled),
+            bytes=len(form.assembled),
+            deflated_bytes=deflated_size(form.skeleton),
+            nested=Nested(
+                base=source.base,
+                width=source.width,
+                skeleton_sha256=_sha256(form.skeleton),
+                skeleton_bytes=len(form.skeleton),
+                shared=form.shared,
+            ),
+        )
+        say(
+            f"   {name}: nested on {source.base}: {len(form.shared)} weights ({form.shared_values:,} values) sliced "
+            f"from it on the device, {len(form.skeleton):,} of {len(form.assembled):,} bytes stored"
+        )
+    return skeletons
+
+
+def _keep_bases(kept: list[dict], dropped: list[dict], built: dict[str, _Built]) -> tuple[list[dict], list[dict]]:
+    """A base whose narrower widths stay is kept too (they are built from its weights), whatever beat it."""
+    needed = {e["nested"].base for e in kept if e.get("nested") is not None}
+    back = [d for d in dropped if d["name"] in needed]
+    if not back:
+        return kept, dropped
+    names = {d["name"] for d in back}
+    kept = sorted(kept + [built[n].entry for n in names], key=lambda v: (v["bytes"], v["name"]))
+    return kept, [d for d in dropped if d["name"] not in names]
 
 
 def _record(entry: dict) -> VariantRecord:
