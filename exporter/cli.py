@@ -140,8 +140,44 @@ def method(
     typer.echo(f"next: edgeshift export {' '.join(str(p) for p in made)} -o portfolio.zip --data {data}")
 
 
+def nest(
+    dense: Path = typer.Argument(..., help="The trained checkpoint to nest (its channels are reordered, not changed)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the levels' checkpoints (a killed run resumes)."),
+    data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
+    widths: str = typer.Option("0.75,0.5,0.25", help="The narrower levels: fractions of every channel group."),
+    finetune_epochs: float = typer.Option(1.0, min=0, help="Epochs of fine-tuning per level."),
+    lr: float = typer.Option(0.01, help="Peak learning rate of each level's fine-tune (cosine)."),
+    training: str = typer.Option("rebuild", help="rebuild (nested) or independent (the baseline: nothing shared)."),
+    batch_size: int = typer.Option(128, min=1),
+    train_samples: int = typer.Option(0, min=0, help="Stratified training subset (0: all)."),
+    test_samples: int = typer.Option(0, min=0, help="Stratified test subset (0: all)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Nested widths: one network whose narrower widths are slices of the wider ones (the pipeline method nest);
+    `edgeshift export` of its checkpoints stores the widest weights once."""
+    document = {
+        "data": {"path": data, "train_samples": train_samples, "test_samples": test_samples},
+        "methods": [
+            {
+                "name": "nest",
+                "widths": pipeline_lib.fraction_list(widths, "--widths"),
+                "finetune_epochs": finetune_epochs,
+                "lr": lr,
+                "training": training,
+            }
+        ],
+        "train": {"batch_size": batch_size, "seed": seed},
+        "variants": {"dense": str(dense)},
+        "output": {"dir": str(out)},
+    }
+    made = pipeline_lib.run_method(document, "edgeshift nest")
+    typer.echo(f"{len(made)} widths in {out / 'variants'}: " + ", ".join(p.name for p in made))
+    typer.echo(f"next: edgeshift export {' '.join(str(p) for p in made)} -o portfolio.zip --data {data}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("method")(handle_errors(method))
+    app.command("nest")(handle_errors(nest))
     app.command("export")(handle_errors(export))
     app.command("report")(handle_errors(report))
     app.command("pipeline")(handle_errors(pipeline))

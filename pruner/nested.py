@@ -199,11 +199,20 @@ def rebuild(narrower: Level, wider: Level, full: nn.Module) -> dict[str, torch.T
 
 
 def freeze_outside(model: nn.Module, trainable: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Zero every gradient outside ``trainable`` (train without weight decay, so the frozen entries do not move);
-    returns the hooks, to remove after training."""
+    """Zero every gradient outside ``trainable`` (train without weight decay, so the frozen entries do not move),
+    and run every batch norm on its running statistics, which stay as they are: the shared channels keep the
+    narrower level's normalisation, so after conv-BN fusion a narrower width is still a slice of the wider one (and
+    the function trained is the function run). Returns the hooks, to remove after training."""
     handles = []
     for name, param in model.named_parameters():
         mask = trainable.get(name)
         if mask is not None and not bool(mask.all()):
             handles.append(param.register_hook(lambda grad, m=mask: grad * m))
+    for module in model.modules():
+        if isinstance(module, NORMS):
+            handles.append(module.register_forward_pre_hook(_statistics_frozen))
     return handles
+
+
+def _statistics_frozen(module: nn.Module, _inputs) -> None:
+    module.training = False  # training mode would normalise by the batch and move the running statistics

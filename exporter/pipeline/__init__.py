@@ -2,7 +2,7 @@
 
 from .config import MethodChoice, PipelineConfig, load_config, parse_config
 from .methods import build_variants
-from .run import method_document, prepare_output, run_method, run_pipeline, summary_rows, validate
+from .run import fraction_list, method_document, prepare_output, run_method, run_pipeline, summary_rows, validate
 
 __all__ = [
     "MethodChoice",
@@ -10,6 +10,7 @@ __all__ = [
     "build_variants",
     "load_config",
     "parse_config",
+    "fraction_list",
     "method_document",
     "prepare_output",
     "run_method",

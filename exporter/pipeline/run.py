@@ -237,6 +237,14 @@ def method_document(name: str, assignments: list[str]) -> dict[str, Any]:
     return table
 
 
+def fraction_list(text: str, option: str) -> list[float]:
+    """``0.75,0.5,0.25`` as numbers; anything else refused in one line naming ``option``."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EdgeshiftError(f"{option} takes numbers separated by commas, e.g. 0.75,0.5,0.25; got {text!r}") from None
+
+
 def run_method(document: dict[str, Any], source: str = "edgeshift method") -> list[Path]:
     """Step 1 of the pipeline alone: one method's variants (checkpoints) from a configuration document with one
     ``[[methods]]`` table, resumable in its output folder; returns them for ``edgeshift export``."""

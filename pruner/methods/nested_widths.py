@@ -6,6 +6,7 @@ wider level rebuilt from it with the dropped channels' original weights and only
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -32,6 +33,9 @@ def _widths(values: tuple[float, ...]) -> str | None:
     return None
 
 
+TRAININGS = ("rebuild", "independent")
+
+
 @dataclass(frozen=True)
 class NestSettings:
     widths: tuple[float, ...] = setting(
@@ -43,6 +47,13 @@ class NestSettings:
         minimum=0,
     )
     lr: float = setting(0.01, "peak learning rate of each level's fine-tune (cosine)")
+    training: str = setting(
+        "rebuild",
+        "rebuild: the narrowest tuned, each wider level rebuilt from it and only its re-added weights tuned (nested); "
+        "independent: each width cut from the dense model by the same ranking and tuned alone, all its weights, on "
+        "the same budget (the baseline nested widths are measured against: its widths share nothing)",
+        check=lambda v: None if v in TRAININGS else f"must be one of {', '.join(TRAININGS)}",
+    )
 
 
 class NestedWidths:
@@ -57,10 +68,14 @@ class NestedWidths:
         probe = context.model.build()  # the architecture, before minutes of training: refused if nothing nests
         check_nestable(probe, torch.randn(input_shape(probe, 2), generator=torch.Generator().manual_seed(0)))
         dense = context.dense()
-        paths = {w: context.folder / f"nest-{w:g}.pt" for w in levels}
+        prefix = "nest" if settings.training == "rebuild" else "independent"
+        paths = {w: context.folder / f"{prefix}-{w:g}.pt" for w in levels}
         if all(p.exists() for p in paths.values()):
-            return [dense, *paths.values()]
+            return list(paths.values())
         model, _ = load_checkpoint(dense)
+        # the levels of one run share a family: the exporter slices the narrower ones from the full one
+        done = [load_checkpoint(p)[1].get("meta", {}).get("nest", {}) for p in paths.values() if p.exists()]
+        family = next((d["family"] for d in done if isinstance(d.get("family"), str)), uuid.uuid4().hex)
         example = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
         nested = reorder_channels(model, example)  # exact: the same function, channels by importance
         d = context.data
@@ -76,7 +91,11 @@ class NestedWidths:
                 narrower = Level(width, load_checkpoint(path)[0], shaped[width].kept)
                 continue
             level = shaped[width]
-            trainable = rebuild(narrower, level, model) if narrower is not None else None
+            independent = settings.training == "independent"
+            if independent and width == 1.0:  # the dense model, reordered: nothing to tune alone
+                save_checkpoint(level.model.eval(), path, meta={"pruned_from": str(dense)})
+                continue
+            trainable = rebuild(narrower, level, model) if narrower is not None and not independent else None
             context.say(
                 f"nest: width {width:g}, fine-tuning "
                 + ("all weights" if trainable is None else "the re-added weights only")
@@ -86,13 +105,18 @@ class NestedWidths:
                 level.model.eval(),
                 path,
                 meta={
-                    "nest": {"width": width, "widths": list(levels), "groups": len(nested)},
+                    **(
+                        {}
+                        if independent
+                        else {"nest": {"width": width, "widths": list(levels), "groups": len(nested), "family": family}}
+                    ),
                     "test_accuracy": accuracy,
                     "pruned_from": str(dense),
                 },
             )
             narrower = level
-        return [dense, *paths.values()]
+        # the full width is the dense model with its channels reordered: it stands for it (the same function)
+        return list(paths.values())
 
     @staticmethod
     def _finetune(
