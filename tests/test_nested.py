@@ -18,6 +18,7 @@ from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.models import get
 from edgeshift.pruner.nested import check_widths, freeze_outside, narrow, rebuild, reorder_channels
 from edgeshift.pruner.structured.groups import coupled_groups
+from edgeshift.runtime.portfolio import Portfolio
 
 SPECS = {
     "resnet20": None,  # residual streams: groups with several producers
@@ -143,6 +144,7 @@ def test_a_fine_tune_with_the_prefix_frozen_moves_only_the_re_added_weights():
     trainable = rebuild(thin, level, model)
     wide = level.model
     before = {n: p.detach().clone() for n, p in wide.named_parameters()}
+    statistics = {n: b.clone() for n, b in wide.named_buffers()}
     hooks = freeze_outside(wide, trainable)
     opt = torch.optim.SGD(wide.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
     wide.train()
@@ -158,6 +160,9 @@ def test_a_fine_tune_with_the_prefix_frozen_moves_only_the_re_added_weights():
         assert torch.equal(p.detach()[frozen], before[name][frozen]), name
         moved += int((p.detach() != before[name]).sum())
     assert moved > 0
+    # the norms ran on their running statistics, unchanged: the shared channels keep the narrower level's
+    for name, b in wide.named_buffers():
+        assert torch.equal(b, statistics[name]), name
 
 
 @pytest.mark.parametrize(
@@ -195,6 +200,12 @@ def test_the_nest_method_through_the_door_writes_nested_levels(tmp_path):
         for name, layer in conv_and_linear(narrower).items():
             v, w = layer.weight.detach(), wide[name].weight.detach()
             assert torch.equal(v, w[tuple(slice(0, n) for n in v.shape)]), name  # still nested after fine-tuning
+        wide_norms = {n: m for n, m in wider.named_modules() if isinstance(m, nn.BatchNorm2d)}
+        for name, norm in narrower.named_modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                for stat in ("running_mean", "running_var"):
+                    v, w = getattr(norm, stat), getattr(wide_norms[name], stat)
+                    assert torch.equal(v, w[: len(v)]), (name, stat)  # so the fused weights nest too
 
 
 def test_nest_refuses_a_model_with_nothing_to_narrow_before_training_it(tmp_path, monkeypatch):
@@ -207,3 +218,27 @@ def test_nest_refuses_a_model_with_nothing_to_narrow_before_training_it(tmp_path
     result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out"), "--data", "generated", "--epochs", "1"])
     assert result.exit_code == 2 and "no channel group that can be narrowed" in result.output
     assert not any((tmp_path / "out" / "variants").iterdir())  # refused before the dense model was trained
+
+
+def test_edgeshift_nest_then_export_stores_every_narrower_weight_as_a_slice(tmp_path):
+    """After real fine-tuning (batch norms and all), the exported narrower widths take every weight from the
+    widest: the command a user runs, then export."""
+    common = ["--data", "generated", "--train-samples", "200", "--test-samples", "100"]
+    dense = tmp_path / "dense.pt"
+    trained = CliRunner().invoke(app, ["train", "--arch", "resnet20", "--epochs", "1", "-o", str(dense), *common])
+    assert trained.exit_code == 0, trained.output
+    bad = CliRunner().invoke(app, ["nest", str(dense), "-o", str(tmp_path / "x"), "--widths", "0.5,1.5", *common])
+    assert bad.exit_code == 2 and "in (0, 1); got 1.5" in bad.output and bad.output.count("\n") == 1
+    args = ["nest", str(dense), "-o", str(tmp_path / "run"), "--widths", "0.5,0.25", "--finetune-epochs", "0.5"]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "100", *common])
+    assert result.exit_code == 0, result.output
+    levels = [str(tmp_path / "run" / "variants" / f"nest-{w}.pt") for w in ("1", "0.5", "0.25")]
+    out = tmp_path / "nested.zip"
+    exported = CliRunner().invoke(app, ["export", *levels, "-o", str(out), "--no-memory", "--iterations", "10"])
+    assert exported.exit_code == 0, exported.output
+    with Portfolio.open(out) as pf:
+        for name in ("nest-0.5", "nest-0.25"):
+            nested = pf.info(name).record.nested
+            assert nested is not None and nested.base == "nest-1"
+            shared = sum(int(np.prod([sum(b - a for a, b in runs) for runs in w.ranges])) for w in nested.shared)
+            assert shared == pf.info(name).params, name

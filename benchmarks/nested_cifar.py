@@ -1,0 +1,197 @@
+"""Nested widths on CIFAR-10: one network whose widths slice each other, against independently pruned widths.
+
+From one trained dense checkpoint, ``edgeshift nest`` twice on the same budget: ``--training rebuild`` (nested,
+"Self-adaptive neural network for edge devices", sec. 4.2) and ``--training independent`` (each width cut by the
+same ranking and fine-tuned alone, all its weights). Both exported (top-1 through ONNX Runtime on the test split),
+then, in this one run: every width of both timed against each other (interleaved, under the profile); each
+portfolio's bytes against its widest variant's; the median of ``--repeats`` switches between two widths, nested
+(sliced from the widest weights in memory) against independent (inflated), interleaved; and the resident memory of
+a fresh process with one and with two widths live. Resumable: finished steps are skipped.
+
+    python benchmarks/nested_cifar.py --dense /tmp/nest-bench/resnet20-dense.pt --data ../shared/datasets/cifar10 \\
+        --out /tmp/nest-bench/resnet20 [--widths 0.75 0.5 0.25] [--finetune-epochs 1] [--train-samples 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeshift import device_profiles
+from edgeshift.exporter.profile import time_interleaved_models
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.measure import machine_label
+from edgeshift.runtime.portfolio import Portfolio
+
+TRAININGS = {"rebuild": "nest", "independent": "independent"}  # --training -> checkpoint prefix
+
+RSS_PROBE = """
+import gc, json, sys, psutil
+from edgeshift import device_profiles
+from edgeshift.runtime.portfolio import Portfolio
+from edgeshift.runtime.building import build_slot
+import numpy as np
+path, first, second, profile = sys.argv[1:5]
+prof = device_profiles.load_profile(profile)
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+out = {"start_mb": rss()}
+with Portfolio.open(path, prof.limits) as pf:
+    one = build_slot(pf, first, prof, dtype=np.dtype("float32"))
+    gc.collect(); out["one_mb"] = rss()
+    two = build_slot(pf, second, prof, dtype=np.dtype("float32"))
+    gc.collect(); out["two_mb"] = rss()
+print(json.dumps(out))
+"""
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dense", type=Path, required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--widths", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    ap.add_argument("--finetune-epochs", type=float, default=1.0)
+    ap.add_argument("--train-samples", type=int, default=0)
+    ap.add_argument("--test-samples", type=int, default=10000)
+    ap.add_argument("--profile", default="host")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    widths = [1.0, *args.widths]
+    portfolios = {}
+    for training, prefix in TRAININGS.items():
+        folder = args.out / training
+        # the method runs in the folder's own output tree: --out's variants/ holds its checkpoints
+        run(
+            [
+                *("edgeshift", "nest", str(args.dense), "-o", str(folder), "--data", args.data),
+                *("--widths", ",".join(f"{w:g}" for w in args.widths), "--training", training),
+                *("--finetune-epochs", str(args.finetune_epochs), "--train-samples", str(args.train_samples)),
+                *("--test-samples", "2000"),
+            ]
+        )
+        portfolio = args.out / f"{training}.zip"
+        if not portfolio.exists():
+            checkpoints = [str(folder / "variants" / f"{prefix}-{w:g}.pt") for w in widths]
+            run(
+                [
+                    *("edgeshift", "export", *checkpoints, "-o", str(portfolio), "--data", args.data),
+                    *("--test-samples", str(args.test_samples), "--profile", args.profile),
+                ]
+            )
+        portfolios[training] = portfolio
+    profile = device_profiles.load_profile(args.profile)
+    print(f"machine: {machine_label()}; profile {profile.name}; {time.strftime('%Y-%m-%d')}", flush=True)
+
+    # -- accuracy and bytes, from the manifests; latency: every width of both in one interleaved run -----------
+    rows, graphs = {}, {}
+    for training, path in portfolios.items():
+        with Portfolio.open(path, profile.limits) as pf:
+            widest = max(pf.variants, key=lambda v: v.params)
+            rows[training] = {
+                "file_bytes": path.stat().st_size,
+                "widest_bytes": widest.bytes,
+                "variants": {v.name: {"top1": v.top1, "bytes": v.bytes, "params": v.params} for v in pf.variants},
+            }
+            for v in pf.variants:
+                graphs[f"{training}/{v.name}"] = pf.inflate(v.name)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    print(f"timing {len(graphs)} models against each other ...", flush=True)
+    stats = time_interleaved_models(graphs, {"input": x}, profile, batch=1)
+    for key, st in stats.items():
+        training, name = key.split("/")
+        rows[training]["variants"][name]["p50_ms"] = st.p50_ms
+        rows[training]["variants"][name]["p95_ms"] = st.p95_ms
+
+    # -- switches between two widths: sliced (nested) against inflated (independent), interleaved -------------
+    pair = (f"{widths[-2]:g}", f"{widths[-1]:g}")
+    switches: dict[str, dict[str, list[float]]] = {t: {"total": [], "inflate": [], "create": []} for t in TRAININGS}
+    runtimes = {
+        t: Runtime(
+            portfolios[t], profile=profile, start=f"{p}-{pair[0]}", preload_neighbours=False, vet=False, warmup_runs=1
+        )
+        for t, p in TRAININGS.items()
+    }
+    try:
+        for i in range(args.repeats):
+            for training, prefix in TRAININGS.items():
+                rt = runtimes[training]
+                target = f"{prefix}-{pair[(i + 1) % 2]}"
+                record = rt.switch_to(target)
+                switches[training]["total"].append(record.total_ms)
+                switches[training]["inflate"].append(record.inflate_ms)
+                switches[training]["create"].append(record.create_ms)
+                assert record.sliced == (training == "rebuild"), record
+        failures = {t: rt.stats()["failures"] for t, rt in runtimes.items()}
+    finally:
+        for rt in runtimes.values():
+            rt.close()
+    med = {t: {k: statistics.median(v) for k, v in s.items()} for t, s in switches.items()}
+
+    # -- resident memory of a fresh process, one and two widths live ---------------------------------------
+    memory = {}
+    for training, prefix in TRAININGS.items():
+        out = subprocess.run(
+            [sys.executable, "-c", RSS_PROBE, str(portfolios[training]), f"{prefix}-{pair[0]}", f"{prefix}-{pair[1]}"]
+            + [args.profile],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        memory[training] = json.loads(out.strip().splitlines()[-1])
+
+    result = {
+        "machine": machine_label(),
+        "profile": profile.name,
+        "widths": widths,
+        "finetune_epochs": args.finetune_epochs,
+        "rows": rows,
+        "switch_ms": med,
+        "switch_pair": pair,
+        "switch_failures": failures,
+        "memory_mb": memory,
+    }
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    print_table(result)
+
+
+def print_table(r: dict) -> None:
+    header = ["width", "nested top-1", "independent top-1", "nested p50 ms", "independent p50 ms"]
+    print("\n| " + " | ".join([*header, "nested faster than next wider"]) + " |")
+    print("|---|---|---|---|---|---|")
+    nested, independent = r["rows"]["rebuild"]["variants"], r["rows"]["independent"]["variants"]
+    previous = None
+    for w in r["widths"]:
+        n, i = nested.get(f"nest-{w:g}"), independent.get(f"independent-{w:g}")
+        faster = "-" if previous is None or n is None else ("yes" if n["p50_ms"] < previous else "NO")
+        previous = n["p50_ms"] if n else previous
+        cell = lambda v, k, f: "dropped" if v is None else f.format(v[k] * (100 if k == "top1" else 1))  # noqa: E731
+        print(
+            f"| {w:g} | {cell(n, 'top1', '{:.2f}%')} | {cell(i, 'top1', '{:.2f}%')} | {cell(n, 'p50_ms', '{:.3f}')} "
+            f"| {cell(i, 'p50_ms', '{:.3f}')} | {faster} |"
+        )
+    for t in ("rebuild", "independent"):
+        row = r["rows"][t]
+        print(
+            f"{t}: portfolio {row['file_bytes']:,} bytes = {row['file_bytes'] / row['widest_bytes']:.3f}x its widest "
+            f"variant's {row['widest_bytes']:,}; switch {r['switch_pair'][0]} <-> {r['switch_pair'][1]} median "
+            f"{r['switch_ms'][t]['total']:.1f} ms (slice/inflate {r['switch_ms'][t]['inflate']:.1f}, create "
+            f"{r['switch_ms'][t]['create']:.1f}); RSS one width {r['memory_mb'][t]['one_mb']:.1f} MB, two "
+            f"{r['memory_mb'][t]['two_mb']:.1f} MB (start {r['memory_mb'][t]['start_mb']:.1f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
