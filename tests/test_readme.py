@@ -28,6 +28,7 @@ FAST = {  # appended to training commands: a few steps on a small subset
     "imp": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "layerprune": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50", "--imprint-samples", "100"],
     "slim": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
+    "nest": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "export": ["--iterations", "5", "--no-memory", "--test-samples", "100"],  # profiling length, not behaviour
 }
 
@@ -46,9 +47,15 @@ def commands() -> list[str]:
     return out
 
 
+def braces(arg: str) -> list[str]:
+    """A shell's brace expansion of one word (``nest-{1,0.5}.pt``), as the README's reader's shell does it."""
+    m = re.fullmatch(r"(.*)\{([^{}]*,[^{}]*)\}(.*)", arg)
+    return [f"{m.group(1)}{part}{m.group(3)}" for part in m.group(2).split(",")] if m else [arg]
+
+
 def concrete(line: str) -> list[str]:
     """The argv this test runs for one README line."""
-    argv = shlex.split(line.replace("path/to/cifar10", "generated"))
+    argv = [expanded for arg in shlex.split(line.replace("path/to/cifar10", "generated")) for expanded in braces(arg)]
     if argv[0] == "edgeshift":
         argv = [sys.executable, "-m", "edgeshift", *argv[1:]]
     elif argv[:3] == ["python", "-m", "edgeshift"]:
