@@ -145,6 +145,9 @@ def nest(
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the levels' checkpoints (a killed run resumes)."),
     data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
     widths: str = typer.Option("0.75,0.5,0.25", help="The narrower levels: fractions of every channel group."),
+    latency_targets: str = typer.Option(
+        "", help="Instead of --widths: each level's p50 as a fraction of the full width's under --profile."
+    ),
     finetune_epochs: float = typer.Option(1.0, min=0, help="Epochs of fine-tuning per level."),
     lr: float = typer.Option(0.01, help="Peak learning rate of each level's fine-tune (cosine)."),
     training: str = typer.Option("rebuild", help="rebuild (nested) or independent (the baseline: nothing shared)."),
@@ -152,6 +155,7 @@ def nest(
     train_samples: int = typer.Option(0, min=0, help="Stratified training subset (0: all)."),
     test_samples: int = typer.Option(0, min=0, help="Stratified test subset (0: all)."),
     seed: int = typer.Option(0),
+    profile: str = typer.Option("host", help="Device profile (name or TOML file) latency targets are timed under."),
 ) -> None:
     """Nested widths: one network whose narrower widths are slices of the wider ones (the pipeline method nest);
     `edgeshift export` of its checkpoints stores the widest weights once."""
@@ -161,12 +165,14 @@ def nest(
             {
                 "name": "nest",
                 "widths": pipeline_lib.fraction_list(widths, "--widths"),
+                "latency_targets": pipeline_lib.fraction_list(latency_targets, "--latency-targets"),
                 "finetune_epochs": finetune_epochs,
                 "lr": lr,
                 "training": training,
             }
         ],
         "train": {"batch_size": batch_size, "seed": seed},
+        "deploy": {"profile": profile},
         "variants": {"dense": str(dense)},
         "output": {"dir": str(out)},
     }

@@ -3,6 +3,7 @@ narrower level's weights into the leading slices and the original ones into the 
 with the prefix frozen moves only the re-added weights."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
 from edgeshift.pruner.checkpoint import load_checkpoint
+from edgeshift.pruner.methods.nested_widths import SWEEP
 from edgeshift.pruner.models import get
 from edgeshift.pruner.nested import check_widths, freeze_outside, narrow, rebuild, reorder_channels
 from edgeshift.pruner.structured.groups import coupled_groups
@@ -242,3 +244,22 @@ def test_edgeshift_nest_then_export_stores_every_narrower_weight_as_a_slice(tmp_
             assert nested is not None and nested.base == "nest-1"
             shared = sum(int(np.prod([sum(b - a for a, b in runs) for runs in w.ranges])) for w in nested.shared)
             assert shared == pf.info(name).params, name
+
+
+def test_latency_targets_become_the_widest_widths_measured_to_meet_them(tmp_path):
+    common = ["--data", "generated", "--train-samples", "100", "--test-samples", "50"]
+    dense = tmp_path / "dense.pt"
+    trained = CliRunner().invoke(app, ["train", "--arch", "resnet20", "--epochs", "1", "-o", str(dense), *common])
+    assert trained.exit_code == 0, trained.output
+    run = ["nest", str(dense), "-o", str(tmp_path / "run"), "--finetune-epochs", "0", *common]
+    bad = CliRunner().invoke(app, [*run, "--latency-targets", "0.5,0.8"])
+    assert bad.exit_code == 2 and "latency targets are fractions" in bad.output and bad.output.count("\n") == 1
+    result = CliRunner().invoke(app, [*run, "--latency-targets", "0.9,0.5"])
+    assert result.exit_code == 0, result.output
+    chosen = re.findall(r"latency target (\S+) -> width (\S+) \(p50 (\S+) ms, (\S+)x", result.output)
+    assert [t for t, *_ in chosen] == ["0.9", "0.5"]
+    widths = [float(w) for _, w, _, _ in chosen]
+    assert widths[0] > widths[1] and all(w in SWEEP for w in widths)
+    assert all(float(ratio) <= float(target) + 0.005 for target, _, _, ratio in chosen)  # as printed, 2 decimals
+    for w in (1.0, *widths):
+        assert (tmp_path / "run" / "variants" / f"nest-{w:g}.pt").is_file()

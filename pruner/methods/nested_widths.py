@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from edgeshift.core.config import setting
+from edgeshift.core.errors import EdgeshiftError
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import Dataset, model_splits
+from ..fuse import fuse_conv_bn
 from ..models.record import record_of
 from ..models.zoo import input_shape
 from ..nested import Level, check_nestable, check_widths, freeze_outside, narrow, rebuild, reorder_channels
@@ -33,7 +35,16 @@ def _widths(values: tuple[float, ...]) -> str | None:
     return None
 
 
+def _targets(values: tuple[float, ...]) -> str | None:
+    if not values:
+        return None
+    return _widths(values) and (
+        "latency targets are fractions of the full width's p50 in (0, 1), decreasing, e.g. [0.75, 0.5, 0.25]"
+    )
+
+
 TRAININGS = ("rebuild", "independent")
+SWEEP = tuple(i / 20 for i in range(19, 0, -1))  # the widths a latency target is met from: 0.95 .. 0.05
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,13 @@ class NestSettings:
         1.0,
         "epochs of fine-tuning per level (the narrowest: all its weights; each wider one: only the weights it re-adds)",
         minimum=0,
+    )
+    latency_targets: tuple[float, ...] = setting(
+        (),
+        "instead of widths: each level's p50 as a fraction of the full width's under the device profile, "
+        "decreasing; each becomes the widest width of a sweep (0.95 .. 0.05, timed against each other in one run) "
+        "measured to meet it",
+        check=_targets,
     )
     lr: float = setting(0.01, "peak learning rate of each level's fine-tune (cosine)")
     training: str = setting(
@@ -64,9 +82,12 @@ class NestedWidths:
     Settings: ClassVar[type[NestSettings]] = NestSettings
 
     def make_variants(self, settings: NestSettings, context: MethodContext) -> list[Path]:
-        levels = (1.0, *check_widths(settings.widths))
         probe = context.model.build()  # the architecture, before minutes of training: refused if nothing nests
         check_nestable(probe, torch.randn(input_shape(probe, 2), generator=torch.Generator().manual_seed(0)))
+        widths = check_widths(settings.widths)
+        if settings.latency_targets:
+            widths = self.widths_for_latency(probe, check_widths(settings.latency_targets), context)
+        levels = (1.0, *widths)
         dense = context.dense()
         prefix = "nest" if settings.training == "rebuild" else "independent"
         paths = {w: context.folder / f"{prefix}-{w:g}.pt" for w in levels}
@@ -117,6 +138,43 @@ class NestedWidths:
             narrower = level
         # the full width is the dense model with its channels reordered: it stands for it (the same function)
         return list(paths.values())
+
+    @staticmethod
+    def widths_for_latency(model: nn.Module, targets: tuple[float, ...], context: MethodContext) -> tuple[float, ...]:
+        """Per latency target (a fraction of the full width's p50), the widest width of ``SWEEP`` measured to meet
+        it: every width of the sweep and the full one fused and timed against each other in one run under the
+        profile (latency does not depend on the weights: the untrained architecture is timed)."""
+        example = torch.randn(
+            input_shape(model, context.measure.batch_size), generator=torch.Generator().manual_seed(0)
+        )
+        reorder_channels(model, example)
+        models = {"1": fuse_conv_bn(model, example_inputs=example[:1])}
+        for width in SWEEP:
+            models[f"{width:g}"] = fuse_conv_bn(narrow(model, example, width).model, example_inputs=example[:1])
+        context.say(
+            f"nest: timing {len(models)} widths against each other under profile {context.measure.profile_name}"
+        )
+        p50 = {name: stats["p50_ms"] for name, stats in context.measure.latencies(models, example).items()}
+        chosen = []
+        for target in targets:
+            meeting = [w for w in SWEEP if p50[f"{w:g}"] <= target * p50["1"]]
+            if not meeting:
+                raise EdgeshiftError(
+                    f"no width down to {SWEEP[-1]:g} meets the latency target {target:g} (the narrowest measured "
+                    f"{p50[f'{SWEEP[-1]:g}'] / p50['1']:.2f}x the full width's p50); ask for a larger target"
+                )
+            width = meeting[0]
+            context.say(
+                f"nest: latency target {target:g} -> width {width:g} (p50 {p50[f'{width:g}']:.3f} ms, "
+                f"{p50[f'{width:g}'] / p50['1']:.2f}x the full width's {p50['1']:.3f} ms)"
+            )
+            chosen.append(width)
+        if len(set(chosen)) != len(chosen):
+            raise EdgeshiftError(
+                f"latency targets {list(targets)} give widths {chosen}: two targets met by the same width; space the "
+                "targets further apart"
+            )
+        return tuple(chosen)
 
     @staticmethod
     def _finetune(
