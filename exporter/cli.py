@@ -150,7 +150,9 @@ def nest(
     ),
     finetune_epochs: float = typer.Option(1.0, min=0, help="Epochs of fine-tuning per level."),
     lr: float = typer.Option(0.01, help="Peak learning rate of each level's fine-tune (cosine)."),
-    training: str = typer.Option("rebuild", help="rebuild (nested) or independent (the baseline: nothing shared)."),
+    training: str = typer.Option(
+        "rebuild", help="rebuild or joint (nested: sec. 4.2, or Slimmable), independent (the baseline: nothing shared)."
+    ),
     batch_size: int = typer.Option(128, min=1),
     train_samples: int = typer.Option(0, min=0, help="Stratified training subset (0: all)."),
     test_samples: int = typer.Option(0, min=0, help="Stratified test subset (0: all)."),

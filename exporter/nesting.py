@@ -4,8 +4,11 @@ With nested widths ("Self-adaptive neural network for edge devices", sec. 4.2) a
 leading slices of the wider level's in every channel group, and conv-BN fusion keeps them so (it scales each output
 channel by its own batch-norm statistics, which the levels share). So each initializer of the narrower export that
 equals the leading slice of the base export's initializer of the same name, bit for bit, is *shared*: the stored
-skeleton keeps its name, type and dimensions, drops its data, and records the ranges; everything else (a weight a
-level tuned on its own, a bias whose channels moved) stays in the skeleton. The device splices the two back with
+skeleton keeps its name, type and dimensions, drops its data, and records the ranges. Where each width has batch
+norms of its own (joint training, Slimmable Networks sec. 3.2), a fused weight is the slice with each output
+channel scaled by the ratio of the two widths' norms: the width then stores that ratio, one float32 per channel,
+and is built with it (within float rounding of its own export, checked on its outputs). Everything else (a weight
+a level tuned on its own, a fused bias) stays in the skeleton. The device splices the two back with
 ``edgeshift.runtime.nested.assemble``, the function used here, so the bytes hashed here are the bytes it builds.
 """
 
@@ -21,7 +24,10 @@ from edgeshift.core.errors import EdgeshiftError
 from edgeshift.runtime.manifest import SharedWeight
 from edgeshift.runtime.nested import assemble
 
+from .onnx_export import DEFAULT_RTOL as EXPORT_RTOL
 from .onnx_export import _ort_outputs
+
+SCALE_RTOL = 1e-6  # a weight is a scaled slice when scaling the slice reproduces it this closely (float rounding)
 
 
 @dataclass(frozen=True)
@@ -48,22 +54,44 @@ def nested_form(narrow: bytes, base: bytes, example: np.ndarray) -> NestedForm:
         full = base_weights.get(tensor.name)
         if tensor.data_type != onnx.TensorProto.FLOAT or full is None or not tensor.dims:
             continue
-        mine = numpy_helper.to_array(tensor)
+        mine = numpy_helper.to_array(tensor).astype("<f4")
         if mine.ndim != full.ndim or any(s > f for s, f in zip(mine.shape, full.shape)):
             continue
-        leading = full[tuple(slice(0, s) for s in mine.shape)]
-        if np.ascontiguousarray(leading, "<f4").tobytes() != np.ascontiguousarray(mine, "<f4").tobytes():
-            continue
+        leading = np.ascontiguousarray(full[tuple(slice(0, s) for s in mine.shape)], "<f4")
+        scale = None
+        if leading.tobytes() != mine.tobytes():
+            scale = _row_scale(leading, mine)
+            if scale is None or mine.ndim < 2:  # a bias is as small as its scale would be: kept whole
+                continue
         for key in ("raw_data", "float_data"):
             tensor.ClearField(key)
-        shared.append(SharedWeight(name=tensor.name, ranges=tuple(((0, int(s)),) for s in mine.shape)))
+        ranges = tuple(((0, int(s)),) for s in mine.shape)
+        shared.append(SharedWeight(name=tensor.name, ranges=ranges, scale=scale))
         values += mine.size
     skeleton = model.SerializeToString()
-    assembled = assemble(skeleton, base, [(w.name, w.ranges) for w in shared], len(narrow) + 64 * len(shared) + 64)
+    parts = [(w.name, w.ranges, w.scale) for w in shared]
+    assembled = assemble(skeleton, base, parts, len(narrow) + 64 * len(shared) + 64)
     got, want = (_ort_outputs(b, [example])[0] for b in (assembled, narrow))
-    if got.tobytes() != want.tobytes():
+    deviation = float(np.abs(got.astype(np.float64) - want).max())
+    scaled = any(w.scale is not None for w in shared)
+    if (got.tobytes() != want.tobytes()) if not scaled else deviation > EXPORT_RTOL * float(np.abs(want).max()):
         raise EdgeshiftError(
             f"a nested variant assembled from its base computes other outputs than its own export (max deviation "
-            f"{float(np.abs(got - want).max()):.3g}); this is a bug: please report it"
+            f"{deviation:.3g}); this is a bug: please report it"
         )
     return NestedForm(skeleton, assembled, tuple(shared), values)
+
+
+def _row_scale(leading: np.ndarray, mine: np.ndarray) -> tuple[float, ...] | None:
+    """The float32 factor per row (first dimension) that makes ``leading`` into ``mine`` to within float rounding,
+    as the device computes it; None when no such factor does."""
+    rows_l = leading.reshape(len(leading), -1).astype(np.float64)
+    rows_m = mine.reshape(len(mine), -1).astype(np.float64)
+    norm = (rows_l * rows_l).sum(1)
+    if (norm == 0).any():
+        return None
+    factor = ((rows_l * rows_m).sum(1) / norm).astype(np.float32)
+    made = leading * factor.reshape(-1, *[1] * (leading.ndim - 1))
+    if np.abs(made.astype(np.float64) - mine).max() > SCALE_RTOL * max(float(np.abs(mine).max()), 1e-30):
+        return None
+    return tuple(float(f) for f in factor)

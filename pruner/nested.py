@@ -216,3 +216,94 @@ def freeze_outside(model: nn.Module, trainable: dict[str, torch.Tensor]) -> list
 
 def _statistics_frozen(module: nn.Module, _inputs) -> None:
     module.training = False  # training mode would normalise by the batch and move the running statistics
+
+
+def _mangled(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _sliced(tensor: torch.Tensor, kept: dict[int, np.ndarray]) -> torch.Tensor:
+    """``tensor`` (a full-width parameter) at a level's kept positions, differentiably."""
+    for dim, positions in sorted(kept.items()):
+        tensor = tensor.index_select(dim, torch.as_tensor(positions, device=tensor.device))
+    return tensor
+
+
+class JointWidths(nn.Module):
+    """Every width trained at once on shared weights, each with batch norms of its own: Slimmable Networks (Yu et
+    al., sec. 3.2, switchable batch normalisation), with the sandwich rule's in-place distillation of Universally
+    Slimmable Networks (sec. 3.3) over a few fixed widths. ``forward`` runs the full width and returns its logits
+    (what training's loss and evaluation see); each narrower width runs on slices of the full width's weights
+    (``torch.func.functional_call`` on the level's structure, so gradients reach the shared weights) and its
+    distillation loss toward the full width's detached prediction is kept for ``loss()``, added by the training
+    loop as a regulariser. ``levels()`` gives each width as a model of its own."""
+
+    def __init__(self, full: nn.Module, levels: Sequence[Level]):
+        super().__init__()
+        self.full = full
+        self._levels = list(levels)  # structures only: their weights are the full width's, sliced
+        self.norms = nn.ModuleDict()
+        for level in self._levels:
+            own = nn.ParameterDict()
+            for name, module in level.model.named_modules():
+                if isinstance(module, NORMS):
+                    for attr in ("weight", "bias"):
+                        p = getattr(module, attr, None)
+                        if isinstance(p, torch.Tensor):
+                            own[_mangled(f"{name}.{attr}")] = nn.Parameter(p.detach().clone())
+                    for attr in ("running_mean", "running_var", "num_batches_tracked"):
+                        b = getattr(module, attr, None)
+                        if isinstance(b, torch.Tensor):
+                            self.register_buffer(_mangled(f"w{level.width:g}.{name}.{attr}"), b.detach().clone())
+            self.norms[_mangled(f"w{level.width:g}")] = own
+        self._extra: torch.Tensor | None = None
+
+    def _tensors(self, level: Level) -> dict[str, torch.Tensor]:
+        full = dict(self.full.named_parameters())
+        own = self.norms[_mangled(f"w{level.width:g}")]
+        assert isinstance(own, nn.ParameterDict)
+        out: dict[str, torch.Tensor] = {}
+        for name, _ in level.model.named_parameters():
+            key = _mangled(name)
+            out[name] = own[key] if key in own else _sliced(full[name], level.kept.get(name, {}))
+        prefix = _mangled(f"w{level.width:g}.")
+        for key, buffer in self.named_buffers():
+            if key.startswith(prefix):
+                out[key[len(prefix) :].replace("__", ".")] = buffer
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.full(x)
+        if self.training:
+            target = torch.softmax(logits.detach(), dim=1)
+            extra = logits.new_zeros(())
+            for level in self._levels:
+                level.model.train()
+                out = torch.func.functional_call(level.model, self._tensors(level), (x,))
+                extra = extra + torch.nn.functional.kl_div(torch.log_softmax(out, dim=1), target, reduction="batchmean")
+            self._extra = extra
+        return logits
+
+    # the training loop's regulariser interface
+    def loss(self) -> torch.Tensor:
+        extra, self._extra = self._extra, None
+        return extra if extra is not None else torch.zeros(())
+
+    def after_step(self) -> None:
+        pass
+
+    def log(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def levels(self) -> list[Level]:
+        """Each narrower width as a model of its own (its weights the full width's slices, its norms its own), in
+        eval mode."""
+        out = []
+        for level in self._levels:
+            model = copy.deepcopy(level.model)
+            tensors = self._tensors(level)
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                tensor.copy_(tensors[name].detach())
+            out.append(Level(level.width, model.eval(), level.kept))
+        return out

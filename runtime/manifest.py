@@ -10,6 +10,7 @@ every failure is a ``PortfolioError`` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -106,6 +107,9 @@ class SharedWeight:
 
     name: str
     ranges: tuple[tuple[tuple[int, int], ...], ...]  # per dimension: the [start, stop) runs kept, ascending
+    # per kept output channel (the first dimension): a factor the slice is multiplied by (float32), where the width
+    # has batch norms of its own (fused into the weight); None: the slice as it is
+    scale: Optional[tuple[float, ...]] = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,6 +352,12 @@ def _check_nested(m: Manifest) -> None:
         for w in n.shared:
             if len(w.ranges) > 8:
                 raise PortfolioError(f"manifest: {where}.shared {w.name!r}: more than 8 dimensions")
+            if w.scale is not None:
+                kept = sum(stop - start for start, stop in w.ranges[0]) if w.ranges else 0
+                if len(w.scale) != kept or not all(math.isfinite(f) for f in w.scale):
+                    raise PortfolioError(
+                        f"manifest: {where}.shared {w.name!r}: scale needs one finite number per kept row"
+                    )
             for dim in w.ranges:
                 runs += len(dim)
                 previous = 0

@@ -25,7 +25,7 @@ from edgeshift.core.errors import PortfolioError
 
 from .graph_check import Malformed, WireReader
 
-__all__ = ["Ranges", "assemble", "slice_index"]
+__all__ = ["Ranges", "Shared", "assemble", "slice_index"]
 
 Ranges = tuple[tuple[tuple[int, int], ...], ...]  # per dimension: the [start, stop) runs kept, ascending
 
@@ -123,9 +123,13 @@ def slice_index(ranges: Ranges, dims: Sequence[int]) -> tuple[np.ndarray, ...]:
     return tuple(index)
 
 
-def assemble(skeleton, base, shared: Sequence[tuple[str, Ranges]], limit: int) -> bytes:
-    """The narrower variant's ONNX bytes: ``skeleton`` with each ``(name, ranges)`` of ``shared`` filled with
-    that slice of ``base``'s initializer of the same name. ``limit``: the most bytes the result may take.
+Shared = tuple[str, Ranges, "Sequence[float] | None"]  # a weight's name, its runs, its per-row scale
+
+
+def assemble(skeleton, base, shared: Sequence[Shared], limit: int) -> bytes:
+    """The narrower variant's ONNX bytes: ``skeleton`` with each ``(name, ranges, scale)`` of ``shared`` filled with
+    that slice of ``base``'s initializer of the same name, each row along the first dimension multiplied by its
+    ``scale`` (float32) where one is given. ``limit``: the most bytes the result may take.
     A PortfolioError (its message without the variant's name) for anything malformed or inconsistent."""
     try:
         return _assemble(skeleton, base, shared, limit)
@@ -133,16 +137,17 @@ def assemble(skeleton, base, shared: Sequence[tuple[str, Ranges]], limit: int) -
         raise PortfolioError(f"cannot be assembled from its base: not a valid ONNX model ({exc})") from None
 
 
-def _assemble(skeleton, base, shared: Sequence[tuple[str, Ranges]], limit: int) -> bytes:
-    wanted = {name for name, _ in shared}
+def _assemble(skeleton, base, shared: Sequence[Shared], limit: int) -> bytes:
+    wanted = {name for name, _, _ in shared}
     if len(wanted) != len(shared):
         raise PortfolioError("a shared weight is named twice")
     _, base_tensors = _initializers(WireReader(base), wanted)
     reader = WireReader(skeleton)
     graph, skeleton_tensors = _initializers(reader, wanted)
     slices: dict[str, tuple[np.ndarray, ...]] = {}
+    scales: dict[str, np.ndarray] = {}
     total = len(skeleton)
-    for name, ranges in shared:
+    for name, ranges, scale in shared:
         source, target = base_tensors.get(name), skeleton_tensors.get(name)
         if source is None or target is None:
             raise PortfolioError(f"shares weight {name!r}, which its base or its skeleton lacks")
@@ -155,6 +160,10 @@ def _assemble(skeleton, base, shared: Sequence[tuple[str, Ranges]], limit: int) 
         index = slice_index(ranges, source.dims)
         if tuple(len(i) for i in index) != target.dims:
             raise PortfolioError(f"shares weight {name!r} as a slice whose shape is not the skeleton's {target.dims}")
+        if scale is not None:
+            if not target.dims or len(scale) != target.dims[0]:
+                raise PortfolioError(f"shares weight {name!r} with a scale that is not one number per row")
+            scales[name] = np.asarray(scale, dtype=np.float32).reshape(-1, *[1] * (len(target.dims) - 1))
         total += 4 * int(np.prod(target.dims, dtype=np.int64)) + 16
         slices[name] = index
     if total > limit + 16 * len(shared) + 64:
@@ -169,6 +178,8 @@ def _assemble(skeleton, base, shared: Sequence[tuple[str, Ranges]], limit: int) 
             raw = cast(tuple[int, int], source.raw)
             values = np.frombuffer(base_view[raw[0] : raw[1]], dtype="<f4").reshape(source.dims)
             sliced = values[np.ix_(*slices[name])] if source.dims else values
+            if name in scales:
+                sliced = sliced * scales[name]  # float32 x float32: rounded alike on every IEEE machine
             graph_parts.append(_field(_GRAPH_INIT, bytes(reader.data[a:b]) + _field(_TENSOR_RAW, sliced.tobytes())))
         else:
             graph_parts.append(bytes(reader.data[begin:b]))

@@ -252,7 +252,7 @@ class Portfolio:
         self._check_hash(v, digest.hexdigest())
         base = self._base(nested.base, pace)
         try:
-            data = assemble(b"".join(parts), base, [(w.name, w.ranges) for w in nested.shared], v.bytes)
+            data = assemble(b"".join(parts), base, [(w.name, w.ranges, w.scale) for w in nested.shared], v.bytes)
         except PortfolioError as exc:
             raise PortfolioError(f"{self.path}: variant {v.name!r} {exc}") from None
         self._check_hash(v, hashlib.sha256(data).hexdigest(), " once assembled from its base")

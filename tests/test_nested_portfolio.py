@@ -22,7 +22,7 @@ from edgeshift.core.errors import PortfolioError
 from edgeshift.exporter.export_cmd import export_portfolio
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.pruner.models import get
-from edgeshift.pruner.nested import narrow, reorder_channels
+from edgeshift.pruner.nested import JointWidths, narrow, reorder_channels
 from edgeshift.runtime import policies
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.nested import assemble
@@ -130,7 +130,7 @@ def test_the_device_slices_any_runs_of_the_base_weight_as_numpy_does():
     base_weight = np.random.default_rng(0).standard_normal((8, 6, 3, 3)).astype(np.float32)
     ranges = (((0, 2), (5, 7)), ((1, 4),), ((0, 3),), ((0, 3),))  # channels 0, 1, 5, 6; inputs 1..3
     want = base_weight[[0, 1, 5, 6]][:, 1:4]
-    out = assemble(_skeleton(want.shape), _conv_model(base_weight), [("W", ranges)], limit=10_000)
+    out = assemble(_skeleton(want.shape), _conv_model(base_weight), [("W", ranges, None)], limit=10_000)
     x = np.random.default_rng(1).standard_normal((1, 3, 5, 5)).astype(np.float32)
     got = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     expected = ort.InferenceSession(_conv_model(want), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -149,18 +149,18 @@ def test_the_device_slices_any_runs_of_the_base_weight_as_numpy_does():
 def test_slices_outside_the_base_or_unlike_the_skeleton_are_refused(ranges, shape, match):
     base = _conv_model(np.ones((8, 6, 3, 3), np.float32))
     with pytest.raises(PortfolioError, match=match):
-        assemble(_skeleton(shape), base, [("W", ranges)], limit=100_000)
+        assemble(_skeleton(shape), base, [("W", ranges, None)], limit=100_000)
 
 
 def test_a_skeleton_holding_the_shared_weight_or_a_result_past_its_size_is_refused():
     weight = np.ones((8, 6, 3, 3), np.float32)
     full = (((0, 8),), ((0, 6),), ((0, 3),), ((0, 3),))
     with pytest.raises(PortfolioError, match="already holds values"):
-        assemble(_conv_model(weight), _conv_model(weight), [("W", full)], limit=100_000)
+        assemble(_conv_model(weight), _conv_model(weight), [("W", full, None)], limit=100_000)
     with pytest.raises(PortfolioError, match="more than the 100 bytes"):
-        assemble(_skeleton(weight.shape), _conv_model(weight), [("W", full)], limit=100)
+        assemble(_skeleton(weight.shape), _conv_model(weight), [("W", full, None)], limit=100)
     with pytest.raises(PortfolioError, match="not a valid ONNX"):
-        assemble(b"\xff\xff\xff", _conv_model(weight), [("W", full)], limit=100_000)
+        assemble(b"\xff\xff\xff", _conv_model(weight), [("W", full, None)], limit=100_000)
 
 
 def _rewritten(path, tmp_path, change) -> Portfolio:
@@ -291,3 +291,72 @@ def test_hashes_in_the_manifest_are_of_what_the_device_runs(nested):
             assert hashlib.sha256(pf.inflate(v["name"])).hexdigest() == v["sha256"]
             if v["nested"]:
                 assert hashlib.sha256(files[v["file"]]).hexdigest() == v["nested"]["skeleton_sha256"]
+
+
+@pytest.fixture(scope="module")
+def joint(tmp_path_factory):
+    """Widths trained jointly a few steps (each with batch norms of its own, so fused weights differ per width by
+    a scale per channel), saved and exported as a nest run's levels."""
+    folder = tmp_path_factory.mktemp("joint")
+    gen = torch.Generator().manual_seed(1)
+    model = get("resnet20", width=8)
+    x = torch.randn(8, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    reorder_channels(model, x)
+    widths = JointWidths(model, [narrow(model, x, w) for w in WIDTHS[1:]])
+    opt = torch.optim.SGD(widths.parameters(), lr=0.05)
+    widths.train()
+    for _ in range(3):
+        opt.zero_grad()
+        (nn.functional.cross_entropy(widths(x), y) + widths.loss()).backward()
+        opt.step()
+    levels = {1.0: model.eval(), **{level.width: level.model for level in widths.levels()}}
+    paths = []
+    for width, level in levels.items():
+        path = folder / f"nest-{width:g}.pt"
+        save_checkpoint(level, path, meta={"nest": {"width": width, "family": "joint-run"}})
+        paths.append(path)
+    out = export_portfolio(paths, folder / "joint.zip", measure_memory=False, latency_iterations=10)
+    return out, levels, x[:2]
+
+
+def test_joint_widths_train_the_shared_weights_from_every_width_with_norms_of_their_own():
+    gen = torch.Generator().manual_seed(2)
+    model = get("resnet20", width=8)
+    x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    reorder_channels(model, x)
+    widths = JointWidths(model, [narrow(model, x, 0.5)])
+    widths.train()
+    logits = widths(x)
+    distill = widths.loss()
+    assert distill.item() > 0
+    distill.backward()  # the narrow width's loss alone: gradients reach only what it uses
+    grad = model.conv1.weight.grad
+    assert grad is not None and grad[:4].abs().sum() > 0 and grad[4:].abs().sum() == 0
+    assert model.bn1.weight.grad is None  # the full width's norm is not the narrow width's
+    nn.functional.cross_entropy(logits, y).backward()
+    (level,) = widths.levels()
+    assert torch.equal(level.model.conv1.weight, model.conv1.weight[:4].detach())
+    # past the first layer (which sees the image at every width), its statistics moved on its own activations
+    mine, full = level.model.get_submodule("layers.0.bn2"), model.get_submodule("layers.0.bn2")
+    assert mine.running_mean is not None and full.running_mean is not None
+    assert not torch.equal(mine.running_mean, full.running_mean[: len(mine.running_mean)])
+
+
+def test_jointly_trained_widths_are_stored_as_scaled_slices_and_built_on_the_device(joint):
+    path, levels, x = joint
+    manifest, _ = members(path)
+    with Portfolio.open(path) as pf:
+        for width, level in levels.items():
+            name = f"nest-{width:g}"
+            with torch.no_grad():
+                want = level.eval()(x).numpy()
+            got = ort.InferenceSession(pf.inflate(name), providers=["CPUExecutionProvider"]).run(
+                None, {"input": x.numpy()}
+            )[0]
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
+            if width < 1.0:
+                shared = _named(manifest, name)["nested"]["shared"]
+                assert any(w["scale"] for w in shared)  # per-width norms: the fused weights are scaled slices
+                weights = [w for w in shared if len(w["ranges"]) > 1]  # every conv and linear weight is shared
+                assert len(weights) == sum(1 for m in level.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))

@@ -22,7 +22,16 @@ from ..data import Dataset, model_splits
 from ..fuse import fuse_conv_bn
 from ..models.record import record_of
 from ..models.zoo import input_shape
-from ..nested import Level, check_nestable, check_widths, freeze_outside, narrow, rebuild, reorder_channels
+from ..nested import (
+    JointWidths,
+    Level,
+    check_nestable,
+    check_widths,
+    freeze_outside,
+    narrow,
+    rebuild,
+    reorder_channels,
+)
 from ..train import train
 from .base import MethodContext
 
@@ -43,7 +52,7 @@ def _targets(values: tuple[float, ...]) -> str | None:
     )
 
 
-TRAININGS = ("rebuild", "independent")
+TRAININGS = ("rebuild", "joint", "independent")
 SWEEP = tuple(i / 20 for i in range(19, 0, -1))  # the widths a latency target is met from: 0.95 .. 0.05
 
 
@@ -68,8 +77,10 @@ class NestSettings:
     training: str = setting(
         "rebuild",
         "rebuild: the narrowest tuned, each wider level rebuilt from it and only its re-added weights tuned (nested); "
-        "independent: each width cut from the dense model by the same ranking and tuned alone, all its weights, on "
-        "the same budget (the baseline nested widths are measured against: its widths share nothing)",
+        "joint: every width tuned at once on the shared weights, each with batch norms of its own, the narrower ones "
+        "distilled from the full one (Slimmable Networks; nested, finetune_epochs for each width); independent: each "
+        "width cut from the dense model by the same ranking and tuned alone, all its weights, on the same budget "
+        "(the baseline nested widths are measured against: its widths share nothing)",
         check=lambda v: None if v in TRAININGS else f"must be one of {', '.join(TRAININGS)}",
     )
 
@@ -89,7 +100,7 @@ class NestedWidths:
             widths = self.widths_for_latency(probe, check_widths(settings.latency_targets), context)
         levels = (1.0, *widths)
         dense = context.dense()
-        prefix = "nest" if settings.training == "rebuild" else "independent"
+        prefix = "independent" if settings.training == "independent" else "nest"
         paths = {w: context.folder / f"{prefix}-{w:g}.pt" for w in levels}
         if all(p.exists() for p in paths.values()):
             return list(paths.values())
@@ -105,6 +116,8 @@ class NestedWidths:
         )
         # every level from the reordered model's original weights, with where its entries sit in the full model
         shaped = {w: Level(w, model, {}) if w == 1.0 else narrow(model, example, w) for w in levels}
+        if settings.training == "joint":
+            return self._joint(model, shaped, paths, family, len(nested), settings, context, (train_ds, test_ds))
         narrower: Level | None = None
         for width in reversed(levels):  # narrowest first
             path = paths[width]
@@ -176,6 +189,31 @@ class NestedWidths:
             )
         return tuple(chosen)
 
+    def _joint(
+        self,
+        model: nn.Module,
+        shaped: dict[float, Level],
+        paths: dict[float, Path],
+        family: str,
+        groups: int,
+        settings: NestSettings,
+        context: MethodContext,
+        data: tuple[Dataset, Dataset],
+    ) -> list[Path]:
+        """Every width trained at once (``JointWidths``), then each written as a level of its own."""
+        joint = JointWidths(model, [level for w, level in shaped.items() if w < 1.0])
+        context.say(f"nest: {len(shaped)} widths trained jointly, each with batch norms of its own")
+        accuracy = self._finetune(joint, None, settings, context, *data, regulariser=joint)
+        widths = list(shaped)
+        for level in [Level(1.0, model.eval(), {}), *joint.levels()]:
+            meta = {"width": level.width, "widths": widths, "groups": groups, "family": family, "training": "joint"}
+            save_checkpoint(
+                level.model,
+                paths[level.width],
+                meta={"nest": meta, "test_accuracy": accuracy if level.width == 1.0 else None},
+            )
+        return list(paths.values())
+
     @staticmethod
     def _finetune(
         model: nn.Module,
@@ -184,6 +222,7 @@ class NestedWidths:
         context: MethodContext,
         train_ds: Dataset,
         test_ds: Dataset,
+        regulariser: JointWidths | None = None,
     ) -> float | None:
         if settings.finetune_epochs <= 0:
             return None
@@ -193,7 +232,7 @@ class NestedWidths:
             cfg = dataclasses.replace(cfg, weight_decay=0.0)
         hooks = freeze_outside(model, trainable) if trainable is not None else []
         try:
-            result = train(model, train_ds, test_ds, cfg, label="fine-tune")
+            result = train(model, train_ds, test_ds, cfg, label="fine-tune", regulariser=regulariser)
         finally:
             for hook in hooks:
                 hook.remove()
