@@ -1,8 +1,9 @@
 """Nested widths on CIFAR-10: one network whose widths slice each other, against independently pruned widths.
 
-From one trained dense checkpoint, ``edgeshift nest`` twice on the same budget: ``--training rebuild`` (nested,
-"Self-adaptive neural network for edge devices", sec. 4.2) and ``--training independent`` (each width cut by the
-same ranking and fine-tuned alone, all its weights). Both exported (top-1 through ONNX Runtime on the test split),
+From one trained dense checkpoint, ``edgeshift nest`` three times on the same budget per width: ``--training
+rebuild`` (nested, "Self-adaptive neural network for edge devices", sec. 4.2), ``--training joint`` (nested, every
+width at once with batch norms of its own: Slimmable Networks) and ``--training independent`` (each width cut by
+the same ranking and fine-tuned alone, all its weights). Both exported (top-1 through ONNX Runtime on the test split),
 then, in this one run: every width of both timed against each other (interleaved, under the profile); each
 portfolio's bytes against its widest variant's; the median of ``--repeats`` switches between two widths, nested
 (sliced from the widest weights in memory) against independent (inflated), interleaved; and the resident memory of
@@ -30,7 +31,8 @@ from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
 from edgeshift.runtime.portfolio import Portfolio
 
-TRAININGS = {"rebuild": "nest", "independent": "independent"}  # --training -> checkpoint prefix
+TRAININGS = {"rebuild": "nest", "joint": "nest", "independent": "independent"}  # --training -> checkpoint prefix
+SWITCHED = ("rebuild", "independent")  # sliced against inflated
 
 RSS_PROBE = """
 import gc, json, sys, psutil
@@ -116,17 +118,27 @@ def main() -> None:
         rows[training]["variants"][name]["p95_ms"] = st.p95_ms
 
     # -- switches between two widths: sliced (nested) against inflated (independent), interleaved -------------
-    pair = (f"{widths[-2]:g}", f"{widths[-1]:g}")
-    switches: dict[str, dict[str, list[float]]] = {t: {"total": [], "inflate": [], "create": []} for t in TRAININGS}
+    # the two narrowest widths both portfolios kept (the post-processor drops a width another beats)
+    present = [
+        f"{w:g}" for w in widths if all(f"{TRAININGS[t]}-{w:g}" in rows[t]["variants"] for t in SWITCHED) and w < 1.0
+    ]
+    pair = (present[-2], present[-1])
+    switches: dict[str, dict[str, list[float]]] = {t: {"total": [], "inflate": [], "create": []} for t in SWITCHED}
     runtimes = {
         t: Runtime(
-            portfolios[t], profile=profile, start=f"{p}-{pair[0]}", preload_neighbours=False, vet=False, warmup_runs=1
+            portfolios[t],
+            profile=profile,
+            start=f"{TRAININGS[t]}-{pair[0]}",
+            preload_neighbours=False,
+            vet=False,
+            warmup_runs=1,
         )
-        for t, p in TRAININGS.items()
+        for t in SWITCHED
     }
     try:
         for i in range(args.repeats):
-            for training, prefix in TRAININGS.items():
+            for training in SWITCHED:
+                prefix = TRAININGS[training]
                 rt = runtimes[training]
                 target = f"{prefix}-{pair[(i + 1) % 2]}"
                 record = rt.switch_to(target)
@@ -142,7 +154,8 @@ def main() -> None:
 
     # -- resident memory of a fresh process, one and two widths live ---------------------------------------
     memory = {}
-    for training, prefix in TRAININGS.items():
+    for training in SWITCHED:
+        prefix = TRAININGS[training]
         out = subprocess.run(
             [sys.executable, "-c", RSS_PROBE, str(portfolios[training]), f"{prefix}-{pair[0]}", f"{prefix}-{pair[1]}"]
             + [args.profile],
@@ -168,21 +181,23 @@ def main() -> None:
 
 
 def print_table(r: dict) -> None:
-    header = ["width", "nested top-1", "independent top-1", "nested p50 ms", "independent p50 ms"]
-    print("\n| " + " | ".join([*header, "nested faster than next wider"]) + " |")
-    print("|---|---|---|---|---|---|")
-    nested, independent = r["rows"]["rebuild"]["variants"], r["rows"]["independent"]["variants"]
+    header = ["width", *(f"{t} top-1" for t in TRAININGS), *(f"{t} p50 ms" for t in TRAININGS)]
+    print("\n| " + " | ".join([*header, "rebuild faster than next wider"]) + " |")
+    print("|" + "---|" * (len(header) + 1))
     previous = None
     for w in r["widths"]:
-        n, i = nested.get(f"nest-{w:g}"), independent.get(f"independent-{w:g}")
+        found = {t: r["rows"][t]["variants"].get(f"{p}-{w:g}") for t, p in TRAININGS.items()}
+        n = found["rebuild"]
         faster = "-" if previous is None or n is None else ("yes" if n["p50_ms"] < previous else "NO")
         previous = n["p50_ms"] if n else previous
-        cell = lambda v, k, f: "dropped" if v is None else f.format(v[k] * (100 if k == "top1" else 1))  # noqa: E731
-        print(
-            f"| {w:g} | {cell(n, 'top1', '{:.2f}%')} | {cell(i, 'top1', '{:.2f}%')} | {cell(n, 'p50_ms', '{:.3f}')} "
-            f"| {cell(i, 'p50_ms', '{:.3f}')} | {faster} |"
-        )
-    for t in ("rebuild", "independent"):
+        top1 = [("dropped" if v is None else f"{100 * v['top1']:.2f}%") for v in found.values()]
+        p50 = [("dropped" if v is None else f"{v['p50_ms']:.3f}") for v in found.values()]
+        print(f"| {w:g} | " + " | ".join([*top1, *p50, faster]) + " |")
+    for t in TRAININGS:
+        if t not in r["switch_ms"]:
+            row = r["rows"][t]
+            print(f"{t}: portfolio {row['file_bytes']:,} bytes = {row['file_bytes'] / row['widest_bytes']:.3f}x")
+            continue
         row = r["rows"][t]
         print(
             f"{t}: portfolio {row['file_bytes']:,} bytes = {row['file_bytes'] / row['widest_bytes']:.3f}x its widest "

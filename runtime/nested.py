@@ -17,7 +17,7 @@ than ``limit``) before anything is allocated for the result.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, cast
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from edgeshift.core.errors import PortfolioError
 
 from .graph_check import Malformed, WireReader
 
-__all__ = ["Ranges", "Shared", "assemble", "slice_index"]
+__all__ = ["Ranges", "Shared", "Splicer", "assemble", "slice_index"]
 
 Ranges = tuple[tuple[tuple[int, int], ...], ...]  # per dimension: the [start, stop) runs kept, ascending
 
@@ -131,65 +131,89 @@ def assemble(skeleton, base, shared: Sequence[Shared], limit: int) -> bytes:
     that slice of ``base``'s initializer of the same name, each row along the first dimension multiplied by its
     ``scale`` (float32) where one is given. ``limit``: the most bytes the result may take.
     A PortfolioError (its message without the variant's name) for anything malformed or inconsistent."""
-    try:
-        return _assemble(skeleton, base, shared, limit)
-    except Malformed as exc:
-        raise PortfolioError(f"cannot be assembled from its base: not a valid ONNX model ({exc})") from None
+    return Splicer(skeleton, base, shared, limit).build()
 
 
-def _assemble(skeleton, base, shared: Sequence[Shared], limit: int) -> bytes:
-    wanted = {name for name, _, _ in shared}
-    if len(wanted) != len(shared):
-        raise PortfolioError("a shared weight is named twice")
-    _, base_tensors = _initializers(WireReader(base), wanted)
-    reader = WireReader(skeleton)
-    graph, skeleton_tensors = _initializers(reader, wanted)
-    slices: dict[str, tuple[np.ndarray, ...]] = {}
-    scales: dict[str, np.ndarray] = {}
-    total = len(skeleton)
-    for name, ranges, scale in shared:
-        source, target = base_tensors.get(name), skeleton_tensors.get(name)
-        if source is None or target is None:
-            raise PortfolioError(f"shares weight {name!r}, which its base or its skeleton lacks")
-        if source.data_type != _FLOAT or target.data_type != _FLOAT or source.raw is None:
-            raise PortfolioError(f"shares weight {name!r}, which is not a float32 tensor with raw data in both")
-        if target.has_values:
-            raise PortfolioError(f"shares weight {name!r}, yet its skeleton already holds values for it")
-        if source.raw[1] - source.raw[0] != 4 * int(np.prod(source.dims, dtype=np.int64)):
-            raise PortfolioError(f"its base's weight {name!r} does not hold the values its dimensions declare")
-        index = slice_index(ranges, source.dims)
-        if tuple(len(i) for i in index) != target.dims:
-            raise PortfolioError(f"shares weight {name!r} as a slice whose shape is not the skeleton's {target.dims}")
-        if scale is not None:
-            if not target.dims or len(scale) != target.dims[0]:
-                raise PortfolioError(f"shares weight {name!r} with a scale that is not one number per row")
-            scales[name] = np.asarray(scale, dtype=np.float32).reshape(-1, *[1] * (len(target.dims) - 1))
-        total += 4 * int(np.prod(target.dims, dtype=np.int64)) + 16
-        slices[name] = index
-    if total > limit + 16 * len(shared) + 64:
-        raise PortfolioError(f"would take more than the {limit:,} bytes its manifest declares")
-    base_view = memoryview(base)
-    by_start = {t.start: (name, t) for name, t in skeleton_tensors.items()}
-    graph_parts = []
-    for number, wire, begin, a, b in reader.spans(*graph):
-        if number == _GRAPH_INIT and wire == 2 and a in by_start:
-            name, _ = by_start[a]
-            source = base_tensors[name]
-            raw = cast(tuple[int, int], source.raw)
-            values = np.frombuffer(base_view[raw[0] : raw[1]], dtype="<f4").reshape(source.dims)
-            sliced = values[np.ix_(*slices[name])] if source.dims else values
-            if name in scales:
-                sliced = sliced * scales[name]  # float32 x float32: rounded alike on every IEEE machine
-            graph_parts.append(_field(_GRAPH_INIT, bytes(reader.data[a:b]) + _field(_TENSOR_RAW, sliced.tobytes())))
-        else:
-            graph_parts.append(bytes(reader.data[begin:b]))
-    model_parts = []
-    for number, wire, begin, a, b in reader.spans(0, len(skeleton)):
-        if number == _MODEL_GRAPH and (a, b) == graph:
-            model_parts.append(_field(_MODEL_GRAPH, b"".join(graph_parts)))
-        else:
-            model_parts.append(bytes(reader.data[begin:b]))
-    out = b"".join(model_parts)
-    if len(out) > limit:
-        raise PortfolioError(f"assembles to {len(out):,} bytes, more than the {limit:,} its manifest declares")
-    return out
+class Splicer:
+    """A skeleton read once against its base: the bytes around each shared weight and where the base holds it, so
+    that building the variant again (every switch to it) is numpy slices and one join. Holds views of ``base``.
+    Construction checks everything ``assemble`` promises; a PortfolioError otherwise."""
+
+    def __init__(self, skeleton, base, shared: Sequence[Shared], limit: int):
+        try:
+            self._plan(skeleton, base, shared, limit)
+        except Malformed as exc:
+            raise PortfolioError(f"cannot be assembled from its base: not a valid ONNX model ({exc})") from None
+
+    def _plan(self, skeleton, base, shared: Sequence[Shared], limit: int) -> None:
+        wanted = {name for name, _, _ in shared}
+        if len(wanted) != len(shared):
+            raise PortfolioError("a shared weight is named twice")
+        _, base_tensors = _initializers(WireReader(base), wanted)
+        reader = WireReader(skeleton)
+        graph, skeleton_tensors = _initializers(reader, wanted)
+        base_view = memoryview(base)
+        sources: dict[str, tuple[np.ndarray, Any, np.ndarray | None]] = {}
+        total = len(skeleton)
+        for name, ranges, scale in shared:
+            source, target = base_tensors.get(name), skeleton_tensors.get(name)
+            if source is None or target is None:
+                raise PortfolioError(f"shares weight {name!r}, which its base or its skeleton lacks")
+            if source.data_type != _FLOAT or target.data_type != _FLOAT or source.raw is None:
+                raise PortfolioError(f"shares weight {name!r}, which is not a float32 tensor with raw data in both")
+            if target.has_values:
+                raise PortfolioError(f"shares weight {name!r}, yet its skeleton already holds values for it")
+            if source.raw[1] - source.raw[0] != 4 * int(np.prod(source.dims, dtype=np.int64)):
+                raise PortfolioError(f"its base's weight {name!r} does not hold the values its dimensions declare")
+            index = slice_index(ranges, source.dims)
+            if tuple(len(i) for i in index) != target.dims:
+                raise PortfolioError(
+                    f"shares weight {name!r} as a slice whose shape is not the skeleton's {target.dims}"
+                )
+            factor = None
+            if scale is not None:
+                if not target.dims or len(scale) != target.dims[0]:
+                    raise PortfolioError(f"shares weight {name!r} with a scale that is not one number per row")
+                factor = np.asarray(scale, dtype=np.float32).reshape(-1, *[1] * (len(target.dims) - 1))
+            values = np.frombuffer(base_view[source.raw[0] : source.raw[1]], dtype="<f4").reshape(source.dims)
+            if all(len(runs) == 1 for runs in ranges):  # one run per dimension: a view, no index arrays
+                selector: Any = tuple(slice(runs[0][0], runs[0][1]) for runs in ranges)
+            else:
+                selector = np.ix_(*index)
+            sources[name] = (values, selector, factor)
+            total += 4 * int(np.prod(target.dims, dtype=np.int64)) + 16
+        if total > limit + 16 * len(shared) + 64:
+            raise PortfolioError(f"would take more than the {limit:,} bytes its manifest declares")
+        by_start = {t.start: name for name, t in skeleton_tensors.items()}
+        chunks: list[bytes | tuple[bytes, tuple[np.ndarray, Any, np.ndarray | None]]] = []
+        run_start = graph[0]  # a stretch of graph fields copied as they are
+        for number, wire, begin, a, b in reader.spans(*graph):
+            if number == _GRAPH_INIT and wire == 2 and a in by_start:
+                chunks.append(bytes(reader.data[run_start:begin]))
+                chunks.append((bytes(reader.data[a:b]), sources[by_start[a]]))
+                run_start = b
+        chunks.append(bytes(reader.data[run_start : graph[1]]))
+        head = tail = b""
+        for number, wire, begin, a, b in reader.spans(0, len(skeleton)):
+            if number == _MODEL_GRAPH and (a, b) == graph:
+                head, tail = bytes(reader.data[:begin]), bytes(reader.data[b:])
+        self._chunks, self._head, self._tail, self._limit = chunks, head, tail, limit
+
+    def build(self) -> bytes:
+        """The variant's ONNX bytes (at most the declared size)."""
+        parts = []
+        for chunk in self._chunks:
+            if isinstance(chunk, bytes):
+                parts.append(chunk)
+                continue
+            header, (values, selector, factor) = chunk
+            sliced = values[selector]
+            if factor is not None:
+                sliced = sliced * factor  # float32 x float32: rounded alike on every IEEE machine
+            parts.append(_field(_GRAPH_INIT, header + _field(_TENSOR_RAW, np.ascontiguousarray(sliced).tobytes())))
+        out = self._head + _field(_MODEL_GRAPH, b"".join(parts)) + self._tail
+        if len(out) > self._limit:
+            raise PortfolioError(
+                f"assembles to {len(out):,} bytes, more than the {self._limit:,} its manifest declares"
+            )
+        return out

@@ -45,7 +45,7 @@ from .manifest import (
     parse_manifest,
     variant_file,
 )
-from .nested import assemble
+from .nested import Splicer
 
 _ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
@@ -79,6 +79,7 @@ class Portfolio:
         self.limits = limits or LimitsSettings()
         self._graphs_checked: set[str] = set()
         self._bases: dict[str, bytes] = {}  # inflated base variants of nested ones: the weights they slice
+        self._splicers: dict[str, Splicer] = {}  # per nested variant: its verified skeleton, read against its base
         self._bases_lock = threading.Lock()
         infos = {i.filename: i for i in zf.infolist()}
         self.variants: list[VariantInfo] = []
@@ -238,25 +239,37 @@ class Portfolio:
         """Forget the base variants' bytes kept for slicing (the next nested build inflates its base again)."""
         with self._bases_lock:
             self._bases.clear()
+            self._splicers.clear()
 
     def _assembled(self, name: str, pace: Pace | None) -> bytes:
         """A nested variant's ONNX bytes: its skeleton (inflated, sha256-checked) with its shared weights sliced
-        from its base's (``edgeshift.runtime.nested``), the result sha256-checked and its graph checked."""
-        v, chunks = self._chunks(name)
-        nested = v.record.nested
-        assert nested is not None
-        digest, parts = hashlib.sha256(), []
-        for chunk in _paced(chunks, pace):
-            digest.update(chunk)
-            parts.append(chunk)
-        self._check_hash(v, digest.hexdigest())
-        base = self._base(nested.base, pace)
+        from its base's (``edgeshift.runtime.nested``), the result sha256-checked and its graph checked. The
+        skeleton is read once: later builds slice the base's weights, kept in memory, and check the result's
+        sha256 again."""
+        v = self.info(name)
+        splicer = self._splicers.get(name)
+        if splicer is None:
+            _, chunks = self._chunks(name)
+            nested = v.record.nested
+            assert nested is not None
+            digest, parts = hashlib.sha256(), []
+            for chunk in _paced(chunks, pace):
+                digest.update(chunk)
+                parts.append(chunk)
+            self._check_hash(v, digest.hexdigest())
+            base = self._base(nested.base, pace)
+            try:
+                splicer = Splicer(b"".join(parts), base, [(w.name, w.ranges, w.scale) for w in nested.shared], v.bytes)
+            except PortfolioError as exc:
+                raise PortfolioError(f"{self.path}: variant {v.name!r} {exc}") from None
         try:
-            data = assemble(b"".join(parts), base, [(w.name, w.ranges, w.scale) for w in nested.shared], v.bytes)
+            data = splicer.build()
         except PortfolioError as exc:
             raise PortfolioError(f"{self.path}: variant {v.name!r} {exc}") from None
         self._check_hash(v, hashlib.sha256(data).hexdigest(), " once assembled from its base")
         self._check_graph(name, data)
+        with self._bases_lock:
+            self._splicers[name] = splicer
         return data
 
     def _check_graph(self, name: str, data) -> None:
