@@ -1,14 +1,15 @@
 """A nested variant's stored form: its ONNX model less every weight its base already holds.
 
 With nested widths ("Self-adaptive neural network for edge devices", sec. 4.2) a narrower level's weights are the
-leading slices of the wider level's in every channel group, and conv-BN fusion keeps them so (it scales each output
-channel by its own batch-norm statistics, which the levels share). So each initializer of the narrower export that
-equals the leading slice of the base export's initializer of the same name, bit for bit, is *shared*: the stored
-skeleton keeps its name, type and dimensions, drops its data, and records the ranges. Where each width has batch
-norms of its own (joint training, Slimmable Networks sec. 3.2), a fused weight is the slice with each output
-channel scaled by the ratio of the two widths' norms: the width then stores that ratio, one float32 per channel,
-and is built with it (within float rounding of its own export, checked on its outputs). Everything else (a weight
-a level tuned on its own, a fused bias) stays in the skeleton. The device splices the two back with
+leading slices of the wider level's in every channel group. Conv-BN fusion scales each output channel by its batch
+norm, and each level has norms of its own (statistics from its own fine-tune; with joint training, Slimmable
+Networks sec. 3.2, affine parameters too): so a fused weight is the slice with each output channel scaled by the
+ratio of the two levels' norms, or, where they agree, the slice itself bit for bit. Each initializer of the
+narrower export found so in the base export's initializer of the same name is *shared*: the stored skeleton keeps
+its name, type and dimensions, drops its data, and records the ranges and the per-channel ratio (one float32 per
+channel; none for a plain slice); the device builds it with the same float32 product (within float rounding of
+the level's own export, checked on its outputs). Everything else (a weight a level tuned on its own, a fused bias)
+stays in the skeleton. The device splices the two back with
 ``edgeshift.runtime.nested.assemble``, the function used here, so the bytes hashed here are the bytes it builds.
 """
 

@@ -175,9 +175,13 @@ def _tensor_names(module: nn.Module, name: str, role: str) -> list[tuple[str, in
 @torch.no_grad()
 def rebuild(narrower: Level, wider: Level, full: nn.Module) -> dict[str, torch.Tensor]:
     """Put the narrower level's (tuned) tensors into the wider level, in place, where they sit in it; the re-added
-    channels keep the wider level's weights (the original ones), sec. 4.2.2. Returns, per parameter of the wider
-    level, a mask of the re-added entries (1) against the shared ones (0): what its fine-tune may change, sec.
-    4.2.3. ``full`` is the full-width model both levels were narrowed from (it gives the full shapes)."""
+    channels keep the wider level's weights (the original ones), sec. 4.2.2. The weights by which a shared channel
+    would read a re-added one start at zero, so the wider level starts out computing the narrower one's outputs
+    exactly (its shared channels' normalisation, frozen, stays right) and its fine-tune starts from the narrower
+    level's accuracy rather than from a network whose shared channels suddenly read new inputs. Returns, per
+    parameter of the wider level, a mask of the re-added entries (1) against the shared ones (0): what its
+    fine-tune may change, sec. 4.2.3. ``full`` is the full-width model both levels were narrowed from (it gives
+    the full shapes)."""
     shapes = {**{n: p.shape for n, p in full.named_parameters()}, **{n: b.shape for n, b in full.named_buffers()}}
     tensors = {**dict(wider.model.named_parameters()), **dict(wider.model.named_buffers())}
     small = {**dict(narrower.model.named_parameters()), **dict(narrower.model.named_buffers())}
@@ -195,27 +199,26 @@ def rebuild(narrower: Level, wider: Level, full: nn.Module) -> dict[str, torch.T
         tensors[name][index] = values
         if name in trainable:
             trainable[name][index] = 0
+            if values.dim() > 1:  # a shared channel's weights on re-added inputs: zero
+                rows = tensors[name][where[0]]
+                rows[trainable[name][where[0]].bool()] = 0
+                tensors[name][where[0]] = rows
     return trainable
 
 
 def freeze_outside(model: nn.Module, trainable: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Zero every gradient outside ``trainable`` (train without weight decay, so the frozen entries do not move),
-    and run every batch norm on its running statistics, which stay as they are: the shared channels keep the
-    narrower level's normalisation, so after conv-BN fusion a narrower width is still a slice of the wider one (and
-    the function trained is the function run). Returns the hooks, to remove after training."""
+    """Zero every gradient outside ``trainable`` (train without weight decay, so the frozen entries do not move);
+    returns the hooks, to remove after training. Batch norms normalise by the batch and keep running statistics as
+    in any fine-tune, so each level has statistics of its own: after conv-BN fusion a narrower level's weights are
+    the wider one's slices scaled per output channel, which is how a portfolio stores them. (Running the norms on
+    frozen statistics instead keeps the fused weights plain slices, but the fine-tune then diverges: measured on
+    CIFAR-10, a ResNet-20 rebuilt from width 0.125 to 0.25 fell from 31.3% to 24.6% in 78 steps at lr 0.01.)"""
     handles = []
     for name, param in model.named_parameters():
         mask = trainable.get(name)
         if mask is not None and not bool(mask.all()):
             handles.append(param.register_hook(lambda grad, m=mask: grad * m))
-    for module in model.modules():
-        if isinstance(module, NORMS):
-            handles.append(module.register_forward_pre_hook(_statistics_frozen))
     return handles
-
-
-def _statistics_frozen(module: nn.Module, _inputs) -> None:
-    module.training = False  # training mode would normalise by the batch and move the running statistics
 
 
 def _mangled(name: str) -> str:
@@ -304,6 +307,7 @@ class JointWidths(nn.Module):
             model = copy.deepcopy(level.model)
             tensors = self._tensors(level)
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-                tensor.copy_(tensors[name].detach())
+                if name in tensors:  # a buffer outside the norms stays as the level was cut
+                    tensor.copy_(tensors[name].detach())
             out.append(Level(level.width, model.eval(), level.kept))
         return out

@@ -53,6 +53,8 @@ def _targets(values: tuple[float, ...]) -> str | None:
 
 
 TRAININGS = ("rebuild", "joint", "independent")
+
+
 SWEEP = tuple(i / 20 for i in range(19, 0, -1))  # the widths a latency target is met from: 0.95 .. 0.05
 
 
