@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--test-samples", type=int, default=10000)
     ap.add_argument("--profile", default="host")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--chart", type=Path, help="Also draw top-1 against p50 per training here (PNG).")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     widths = [1.0, *args.widths]
@@ -178,6 +179,8 @@ def main() -> None:
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print_table(result)
+    if args.chart:
+        draw(result, args.chart)
 
 
 def print_table(r: dict) -> None:
@@ -206,6 +209,31 @@ def print_table(r: dict) -> None:
             f"{r['switch_ms'][t]['create']:.1f}); RSS one width {r['memory_mb'][t]['one_mb']:.1f} MB, two "
             f"{r['memory_mb'][t]['two_mb']:.1f} MB (start {r['memory_mb'][t]['start_mb']:.1f})"
         )
+
+
+def draw(r: dict, path: Path) -> None:
+    """Top-1 against p50, one line per training, each point a width."""
+    import matplotlib  # here: only the chart needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for training, prefix in TRAININGS.items():
+        points = [
+            (v["p50_ms"], 100 * v["top1"], w)
+            for w in r["widths"]
+            if (v := r["rows"][training]["variants"].get(f"{prefix}-{w:g}")) is not None
+        ]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=training)
+        for x, y, w in points:
+            ax.annotate(f"{w:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"p50 ms, batch 1, profile {r['profile']}")
+    ax.set_ylabel("top-1 % (CIFAR-10 test)")
+    ax.set_title("Nested widths (rebuild, joint) against independently pruned widths", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
