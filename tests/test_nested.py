@@ -261,3 +261,15 @@ def test_latency_targets_become_the_widest_widths_measured_to_meet_them(tmp_path
     assert all(float(ratio) <= float(target) + 0.005 for target, _, _, ratio in chosen)  # as printed, 2 decimals
     for w in (1.0, *widths):
         assert (tmp_path / "run" / "variants" / f"nest-{w:g}.pt").is_file()
+
+
+def test_a_folder_of_rebuilt_levels_is_not_resumed_as_joint_training(tmp_path):
+    """The levels would pass for joint ones: the run's folder refuses another configuration, in one line."""
+    common = ["--data", "generated", "--train-samples", "100", "--test-samples", "50", "--finetune-epochs", "0"]
+    dense = tmp_path / "dense.pt"
+    trained = CliRunner().invoke(app, ["train", "--arch", "resnet20", "--epochs", "1", "-o", str(dense), *common[:6]])
+    assert trained.exit_code == 0, trained.output
+    run = ["nest", str(dense), "-o", str(tmp_path / "run"), "--widths", "0.5", *common]
+    assert CliRunner().invoke(app, run).exit_code == 0
+    joint = CliRunner().invoke(app, [*run, "--training", "joint"])
+    assert joint.exit_code == 2 and "another configuration" in joint.output and joint.output.count("\n") == 1

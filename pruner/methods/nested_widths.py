@@ -1,6 +1,7 @@
 """Nested widths: every narrower variant is a prefix of the wider one in every coupled channel group, trained by the
-steps of "Self-adaptive neural network for edge devices" (Rapa), sec. 4.2: the narrowest level fine-tuned, then each
-wider level rebuilt from it with the dropped channels' original weights and only those re-added weights fine-tuned.
+steps of "Self-adaptive neural network for edge devices" (Rapa), sec. 4.2 (the narrowest level fine-tuned, then each
+wider level rebuilt from it with the dropped channels' original weights and only those re-added weights
+fine-tuned), or all widths at once (Slimmable Networks); with independently tuned widths as the baseline.
 """
 
 from __future__ import annotations
@@ -104,11 +105,11 @@ class NestedWidths:
         dense = context.dense()
         prefix = "independent" if settings.training == "independent" else "nest"
         paths = {w: context.folder / f"{prefix}-{w:g}.pt" for w in levels}
+        # the levels of one run share a family: the exporter slices the narrower ones from the full one
+        done = [load_checkpoint(p)[1].get("meta", {}).get("nest", {}) for p in paths.values() if p.exists()]
         if all(p.exists() for p in paths.values()):
             return list(paths.values())
         model, _ = load_checkpoint(dense)
-        # the levels of one run share a family: the exporter slices the narrower ones from the full one
-        done = [load_checkpoint(p)[1].get("meta", {}).get("nest", {}) for p in paths.values() if p.exists()]
         family = next((d["family"] for d in done if isinstance(d.get("family"), str)), uuid.uuid4().hex)
         example = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
         nested = reorder_channels(model, example)  # exact: the same function, channels by importance
@@ -144,7 +145,15 @@ class NestedWidths:
                     **(
                         {}
                         if independent
-                        else {"nest": {"width": width, "widths": list(levels), "groups": len(nested), "family": family}}
+                        else {
+                            "nest": {
+                                "width": width,
+                                "widths": list(levels),
+                                "groups": len(nested),
+                                "family": family,
+                                "training": settings.training,
+                            }
+                        }
                     ),
                     "test_accuracy": accuracy,
                     "pruned_from": str(dense),
