@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from edgeshift.core.commands import handle_errors
+from edgeshift.core.errors import require_file
 from edgeshift.core.lazy import lazy_module
 from edgeshift.device_profiles import load_profile
 from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP, model_spec
@@ -161,6 +162,7 @@ def nest(
 ) -> None:
     """Nested widths: one network whose narrower widths are slices of the wider ones (the pipeline method nest);
     `edgeshift export` of its checkpoints stores the widest weights once."""
+    require_file(dense, "checkpoint to nest (DENSE)")
     document = {
         "data": {"path": data, "train_samples": train_samples, "test_samples": test_samples},
         "methods": [
