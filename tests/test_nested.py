@@ -226,6 +226,8 @@ def test_edgeshift_nest_then_export_stores_every_narrower_weight_as_a_slice(tmp_
     dense = tmp_path / "dense.pt"
     trained = CliRunner().invoke(app, ["train", "--arch", "resnet20", "--epochs", "1", "-o", str(dense), *common])
     assert trained.exit_code == 0, trained.output
+    missing = CliRunner().invoke(app, ["nest", str(tmp_path / "none.pt"), "-o", str(tmp_path / "x"), *common])
+    assert missing.exit_code == 2 and "checkpoint to nest (DENSE) not found" in missing.output
     bad = CliRunner().invoke(app, ["nest", str(dense), "-o", str(tmp_path / "x"), "--widths", "0.5,1.5", *common])
     assert bad.exit_code == 2 and "in (0, 1); got 1.5" in bad.output and bad.output.count("\n") == 1
     args = ["nest", str(dense), "-o", str(tmp_path / "run"), "--widths", "0.5,0.25", "--finetune-epochs", "0.5"]
