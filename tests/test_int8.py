@@ -30,6 +30,7 @@ from edgeshift.exporter.quantize import (
     schemes_for,
 )
 from edgeshift.pruner.checkpoint import save_checkpoint
+from edgeshift.runtime.manifest import SCHEMA_VERSION
 from edgeshift.runtime.portfolio import Portfolio
 
 runner = CliRunner()
@@ -135,7 +136,7 @@ def test_int8_variants_are_recorded_checked_and_laddered(tmp_path, resnet):
         names = pf.names
         kept = {v.name: v.record for v in pf.variants}
         graphs = {n: onnx.load_from_string(pf.inflate(n)).graph for n in names}
-    assert m.schema_version == 3 and m.checks is not None and m.checks.count == 8
+    assert m.schema_version == SCHEMA_VERSION and m.checks is not None and m.checks.count == 8
     assert m.ladder is not None and m.ladder.profile == "host"
     assert set(m.ladder.steps) <= set(names)
     along = [kept[n] for n in m.ladder.steps]  # fastest first: slower and more accurate at every step

@@ -10,7 +10,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -179,26 +179,7 @@ class NestedWidths:
             f"nest: timing {len(models)} widths against each other under profile {context.measure.profile_name}"
         )
         p50 = {name: stats["p50_ms"] for name, stats in context.measure.latencies(models, example).items()}
-        chosen = []
-        for target in targets:
-            meeting = [w for w in SWEEP if p50[f"{w:g}"] <= target * p50["1"]]
-            if not meeting:
-                raise EdgeshiftError(
-                    f"no width down to {SWEEP[-1]:g} meets the latency target {target:g} (the narrowest measured "
-                    f"{p50[f'{SWEEP[-1]:g}'] / p50['1']:.2f}x the full width's p50); ask for a larger target"
-                )
-            width = meeting[0]
-            context.say(
-                f"nest: latency target {target:g} -> width {width:g} (p50 {p50[f'{width:g}']:.3f} ms, "
-                f"{p50[f'{width:g}'] / p50['1']:.2f}x the full width's {p50['1']:.3f} ms)"
-            )
-            chosen.append(width)
-        if len(set(chosen)) != len(chosen):
-            raise EdgeshiftError(
-                f"latency targets {list(targets)} give widths {chosen}: two targets met by the same width; space the "
-                "targets further apart"
-            )
-        return tuple(chosen)
+        return widths_meeting(p50, targets, context.say)
 
     def _joint(
         self,
@@ -248,3 +229,30 @@ class NestedWidths:
             for hook in hooks:
                 hook.remove()
         return result.test_accuracy
+
+
+def widths_meeting(
+    p50: dict[str, float], targets: tuple[float, ...], say: Callable[[str], None] = print
+) -> tuple[float, ...]:
+    """Per target, the widest width of ``SWEEP`` whose p50 (``p50[f"{width:g}"]``, the full width's under "1") is
+    at most that fraction of the full width's; refused in one line when none is, or when two targets share one."""
+    chosen = []
+    for target in targets:
+        meeting = [w for w in SWEEP if p50[f"{w:g}"] <= target * p50["1"]]
+        if not meeting:
+            raise EdgeshiftError(
+                f"no width down to {SWEEP[-1]:g} meets the latency target {target:g} (the narrowest measured "
+                f"{p50[f'{SWEEP[-1]:g}'] / p50['1']:.2f}x the full width's p50); ask for a larger target"
+            )
+        width = meeting[0]
+        say(
+            f"nest: latency target {target:g} -> width {width:g} (p50 {p50[f'{width:g}']:.3f} ms, "
+            f"{p50[f'{width:g}'] / p50['1']:.2f}x the full width's {p50['1']:.3f} ms)"
+        )
+        chosen.append(width)
+    if len(set(chosen)) != len(chosen):
+        raise EdgeshiftError(
+            f"latency targets {list(targets)} give widths {chosen}: two targets met by the same width; space the "
+            "targets further apart"
+        )
+    return tuple(chosen)
