@@ -3,10 +3,11 @@
 A network trained with nested widths ("Self-adaptive neural network for edge devices", sec. 4.2-4.3; Slimmable
 Networks) keeps every narrower width's weights as slices of the widest one's. The portfolio stores the base
 variant whole and each narrower one as its *skeleton*: its ONNX model with the data of every shared weight left
-out, plus, per shared weight, the ranges of the base's weight of the same name that it keeps. Here the skeleton
-and the base's weights are spliced back into the narrower variant's ONNX bytes, on the protobuf wire format: every
-shared weight's ``raw_data`` is the numpy slice of the base's, appended to its tensor, and the enclosing graph and
-model are re-encoded with their new lengths. The exporter builds the variant with this same function, so the
+out, plus, per shared weight, the ranges of the base's weight of the same name that it keeps and, where the two
+widths' batch norms differ (fused into the weights), one float32 factor per output channel. Here the skeleton and
+the base's weights are spliced back into the narrower variant's ONNX bytes, on the protobuf wire format: every
+shared weight's ``raw_data`` is the numpy slice of the base's (times its factors), appended to its tensor, and the
+enclosing graph and model are re-encoded with their new lengths. The exporter builds the variant with this same function, so the
 bytes made here are the bytes whose sha256 the manifest records, checked before ONNX Runtime sees them.
 
 Untrusted input: the skeleton, the base and the ranges are checked (float32 tensors, ranges inside the base's
