@@ -7,8 +7,9 @@ out, plus, per shared weight, the ranges of the base's weight of the same name t
 widths' batch norms differ (fused into the weights), one float32 factor per output channel. Here the skeleton and
 the base's weights are spliced back into the narrower variant's ONNX bytes, on the protobuf wire format: every
 shared weight's ``raw_data`` is the numpy slice of the base's (times its factors), appended to its tensor, and the
-enclosing graph and model are re-encoded with their new lengths. The exporter builds the variant with this same function, so the
-bytes made here are the bytes whose sha256 the manifest records, checked before ONNX Runtime sees them.
+enclosing graph and model are re-encoded with their new lengths. The exporter builds the variant with this same
+function, so the bytes made here are the bytes whose sha256 the manifest records, checked before ONNX Runtime sees
+them.
 
 Untrusted input: the skeleton, the base and the ranges are checked (float32 tensors, ranges inside the base's
 dimensions, the skeleton's dimensions those of the slice, no data left in a shared tensor, the result no larger
