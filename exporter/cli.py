@@ -62,6 +62,18 @@ def export(
     weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     input_size: Optional[int] = typer.Option(None, min=1, help=INPUT_SIZE_HELP),
     num_classes: Optional[int] = typer.Option(None, min=1, help="Class count of the model source."),
+    cascade: bool = typer.Option(
+        False,
+        "--cascade",
+        help="Calibrate a confidence cascade over the ladder (fastest step first, an input going on while unsure; "
+        "`edgeshift run --cascade`); needs --data.",
+    ),
+    cascade_loss: float = typer.Option(
+        0.5, help="Cascade: points of top-1 it may lose against the reference on its calibration images."
+    ),
+    cascade_samples: int = typer.Option(
+        2000, min=1, help="Cascade: test-split images it is calibrated on, other than the --test-samples measured."
+    ),
 ) -> None:
     """Export variants to ONNX, profile them, drop dominated ones and pack one DEFLATE portfolio."""
     spec = model_spec(arch, arch_kwargs, weights, input_size, num_classes)
@@ -82,6 +94,9 @@ def export(
         measure_memory=memory,
         force=force,
         align=align,
+        cascade=cascade,
+        cascade_loss=cascade_loss,
+        cascade_samples=cascade_samples,
     )
     print_portfolio(path, device_profile, load=False)
     typer.echo(f"wrote {path}")

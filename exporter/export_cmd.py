@@ -22,7 +22,7 @@ from edgeshift.pruner.models.sources import ModelSpec
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.pruner.structured import PruneReport, prune_zero_channels
 
-from .portfolio import BuildSettings, NestedSource, VariantFacts, build_portfolio
+from .portfolio import BuildSettings, CascadeCalibration, NestedSource, VariantFacts, build_portfolio
 from .profile import TestData
 from .quantize import CALIBRATION_METHODS, Calibration, CalibrationMethodName
 
@@ -91,11 +91,16 @@ def export_portfolio(
     force: bool = False,
     align: int = 1,
     spec: ModelSpec | None = None,
+    cascade: bool = False,
+    cascade_loss: float = 0.5,
+    cascade_samples: int = 2000,
 ) -> Path:
     """Load each source, prune it exactly (sparse checkpoints shrink, pruned ones are unchanged; widths rounded
     up to multiples of ``align`` with zero channels), and build one portfolio with accuracy measured through
     ONNX Runtime on ``data``'s test split and latency under the device ``profile``. ``int8`` adds an INT8 variant
-    of each, calibrated on ``calibration_samples`` images of ``data``'s training split."""
+    of each, calibrated on ``calibration_samples`` images of ``data``'s training split. ``cascade`` calibrates a
+    confidence cascade on ``cascade_samples`` test-split images other than the ``test_samples`` measured, losing at
+    most ``cascade_loss`` points of top-1 against the reference there."""
     if align > 1 and not prune:
         raise EdgeshiftError(f"--align {align} widens pruned layers; it needs pruning on the way (drop --no-prune)")
     if int8 and data is None:
@@ -107,6 +112,15 @@ def export_portfolio(
         raise EdgeshiftError(
             f"unknown calibration method {calibration_method!r}; choose one of {', '.join(CALIBRATION_METHODS)}"
         )
+    if cascade and data is None:
+        raise EdgeshiftError(
+            "--cascade needs labelled images to calibrate on: pass --data (test-split images other than those "
+            "measured calibrate it)"
+        )
+    if cascade and not 0 <= cascade_loss <= 100:
+        raise EdgeshiftError(f"--cascade-loss is in points of top-1, in [0, 100]; got {cascade_loss:g}")
+    if cascade and cascade_samples < 1:
+        raise EdgeshiftError(f"--cascade-samples must be at least 1, got {cascade_samples}")
     if int8 and calibration_samples < 1:
         raise EdgeshiftError(f"--calibration-samples must be at least 1, got {calibration_samples}")
     # an unknown name or a bad file fails before any work
@@ -154,6 +168,7 @@ def export_portfolio(
     compressions = {n: max(totals.values()) / max(nonzeros[n], 1) for n in totals}
     assert record is not None  # there was at least one source
     test: TestData | None = None
+    cascade_data: CascadeCalibration | None = None
     labels: list[str] | None = None
     # recorded by training; the data's own when given
     mean = list(record.normalisation.mean) if record.normalisation else None
@@ -162,6 +177,9 @@ def export_portfolio(
         ds = load_dataset(data, "test", num_classes=record.classes, size=record.input_size)
         if ds.num_classes != record.num_classes:
             raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {record.num_classes}")
+        if cascade:  # before the subset: the held-out images are the next ones of its permutation
+            held = ds.held_out(min(test_samples, len(ds)) if test_samples else len(ds), cascade_samples)
+            cascade_data = CascadeCalibration(held.normalised(), held.labels, held.name, cascade_loss / 100)
         ds = ds.subset(test_samples)
         test, labels, mean, std = TestData(ds.normalised(), ds.labels, ds.name), ds.classes, list(ds.mean), list(ds.std)
     calibration = None
@@ -181,5 +199,7 @@ def export_portfolio(
         facts=VariantFacts(
             labels, reports, compressions, recipes, reference, mean, std, record.name, nested_sources(levels)
         ),
-        settings=BuildSettings(device_profile, threads, latency_iterations, calibration, measure_memory, force=force),
+        settings=BuildSettings(
+            device_profile, threads, latency_iterations, calibration, measure_memory, force=force, cascade=cascade_data
+        ),
     )

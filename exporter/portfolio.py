@@ -25,6 +25,7 @@ from edgeshift.device_profiles import DeviceProfile
 from edgeshift.device_profiles.profile import cross_built
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.pruner.metrics import count_params
+from edgeshift.runtime.cascade import describe
 from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy, not_faster_reason
 from edgeshift.runtime.manifest import (
     CHECKS_NAME,
@@ -50,6 +51,7 @@ from edgeshift.runtime.measure import LatencyStats, machine_label
 from edgeshift.runtime.memprobe import measure_session_memory
 from edgeshift.runtime.session import create_session
 
+from .cascade import NoFasterStep, StepOutputs, calibrate
 from .nesting import nested_form
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_counts
 from .profile import (
@@ -322,6 +324,18 @@ class BuildSettings:
     measure_memory: bool = True  # each session's peak memory, in a fresh process
     tolerance: Tolerance = Tolerance()
     force: bool = False  # overwrite an existing portfolio
+    cascade: CascadeCalibration | None = None  # held-out images: a confidence cascade calibrated on them
+
+
+@dataclass(frozen=True)
+class CascadeCalibration:
+    """Labelled images a confidence cascade is calibrated on: never the test images its figures are reported on."""
+
+    x: np.ndarray  # preprocessed float32 NCHW
+    y: np.ndarray
+    name: str = "calibration"
+    max_loss: float = 0.005  # top-1 the cascade may lose against the reference (a fraction: 0.005 = 0.5 points)
+    max_early: int = 2  # the most steps before the reference
 
 
 def build_portfolio(
@@ -426,6 +440,10 @@ def build_portfolio(
             f"threads, {timing.benchmark.rounds} interleaved rounds)"
         )
         stats = time_interleaved_models({n: b.data for n, b in built.items()}, feed, timing, batch=1)
+        cascade_logits = {}
+        if settings.cascade is not None:
+            say(f"== cascade: {len(built)} variants on {len(settings.cascade.y)} calibration images")
+            cascade_logits = {n: onnx_logits(b.session, settings.cascade.x) for n, b in built.items()}
         machine = machine_label()
         elsewhere = cross_built(timing)
         for name, b in list(built.items()):
@@ -467,6 +485,26 @@ def build_portfolio(
     kept, beaten = _keep_bases(kept, beaten, built)
     dropped += beaten
     ladder = build_ladder([_point(built[e["name"]], stats[e["name"]]) for e in kept], timing.benchmark.ladder_min_gain)
+    cascade = None
+    if settings.cascade is not None:
+        c = settings.cascade
+        # every variant kept and timed here may be a step; the reference is always kept
+        outputs = {e["name"]: StepOutputs(cascade_logits[e["name"]], stats[e["name"]].p50_ms) for e in kept}
+        outputs = {n: dataclasses.replace(o, test_logits=built[n].logits) for n, o in outputs.items()}
+        try:
+            cascade = calibrate(
+                outputs,
+                reference,
+                c.y,
+                max_loss=c.max_loss,
+                max_early=c.max_early,
+                test_labels=None if test_data is None else test_data.y,
+                samples_name=c.name,
+                profile=timing.name,
+            )
+            say(f"   {describe(cascade)}")
+        except NoFasterStep as exc:  # a measurement, not a mistake: the portfolio is still worth writing
+            say(f"   no cascade: {exc}")
     kept = sorted(kept + pending, key=lambda v: (v["bytes"], v["name"]))
     size = int(example_inputs.shape[-1])
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
@@ -501,6 +539,7 @@ def build_portfolio(
             machine=machine,
         ),
         checks=checks_record,
+        cascade=cascade,
     )
     members = {n: skeletons.get(n, b.data) for n, b in built.items()}
     return write_portfolio(out_path, manifest, members, checks=checks_data)

@@ -58,6 +58,19 @@ class Dataset:
         idx = np.sort(rng.permutation(len(self))[:n])
         return Dataset(self.images[idx], self.labels[idx], self.classes, self.mean, self.std, f"{self.name}[:{n}]")
 
+    def held_out(self, n: int, count: int, seed: int = 0) -> "Dataset":
+        """``count`` samples none of which is in ``subset(n, seed)`` (the next ones of the same permutation);
+        refused when there are not that many left."""
+        if n + count > len(self):
+            raise EdgeshiftError(
+                f"{self.name} has {len(self)} samples: {n} measured and {count} held out do not fit; ask for fewer"
+            )
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.permutation(len(self))[n : n + count])
+        return Dataset(
+            self.images[idx], self.labels[idx], self.classes, self.mean, self.std, f"{self.name}[{n}:{n + count}]"
+        )
+
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("EDGESHIFT_CACHE", Path.home() / ".cache" / "edgeshift"))

@@ -15,6 +15,7 @@ import numpy as np
 from edgeshift.core.atomic import write_text_atomic
 from edgeshift.core.errors import PortfolioError
 
+from .cascade import expected_latency
 from .ladder import LadderPoint, bench_ladder, is_faster, not_faster_reason
 from .measure import machine_fingerprint
 from .portfolio import Portfolio
@@ -184,7 +185,58 @@ def bench_document(portfolio: Portfolio, profile, results: list[VariantBench]) -
         "build_ladder": list(portfolio.manifest.ladder.steps) if portfolio.manifest.ladder else None,
     }
     doc["ladder"] = list(bench_ladder(doc, portfolio, profile).steps)
+    doc["cascade"] = cascade_bench(portfolio, results)
     return doc
+
+
+def cascade_bench(portfolio: Portfolio, results: list[VariantBench]) -> dict | None:
+    """The portfolio's cascade on this device: per operating point, the time per input expected from where its
+    calibration images left and each step's p50 measured here (an input answered at step k ran steps 0..k), against
+    the last step's p50 alone. None without a cascade or when a step was not benched."""
+    cascade = portfolio.manifest.cascade
+    p50 = {r.name: r.p50_ms for r in results}
+    if cascade is None or not set(cascade.steps) <= set(p50):
+        return None
+    steps_ms = [p50[s] for s in cascade.steps]
+    points = []
+    for p in cascade.points:
+        e = expected_latency(p.exit_shares, steps_ms)
+        points.append(
+            {
+                "thresholds": list(p.thresholds),
+                "top1": p.top1,
+                "test_top1": p.test_top1,
+                "exit_shares": list(p.exit_shares),
+                "mean_ms": e.mean_ms,
+                "p95_ms": e.p95_ms,
+                "mean_vs_last": e.mean_ms / max(steps_ms[-1], 1e-9),
+            }
+        )
+    return {
+        "steps": list(cascade.steps),
+        "reference_top1": cascade.reference_top1,
+        "samples": cascade.samples,
+        "max_loss": cascade.max_loss,
+        "points": points,
+    }
+
+
+def cascade_lines(doc: dict) -> list[str]:
+    """The cascade's operating points in words (the calibrated one first)."""
+    c = doc.get("cascade")
+    if not c:
+        return []
+    lines = [
+        f"cascade {' -> '.join(c['steps'])} (per input, expected from where its {c['samples']} calibration images "
+        f"left and the steps' p50 here; {c['steps'][-1]} alone: top-1 {100 * c['reference_top1']:.2f}%):"
+    ]
+    for i, p in enumerate(c["points"]):
+        lines.append(
+            f"  {'calibrated' if i == 0 else 'looser'}: thresholds {', '.join(f'{t:.3f}' for t in p['thresholds'])}, "
+            f"top-1 {100 * p['top1']:.2f}%, exits {' / '.join(f'{100 * s:.0f}%' for s in p['exit_shares'])}, mean "
+            f"{p['mean_ms']:.3f} ms ({p['mean_vs_last']:.2f}x {c['steps'][-1]}), p95 {p['p95_ms']:.3f} ms"
+        )
+    return lines
 
 
 def write_json(path: Path, doc: dict) -> None:

@@ -10,6 +10,7 @@ import typer
 
 from edgeshift import device_profiles
 from edgeshift.core.commands import handle_errors
+from edgeshift.core.errors import EdgeshiftError
 from edgeshift.core.tables import echo_table
 from edgeshift.core.text import printable
 
@@ -46,7 +47,7 @@ def bench(
     latency percentiles, throughput, RSS, and the ladder these figures give."""
     from edgeshift.device_profiles.profile import execution_summary
 
-    from .bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_csv, write_json
+    from .bench import BENCH_HEADER, bench_file, bench_rows, cascade_lines, ladder_lines, write_csv, write_json
     from .ladder import bench_path_for
 
     prof = device_profiles.load_profile(profile)
@@ -58,7 +59,7 @@ def bench(
         f"{prof.benchmark.rounds} interleaved rounds)"
     )
     echo_table(bench_rows(results, doc["ladder"]), BENCH_HEADER)
-    for line in ladder_lines(doc):
+    for line in [*ladder_lines(doc), *cascade_lines(doc)]:
         typer.echo(line)
     cached = [r.engine_cached for r in results if r.engine_cached is not None]
     if cached:
@@ -84,20 +85,42 @@ def run(
     variant: Optional[str] = typer.Option(None, help="The variant to use (default: the middle step of the ladder)."),
     top: int = typer.Option(1, min=1, help="How many classes to print per image."),
     batch: int = typer.Option(16, min=1, help="Images per inference call."),
+    cascade: bool = typer.Option(
+        False,
+        "--cascade",
+        help="Run the portfolio's calibrated cascade (`export --cascade`): each image leaves at the first step sure "
+        "enough of it.",
+    ),
+    thresholds: Optional[str] = typer.Option(
+        None,
+        help="Cascade: one top-1 probability in [0, 1] per step but the last, comma-separated (default: the "
+        "calibrated ones); 1 sends every image on, 0 stops every image at the first step.",
+    ),
 ) -> None:
-    """Classify a folder of images with one variant of a portfolio."""
+    """Classify a folder of images with one variant of a portfolio, or with its cascade."""
+    from .cascade import parse_thresholds
     from .engine import Runtime
     from .run_images import classify_folder
 
     prof = device_profiles.load_profile(profile)
-    with Runtime(portfolio, profile=prof, start=variant) as rt:
+    if thresholds is not None and not cascade:
+        raise EdgeshiftError("--thresholds are the cascade's: add --cascade")
+    chosen = parse_thresholds(thresholds) if thresholds is not None else None
+    with Runtime(portfolio, profile=prof, start=variant, cascade=cascade, thresholds=chosen) as rt:
         n = 0
         say = lambda line: typer.echo(printable(line), err=True)  # noqa: E731
         for path, best in classify_folder(rt, images, batch=batch, top=top, limits=prof.limits, say=say):
             typer.echo(printable(path) + "\t" + "\t".join(printable(f"{label} {p:.3f}") for label, p in best))
             n += 1
         s = rt.stats()
-        typer.echo(f"{n} images with {rt.active}: p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms per batch")
+        served = "the cascade" if cascade else rt.active
+        typer.echo(f"{n} images with {served}: p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms per batch")
+        if cascade:
+            c = s["cascade"]
+            typer.echo(
+                f"cascade thresholds {', '.join(f'{t:g}' for t in c['thresholds'])}; answered by "
+                + ", ".join(f"{step} {count}" for step, count in c["exits"].items())
+            )
 
 
 def simulate_cmd(

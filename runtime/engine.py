@@ -11,10 +11,12 @@ the policy sees is ``monitor.observe``. Torch-free.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
 
 import numpy as np
 
@@ -23,7 +25,9 @@ from edgeshift.core.errors import EdgeshiftError, InputShapeError, UnknownNameEr
 
 from . import policies
 from .building import Built, Slot, SwitchRecord, build_slot
+from .cascade import check_thresholds, choose_point, run_cascade
 from .ladder import device_ladder
+from .manifest import Cascade
 from .monitor import observe
 from .portfolio import Portfolio
 from .request_log import RequestLog
@@ -31,6 +35,58 @@ from .session import session_plan
 from .vetting import vet_portfolio
 
 __all__ = ["Runtime", "SwitchRecord"]
+
+
+class _CascadeState:
+    """The cascade a runtime serves: the steps' sessions, the thresholds in use, where inputs left, and each step's
+    latency as measured while serving (a moving average per call, seeded with the manifest's p50)."""
+
+    SMOOTHING = 0.1
+
+    def __init__(self, calibrated: Cascade, fixed: tuple[float, ...] | None, target_ms: float | None, step_ms):
+        self.calibrated = calibrated
+        self.steps = calibrated.steps
+        self.target_ms = target_ms
+        self.point: int | None = None if fixed is not None else 0
+        self.thresholds = fixed if fixed is not None else calibrated.points[0].thresholds
+        self.slots: list[Slot] = []
+        self._lock = threading.Lock()
+        self._exits = [0] * len(self.steps)
+        self._ms = [float(v) for v in step_ms]
+
+    def run_step(self, k: int, items: np.ndarray) -> np.ndarray:
+        slot = self.slots[k]
+        t = time.perf_counter()
+        out = slot.session.run(None, {slot.input_name: items})[0]
+        ms = (time.perf_counter() - t) * 1e3
+        with self._lock:
+            self._ms[k] += self.SMOOTHING * (ms - self._ms[k])
+        return out
+
+    def count(self, answered: np.ndarray) -> None:
+        counts = np.bincount(answered, minlength=len(self.steps))
+        with self._lock:
+            for k, n in enumerate(counts):
+                self._exits[k] += int(n)
+
+    def step_ms(self) -> list[float]:
+        with self._lock:
+            return list(self._ms)
+
+    def use(self, point: int) -> None:
+        self.point = point
+        self.thresholds = self.calibrated.points[point].thresholds
+
+    def describe(self) -> dict:
+        with self._lock:
+            return {
+                "steps": list(self.steps),
+                "thresholds": list(self.thresholds),
+                "point": self.point,
+                "target_ms": self.target_ms,
+                "exits": dict(zip(self.steps, self._exits)),
+                "step_ms": dict(zip(self.steps, self._ms)),
+            }
 
 
 class Runtime:
@@ -45,6 +101,12 @@ class Runtime:
     a process of its own under the profile's limits (``edgeshift.runtime.vetting``), since the portfolio is
     untrusted; off only for a file you built yourself. ``switch_cpu_share`` (default: the profile's setting, 1 = no
     pacing) is the share of the time a build toward a slower variant works while requests are being served.
+
+    ``cascade=True`` serves the portfolio's calibrated confidence cascade (``edgeshift.runtime.cascade``) instead of
+    one variant: every step's session is kept warm and each input leaves at the first step sure enough of it. Its
+    ``thresholds`` are the calibrated ones unless given; with ``latency_target_ms`` (and no thresholds given) the
+    runtime moves live among the calibrated operating points, the most accurate one whose expected time per input
+    meets the target on the steps' latencies measured here. ``stats()["cascade"]`` counts where inputs left.
     """
 
     def __init__(
@@ -60,6 +122,9 @@ class Runtime:
         decide_every: float = 1.0,
         bench: str | os.PathLike | dict | None = None,
         vet: bool = True,
+        cascade: bool = False,
+        thresholds: Sequence[float] | None = None,
+        latency_target_ms: float | None = None,
     ):
         self.profile = device_profiles.load_profile(profile) if isinstance(profile, (str, os.PathLike)) else profile
         self.portfolio = (
@@ -88,12 +153,19 @@ class Runtime:
         self._pending: Future | None = None
         try:
             self.ladder = device_ladder(self.portfolio, self.profile, bench)
+            self._cascade = self._cascade_state(cascade, thresholds, latency_target_ms, start)
+            if self._cascade is not None:
+                start = self._cascade.steps[-1]
             name = start or self.ladder.steps[(len(self.ladder.steps) - 1) // 2]
             self.portfolio.info(name)  # unknown start -> error naming the variants
             self._check_usable(name)
             if vet:
                 vet_portfolio(self.portfolio, self.profile)
             first = self._build(name)
+            if self._cascade is not None:
+                self._cascade.slots = [
+                    first.slot if step == name else self._build(step).slot for step in self._cascade.steps
+                ]
         except BaseException:
             self._executor.shutdown(wait=False)
             if self._owns_portfolio:
@@ -117,13 +189,14 @@ class Runtime:
                 first.sliced,
             )
         )
-        if self.preload_neighbours:
+        if self.preload_neighbours and self._cascade is None:  # a cascade keeps its own steps warm
             self._executor.submit(self._refresh_standby)
         self.decide_every = decide_every
         self._closing = threading.Event()
         self._fastest_ms: dict[str, float] = {}  # per variant: the fastest window median seen on this device
         self._monitor = None
-        if self.policy.name != "manual" and decide_every > 0:
+        live_cascade = self._cascade is not None and self._cascade.target_ms is not None
+        if (self.policy.name != "manual" or live_cascade) and decide_every > 0:
             self._monitor = threading.Thread(target=self._monitor_loop, name="edgeshift-policy", daemon=True)
             self._monitor.start()
 
@@ -157,8 +230,10 @@ class Runtime:
         return self.predict_with_variant(batch)[0]
 
     def predict_with_variant(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
-        """Run one batch; also say which variant produced the result."""
+        """Run one batch; also say which variant produced the result ("cascade" in cascade mode)."""
         self.check_input(batch)
+        if self._cascade is not None:
+            return self.predict_cascade(batch)[0], "cascade"
         slot = self._active  # one read: this request runs wholly on this session
         t = self._log.started()
         try:
@@ -168,6 +243,57 @@ class Runtime:
             raise
         self._log.finished(t, slot.name)
         return out, slot.name
+
+    def predict_cascade(self, batch: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Run one batch through the cascade: each item's logits from the step that answered it, and that step."""
+        state = self._cascade
+        if state is None:
+            raise EdgeshiftError("this runtime serves one variant: start it with cascade=True to run the cascade")
+        self.check_input(batch)
+        thresholds = state.thresholds  # one read: this request runs wholly on these thresholds
+        t = self._log.started()
+        try:
+            logits, answered = run_cascade(state.run_step, batch, thresholds)
+        except Exception:
+            self._log.failed()
+            raise
+        self._log.finished(t, "cascade")
+        state.count(answered)
+        return logits, [state.steps[k] for k in answered]
+
+    def _cascade_state(
+        self, wanted: bool, thresholds: Sequence[float] | None, target_ms: float | None, start: str | None
+    ) -> _CascadeState | None:
+        if not wanted:
+            if thresholds is not None or target_ms is not None:
+                raise EdgeshiftError("thresholds and a latency target are for the cascade: pass cascade=True")
+            return None
+        calibrated = self.portfolio.manifest.cascade
+        if calibrated is None:
+            raise EdgeshiftError(
+                "this portfolio has no calibrated cascade: export it with `edgeshift export --cascade --data ...`"
+            )
+        if self.policy.name != "manual" or start is not None:
+            raise EdgeshiftError(
+                "a cascade chooses a step per input: it runs without a switch policy or a start variant"
+            )
+        for step in calibrated.steps:
+            self._check_usable(step)
+        if target_ms is not None and not (math.isfinite(target_ms) and target_ms > 0):
+            raise EdgeshiftError(f"the cascade's latency target must be a positive number of ms, got {target_ms:g}")
+        fixed = None if thresholds is None else check_thresholds(thresholds, len(calibrated.steps))
+        p50 = [self.portfolio.info(s).record.latency for s in calibrated.steps]
+        step_ms = [lat.p50_ms if lat is not None else 1.0 for lat in p50]
+        return _CascadeState(calibrated, fixed, None if fixed is not None else target_ms, step_ms)
+
+    def _retune_cascade(self) -> None:
+        """Under a latency target: the most accurate operating point expected to meet it on this device's step
+        latencies, measured while serving."""
+        state = self._cascade
+        if state is None or state.target_ms is None:
+            return
+        point = choose_point(state.calibrated.points, state.step_ms(), state.target_ms)
+        state.use(point)
 
     # -- switching ----------------------------------------------------------------------------------------
     def _build(self, name: str, paced: bool = True) -> Built:
@@ -267,6 +393,8 @@ class Runtime:
 
     def switch_to(self, name: str, reason: str = "manual", wait: bool = True):
         """Make ``name`` the active variant. ``wait=False`` returns a Future and keeps serving meanwhile."""
+        if self._cascade is not None:
+            raise EdgeshiftError("a cascade runtime serves every step of its cascade: there is nothing to switch")
         if name not in self.portfolio.names:
             raise UnknownNameError("variant", name, self.portfolio.names)
         self._check_usable(name)
@@ -290,6 +418,9 @@ class Runtime:
 
     def _monitor_loop(self) -> None:
         while not self._closing.wait(self.decide_every):
+            if self._cascade is not None:
+                self._retune_cascade()
+                continue
             if self._pending is not None and not self._pending.done():
                 continue  # one switch at a time
             obs, views, active = self.observe(self.decide_every)
@@ -317,11 +448,15 @@ class Runtime:
                 "switch_log": [s.to_dict() for s in self._switches],
                 "standby": sorted(self._standby),
             }
+            if self._cascade is not None:
+                out["cascade"] = self._cascade.describe()
         out.update(self._log.percentiles_ms())
         return out
 
     def close(self) -> None:
         self._closing.set()
+        if self._cascade is not None:
+            self._cascade.slots = []
         if self._monitor is not None:
             self._monitor.join()
         self._executor.shutdown(wait=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgeshift.core.tables import echo_table
 from edgeshift.core.text import printable
 
+from .cascade import describe as describe_cascade
 from .portfolio import Portfolio
 from .vetting import vet_portfolio
 
@@ -78,6 +79,14 @@ def print_portfolio(path: Path, profile, verify: bool = True, load: bool = True)
                     f"{v.name}: INT8 {q.format}/{q.activations} of {q.source}, {q.calibration_samples} calibration "
                     f"images ({q.calibration_method}); top-1 agrees with {q.source} on {agree} of "
                     f"{q.test_samples} test images, max logit deviation {dev}"
+                )
+        if m.cascade is not None:
+            print(describe_cascade(m.cascade))
+            test = m.cascade.points[0]
+            if test.test_top1 is not None:
+                print(
+                    f"  on the test images: top-1 {100 * test.test_top1:.2f}%, exits "
+                    + " / ".join(f"{100 * s:.0f}%" for s in test.test_exit_shares)
                 )
 
 

@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 from edgeshift.core.config import load
 from edgeshift.core.errors import PortfolioError
 
-SCHEMA_VERSION = 4  # 2: INT8 variants, the ladder, latency rounds and profile; 3: device_timing; 4: nested
-READABLE_SCHEMAS = (1, 2, 3, 4)  # an older manifest is a newer one without the new optional fields
+SCHEMA_VERSION = 5  # 2: INT8 variants, the ladder, latency rounds and profile; 3: device_timing; 4: nested; 5: cascade
+READABLE_SCHEMAS = (1, 2, 3, 4, 5)  # an older manifest is a newer one without the new optional fields
 MANIFEST_NAME = "manifest.json"
 CHECKS_NAME = "checks.npy"  # preprocessed inputs a device re-checks INT8 variants on (float32 [count, C, H, W])
 MAX_CHECK_INPUTS = 16
@@ -180,6 +180,39 @@ class CheckInputs:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CascadePoint:
+    """One operating point of a confidence cascade: where each input leaves, and what that gave on the images it
+    was calibrated on (and, where the portfolio has them, on its test images)."""
+
+    # per step but the last: an input leaves at step k when its top-1 softmax probability exceeds thresholds[k]
+    thresholds: tuple[float, ...]
+    top1: float  # the cascade's top-1 on the calibration images
+    exit_shares: tuple[float, ...]  # per step: the share of the calibration images answered there
+    test_top1: Optional[float] = None  # the same on the test images the variants' accuracy is measured on
+    test_exit_shares: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cascade:
+    """A confidence cascade over some of the portfolio's variants (``edgeshift.runtime.cascade``): the fastest step
+    runs first and an input goes on to the next only while its top-1 probability is at or under that step's
+    threshold; the last step answers the rest. ``points[0]`` is the calibrated one (at most ``max_loss`` top-1 below
+    the last step on the calibration images); the others lose more for less time, for the runtime to pick from
+    under a latency target."""
+
+    steps: tuple[str, ...]  # variant names, fastest first; the last is the reference the loss is measured against
+    points: tuple[CascadePoint, ...]  # most accurate first
+    max_loss: float  # top-1 (a fraction) the calibrated point may lose against the last step
+    reference_top1: float  # the last step's top-1 on the calibration images
+    samples: int  # calibration images: never those the test figures come from
+    dataset: str = ""
+    profile: str = ""  # the device profile the steps' costs were timed under
+
+
+MAX_CASCADE_STEPS, MAX_CASCADE_POINTS = 8, 16
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     schema_version: int
     producer: str = ""
@@ -193,6 +226,7 @@ class Manifest:
     dropped: tuple[DroppedVariant, ...] = ()  # what the post-processor removed, and why
     ladder: Optional[Ladder] = None  # absent in version-1 manifests: the runtime builds one from the latencies
     checks: Optional[CheckInputs] = None  # schema 3, with INT8 variants
+    cascade: Optional[Cascade] = None  # schema 5: calibrated at export (--cascade)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -324,7 +358,39 @@ def parse_manifest(document: Any, max_variants: int = 1024) -> Manifest:
             raise PortfolioError("manifest: ladder.steps name a variant still waiting for the device's timing")
         if not 0 <= m.ladder.min_gain < 1:
             raise PortfolioError("manifest: ladder.min_gain must be in [0, 1)")
+    if m.cascade is not None:
+        _check_cascade(m.cascade, m)
     return m
+
+
+def _fraction(value: float) -> bool:
+    return math.isfinite(value) and 0 <= value <= 1
+
+
+def _check_cascade(c: Cascade, m: Manifest) -> None:
+    """Distinct, servable steps; per point a threshold in [0, 1] per step but the last and exit shares that add up
+    to one."""
+    pending = {v.name for v in m.variants if v.device_timing == "pending"}
+    names = {v.name for v in m.variants}
+    if not 2 <= len(c.steps) <= MAX_CASCADE_STEPS or len(set(c.steps)) != len(c.steps):
+        raise PortfolioError(f"manifest: cascade.steps must name 2..{MAX_CASCADE_STEPS} distinct variants")
+    if not set(c.steps) <= names or set(c.steps) & pending:
+        raise PortfolioError("manifest: cascade.steps must name variants of the portfolio the device may run")
+    if not 1 <= len(c.points) <= MAX_CASCADE_POINTS:
+        raise PortfolioError(f"manifest: cascade.points must hold 1..{MAX_CASCADE_POINTS} operating points")
+    if not (_fraction(c.max_loss) and _fraction(c.reference_top1)) or c.samples < 1:
+        raise PortfolioError("manifest: cascade.max_loss and reference_top1 must be in [0, 1], samples >= 1")
+    for i, p in enumerate(c.points):
+        where = f"cascade.points[{i}]"
+        if len(p.thresholds) != len(c.steps) - 1 or not all(_fraction(t) for t in p.thresholds):
+            raise PortfolioError(f"manifest: {where}.thresholds must be {len(c.steps) - 1} numbers in [0, 1]")
+        for key, shares in (("exit_shares", p.exit_shares), ("test_exit_shares", p.test_exit_shares)):
+            if key == "test_exit_shares" and not shares:
+                continue
+            if len(shares) != len(c.steps) or not all(_fraction(s) for s in shares) or abs(sum(shares) - 1) > 1e-6:
+                raise PortfolioError(f"manifest: {where}.{key} must be one share per step in [0, 1], adding up to 1")
+        if not _fraction(p.top1) or (p.test_top1 is not None and not _fraction(p.test_top1)):
+            raise PortfolioError(f"manifest: {where}: top-1 figures must be in [0, 1]")
 
 
 def _check_nested(m: Manifest) -> None:

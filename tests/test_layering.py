@@ -55,7 +55,7 @@ SUBLAYERS = {
         [P + "methods"],
     ],
     "exporter": [
-        [E + m for m in ("onnx_export", "nesting", "profile", "quantize", "layer_prices", "report")],
+        [E + m for m in ("onnx_export", "nesting", "cascade", "profile", "quantize", "layer_prices", "report")],
         [E + m for m in ("portfolio", "export_cmd")],
     ],
 }
