@@ -169,6 +169,9 @@ def nest(
     training: str = typer.Option(
         "rebuild", help="rebuild or joint (nested: sec. 4.2, or Slimmable), independent (the baseline: nothing shared)."
     ),
+    joint_weights: str = typer.Option(
+        "", help="joint: per narrower width, widest first, the weight of its loss (default: 1 each)."
+    ),
     batch_size: int = typer.Option(128, min=1),
     train_samples: int = typer.Option(0, min=0, help="Stratified training subset (0: all)."),
     test_samples: int = typer.Option(0, min=0, help="Stratified test subset (0: all)."),
@@ -188,6 +191,7 @@ def nest(
                 "finetune_epochs": finetune_epochs,
                 "lr": lr,
                 "training": training,
+                "joint_weights": pipeline_lib.fraction_list(joint_weights, "--joint-weights"),
             }
         ],
         "train": {"batch_size": batch_size, "seed": seed},

@@ -238,13 +238,16 @@ class JointWidths(nn.Module):
     Slimmable Networks (sec. 3.3) over a few fixed widths. ``forward`` runs the full width and returns its logits
     (what training's loss and evaluation see); each narrower width runs on slices of the full width's weights
     (``torch.func.functional_call`` on the level's structure, so gradients reach the shared weights) and its
-    distillation loss toward the full width's detached prediction is kept for ``loss()``, added by the training
-    loop as a regulariser. ``levels()`` gives each width as a model of its own."""
+    distillation loss toward the full width's detached prediction, times its ``weights`` entry (default 1), is kept
+    for ``loss()``, added by the training loop as a regulariser. ``levels()`` gives each width as a model of its own."""
 
-    def __init__(self, full: nn.Module, levels: Sequence[Level]):
+    def __init__(self, full: nn.Module, levels: Sequence[Level], weights: Sequence[float] | None = None):
         super().__init__()
         self.full = full
         self._levels = list(levels)  # structures only: their weights are the full width's, sliced
+        self._weights = [1.0] * len(self._levels) if weights is None else [float(w) for w in weights]
+        if len(self._weights) != len(self._levels):
+            raise ValueError(f"{len(self._weights)} loss weights for {len(self._levels)} narrower widths")
         self.norms = nn.ModuleDict()
         for level in self._levels:
             own = nn.ParameterDict()
@@ -280,10 +283,11 @@ class JointWidths(nn.Module):
         if self.training:
             target = torch.softmax(logits.detach(), dim=1)
             extra = logits.new_zeros(())
-            for level in self._levels:
+            for weight, level in zip(self._weights, self._levels):
                 level.model.train()
                 out = torch.func.functional_call(level.model, self._tensors(level), (x,))
-                extra = extra + torch.nn.functional.kl_div(torch.log_softmax(out, dim=1), target, reduction="batchmean")
+                kl = torch.nn.functional.kl_div(torch.log_softmax(out, dim=1), target, reduction="batchmean")
+                extra = extra + weight * kl
             self._extra = extra
         return logits
 

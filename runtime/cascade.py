@@ -31,10 +31,15 @@ def confidence(logits: np.ndarray) -> np.ndarray:
 
 
 def check_thresholds(thresholds: Sequence[float], steps: int) -> tuple[float, ...]:
-    """``thresholds`` if they are one number in [0, 1] per step but the last; else a one-line error."""
+    """``thresholds`` if they are one number in [0, 1] per step but the last (one alone stands for all of them);
+    else a one-line error."""
     out = tuple(float(t) for t in thresholds)
+    if len(out) == 1:
+        out *= steps - 1
     if len(out) != steps - 1:
-        raise EdgeshiftError(f"the cascade has {steps} steps: give {steps - 1} thresholds (one per step but the last)")
+        raise EdgeshiftError(
+            f"the cascade has {steps} steps: give {steps - 1} thresholds (one per step but the last) or one for all"
+        )
     bad = [t for t in out if not (math.isfinite(t) and 0 <= t <= 1)]
     if bad:
         raise EdgeshiftError(f"cascade threshold {bad[0]:g} is outside [0, 1] (a top-1 probability an input must beat)")
@@ -49,7 +54,7 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
         raise EdgeshiftError(f"cascade thresholds must be numbers in [0, 1], comma-separated; got {text!r}") from None
     if not values:
         raise EdgeshiftError("give at least one cascade threshold (numbers in [0, 1], comma-separated)")
-    return check_thresholds(values, len(values) + 1)
+    return check_thresholds(values, len(values) + 1)  # the count is checked against the cascade's steps later
 
 
 def run_cascade(

@@ -83,7 +83,8 @@ def test_thresholds_outside_zero_one_are_refused_in_one_line():
     with pytest.raises(EdgeshiftError, match=r"1\.5 is outside \[0, 1\]"):
         check_thresholds([0.5, 1.5], 3)
     with pytest.raises(EdgeshiftError, match="give 2 thresholds"):
-        check_thresholds([0.5], 3)
+        check_thresholds([0.5, 0.5, 0.5], 3)
+    assert check_thresholds([0.7], 3) == (0.7, 0.7)  # one stands for every step but the last
     with pytest.raises(EdgeshiftError, match="numbers in"):
         parse_thresholds("0.5,high")
     assert parse_thresholds("0.9, 0.5") == (0.9, 0.5)

@@ -230,6 +230,10 @@ def test_edgeshift_nest_then_export_stores_every_narrower_weight_as_a_slice(tmp_
     assert missing.exit_code == 2 and "checkpoint to nest (DENSE) not found" in missing.output
     bad = CliRunner().invoke(app, ["nest", str(dense), "-o", str(tmp_path / "x"), "--widths", "0.5,1.5", *common])
     assert bad.exit_code == 2 and "in (0, 1); got 1.5" in bad.output and bad.output.count("\n") == 1
+    weights = ["--widths", "0.5,0.25", "--training", "joint", "--joint-weights", "1"]
+    uneven = CliRunner().invoke(app, ["nest", str(dense), "-o", str(tmp_path / "y"), *weights, *common])
+    assert uneven.exit_code == 2 and "1 weights for 2 narrower widths" in uneven.output
+    assert uneven.output.count("\n") == 1
     args = ["nest", str(dense), "-o", str(tmp_path / "run"), "--widths", "0.5,0.25", "--finetune-epochs", "0.5"]
     result = CliRunner().invoke(app, [*args, "--batch-size", "100", *common])
     assert result.exit_code == 0, result.output

@@ -343,6 +343,25 @@ def test_joint_widths_train_the_shared_weights_from_every_width_with_norms_of_th
     assert not torch.equal(mine.running_mean, full.running_mean[: len(mine.running_mean)])
 
 
+def test_joint_widths_weigh_each_narrower_widths_loss_by_its_weight():
+    gen = torch.Generator().manual_seed(3)
+    model = get("resnet20", width=8)
+    x = torch.randn(8, 3, 32, 32, generator=gen)
+    reorder_channels(model, x)
+    levels = [narrow(model, x, w) for w in (0.5, 0.25)]
+    losses = {}
+    for weights in ((1.0, 1.0), (3.0, 0.5), (1.0, 0.0)):
+        widths = JointWidths(model, levels, weights).train()
+        widths(x)
+        losses[weights] = widths.loss().item()
+    # the oracle: the loss is linear in the weights, each width's term the same on the same batch
+    half, quarter = losses[(1.0, 0.0)], losses[(1.0, 1.0)] - losses[(1.0, 0.0)]
+    assert half > 0 and quarter > 0
+    assert losses[(3.0, 0.5)] == pytest.approx(3 * half + 0.5 * quarter, rel=1e-5)
+    with pytest.raises(ValueError, match="2 loss weights for 1"):
+        JointWidths(model, levels[:1], (1.0, 1.0))
+
+
 def test_jointly_trained_widths_are_stored_as_scaled_slices_and_built_on_the_device(joint):
     path, levels, x = joint
     manifest, _ = members(path)

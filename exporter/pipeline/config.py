@@ -4,7 +4,7 @@
     [data]    path = "generated"          # or an ImageFolder root / CIFAR-10 python folder
     [[methods]] name = "layerprune" ...   # one table per method (`edgeshift methods`), its own settings
     [train]   epochs, batch_size, lr, warmup, weight_decay, seed
-    [deploy]  profile, policy, trace, export_test_samples, latency_iterations, align, int8, calibration_*
+    [deploy]  profile, policy, trace, export_test_samples, latency_iterations, align, int8, calibration_*, cascade*
     [variants] targets = [0.75, 0.5]     # latency targets instead of the methods' variants (targets.py)
     [output]  dir = "out/pipeline"
 
@@ -154,6 +154,15 @@ class DeploySection:
         "int8: minmax | entropy | percentile",
         check=lambda v: None if v in CALIBRATION_METHODS else f"must be one of {', '.join(CALIBRATION_METHODS)}",
     )
+    cascade: bool = setting(
+        False,
+        "calibrate a confidence cascade over the portfolio (the fastest step first, an input going on while unsure; "
+        "`edgeshift run --cascade`)",
+    )
+    cascade_loss: float = setting(0.5, "cascade: points of top-1 it may lose against the reference", minimum=0)
+    cascade_samples: int = setting(
+        500, "cascade: test-split images it is calibrated on, other than those measured", minimum=1
+    )
 
 
 @dataclass(frozen=True)
@@ -163,7 +172,15 @@ class OutputSection:
 
 # keys added to [deploy], [model] and [variants] after run folders existed, with their defaults
 LATER_MODEL_KEYS: dict[str, Any] = {"kwargs": {}, "weights": "", "input_size": 0}
-LATER_DEPLOY_KEYS = {"align": 1, "int8": False, "calibration_samples": 64, "calibration_method": "minmax"}
+LATER_DEPLOY_KEYS = {
+    "align": 1,
+    "int8": False,
+    "calibration_samples": 64,
+    "calibration_method": "minmax",
+    "cascade": False,
+    "cascade_loss": 0.5,
+    "cascade_samples": 500,
+}
 LATER_VARIANTS_KEYS = {"distill": 0.0, "pad_to": 16, "int8_loss_ok": 0.5, "criterion": "imprint"}
 
 DEFAULT_METHOD = "imp"  # what a configuration with neither [[methods]] nor [variants] targets runs

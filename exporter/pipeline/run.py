@@ -27,7 +27,7 @@ from edgeshift.pruner.layers.layerprune import removable_candidates
 from edgeshift.pruner.learned_masks import GateConfig, LearnedMasks
 from edgeshift.pruner.models.zoo import input_shape
 from edgeshift.runtime import policies
-from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, ladder_lines, write_json
+from edgeshift.runtime.bench import BENCH_HEADER, bench_file, bench_rows, cascade_lines, ladder_lines, write_json
 from edgeshift.runtime.ladder import bench_path_for
 from edgeshift.runtime.portfolio import Portfolio
 from edgeshift.runtime.simulate import result_document, simulate_file
@@ -173,13 +173,16 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             int8=d.int8,
             calibration_samples=d.calibration_samples,
             calibration_method=d.calibration_method,
+            cascade=d.cascade,
+            cascade_loss=d.cascade_loss,
+            cascade_samples=d.cascade_samples,
         )
     bench_path = bench_path_for(portfolio)  # beside the portfolio: the runtime orders its ladder by it
     _step(3, total, f"benchmark on this machine (profile {profile.name}) -> {bench_path}")
     if not bench_path.exists():
         doc, results = bench_file(portfolio, profile)
         echo_table(bench_rows(results, doc["ladder"]), BENCH_HEADER)
-        print("\n".join(ladder_lines(doc)))
+        print("\n".join([*ladder_lines(doc), *cascade_lines(doc)]))
         write_json(bench_path, doc)
     trace = Path(cfg.deploy.trace) if cfg.deploy.trace else out / "trace.csv"
     if not cfg.deploy.trace and not trace.exists():

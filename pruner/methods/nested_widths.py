@@ -77,6 +77,13 @@ class NestSettings:
         check=_targets,
     )
     lr: float = setting(0.01, "peak learning rate of each level's fine-tune (cosine)")
+    joint_weights: tuple[float, ...] = setting(
+        (),
+        "joint: per narrower width, widest first, the weight of its distillation loss against the full width's "
+        "(empty: 1 each, Slimmable's plain sum); a narrow width's gradients reach every wider width's leading "
+        "channels, so weighting the narrowest less leaves the middle widths more of their own",
+        check=lambda v: None if all(w > 0 for w in v) else "must be positive numbers",
+    )
     training: str = setting(
         "rebuild",
         "rebuild: the narrowest tuned, each wider level rebuilt from it and only its re-added weights tuned (nested); "
@@ -102,6 +109,11 @@ class NestedWidths:
         if settings.latency_targets:
             widths = self.widths_for_latency(probe, check_widths(settings.latency_targets), context)
         levels = (1.0, *widths)
+        if settings.joint_weights and len(settings.joint_weights) != len(widths):
+            raise EdgeshiftError(
+                f"joint_weights gives {len(settings.joint_weights)} weights for {len(widths)} narrower widths: give "
+                "one per width, widest first"
+            )
         dense = context.dense()
         prefix = "independent" if settings.training == "independent" else "nest"
         paths = {w: context.folder / f"{prefix}-{w:g}.pt" for w in levels}
@@ -193,7 +205,7 @@ class NestedWidths:
         data: tuple[Dataset, Dataset],
     ) -> list[Path]:
         """Every width trained at once (``JointWidths``), then each written as a level of its own."""
-        joint = JointWidths(model, [level for w, level in shaped.items() if w < 1.0])
+        joint = JointWidths(model, [level for w, level in shaped.items() if w < 1.0], settings.joint_weights or None)
         context.say(f"nest: {len(shaped)} widths trained jointly, each with batch norms of its own")
         accuracy = self._finetune(joint, None, settings, context, *data, regulariser=joint)
         widths = list(shaped)

@@ -1,0 +1,139 @@
+"""The confidence cascade on CIFAR-10: mean and p95 time per input against the dense model, at its top-1.
+
+Exports the given checkpoints (or run folders) with ``--cascade``: its thresholds are calibrated on
+``--cascade-samples`` test-split images, and every figure here comes from the other ``--test-samples`` test images.
+Then, in one process under the profile, every measured image goes through the dense model alone and through the
+cascade (the runtime's cascade mode), one image per call, the order of the two alternating per image, warm-up
+excluded: top-1 of both, per-input latency (mean, p50, p95), where the inputs left, and the MACs per input.
+Resumable: an existing portfolio is reused.
+
+    python benchmarks/cascade_cifar.py /tmp/nest-bench/resnet20/joint/variants/nest-*.pt --data \\
+        ../shared/datasets/cifar10 --out /tmp/cascade-bench/resnet20 [--int8] [--test-samples 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeshift import device_profiles
+from edgeshift.pruner.data import load_dataset
+from edgeshift.runtime.engine import Runtime
+from edgeshift.runtime.measure import machine_label
+from edgeshift.runtime.portfolio import Portfolio
+
+WARMUP = 50
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", nargs="+", help="Checkpoints or run folders for `edgeshift export`.")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--test-samples", type=int, default=5000)
+    ap.add_argument("--cascade-samples", type=int, default=5000)
+    ap.add_argument("--cascade-loss", type=float, default=0.5, help="Points of top-1 the calibration may lose.")
+    ap.add_argument("--int8", action="store_true", help="Export INT8 forms too (more candidate steps).")
+    ap.add_argument("--profile", default="host")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    portfolio = args.out / "cascade.zip"
+    if not portfolio.exists():
+        run(
+            [
+                *("edgeshift", "export", *args.sources, "-o", str(portfolio), "--data", args.data),
+                *("--test-samples", str(args.test_samples), "--profile", args.profile, "--no-memory", "--cascade"),
+                *("--cascade-samples", str(args.cascade_samples), "--cascade-loss", str(args.cascade_loss)),
+                *(["--int8"] if args.int8 else []),
+            ]
+        )
+    profile = device_profiles.load_profile(args.profile)
+    with Portfolio.open(portfolio, profile.limits) as pf:
+        manifest = pf.manifest
+        reference = next(v.name for v in pf.variants if v.reference)
+        macs = {v.name: v.macs for v in pf.variants}
+    cascade = manifest.cascade
+    assert cascade is not None, "the export calibrated no cascade (no variant measured faster than the reference)"
+    size = manifest.preprocessing.size
+    test = load_dataset(args.data, "test", num_classes=len(manifest.labels), size=size[0]).subset(args.test_samples)
+    x, y = test.normalised(), test.labels
+    print(f"machine: {machine_label()}; profile {profile.name}; {time.strftime('%Y-%m-%d')}", flush=True)
+    print(f"{len(y)} measured images; cascade {' -> '.join(cascade.steps)}", flush=True)
+
+    dense = Runtime(portfolio, profile=profile, start=reference, preload_neighbours=False, vet=False)
+    casc = Runtime(portfolio, profile=profile, cascade=True, vet=False)
+    try:
+        for i in range(WARMUP):
+            dense.predict(x[i : i + 1])
+            casc.predict(x[i : i + 1])
+        ms = {"dense": np.empty(len(y)), "cascade": np.empty(len(y))}
+        predicted = {"dense": np.empty(len(y), int), "cascade": np.empty(len(y), int)}
+        answered: list[str] = []
+        for i in range(len(y)):
+            item = x[i : i + 1]
+            for which in ("dense", "cascade") if i % 2 == 0 else ("cascade", "dense"):
+                t = time.perf_counter()
+                if which == "dense":
+                    out = dense.predict(item)
+                else:
+                    out, steps = casc.predict_cascade(item)
+                ms[which][i] = (time.perf_counter() - t) * 1e3
+                predicted[which][i] = int(out[0].argmax())
+                if which == "cascade":
+                    answered.append(steps[0])
+    finally:
+        dense.close()
+        casc.close()
+    exits = {s: answered.count(s) / len(answered) for s in cascade.steps}
+    ran = np.cumsum([macs[s] for s in cascade.steps])
+    macs_per_input = float(sum(exits[s] * ran[k] for k, s in enumerate(cascade.steps)))
+    figures = {
+        which: {
+            "top1": float((predicted[which] == y).mean()),
+            "mean_ms": float(ms[which].mean()),
+            "p50_ms": float(np.percentile(ms[which], 50)),
+            "p95_ms": float(np.percentile(ms[which], 95)),
+        }
+        for which in ms
+    }
+    result = {
+        "machine": machine_label(),
+        "profile": profile.name,
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": list(cascade.steps),
+        "thresholds": list(cascade.points[0].thresholds),
+        "calibration": {"samples": cascade.samples, "top1": cascade.points[0].top1, "dense": cascade.reference_top1},
+        "measured_images": len(y),
+        "exits": exits,
+        "macs_per_input": macs_per_input,
+        "dense_macs": macs[reference],
+        **figures,
+    }
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    d, c = figures["dense"], figures["cascade"]
+    print(
+        f"\n| model | top-1 | mean ms | p50 ms | p95 ms | MACs per input |\n|---|---|---|---|---|---|\n"
+        f"| dense ({reference}) | {100 * d['top1']:.2f}% | {d['mean_ms']:.3f} | {d['p50_ms']:.3f} | "
+        f"{d['p95_ms']:.3f} | {macs[reference]:,} |\n"
+        f"| cascade | {100 * c['top1']:.2f}% | {c['mean_ms']:.3f} | {c['p50_ms']:.3f} | {c['p95_ms']:.3f} | "
+        f"{macs_per_input:,.0f} |"
+    )
+    print(
+        f"cascade / dense: mean {c['mean_ms'] / d['mean_ms']:.2f}x, p95 {c['p95_ms'] / d['p95_ms']:.2f}x, MACs "
+        f"{macs_per_input / macs[reference]:.2f}x; top-1 {100 * (c['top1'] - d['top1']):+.2f} points; exits "
+        + ", ".join(f"{s} {100 * v:.1f}%" for s, v in exits.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
