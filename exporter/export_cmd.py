@@ -178,7 +178,7 @@ def export_portfolio(
         if ds.num_classes != record.num_classes:
             raise EdgeshiftError(f"the data has {ds.num_classes} classes, the model {record.num_classes}")
         if cascade:  # before the subset: the held-out images are the next ones of its permutation
-            held = ds.held_out(min(test_samples, len(ds)) if test_samples else len(ds), cascade_samples)
+            held = ds.held_out(min(test_samples, len(ds)), cascade_samples)
             cascade_data = CascadeCalibration(held.normalised(), held.labels, held.name, cascade_loss / 100)
         ds = ds.subset(test_samples)
         test, labels, mean, std = TestData(ds.normalised(), ds.labels, ds.name), ds.classes, list(ds.mean), list(ds.std)
