@@ -10,7 +10,8 @@ portfolio's bytes against its widest variant's; the median of ``--repeats`` swit
 a fresh process with one and with two widths live. Resumable: finished steps are skipped.
 
     python benchmarks/nested_cifar.py --dense /tmp/nest-bench/resnet20-dense.pt --data ../shared/datasets/cifar10 \\
-        --out /tmp/nest-bench/resnet20 [--widths 0.75 0.5 0.25] [--finetune-epochs 1] [--train-samples 0]
+        --out /tmp/nest-bench/resnet20 [--widths 0.75 0.5 0.25] [--finetune-epochs 1] [--train-samples 0] \\
+        [--joint-weights 2,1,0.5]
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--widths", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     ap.add_argument("--finetune-epochs", type=float, default=1.0)
     ap.add_argument("--train-samples", type=int, default=0)
+    ap.add_argument("--joint-weights", default="", help="`edgeshift nest --joint-weights` for the joint training.")
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--test-samples", type=int, default=10000)
     ap.add_argument("--profile", default="host")
     ap.add_argument("--repeats", type=int, default=20)
@@ -82,7 +85,8 @@ def main() -> None:
                 *("edgeshift", "nest", str(args.dense), "-o", str(folder), "--data", args.data),
                 *("--widths", ",".join(f"{w:g}" for w in args.widths), "--training", training),
                 *("--finetune-epochs", str(args.finetune_epochs), "--train-samples", str(args.train_samples)),
-                *("--test-samples", "2000"),
+                *("--test-samples", "2000", "--batch-size", str(args.batch_size)),
+                *(["--joint-weights", args.joint_weights] if training == "joint" and args.joint_weights else []),
             ]
         )
         portfolio = args.out / f"{training}.zip"

@@ -169,6 +169,9 @@ def nest(
     training: str = typer.Option(
         "rebuild", help="rebuild or joint (nested: sec. 4.2, or Slimmable), independent (the baseline: nothing shared)."
     ),
+    ranking: str = typer.Option(
+        "l1", help="What orders the channels: l1 (weight norms) or learned (gates learned on the frozen model)."
+    ),
     joint_weights: str = typer.Option(
         "", help="joint: per narrower width, widest first, the weight of its loss (default: 1 each)."
     ),
@@ -192,6 +195,7 @@ def nest(
                 "lr": lr,
                 "training": training,
                 "joint_weights": pipeline_lib.fraction_list(joint_weights, "--joint-weights"),
+                "ranking": ranking,
             }
         ],
         "train": {"batch_size": batch_size, "seed": seed},

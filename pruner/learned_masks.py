@@ -141,6 +141,7 @@ class LearnedMasks(nn.Module):
                 "group reaches the output, or passes an op kept whole)"
             )
         self.group_roots = [s.root for s in specs]
+        self.group_specs = specs  # which channels each gate vector covers (its entries by the group's roots)
         mods = dict(model.named_modules())
         bn_after = dict(conv_bn_pairs(model))
         self._gated: list[list[_Gated]] = []  # where each group's zeros go when hardened: BNs or producers

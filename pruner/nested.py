@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from edgeshift.core.errors import EdgeshiftError
 
+from .learned_masks import GateConfig, LearnedMasks
 from .structured.groups import _GroupSpec, coupled_groups
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -93,14 +94,26 @@ class NestedGroup:
     importance: tuple[float, ...]
 
 
-def reorder_channels(model: nn.Module, example: torch.Tensor) -> list[NestedGroup]:
-    """Permute, in place, every nestable group's channels so the most important come first (ties: the earlier
-    channel); every layer reading or writing the group moves with it, so the model computes the same function."""
+def reorder_channels(
+    model: nn.Module, example: torch.Tensor, scores: Mapping[frozenset[str], np.ndarray] | None = None
+) -> list[NestedGroup]:
+    """Permute, in place, every nestable group's channels so the most important come first; every layer reading or
+    writing the group moves with it, so the model computes the same function. Importance: ``scores`` per group
+    (keyed and indexed as ``learned_scores`` gives them, e.g. learned gate logits), ties and groups without one by
+    the L1 norm of the weights writing the channel, then the earlier channel."""
     mods = dict(model.named_modules())
     nested = []
     for spec in _nestable(model, example):  # the coupling analysis traces with autograd: no no_grad around it
-        score = _importance(model, spec)
-        order = np.lexsort((np.arange(spec.size), -score))
+        l1 = _importance(model, spec)
+        key, roots, channels = _canonical(spec)
+        given = None if scores is None else scores.get(key)
+        if given is not None and len(given) != spec.size:
+            raise ValueError(f"{len(given)} scores for the {spec.size} channels of group {spec.root}")
+        score = l1
+        if given is not None:
+            score = np.empty(spec.size)
+            score[roots] = np.asarray(given, np.float64)[channels]
+        order = np.lexsort((np.arange(spec.size), -l1, -score))
         rank = np.empty(spec.size, dtype=np.int64)
         rank[order] = np.arange(spec.size)
         done: set[tuple[int, int]] = set()
@@ -116,6 +129,46 @@ def reorder_channels(model: nn.Module, example: torch.Tensor) -> list[NestedGrou
                     tensor.index_copy_(dim, target, tensor.index_select(dim, source).clone())
         nested.append(NestedGroup(spec.root, spec.size, tuple(float(s) for s in score[order])))
     return nested
+
+
+GroupKey = frozenset[str]  # a group by the layers writing it: the same however the coupling analysis reached it
+
+
+def _canonical(spec: _GroupSpec) -> tuple[GroupKey, np.ndarray, np.ndarray]:
+    """(key, roots, channels): the group by its producers, and how its roots map to the output channels of the
+    first producer by name (root indices depend on where the analysis started; that producer's channels do not)."""
+    producers = [it for it in spec.items if it.role == "producer"]
+    first = min(producers, key=lambda it: it.name)
+    return frozenset(it.name for it in producers), np.asarray(first.roots), np.asarray(first.idxs)
+
+
+def learned_scores(
+    model: nn.Module,
+    example: torch.Tensor,
+    fit: Callable[[nn.Module, LearnedMasks, int], None],
+    target: float,
+    steps: int,
+) -> dict[GroupKey, np.ndarray]:
+    """Per prunable group (by the layers writing it), each channel's gate logit after learning gates on a copy of
+    ``model`` whose weights stay frozen (learned filter masks, "Neural Networks Model Compression", ch. 3: a channel's
+    gate rises with its pull on the task loss and falls with its price): a ranking by what the trained network
+    uses, where L1 ranks by weight size alone. ``fit(copy, masks, steps)`` runs the training loop with ``masks`` as
+    its regulariser; ``model`` is not changed."""
+    work = copy.deepcopy(model)
+    masks = LearnedMasks(work, example, GateConfig(target=target, warm_start=False))  # traces with autograd: first
+    for p in work.parameters():
+        p.requires_grad_(False)
+    masks.plan(steps)
+    fit(work, masks, steps)
+    masks.detach_hooks()
+    out: dict[GroupKey, np.ndarray] = {}
+    for spec, logits in zip(masks.group_specs, masks.logits):
+        if any(it.role == "producer" for it in spec.items):
+            key, roots, channels = _canonical(spec)
+            by_channel = np.empty(spec.size)
+            by_channel[channels] = logits.detach().double().numpy()[roots]
+            out[key] = by_channel
+    return out
 
 
 def kept_channels(size: int, width: float) -> int:

@@ -18,7 +18,14 @@ from edgeshift.core.errors import EdgeshiftError
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.methods.nested_widths import SWEEP, widths_meeting
 from edgeshift.pruner.models import get
-from edgeshift.pruner.nested import check_widths, freeze_outside, narrow, rebuild, reorder_channels
+from edgeshift.pruner.nested import (
+    check_widths,
+    freeze_outside,
+    learned_scores,
+    narrow,
+    rebuild,
+    reorder_channels,
+)
 from edgeshift.pruner.structured.groups import coupled_groups
 from edgeshift.runtime.portfolio import Portfolio
 
@@ -73,6 +80,44 @@ def test_reordering_keeps_the_function_and_sorts_every_group_by_importance(key):
                 w = mods[it.name].weight.detach().abs().reshape(mods[it.name].weight.shape[0], -1).sum(1).numpy()
                 np.add.at(score, it.roots, w[it.idxs])
         assert all(a >= b - 1e-9 for a, b in zip(score, score[1:])), (spec.root, score)
+
+
+def _producer_l1(model: nn.Module, spec) -> np.ndarray:
+    mods = dict(model.named_modules())
+    score = np.zeros(spec.size)
+    for it in spec.items:
+        if it.role == "producer":
+            w = mods[it.name].weight.detach().abs().reshape(mods[it.name].weight.shape[0], -1).sum(1).numpy()
+            np.add.at(score, it.roots, w[it.idxs])
+    return score
+
+
+def test_learned_ranking_orders_channels_by_their_gates_not_their_weights():
+    """``learned_scores`` hands the gates' logits per group to ``reorder_channels``: here the fit sets them (the
+    reverse of the L1 order in every group), and the reordered model computes the same function."""
+    model, x = model_of("resnet20")
+
+    def fit(work, masks, steps):
+        assert all(not p.requires_grad for p in work.parameters())  # the trained weights stay as they are
+        with torch.no_grad():
+            for logits, spec in zip(masks.logits, masks.group_specs):
+                l1 = _producer_l1(work, spec)  # by the group's roots
+                logits.copy_(-torch.as_tensor(l1.argsort().argsort(), dtype=logits.dtype))  # weakest highest
+        assert steps == 3
+
+    before = copy.deepcopy(model.state_dict())
+    scores = learned_scores(model, x, fit, target=0.25, steps=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model itself untouched
+    reordered = copy.deepcopy(model)
+    reorder_channels(reordered, x, scores)
+    assert_same_function(model, reordered, torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(1)))
+    checked = 0
+    for spec in coupled_groups(reordered, x):
+        if not spec.blocked and spec.size > 1 and any(it.role == "producer" for it in spec.items):
+            l1 = _producer_l1(reordered, spec)
+            assert all(a <= b + 1e-9 for a, b in zip(l1, l1[1:])), (spec.root, l1)  # now ascending in L1
+            checked += 1
+    assert checked == len(scores) > 1
 
 
 # a layer reading a concatenation keeps the leading part of each group's segment: (segment start, size) per group
@@ -235,8 +280,9 @@ def test_edgeshift_nest_then_export_stores_every_narrower_weight_as_a_slice(tmp_
     assert uneven.exit_code == 2 and "1 weights for 2 narrower widths" in uneven.output
     assert uneven.output.count("\n") == 1
     args = ["nest", str(dense), "-o", str(tmp_path / "run"), "--widths", "0.5,0.25", "--finetune-epochs", "0.5"]
-    result = CliRunner().invoke(app, [*args, "--batch-size", "100", *common])
+    result = CliRunner().invoke(app, [*args, "--batch-size", "100", "--ranking", "learned", *common])
     assert result.exit_code == 0, result.output
+    assert "learning gates to rank the channels" in result.output
     levels = [str(tmp_path / "run" / "variants" / f"nest-{w}.pt") for w in ("1", "0.5", "0.25")]
     out = tmp_path / "nested.zip"
     exported = CliRunner().invoke(app, ["export", *levels, "-o", str(out), "--no-memory", "--iterations", "10"])

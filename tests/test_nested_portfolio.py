@@ -11,6 +11,7 @@ import threading
 import zipfile
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -79,6 +80,43 @@ def test_the_widest_weights_are_stored_once(nested):
         shared = sum(np.prod([sum(b - a for a, b in runs) for runs in w["ranges"]]) for w in v["nested"]["shared"])
         assert shared == v["params"]
     assert path.stat().st_size <= 1.25 * widest["bytes"]
+
+
+def test_int8_forms_of_nested_widths_are_stored_whole_beside_the_sliced_fp32_ones(nested, tmp_path):
+    """INT8 weights are not slices of the base's FP32 ones: each INT8 width is its own graph, quantized from the
+    width's FP32 form; the FP32 widths stay sliced. Which INT8 forms are kept is a measurement of this CPU (kept
+    only when faster), so each one missing must be dropped for that reason."""
+    _, model, x = nested
+    paths = []
+    for width in (1.0, 0.5):
+        level = model if width == 1.0 else narrow(model, x, width).model
+        paths.append(tmp_path / f"nest-{width:g}.pt")
+        save_checkpoint(level, paths[-1], meta={"nest": {"width": width, "family": "int8-run"}})
+    out = export_portfolio(
+        paths,
+        tmp_path / "int8.zip",
+        data="generated",
+        test_samples=64,
+        int8=True,
+        calibration_samples=16,
+        measure_memory=False,
+        latency_iterations=20,
+    )
+    manifest, files = members(out)
+    by_name = {v["name"]: v for v in manifest["variants"]}
+    assert by_name["nest-0.5"]["nested"]["base"] == "nest-1"  # FP32: still a slice of the widest
+    dropped = {d["name"]: d["reason"] for d in manifest["dropped"]}
+    for source in ("nest-1", "nest-0.5"):
+        name = f"{source}-int8"
+        if name not in by_name:
+            assert dropped[name].startswith("INT8 "), dropped
+            continue
+        record = by_name[name]
+        assert record["nested"] is None and record["quantization"]["source"] == source
+        graph = onnx.load_from_string(files[f"variants/{name}.onnx"]).graph  # whole: it needs nothing else
+        assert any(n.op_type in ("QLinearConv", "DequantizeLinear") for n in graph.node)  # either format
+    with Portfolio.open(out) as pf:
+        pf.verify()  # every member, sliced or whole, against its hash
 
 
 def test_every_narrower_session_computes_the_torch_model_narrowed_here(nested):

@@ -210,6 +210,11 @@ class PipelineConfig:
         doc.pop("output")
         if self.variants == VariantsSection():
             del doc["variants"]  # added later: at its defaults, earlier run folders stay resumable
+        for choice, table in zip(self.methods, doc.get("methods", [])):
+            # a method's settings added after run folders existed: at their defaults, those folders stay resumable
+            for key, default in getattr(type(choice.settings), "LATER", {}).items():
+                if table["settings"].get(key, object()) == default:
+                    del table["settings"][key]
         for section, keys in (
             ("deploy", LATER_DEPLOY_KEYS),
             ("model", LATER_MODEL_KEYS),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,7 @@ from ..nested import (
     check_nestable,
     check_widths,
     freeze_outside,
+    learned_scores,
     narrow,
     rebuild,
     reorder_channels,
@@ -54,6 +56,7 @@ def _targets(values: tuple[float, ...]) -> str | None:
 
 
 TRAININGS = ("rebuild", "joint", "independent")
+RANKINGS = ("l1", "learned")
 
 
 SWEEP = tuple(i / 20 for i in range(19, 0, -1))  # the widths a latency target is met from: 0.95 .. 0.05
@@ -61,6 +64,9 @@ SWEEP = tuple(i / 20 for i in range(19, 0, -1))  # the widths a latency target i
 
 @dataclass(frozen=True)
 class NestSettings:
+    # settings added after nest runs existed, with their defaults: at those a run folder's hash is unchanged
+    LATER: ClassVar[dict[str, object]] = {"joint_weights": (), "ranking": "l1", "ranking_epochs": 0.25}
+
     widths: tuple[float, ...] = setting(
         (0.75, 0.5, 0.25), "the narrower levels, fractions of every group's channels, decreasing", check=_widths
     )
@@ -84,6 +90,14 @@ class NestSettings:
         "channels, so weighting the narrowest less leaves the middle widths more of their own",
         check=lambda v: None if all(w > 0 for w in v) else "must be positive numbers",
     )
+    ranking: str = setting(
+        "l1",
+        "what orders every group's channels (the narrower widths keep the first): l1 (the norm of the weights "
+        "writing each channel) or learned (learned filter masks: gates learned on the frozen trained model for "
+        "ranking_epochs, each channel ranked by its gate)",
+        check=lambda v: None if v in RANKINGS else f"must be one of {', '.join(RANKINGS)}",
+    )
+    ranking_epochs: float = setting(0.25, "learned ranking: epochs of gate learning", minimum=0)
     training: str = setting(
         "rebuild",
         "rebuild: the narrowest tuned, each wider level rebuilt from it and only its re-added weights tuned (nested); "
@@ -93,6 +107,14 @@ class NestSettings:
         "(the baseline nested widths are measured against: its widths share nothing)",
         check=lambda v: None if v in TRAININGS else f"must be one of {', '.join(TRAININGS)}",
     )
+
+    def __post_init__(self) -> None:  # across fields: refused as the configuration is read, before any work
+        levels = len(self.latency_targets or self.widths)
+        if self.joint_weights and len(self.joint_weights) != levels:
+            raise EdgeshiftError(
+                f"joint_weights gives {len(self.joint_weights)} weights for {levels} narrower widths: give one per "
+                "width, widest first"
+            )
 
 
 class NestedWidths:
@@ -109,11 +131,6 @@ class NestedWidths:
         if settings.latency_targets:
             widths = self.widths_for_latency(probe, check_widths(settings.latency_targets), context)
         levels = (1.0, *widths)
-        if settings.joint_weights and len(settings.joint_weights) != len(widths):
-            raise EdgeshiftError(
-                f"joint_weights gives {len(settings.joint_weights)} weights for {len(widths)} narrower widths: give "
-                "one per width, widest first"
-            )
         dense = context.dense()
         prefix = "independent" if settings.training == "independent" else "nest"
         paths = {w: context.folder / f"{prefix}-{w:g}.pt" for w in levels}
@@ -124,11 +141,14 @@ class NestedWidths:
         model, _ = load_checkpoint(dense)
         family = next((d["family"] for d in done if isinstance(d.get("family"), str)), uuid.uuid4().hex)
         example = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
-        nested = reorder_channels(model, example)  # exact: the same function, channels by importance
         d = context.data
         train_ds, test_ds = model_splits(
             d.path, record_of(model), train_samples=d.train_samples, test_samples=d.test_samples, seed=context.seed
         )
+        scores = None
+        if settings.ranking == "learned":
+            scores = self._learned_ranking(model, example, widths[-1], settings, context, train_ds, test_ds)
+        nested = reorder_channels(model, example, scores)  # exact: the same function, channels by importance
         # every level from the reordered model's original weights, with where its entries sit in the full model
         shaped = {w: Level(w, model, {}) if w == 1.0 else narrow(model, example, w) for w in levels}
         if settings.training == "joint":
@@ -164,6 +184,7 @@ class NestedWidths:
                                 "groups": len(nested),
                                 "family": family,
                                 "training": settings.training,
+                                "ranking": settings.ranking,
                             }
                         }
                     ),
@@ -210,13 +231,40 @@ class NestedWidths:
         accuracy = self._finetune(joint, None, settings, context, *data, regulariser=joint)
         widths = list(shaped)
         for level in [Level(1.0, model.eval(), {}), *joint.levels()]:
-            meta = {"width": level.width, "widths": widths, "groups": groups, "family": family, "training": "joint"}
+            meta = {
+                "width": level.width,
+                "widths": widths,
+                "groups": groups,
+                "family": family,
+                "training": "joint",
+                "ranking": settings.ranking,
+            }
             save_checkpoint(
                 level.model,
                 paths[level.width],
                 meta={"nest": meta, "test_accuracy": accuracy if level.width == 1.0 else None},
             )
         return list(paths.values())
+
+    @staticmethod
+    def _learned_ranking(
+        model: nn.Module,
+        example: torch.Tensor,
+        narrowest: float,
+        settings: NestSettings,
+        context: MethodContext,
+        train_ds: Dataset,
+        test_ds: Dataset,
+    ) -> dict[frozenset[str], np.ndarray]:
+        """Gate logits per group (``learned_scores``), priced toward the narrowest width's share of the MACs."""
+        steps = max(1, round(settings.ranking_epochs * len(train_ds) / context.train.batch_size))
+        context.say(f"nest: learning gates to rank the channels ({steps} steps, the trained weights frozen)")
+
+        def fit(work: nn.Module, masks, count: int) -> None:
+            cfg = dataclasses.replace(context.train, iterations=count, lr=settings.lr, warmup_steps=0)
+            train(work, train_ds, test_ds, cfg, label="ranking gates", regulariser=masks)
+
+        return learned_scores(model, example, fit, target=max(narrowest**2, 0.02), steps=steps)
 
     @staticmethod
     def _finetune(
