@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeshift import device_profiles
+from edgeshift.exporter.profile import time_interleaved_models
 from edgeshift.pruner.data import load_dataset
+from edgeshift.runtime.cascade import expected_latency, spin_stopping
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.measure import machine_label
 from edgeshift.runtime.portfolio import Portfolio
@@ -70,7 +72,9 @@ def main() -> None:
     print(f"machine: {machine_label()}; profile {profile.name}; {time.strftime('%Y-%m-%d')}", flush=True)
     print(f"{len(y)} measured images; cascade {' -> '.join(cascade.steps)}", flush=True)
 
-    dense = Runtime(portfolio, profile=profile, start=reference, preload_neighbours=False, vet=False)
+    # the dense model served as the cascade's steps are (threads stop spinning when a run ends), so that neither
+    # one's pool takes the cores from the other's next call
+    dense = Runtime(portfolio, profile=spin_stopping(profile), start=reference, preload_neighbours=False, vet=False)
     casc = Runtime(portfolio, profile=profile, cascade=True, vet=False)
     try:
         for i in range(WARMUP):
@@ -95,6 +99,12 @@ def main() -> None:
         dense.close()
         casc.close()
     exits = {s: answered.count(s) / len(answered) for s in cascade.steps}
+    # the same from the timing process (every step and the dense model interleaved, one shared pool, spinning as
+    # the profile says): an input answered at step k costs the p50s of steps 0..k
+    with Portfolio.open(portfolio, profile.limits) as pf:
+        graphs = {n: pf.inflate(n) for n in {*cascade.steps, reference}}
+    p50 = {n: st.p50_ms for n, st in time_interleaved_models(graphs, {"input": x[:1]}, profile, batch=1).items()}
+    expected = expected_latency([exits[s] for s in cascade.steps], [p50[s] for s in cascade.steps])
     ran = np.cumsum([macs[s] for s in cascade.steps])
     macs_per_input = float(sum(exits[s] * ran[k] for k, s in enumerate(cascade.steps)))
     figures = {
@@ -118,6 +128,7 @@ def main() -> None:
         "macs_per_input": macs_per_input,
         "dense_macs": macs[reference],
         **figures,
+        "timing_process": {"p50_ms": p50, "expected_mean_ms": expected.mean_ms, "expected_p95_ms": expected.p95_ms},
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     d, c = figures["dense"], figures["cascade"]
@@ -132,6 +143,11 @@ def main() -> None:
         f"cascade / dense: mean {c['mean_ms'] / d['mean_ms']:.2f}x, p95 {c['p95_ms'] / d['p95_ms']:.2f}x, MACs "
         f"{macs_per_input / macs[reference]:.2f}x; top-1 {100 * (c['top1'] - d['top1']):+.2f} points; exits "
         + ", ".join(f"{s} {100 * v:.1f}%" for s, v in exits.items())
+    )
+    print(
+        f"timing process (interleaved, shared pool): dense p50 {p50[reference]:.3f} ms; cascade expected from these "
+        f"exits: mean {expected.mean_ms:.3f} ms ({expected.mean_ms / p50[reference]:.2f}x), p95 "
+        f"{expected.p95_ms:.3f} ms; steps " + ", ".join(f"{s} {p50[s]:.3f}" for s in cascade.steps)
     )
 
 

@@ -12,6 +12,7 @@ first step (its outputs).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -19,8 +20,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeshift.core.errors import EdgeshiftError
+from edgeshift.device_profiles import DeviceProfile
 
 from .manifest import Cascade, CascadePoint
+
+SPIN_STOP = {"session.force_spinning_stop": "1"}
+
+
+def spin_stopping(profile: DeviceProfile) -> DeviceProfile:
+    """``profile`` whose sessions stop their threads spinning when a run ends: a cascade runs several sessions one
+    after another on the same cores, and one step's pool spinning on would take them from the next step's."""
+    execution = dataclasses.replace(profile.execution, session_config={**profile.execution.session_config, **SPIN_STOP})
+    return dataclasses.replace(profile, execution=execution)
 
 
 def confidence(logits: np.ndarray) -> np.ndarray:

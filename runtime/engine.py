@@ -25,7 +25,7 @@ from edgeshift.core.errors import EdgeshiftError, InputShapeError, UnknownNameEr
 
 from . import policies
 from .building import Built, Slot, SwitchRecord, build_slot
-from .cascade import check_thresholds, choose_point, run_cascade
+from .cascade import check_thresholds, choose_point, run_cascade, spin_stopping
 from .ladder import device_ladder
 from .manifest import Cascade
 from .monitor import observe
@@ -106,7 +106,8 @@ class Runtime:
     one variant: every step's session is kept warm and each input leaves at the first step sure enough of it. Its
     ``thresholds`` are the calibrated ones unless given; with ``latency_target_ms`` (and no thresholds given) the
     runtime moves live among the calibrated operating points, the most accurate one whose expected time per input
-    meets the target on the steps' latencies measured here. ``stats()["cascade"]`` counts where inputs left.
+    meets the target on the steps' latencies measured here. ``stats()["cascade"]`` counts where inputs left. Its
+    sessions stop their threads spinning at the end of each run (``cascade.spin_stopping``).
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class Runtime:
         self._log = RequestLog()
         self._switches: list[SwitchRecord] = []
         self._pending: Future | None = None
+        self._cascade: _CascadeState | None = None
         try:
             self.ladder = device_ladder(self.portfolio, self.profile, bench)
             self._cascade = self._cascade_state(cascade, thresholds, latency_target_ms, start)
@@ -303,7 +305,7 @@ class Runtime:
         return build_slot(
             self.portfolio,
             name,
-            self.profile,
+            self.profile if self._cascade is None else spin_stopping(self.profile),
             dtype=self._input_dtype,
             warmup_runs=self.warmup_runs,
             cpu_share=self.switch_cpu_share if paced else 1.0,
