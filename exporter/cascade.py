@@ -17,6 +17,10 @@ from edgeshift.runtime.cascade import confidence, expected_latency
 from edgeshift.runtime.manifest import MAX_CASCADE_POINTS, Cascade, CascadePoint
 
 GRID = 48  # threshold candidates per step: quantiles of its confidences, plus 1 (nobody leaves)
+# the loss is bounded at 95% (one-sided) over the calibration images' paired differences, not at its value there:
+# thresholds chosen to lose exactly the budget on those images lose more on others (measured: VGG-16 on CIFAR-10,
+# 0.50 points on 5,000 calibration images, 0.82 on the 5,000 test images)
+MARGIN_Z = 1.645
 LOOSER = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)  # further losses the runtime may trade for time
 
 
@@ -63,10 +67,22 @@ def _grid(conf: np.ndarray) -> np.ndarray:
     return np.unique(np.append(np.quantile(conf, np.linspace(0, 1, GRID)), 1.0))
 
 
+def loss_bound(cascade_right: np.ndarray, reference_right: np.ndarray, z: float = MARGIN_Z) -> np.ndarray:
+    """Top-1 the cascade loses against the reference (a fraction), plus ``z`` standard errors of that paired
+    difference (over the last axis: images); rows of ``cascade_right`` are candidate configurations."""
+    n = reference_right.shape[-1]
+    worse = (reference_right & ~cascade_right).sum(axis=-1)  # the reference right, the cascade not
+    better = (~reference_right & cascade_right).sum(axis=-1)
+    loss = (worse - better) / n
+    variance = np.maximum((worse + better) / n - loss**2, 0.0) / n
+    return loss + z * np.sqrt(variance)
+
+
 def _best_thresholds(
-    confidences: list[np.ndarray], correct: list[np.ndarray], step_ms: list[float], floor: float
+    confidences: list[np.ndarray], correct: list[np.ndarray], step_ms: list[float], max_loss: float
 ) -> Choice | None:
-    """The cheapest thresholds (grid search; the last early step's vectorised) with top-1 >= ``floor``."""
+    """The cheapest thresholds (grid search; the last early step's vectorised) whose ``loss_bound`` against the
+    last step (the reference) is at most ``max_loss``."""
     early = len(confidences) - 1
     grids = [_grid(c) for c in confidences[:early]]
     n = len(correct[0])
@@ -88,7 +104,7 @@ def _best_thresholds(
         right_all = right[None, :] | (leave & correct[k][None, :]) | (rest & correct[-1][None, :])
         top1 = right_all.mean(axis=1)
         mean = (cost + leave.sum(axis=1) * costs[k] + rest.sum(axis=1) * costs[-1]) / n
-        for j in np.flatnonzero(top1 >= floor - 1e-12):
+        for j in np.flatnonzero(loss_bound(right_all, correct[-1]) <= max_loss + 1e-12):
             key = (float(mean[j]), -float(top1[j]), (*map(float, head), float(grids[-1][j])))
             if best is None or key[:2] < best[:2]:
                 best = key
@@ -110,10 +126,10 @@ def calibrate(
     samples_name: str = "",
     profile: str = "",
 ) -> Cascade:
-    """The cascade of least expected time per input whose top-1 on the calibration images is at most ``max_loss``
-    under ``reference``'s, from the candidates in ``outputs`` faster than the reference (at most ``max_early`` of
-    them, fastest first); then, on the same steps, looser points for the runtime to trade accuracy for time with.
-    Refused in one line when no candidate is faster than the reference."""
+    """The cascade of least expected time per input whose top-1 loss against ``reference`` is at most ``max_loss``
+    with 95% confidence on the calibration images (``loss_bound``), from the candidates in ``outputs`` faster than
+    the reference (at most ``max_early`` of them, fastest first); then, on the same steps, looser points for the
+    runtime to trade accuracy for time with. Refused in one line when no candidate is faster than the reference."""
     if not 0 <= max_loss <= 1:
         raise EdgeshiftError(f"the cascade's top-1 loss must be in [0, 1] (a fraction), got {max_loss:g}")
     ref = outputs[reference]
@@ -125,13 +141,12 @@ def calibrate(
     conf = {n: confidence(o.calibration_logits) for n, o in outputs.items()}
     ok = {n: o.calibration_logits.argmax(1) == labels for n, o in outputs.items()}
     reference_top1 = float(ok[reference].mean())
-    floor = reference_top1 - max_loss
     best: Choice | None = None
     for size in range(1, min(max_early, len(faster)) + 1):
         for subset in itertools.combinations(faster, size):  # keeps the fastest-first order
             steps = [*subset, reference]
             choice = _best_thresholds(
-                [conf[s] for s in steps], [ok[s] for s in steps], [outputs[s].p50_ms for s in steps], floor
+                [conf[s] for s in steps], [ok[s] for s in steps], [outputs[s].p50_ms for s in steps], max_loss
             )
             if choice is not None and (best is None or (choice.mean_ms, -choice.top1) < (best.mean_ms, -best.top1)):
                 best = Choice(tuple(steps), choice.thresholds, choice.top1, choice.exit_shares, choice.mean_ms)
@@ -142,7 +157,7 @@ def calibrate(
         if loss <= max_loss or len(thresholds) >= MAX_CASCADE_POINTS:
             continue
         looser = _best_thresholds(
-            [conf[s] for s in steps], [ok[s] for s in steps], [outputs[s].p50_ms for s in steps], reference_top1 - loss
+            [conf[s] for s in steps], [ok[s] for s in steps], [outputs[s].p50_ms for s in steps], loss
         )
         if looser is not None and looser.thresholds not in thresholds:
             thresholds.append(looser.thresholds)
