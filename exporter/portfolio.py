@@ -488,9 +488,10 @@ def build_portfolio(
     cascade = None
     if settings.cascade is not None:
         c = settings.cascade
-        # every variant kept and timed here may be a step; the reference is always kept
-        outputs = {e["name"]: StepOutputs(cascade_logits[e["name"]], stats[e["name"]].p50_ms) for e in kept}
-        outputs = {n: dataclasses.replace(o, test_logits=built[n].logits) for n, o in outputs.items()}
+        # every variant kept and timed here may be a step (not one pending the device's timing); the reference is
+        # always kept
+        names = [e["name"] for e in kept]
+        outputs = {n: StepOutputs(cascade_logits[n], stats[n].p50_ms, built[n].logits) for n in names}
         try:
             cascade = calibrate(
                 outputs,

@@ -233,9 +233,9 @@ class Runtime:
 
     def predict_with_variant(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
         """Run one batch; also say which variant produced the result ("cascade" in cascade mode)."""
-        self.check_input(batch)
         if self._cascade is not None:
-            return self.predict_cascade(batch)[0], "cascade"
+            return self.predict_cascade(batch)[0], "cascade"  # it checks the input
+        self.check_input(batch)
         slot = self._active  # one read: this request runs wholly on this session
         t = self._log.started()
         try:
