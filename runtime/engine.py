@@ -234,7 +234,7 @@ class Runtime:
     def predict_with_variant(self, batch: np.ndarray) -> tuple[np.ndarray, str]:
         """Run one batch; also say which variant produced the result ("cascade" in cascade mode)."""
         if self._cascade is not None:
-            return self.predict_cascade(batch)[0], "cascade"  # it checks the input
+            return self._run_cascade(self._cascade, batch)[0], "cascade"
         self.check_input(batch)
         slot = self._active  # one read: this request runs wholly on this session
         t = self._log.started()
@@ -251,6 +251,11 @@ class Runtime:
         state = self._cascade
         if state is None:
             raise EdgeshiftError("this runtime serves one variant: start it with cascade=True to run the cascade")
+        logits, answered = self._run_cascade(state, batch)
+        return logits, [state.steps[k] for k in answered]
+
+    def _run_cascade(self, state: _CascadeState, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, index of the step that answered each item), logged and counted."""
         self.check_input(batch)
         thresholds = state.thresholds  # one read: this request runs wholly on these thresholds
         t = self._log.started()
@@ -261,7 +266,7 @@ class Runtime:
             raise
         self._log.finished(t, "cascade")
         state.count(answered)
-        return logits, [state.steps[k] for k in answered]
+        return logits, answered
 
     def _cascade_state(
         self, wanted: bool, thresholds: Sequence[float] | None, target_ms: float | None, start: str | None

@@ -196,9 +196,9 @@ class CascadePoint:
 class Cascade:
     """A confidence cascade over some of the portfolio's variants (``edgeshift.runtime.cascade``): the fastest step
     runs first and an input goes on to the next only while its top-1 probability is at or under that step's
-    threshold; the last step answers the rest. ``points[0]`` is the calibrated one (at most ``max_loss`` top-1 below
-    the last step on the calibration images); the others lose more for less time, for the runtime to pick from
-    under a latency target."""
+    threshold; the last step answers the rest. ``points[0]`` is the calibrated one (its top-1 loss against the last
+    step bounded by ``max_loss`` at 95% on the calibration images); the others lose more for less time, for the
+    runtime to pick from under a latency target."""
 
     steps: tuple[str, ...]  # variant names, fastest first; the last is the reference the loss is measured against
     points: tuple[CascadePoint, ...]  # most accurate first
