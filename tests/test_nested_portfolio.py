@@ -85,7 +85,8 @@ def test_the_widest_weights_are_stored_once(nested):
 def test_int8_forms_of_nested_widths_are_stored_whole_beside_the_sliced_fp32_ones(nested, tmp_path):
     """INT8 weights are not slices of the base's FP32 ones: each INT8 width is its own graph, quantized from the
     width's FP32 form; the FP32 widths stay sliced. Which INT8 forms are kept is a measurement of this CPU (kept
-    only when faster), so each one missing must be dropped for that reason."""
+    only when faster, and dropped like any variant when another beats it), so each one missing must be dropped for
+    one of those reasons."""
     _, model, x = nested
     paths = []
     for width in (1.0, 0.5):
@@ -108,8 +109,8 @@ def test_int8_forms_of_nested_widths_are_stored_whole_beside_the_sliced_fp32_one
     dropped = {d["name"]: d["reason"] for d in manifest["dropped"]}
     for source in ("nest-1", "nest-0.5"):
         name = f"{source}-int8"
-        if name not in by_name:
-            assert dropped[name].startswith("INT8 "), dropped
+        if name not in by_name:  # not faster than its source, or beaten by another variant (the post-processor)
+            assert dropped[name].startswith(("INT8 ", "beaten by ")), dropped
             continue
         record = by_name[name]
         assert record["nested"] is None and record["quantization"]["source"] == source
