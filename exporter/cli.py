@@ -208,9 +208,52 @@ def nest(
     typer.echo(f"next: edgeshift export {' '.join(str(p) for p in made)} -o portfolio.zip --data {data}")
 
 
+def gate(
+    dense: Path = typer.Argument(..., help="The trained checkpoint to gate (its weights train on under the masks)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the gated checkpoint (a killed run resumes)."),
+    data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
+    ratio: float = typer.Option(
+        0.0,
+        help="Mass ratio r in (0, 1]: per input, each block keeps the fewest filters holding r of its response "
+        "(0: chosen from --flops-reduction).",
+    ),
+    flops_reduction: float = typer.Option(0.5, help="With --ratio 0: the share of MACs to save (one-shot estimate)."),
+    mode: str = typer.Option("decoupled", help="decoupled (heads and backbone apart) or joint (straight-through)."),
+    epochs: float = typer.Option(1.0, min=0, help="Epochs of training heads and backbone together."),
+    lr: float = typer.Option(0.01, help="Peak learning rate of that training (cosine)."),
+    batch_size: int = typer.Option(128, min=1),
+    train_samples: int = typer.Option(0, min=0, help="Stratified training subset (0: all)."),
+    test_samples: int = typer.Option(0, min=0, help="Stratified test subset (0: all)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Channel gating per input (the pipeline method gate): a decision head per conv-BN-ReLU block, trained to keep
+    the filters carrying r of the block's activation mass; reports top-1 and the MACs per input."""
+    require_file(dense, "checkpoint to gate (DENSE)")
+    document = {
+        "data": {"path": data, "train_samples": train_samples, "test_samples": test_samples},
+        "methods": [
+            {
+                "name": "gate",
+                "ratio": ratio,
+                "flops_reduction": flops_reduction,
+                "mode": mode,
+                "epochs": epochs,
+                "lr": lr,
+            }
+        ],
+        "train": {"batch_size": batch_size, "seed": seed},
+        "variants": {"dense": str(dense)},
+        "output": {"dir": str(out)},
+    }
+    made = pipeline_lib.run_method(document, "edgeshift gate")
+    typer.echo(f"{len(made)} sources in {out / 'variants'}: " + ", ".join(p.name for p in made))
+    typer.echo(f"next: edgeshift export {' '.join(str(p) for p in made)} -o portfolio.zip --data {data}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("method")(handle_errors(method))
     app.command("nest")(handle_errors(nest))
+    app.command("gate")(handle_errors(gate))
     app.command("export")(handle_errors(export))
     app.command("report")(handle_errors(report))
     app.command("pipeline")(handle_errors(pipeline))

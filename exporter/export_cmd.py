@@ -17,6 +17,7 @@ from edgeshift.core.errors import EdgeshiftError, InputFileError
 from edgeshift.device_profiles import DeviceProfile, load_profile
 from edgeshift.pruner.checkpoint import load_model
 from edgeshift.pruner.data import load_dataset
+from edgeshift.pruner.gating import gated_network
 from edgeshift.pruner.models.record import ModelRecord, record_of
 from edgeshift.pruner.models.sources import ModelSpec
 from edgeshift.pruner.models.zoo import input_shape
@@ -144,6 +145,7 @@ def export_portfolio(
     nonzeros: dict[str, int] = {}
     record: ModelRecord | None = None
     levels: dict[str, tuple[str, float]] = {}  # nested widths: variant -> (family, width)
+    gated: set[str] = set()  # gated per input: never the reference (its heads make it the largest)
     for s in sources:
         model, checkpoint = load_model(s.checkpoint, s.spec)
         nest = checkpoint.get("meta", {}).get("nest")
@@ -161,7 +163,11 @@ def export_portfolio(
         totals[s.name], nonzeros[s.name] = total, nonzero
         recipes[s.name] = s.recipe
         x = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
-        if prune:
+        gate = checkpoint.get("meta", {}).get("gate")
+        if gate is not None:  # the backbone with its trained heads, exported whole: masks are per input, not zeros
+            model = gated_network(model, gate, x, str(s.checkpoint))
+            gated.add(s.name)
+        elif prune:
             model, reports[s.name] = prune_zero_channels(model, x, align=align)
         models[s.name] = model
     # against the largest source, so depth- or width-pruned sources count their missing weights too
@@ -190,14 +196,24 @@ def export_portfolio(
         method = cast(CalibrationMethodName, calibration_method)  # one of them: checked above
         calibration = Calibration(train.normalised(), method, train.name)
     example = torch.randn(input_shape(next(iter(models.values())), 2), generator=torch.Generator().manual_seed(0))
-    reference = max(compressions, key=lambda n: (-compressions[n], n))
+    plain = [n for n in compressions if n not in gated] or list(compressions)
+    reference = max(plain, key=lambda n: (-compressions[n], n))
     return build_portfolio(
         models,
         example,
         out,
         test_data=test,
         facts=VariantFacts(
-            labels, reports, compressions, recipes, reference, mean, std, record.name, nested_sources(levels)
+            labels,
+            reports,
+            compressions,
+            recipes,
+            reference,
+            mean,
+            std,
+            record.name,
+            nested_sources(levels),
+            frozenset(gated),
         ),
         settings=BuildSettings(
             device_profile, threads, latency_iterations, calibration, measure_memory, force=force, cascade=cascade_data

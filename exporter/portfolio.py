@@ -311,6 +311,7 @@ class VariantFacts:
     std: list[float] | None = None
     architecture: str | None = None  # the model source's name
     nested: Mapping[str, NestedSource] = field(default_factory=dict)  # per narrower width: its base
+    gated: frozenset[str] = frozenset()  # variants gated per input: kept only when measured faster than the reference
 
 
 @dataclass(frozen=True)
@@ -467,6 +468,12 @@ def build_portfolio(
                         + (f" under profile {timing.name} ({threads_used} threads)"),
                     }
                 )
+                del built[name]
+        for name in sorted(facts.gated & set(built)):  # masks that skip no work here cost their heads: dropped
+            mine, dense = _point(built[name], stats[name]), _point(built[reference], stats[reference])
+            if name != reference and not is_faster(mine, dense):
+                reason = not_faster_reason(mine, dense) + f" under profile {timing.name} ({threads_used} threads)"
+                dropped.append({"name": name, "reason": "gated " + reason})
                 del built[name]
         for name, b in built.items():
             b.session = None  # release before the memory probes

@@ -130,7 +130,7 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
         ({"train": {"epochs": "3"}}, "train.epochs must be int, got str '3'"),
         (
             {"methods": [{"name": "obd"}]},
-            "unknown method 'obd'; known: imp, layerprune, magnitude, nest, pai, random, slim, synflow",
+            "unknown method 'obd'; known: gate, imp, layerprune, magnitude, nest, pai, random, slim, synflow",
         ),
         ({"methods": [{"name": "layerprune", "remove": 2}]}, "methods[0].remove must be a list"),
         (

@@ -1,0 +1,118 @@
+"""Channel gating per input ("Neural Networks Model Compression" (Elkerdawy), ch. 6, FTWT): decision heads trained
+beside the dense model's blocks to skip, per input, the filters outside a share r of each block's activation mass;
+r either given or chosen from a MACs reduction by the one-shot estimate of sec. 6.3.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from edgeshift.core.config import setting
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data import model_splits
+from ..gating import MODES, GatedNetwork, estimated_reduction, find_blocks, ratio_for
+from ..models.record import record_of
+from ..models.zoo import input_shape
+from ..train import evaluate, to_tensor, train
+from .base import MethodContext
+
+ESTIMATE_BATCH = 256
+
+
+def _ratio(value: float) -> str | None:
+    return None if value == 0 or 0 < value <= 1 else "must be in (0, 1], or 0 to choose it from flops_reduction"
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    ratio: float = setting(
+        0.0,
+        "the mass ratio r of Algorithm 1: each block keeps, per input, the fewest filters holding this share of its "
+        "max responses (0: the largest r whose one-shot estimate saves flops_reduction)",
+        check=_ratio,
+    )
+    flops_reduction: float = setting(
+        0.5,
+        "with ratio 0: the share of the dense MACs the masks should save, by the estimate on the frozen model",
+        check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
+    )
+    mode: str = setting(
+        "decoupled",
+        "decoupled: no gradient between the heads and the backbone (the heads learn their targets, the backbone its "
+        "task under their masks); joint: the task loss reaches the heads through their sigmoids (straight-through)",
+        check=lambda v: None if v in MODES else f"must be one of {', '.join(MODES)}",
+    )
+    epochs: float = setting(1.0, "epochs of training the heads and the backbone together", minimum=0)
+    lr: float = setting(0.01, "peak learning rate of that training (cosine); the thesis trains CIFAR at 1e-2")
+    estimate_samples: int = setting(512, "training images the one-shot estimate runs on", minimum=1)
+
+
+class ChannelGating:
+    """The dense model and, beside it, the same model with a decision head per conv-BN-ReLU block."""
+
+    name: ClassVar[str] = "gate"
+    help: ClassVar[str] = "channel gating per input: heads skip the filters an input does not need (FTWT)"
+    Settings: ClassVar[type[GateSettings]] = GateSettings
+
+    def make_variants(self, settings: GateSettings, context: MethodContext) -> list[Path]:
+        probe = context.model.build()  # refused before minutes of training when nothing can be gated
+        example = torch.randn(input_shape(probe, 2), generator=torch.Generator().manual_seed(0))
+        find_blocks(probe, example)
+        dense = context.dense()
+        model, _ = load_checkpoint(dense)
+        d = context.data
+        train_ds, test_ds = model_splits(
+            d.path, record_of(model), train_samples=d.train_samples, test_samples=d.test_samples, seed=context.seed
+        )
+        gated = GatedNetwork(model, example, settings.ratio or 1.0, settings.mode)
+        ratio = settings.ratio
+        if not ratio:
+            images = to_tensor(train_ds)[0][: settings.estimate_samples]
+            context.say(f"gate: estimating the MACs each mass ratio saves on {len(images)} training images")
+            ratio, estimates = ratio_for(
+                lambda r: estimated_reduction(gated, images, [r], ESTIMATE_BATCH)[r], settings.flops_reduction
+            )
+            context.say(f"gate: ratio {ratio:g} saves {estimates[ratio]:.1%} of the MACs by the estimate")
+        path = context.folder / f"gate-r{ratio:g}-{settings.mode}.pt"
+        if path.exists():
+            return [dense, path]
+        for gate in gated.gate_list():
+            gate.ratio = ratio
+        context.say(
+            f"gate: {len(gated.blocks)} blocks gated at ratio {ratio:g} ({settings.mode}), training "
+            f"{settings.epochs:g} epochs"
+        )
+        steps = max(1, math.ceil(settings.epochs * len(train_ds) / context.train.batch_size))
+        cfg = dataclasses.replace(context.train, iterations=steps, lr=settings.lr, warmup_steps=0)
+        if settings.epochs > 0:
+            train(gated, train_ds, test_ds, cfg, label="gate", regulariser=gated)
+        gated.eval()
+        x, y = to_tensor(test_ds)
+        accuracy = evaluate(gated, x, y)
+        macs = torch.cat([gated.macs_per_input(x[i : i + ESTIMATE_BATCH]) for i in range(0, len(x), ESTIMATE_BATCH)])
+        mean, low, high = float(macs.mean()), float(macs.quantile(0.05)), float(macs.quantile(0.95))
+        summary = {
+            "ratio": ratio,
+            "mode": settings.mode,
+            "blocks": [b.conv for b in gated.blocks],
+            "heads": gated.state_of_heads(),
+            "dense_macs": gated.dense_macs,
+            "macs_mean": mean,
+            "macs_p5": low,
+            "macs_p95": high,
+            "test_accuracy": accuracy,
+        }
+        context.say(
+            f"gate: top-1 {accuracy:.2%} on {len(y)} test images; MACs per input {mean / 1e6:.2f} M mean "
+            f"({1 - mean / gated.dense_macs:.1%} fewer than dense, heads included; 5-95%: {low / 1e6:.2f}-"
+            f"{high / 1e6:.2f} M)"
+        )
+        save_checkpoint(model, path, meta={"gate": summary, "test_accuracy": accuracy, "pruned_from": str(dense)})
+        return [dense, path]
