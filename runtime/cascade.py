@@ -72,23 +72,38 @@ def run_cascade(
     run_step: Callable[[int, np.ndarray], np.ndarray], batch: np.ndarray, thresholds: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, answered_by): each item's logits from the step that answered it, and that step's index.
-    ``run_step(k, items)`` runs step k on a sub-batch; there are ``len(thresholds) + 1`` steps."""
+    ``run_step(k, items)`` runs step k on a sub-batch; there are ``len(thresholds) + 1`` steps.
+
+    While every item is still pending nothing is indexed or copied: a batch that leaves whole at one step (a
+    single input always does) costs its steps' calls and one confidence per step, no more (the per-request work
+    is a share of a small model's call on the device)."""
     n = len(batch)
     last = len(thresholds)
-    pending = np.arange(n)
-    answered_by = np.full(n, last, np.int64)
+    pending: np.ndarray | None = None  # None: every item
     out: np.ndarray | None = None
+    answered_by: np.ndarray | None = None
     for k in range(last + 1):
-        logits = np.asarray(run_step(k, batch if len(pending) == n else batch[pending]))
-        if out is None:
+        logits = np.asarray(run_step(k, batch if pending is None else batch[pending]))
+        leave = None if k == last else confidence(logits) > thresholds[k]
+        if pending is None:
+            if leave is None or leave.all():
+                return logits, np.full(n, k, np.int64)
+            if not leave.any():
+                continue
             out = np.empty((n, *logits.shape[1:]), logits.dtype)
-        leave = np.ones(len(pending), bool) if k == last else confidence(logits) > thresholds[k]
+            answered_by = np.full(n, last, np.int64)
+            pending = np.arange(n)
+        assert out is not None and answered_by is not None
+        if leave is None:
+            out[pending] = logits
+            answered_by[pending] = k
+            break
         out[pending[leave]] = logits[leave]
         answered_by[pending[leave]] = k
         pending = pending[~leave]
         if not len(pending):
             break
-    assert out is not None  # a batch has at least one item
+    assert out is not None and answered_by is not None  # the last step answers every item still pending
     return out, answered_by
 
 

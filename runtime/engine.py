@@ -64,6 +64,10 @@ class _CascadeState:
         return out
 
     def count(self, answered: np.ndarray) -> None:
+        if len(answered) == 1:  # one input (the device's usual request): no histogram to build
+            with self._lock:
+                self._exits[int(answered[0])] += 1
+            return
         counts = np.bincount(answered, minlength=len(self.steps))
         with self._lock:
             for k, n in enumerate(counts):
