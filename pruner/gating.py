@@ -173,12 +173,15 @@ class GatedNetwork(nn.Module):
         if not found:
             find_blocks(model, example)  # raises, naming what a block is
         self.blocks = [b for b, _, _ in found]
+        masked: dict[fx.Node, fx.Node] = {}  # a block's ReLU -> its gate: what every later reader sees
         for i, (block, block_input, relu) in enumerate(found):
             name = f"gate_{i}"
             graph.add_submodule(name, Gate(block.in_channels, block.out_channels, ratio, mode))
             with graph.graph.inserting_after(relu):
-                gated = graph.graph.call_module(name, (block_input, relu))
+                # the head reads the block's input as the conv does: masked by the gate before, if it is one's
+                gated = graph.graph.call_module(name, (masked.get(block_input, block_input), relu))
             relu.replace_all_uses_with(gated, delete_user_cb=_other_than(gated))
+            masked[relu] = gated
         graph.graph.lint()
         graph.recompile()
         self.net = graph

@@ -93,6 +93,29 @@ def test_macs_per_input_count_the_filters_kept_and_the_channels_they_feed():
         assert torch.allclose(gated(x), expected, atol=1e-6)
 
 
+def test_a_head_reads_its_block_input_as_masked_by_the_gate_before():
+    """The thesis's I^{l+1} = O^l * mask: the second head sees the first block's output with the skipped filters
+    zero (else the skipped filters would have to be computed anyway, to decide)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    gated = GatedNetwork(model, x, ratio=0.9).eval()
+    _set_masks(gated, [[0, 1, 2], list(range(6))])
+    second = gated.gate_list()[1]
+    with torch.no_grad():
+        torch.nn.init.normal_(second.head.weight)  # its logits now depend on what it reads
+        h = torch.relu(model[1](model[0](x)))
+        h[:, 3:] = 0
+        expected = second.head(torch.softmax(h.amax(dim=(2, 3), keepdim=True), dim=1)).flatten(1)
+        seen = {}
+        handle = second.head.register_forward_hook(lambda m, i, o: seen.update(logits=o.flatten(1)))
+        gated(x)
+        handle.remove()
+        assert torch.allclose(seen["logits"], expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["vgg11", "resnet20"])
 def test_fresh_heads_keep_every_filter_so_the_gated_model_is_the_model(name):
     model = make(name, {}, 32).eval()
