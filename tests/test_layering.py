@@ -51,7 +51,20 @@ SUBLAYERS = {
             )
         ],
         [P + "structured"],
-        [P + m for m in ("layers", "nested", "learned_masks", "slim", "pai", "imp", "prune_cmd", "train_checkpoint")],
+        [
+            P + m
+            for m in (
+                "layers",
+                "nested",
+                "learned_masks",
+                "gating",
+                "slim",
+                "pai",
+                "imp",
+                "prune_cmd",
+                "train_checkpoint",
+            )
+        ],
         [P + "methods"],
     ],
     "exporter": [
