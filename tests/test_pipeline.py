@@ -144,7 +144,7 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
         ({"methods": [{"remove": [2]}]}, "methods[0] lacks 'name'"),
         ({"methods": [{"name": "pai"}, {"name": "pai"}]}, "method 'pai' has two [[methods]] tables"),
         ({"methods": []}, "no [[methods]] table and no [variants] targets"),
-        ({"method": {"name": "obd"}}, "unknown method 'obd'; known: imp, layerprune"),
+        ({"method": {"name": "obd"}}, "unknown method 'obd'; known: gate, imp, layerprune"),
     ],
 )
 def test_config_errors_name_the_file_and_key(doc, message):
