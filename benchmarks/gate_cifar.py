@@ -35,6 +35,7 @@ from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.data import load_dataset
 from edgeshift.pruner.fuse import fuse_conv_bn
 from edgeshift.pruner.gating import GatedNetwork, gated_network
+from edgeshift.pruner.metrics import count_macs
 from edgeshift.pruner.models.vgg import CifarVGG
 from edgeshift.pruner.train import evaluate
 from edgeshift.runtime.cascade import spin_stopping
@@ -153,10 +154,7 @@ def main() -> None:
     for spec in (m for m in dense.features):
         plan.append("M" if isinstance(spec, nn.MaxPool2d) else next(widths))
     static = fuse_conv_bn(CifarVGG(plan, num_classes=10).eval(), example_inputs=x[:1])
-    static_macs = sum(
-        cast(torch.Tensor, m.weight)[0].numel() * o
-        for m, o in _conv_outputs(static, x[:1])  # per conv: its weights per filter times its output elements
-    )
+    static_macs = count_macs(static, x[:1])
     forms = {"dense": fused_vgg, "masked": fused_gated, "gathered": gathered, "static": static}
     graphs = {name: onnx_bytes(model, x[:1]) for name, model in forms.items()}
     profile = spin_stopping(device_profiles.load_profile(args.profile))
@@ -219,21 +217,6 @@ def main() -> None:
             f"| {n} | {macs_of[n] / 1e6:.1f} M | {1 - macs_of[n] / dense_macs:.1%} | {f['mean_ms']:.3f} | "
             f"{f['p50_ms']:.3f} | {f['p95_ms']:.3f} | {1 - f['mean_ms'] / figures['dense']['mean_ms']:.1%} |"
         )
-
-
-def _conv_outputs(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, int]]:
-    """(layer, its output elements for one input) for every Conv2d and Linear."""
-    found: list[tuple[nn.Module, int]] = []
-    hooks = [
-        m.register_forward_hook(lambda m, i, o: found.append((m, o[0].numel())))
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    with torch.no_grad():
-        model(example)
-    for h in hooks:
-        h.remove()
-    return found
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ FLOPs an r saves are estimated before training from the targets on the frozen mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -17,6 +18,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeshift.core.errors import EdgeshiftError
 
@@ -266,7 +268,7 @@ def _producer_gate(node: fx.Node, modules: dict[str, nn.Module], gated: dict[fx.
 
 
 def _flattens_channels(node: fx.Node) -> bool:
-    shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
+    shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
     return shape is not None and len(shape) == 4 and shape[2] * shape[3] == 1
 
 
@@ -284,12 +286,13 @@ def _gate_costs(
         layer = modules.get(str(node.target)) if node.op == "call_module" else None
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             continue
-        out = node.meta["shape"]
+        out = _shape(node)
+        assert out is not None  # every layer ran in the propagation
         if isinstance(layer, nn.Conv2d):
             kh, kw = layer.kernel_size
-            macs = int(torch.tensor(out[1:]).prod()) * (layer.in_channels // layer.groups) * kh * kw
+            macs = math.prod(out[1:]) * (layer.in_channels // layer.groups) * kh * kw
         else:
-            macs = int(torch.tensor(out[1:]).prod()) * layer.in_features
+            macs = math.prod(out[1:]) * layer.in_features
         before = _producer_gate(node.args[0], modules, gated) if isinstance(node.args[0], fx.Node) else None
         grouped = isinstance(layer, nn.Conv2d) and 1 < layer.groups != layer.in_channels
         if grouped:
@@ -305,21 +308,19 @@ def _is_gate(node: fx.Node) -> bool:
 
 @torch.no_grad()
 def _record_shapes(graph: fx.GraphModule, example: torch.Tensor) -> None:
-    """Each node's output shape into ``node.meta["shape"]`` (one eval forward)."""
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            result = super().run_node(n)
-            if isinstance(result, torch.Tensor):
-                n.meta["shape"] = tuple(result.shape)
-            return result
-
+    """Each node's output shape into ``node.meta["tensor_meta"]`` (one eval-mode forward: batch norms keep their
+    statistics)."""
     was = graph.training
     graph.eval()
     try:
-        Recorder(graph).run(example)
+        ShapeProp(graph).propagate(example)
     finally:
         graph.train(was)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 @torch.no_grad()
