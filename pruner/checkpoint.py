@@ -26,7 +26,8 @@ VERSION = 1
 
 
 # Attributes that hold a module's widths: recorded for any module pruning resized (a timm Conv2dSame, a
-# BatchNormAct2d, a GroupNorm, ...), whose class is then rebuilt by its source and given these widths.
+# BatchNormAct2d, a GroupNorm, an attention that lost heads, ...), whose class is then rebuilt by its source and
+# given these widths.
 WIDTH_ATTRS = (
     "in_channels",
     "out_channels",
@@ -37,6 +38,8 @@ WIDTH_ATTRS = (
     "num_channels",
     "num_groups",
     "normalized_shape",
+    "num_heads",  # attention heads removed (timm's Attention and the zoo's ViT read these in forward)
+    "attn_dim",
 )
 
 

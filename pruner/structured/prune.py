@@ -31,6 +31,7 @@ from .align import pad_channels
 from .groups import _build_groups, _is_layer, _structure
 from .plan import _execute, _execute_verified, _explain, _fold_constants, _plan_drop, _plan_exact, _resize_splits
 from .report import LayerChange, PruneReport
+from .tokens import prune_token_layers, token_linears
 
 MODES = ("exact", "drop")
 DEFAULT_RTOL = 1e-4
@@ -107,6 +108,77 @@ def _runs_on(model: nn.Module, example_inputs: torch.Tensor) -> None:
         ) from None
 
 
+def _report(
+    reference: nn.Module,
+    work: nn.Module,
+    example_inputs: torch.Tensor,
+    mode: str,
+    seconds: tuple[float, float, float],
+    deviation: tuple[float, float],
+    widths_before: dict[str, int],
+    folded: int,
+    align: int,
+    padded: int,
+    notes: list[str],
+) -> PruneReport:
+    """The report of one prune: sizes before and after, ``seconds`` (fuse, plan, prune), the measured deviation."""
+    widths_after = _layer_widths(work)
+    return PruneReport(
+        mode=mode,
+        params_before=count_params(reference),
+        params_after=count_params(work),
+        macs_before=count_macs(reference, example_inputs),
+        macs_after=count_macs(work, example_inputs),
+        fuse_seconds=seconds[0],
+        plan_seconds=seconds[1],
+        prune_seconds=seconds[2],
+        max_abs_diff=deviation[0],
+        max_abs_output=deviation[1],
+        channels_folded=folded,
+        layers=[LayerChange(n, widths_before[n], widths_after.get(n, widths_before[n])) for n in widths_before],
+        align=align,
+        channels_padded=padded,
+        notes=notes,
+    )
+
+
+def _prune_transformer(
+    reference: nn.Module,
+    work: nn.Module,
+    example_inputs: torch.Tensor,
+    mode: str,
+    rtol: float,
+    random_batches: int,
+    align: int,
+    t0: float,
+    t1: float,
+) -> tuple[nn.Module, PruneReport]:
+    """A model with token-wise linears: dead MLP units and heads go (``prune_token_layers``), channels stay."""
+    widths_before = _layer_widths(work)
+    reference_out = _reference_outputs(reference, example_inputs)
+    result = prune_token_layers(
+        work, example_inputs, lambda: _problem(reference, work, example_inputs, rtol, reference_out)
+    )
+    notes = list(result.notes)
+    if mode == "drop":
+        notes.append("a transformer is pruned exactly whatever the mode: there is no published drop rule for it")
+    if align > 1:
+        notes.append(f"--align {align} pads conv channels; a transformer's widths are left as they are")
+    t2 = time.perf_counter()
+    deviation = output_deviation(reference, work, example_inputs, random_batches)
+    seconds = (t1 - t0, t2 - t1, 0.0)
+    report = _report(
+        reference, work, example_inputs, mode, seconds, deviation, widths_before, result.folded_units, align, 0, notes
+    )
+    if report.rel_diff > rtol:  # each change was checked on the example; the random batches may still disagree
+        raise NotExactError(
+            f"pruning the transformer changed the output by {deviation[0]:.3g} ({report.rel_diff:.3g} relative, "
+            f"limit {rtol:g})"
+        )
+    work.eval()
+    return work, report
+
+
 def prune_zero_channels(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -139,6 +211,8 @@ def prune_zero_channels(
         # a deep copy: the input model is never modified
         work = fuse_conv_bn(reference, example_inputs=example_inputs[:1])
         t1 = time.perf_counter()
+        if token_linears(work, example_inputs):
+            return _prune_transformer(reference, work, example_inputs, mode, rtol, random_batches, align, t0, t1)
         groups = _build_groups(work, example_inputs)
         gm = _structure(work, example_inputs).gm
         (_plan_exact if mode == "exact" else _plan_drop)(groups)
@@ -168,35 +242,21 @@ def prune_zero_channels(
             deviation = None
         padded = pad_channels(work, example_inputs, align)
         t3 = time.perf_counter() - checking
-        widths_after = _layer_widths(work)
         # measured once when nothing changed since the check (no fallback, no padding)
-        max_diff, max_out = (
+        measured = (
             deviation
             if deviation is not None and padded == 0
             else output_deviation(reference, work, example_inputs, random_batches)
         )
-        report = PruneReport(
-            mode=mode,
-            params_before=count_params(reference),
-            params_after=count_params(work),
-            macs_before=count_macs(reference, example_inputs),
-            macs_after=count_macs(work, example_inputs),
-            fuse_seconds=t1 - t0,
-            plan_seconds=t2 - t1,
-            prune_seconds=t3 - t2,
-            max_abs_diff=max_diff,
-            max_abs_output=max_out,
-            channels_folded=folded,
-            layers=[LayerChange(n, widths_before[n], widths_after[n]) for n in widths_before],
-            align=align,
-            channels_padded=padded,
-            notes=notes,
+        seconds = (t1 - t0, t2 - t1, t3 - t2)
+        report = _report(
+            reference, work, example_inputs, mode, seconds, measured, widths_before, folded, align, padded, notes
         )
     finally:
         reference.train(was_training)
     if mode == "exact" and report.rel_diff > rtol:
         raise NotExactError(
-            f"pruning changed the output by {max_diff:.3g} ({report.rel_diff:.3g} relative, "
+            f"pruning changed the output by {report.max_abs_diff:.3g} ({report.rel_diff:.3g} relative, "
             f"limit {rtol:g}); the model has an operation the planner does not understand"
         )
     work.eval()
