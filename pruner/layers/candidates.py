@@ -1,15 +1,16 @@
 """Which layers or blocks can go: residual blocks recognised by what they compute, and shape-preserving conv layers
 inside a sequential stage.
 
-A *block* is any submodule (not a container) that contains a conv, maps its input to an output of exactly the same
-shape, and computes ``y = f(x) + x`` (through an activation after the add, as ``relu(f(x) + x)``), read from its own
-traced graph: so a ResNet written any way (blocks in an ``nn.ModuleList``, the add in ``forward``, a shortcut
-attribute of any name or none) has its identity blocks found, and downsampling blocks (another shape, a projection
-shortcut) are not. A module whose forward cannot be traced counts as a block when it has an identity ``shortcut`` or
-says ``use_residual``. A *conv* candidate is a child of an ``nn.Sequential`` stage that contains a conv, preserves
-its input's shape and follows another conv layer rather than a pooling step (VGG's in-stage convs). Removing one
+A *block* is any submodule (not a container) that contains a conv or a linear layer, maps its input to an output of
+exactly the same shape, and computes ``y = f(x) + x`` (through an activation after the add, as ``relu(f(x) + x)``;
+or adds twice, as a pre-norm transformer block: ``y = x + attn(x); y + mlp(y)``), read from its own traced graph:
+so a ResNet written any way (blocks in an ``nn.ModuleList``, the add in ``forward``, a shortcut attribute of any
+name or none) has its identity blocks found, and downsampling blocks (another shape, a projection shortcut) are
+not. A module whose forward cannot be traced counts as a block when it has an identity ``shortcut`` or says
+``use_residual``. A *conv* candidate is a child of an ``nn.Sequential`` stage that contains a conv, preserves its
+input's shape and follows another conv layer rather than a pooling step (VGG's in-stage convs). Removing one
 replaces it with ``nn.Identity``, so the rest of the graph stays valid; for a block that is exactly the model with
-its residual branch ``f`` at zero (where what it adds to is non-negative, as after a ReLU).
+its residual branches at zero (where what it adds to is non-negative, as after a ReLU).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _contains_conv(m: nn.Module) -> bool:
     return any(isinstance(x, nn.Conv2d) for x in m.modules())
 
 
+def _has_layers(m: nn.Module) -> bool:
+    """Holds a layer with weights: a conv, or a linear (a transformer block's attention and MLP)."""
+    return any(isinstance(x, (nn.Conv2d, nn.Linear)) for x in m.modules())
+
+
 def _by_attribute(m: nn.Module) -> bool:
     """For a block fx cannot trace: an identity ``shortcut`` attribute, or the zoo's ``use_residual``."""
     shortcut = getattr(m, "shortcut", None)
@@ -61,8 +67,9 @@ def adds_its_input(m: nn.Module) -> bool:
     except Exception:  # data-dependent control flow, an untraceable call: fall back to what it says it is
         return _by_attribute(m)
     modules = dict(m.named_modules())
+    # one input; further arguments only with defaults (timm's blocks take an optional attention mask)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(inputs) != 1:
+    if not inputs or any(not n.args for n in inputs[1:]):
         return False
     out = next(n for n in graph.nodes if n.op == "output").args[0]
 
@@ -75,13 +82,22 @@ def adds_its_input(m: nn.Module) -> bool:
             node = node.args[0]
         return node
 
+    def is_add(node: object) -> bool:
+        return isinstance(node, fx.Node) and (
+            (node.op == "call_function" and node.target in _ADDS)
+            or (node.op == "call_method" and node.target in ("add", "add_"))
+        )
+
+    def residual(node: object) -> bool:
+        """``node`` is the input plus branches: the input itself, or an add one of whose terms is residual (a
+        pre-norm transformer block adds twice: ``y = x + attn(x); y + mlp(y)``)."""
+        if node is inputs[0]:
+            return True
+        terms = node.args[:2] if isinstance(node, fx.Node) and is_add(node) else ()
+        return any(residual(skip(a, _PASS_THROUGH)) for a in terms)
+
     out = skip(out, _ACTIVATION_MODULES)
-    if not isinstance(out, fx.Node):
-        return False
-    adds = (out.op == "call_function" and out.target in _ADDS) or (
-        out.op == "call_method" and out.target in ("add", "add_")
-    )
-    return adds and any(skip(arg, _PASS_THROUGH) is inputs[0] for arg in out.args[:2])
+    return is_add(out) and residual(out)
 
 
 def find_candidates(model: nn.Module, example_inputs: torch.Tensor) -> list[Candidate]:
@@ -106,7 +122,7 @@ def find_candidates(model: nn.Module, example_inputs: torch.Tensor) -> list[Cand
         for name, (shape_in, shape_out) in shapes.items()
         if shape_in == shape_out
         and not isinstance(modules[name], _CONTAINERS)
-        and _contains_conv(modules[name])
+        and _has_layers(modules[name])
         and adds_its_input(modules[name])
     }
     # outermost only: a block inside a block is part of it

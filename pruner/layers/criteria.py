@@ -63,8 +63,9 @@ def names() -> list[str]:
     return CRITERIA.names()
 
 
-def _convs(model: nn.Module, name: str) -> list[nn.Conv2d]:
-    return [m for m in model.get_submodule(name).modules() if isinstance(m, nn.Conv2d)]
+def _layers(model: nn.Module, name: str) -> list[nn.Conv2d | nn.Linear]:
+    """The candidate's layers with filters: convs, and linears (a transformer block's; a linear's filter is a row)."""
+    return [m for m in model.get_submodule(name).modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def _mean_over_filters(per_filter: list[torch.Tensor]) -> float:
@@ -79,7 +80,7 @@ class WeightNorm(LayerCriterion):
     @torch.no_grad()
     def score(self, model, candidates, data):
         return {
-            c.name: _mean_over_filters([m.weight.flatten(1).norm(dim=1) for m in _convs(model, c.name)])
+            c.name: _mean_over_filters([m.weight.flatten(1).norm(dim=1) for m in _layers(model, c.name)])
             for c in candidates
         }
 
@@ -94,6 +95,11 @@ class BnScale(LayerCriterion):
         out = {}
         for c in candidates:
             bns = [m for m in model.get_submodule(c.name).modules() if isinstance(m, nn.BatchNorm2d)]
+            if not bns and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+                raise EdgeshiftError(
+                    "bn-scale needs BatchNorm layers and the model has none (a transformer normalises with "
+                    "LayerNorm); use weight-norm, taylor or imprint"
+                )
             if not bns:
                 raise EdgeshiftError(
                     f"bn-scale needs BatchNorm layers, and {c.name} has none (was the model fused, "
@@ -109,7 +115,7 @@ class Taylor(LayerCriterion):
     help = "mean over filters of ||grad * weight||_2 over a few training batches (eq. 5.2)"
 
     def score(self, model, candidates, data):
-        convs = {c.name: _convs(model, c.name) for c in candidates}
+        layers_of = {c.name: _layers(model, c.name) for c in candidates}
         sums = {c.name: None for c in candidates}
         was_training = model.training
         model.eval()  # BN in inference mode: the statistics the deployed model uses, untouched
@@ -123,7 +129,7 @@ class Taylor(LayerCriterion):
                     model(data.train_x[i : i + data.batch_size]), data.train_y[i : i + data.batch_size]
                 )
                 loss.backward()
-                for name, layers in convs.items():
+                for name, layers in layers_of.items():
                     per = torch.cat([(m.weight.grad * m.weight).detach().flatten(1).norm(dim=1) for m in layers])
                     sums[name] = per if sums[name] is None else sums[name] + per
                 batches += 1
@@ -141,7 +147,10 @@ def _final_feature_length(model: nn.Module) -> int:
 
 
 def _embed(features: torch.Tensor, length: int) -> torch.Tensor:
-    """Eq. 4.1: pool to d x d with d = round(sqrt(N / channels)), flatten, L2-normalise."""
+    """Eq. 4.1: pool to d x d with d = round(sqrt(N / channels)), flatten, L2-normalise. Tokens (N, tokens, dim),
+    a transformer block's output: their mean, L2-normalised."""
+    if features.dim() == 3:
+        return F.normalize(features.mean(1), dim=1)
     d = max(1, round(math.sqrt(length / features.shape[1])))
     return F.normalize(F.adaptive_avg_pool2d(features, d).flatten(1), dim=1)
 
