@@ -16,7 +16,17 @@ def test_unknown_architecture_names_the_known_ones():
 
 
 def test_registry_lists_every_architecture():
-    assert set(names()) == {"vgg11", "vgg16", "vgg19", "resnet20", "resnet56", "resnet18", "resnet50", "mobilenetv2"}
+    assert set(names()) == {
+        "vgg11",
+        "vgg16",
+        "vgg19",
+        "resnet20",
+        "resnet56",
+        "resnet18",
+        "resnet50",
+        "mobilenetv2",
+        "vit_cifar",
+    }
 
 
 @pytest.mark.parametrize(

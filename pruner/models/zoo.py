@@ -7,7 +7,7 @@ import torch
 
 from edgeshift.core.errors import EdgeshiftError
 
-from . import mobilenetv2, resnet, vgg  # noqa: F401  (they register their architectures)
+from . import mobilenetv2, resnet, vgg, vit  # noqa: F401  (they register their architectures)
 from .record import ModelRecord, record_of, set_record
 from .registry import MODELS, ZooEntry
 
