@@ -346,8 +346,16 @@ class Schedule(str, Enum):
     step = "step"
 
 
-def _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed, augment):
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+def _train_config(
+    epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed, augment, optimizer=Optimizer.sgd
+):
     return train.TrainConfig(
+        optimizer=optimizer.value,
         epochs=epochs,
         iterations=iterations,
         batch_size=batch_size,
@@ -435,6 +443,9 @@ def train_cmd(
     lr: float = typer.Option(0.1),
     momentum: float = typer.Option(0.9),
     weight_decay: float = typer.Option(5e-4),
+    optimizer: Optimizer = typer.Option(
+        Optimizer.sgd, help="sgd (with --momentum), or adamw: what vision transformers train with (lr ~1e-3)."
+    ),
     schedule: Schedule = typer.Option(Schedule.cosine),
     warmup: int = typer.Option(0, min=0),
     augment: bool = typer.Option(True),
@@ -450,7 +461,9 @@ def train_cmd(
     check_output_path(out, force)
     res, world = train_checkpoint.train_checkpoint(
         out,
-        _train_config(epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed, augment),
+        _train_config(
+            epochs, iterations, batch_size, lr, momentum, weight_decay, schedule, warmup, seed, augment, optimizer
+        ),
         data=data,
         arch=arch,
         init=init,

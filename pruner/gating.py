@@ -200,7 +200,7 @@ class GatedNetwork(nn.Module):
         return [cast(Gate, self.net.get_submodule(f"gate_{i}")) for i in range(len(self.blocks))]
 
     # the training loop's regulariser protocol
-    def loss(self) -> torch.Tensor:
+    def loss(self, labels: torch.Tensor | None = None) -> torch.Tensor:
         losses = [g.loss for g in self.gate_list() if g.loss is not None]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 

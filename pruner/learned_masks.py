@@ -319,7 +319,7 @@ class LearnedMasks(nn.Module):
         return self.floor_cost / self.dense_cost
 
     # -- the regulariser interface used by ``train`` ----------------------------------------------------------
-    def loss(self) -> torch.Tensor:
+    def loss(self, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The sparsity loss (eq. 3.2, priced): weight x cost of the open channels / dense cost while that is above
         the target; below it only the task loss moves the gates: the closed ones it needs reopen, the rest stay."""
         ratio = self._cost(self.binary()) / self.dense_cost

@@ -345,7 +345,7 @@ class JointWidths(nn.Module):
         return logits
 
     # the training loop's regulariser interface
-    def loss(self) -> torch.Tensor:
+    def loss(self, labels: torch.Tensor | None = None) -> torch.Tensor:
         extra, self._extra = self._extra, None
         return extra if extra is not None else torch.zeros(())
 

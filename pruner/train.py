@@ -1,4 +1,4 @@
-"""The trainer: SGD with momentum and weight decay, cosine or step schedule with warm-up, standard CIFAR
+"""The trainer: SGD with momentum (or AdamW) and weight decay, cosine or step schedule with warm-up, standard CIFAR
 augmentation, seeded and deterministic on CPU, masks enforced after every optimiser step, a JSONL log."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class TrainConfig:
     batch_size: int = 128  # samples per step
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9  # SGD momentum
+    optimizer: str = "sgd"  # sgd (with momentum) | adamw (decoupled weight decay: what vision transformers train with)
     weight_decay: float = 5e-4  # L2 on every parameter
     schedule: str = "cosine"  # cosine | step
     milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training where lr *= gamma
@@ -128,11 +129,25 @@ class Regulariser(Protocol):
     """A term trained alongside the task loss (learned masks): its loss, its own update after each optimiser step
     (its parameters are not the model's: it steps them itself), and what it logs per epoch."""
 
-    def loss(self) -> torch.Tensor: ...
+    def loss(self, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The term for the batch just run forward (``labels``: that batch's, for terms that need them)."""
+        ...
 
     def after_step(self) -> None: ...
 
     def log(self) -> dict: ...
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum, or AdamW ("Decoupled Weight Decay Regularization"), as ``cfg.optimizer`` says."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
 
 
 def train(
@@ -161,7 +176,7 @@ def train(
     xt, yt = to_tensor(test_ds)
     total = cfg.total_steps(len(ys))
     per_epoch = max(1, math.ceil(len(ys) / cfg.batch_size))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     if mask is not None:
         apply_mask(model, mask)
     model.train()
@@ -196,7 +211,7 @@ def train(
                 if teacher is not None:
                     loss = teacher.loss(x, out, loss)
                 if regulariser is not None:
-                    loss = loss + regulariser.loss()
+                    loss = loss + regulariser.loss(ys[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -63,3 +63,32 @@ def test_train_cli_saves_a_checkpoint_with_its_normalisation(tmp_path):
     model, payload = load_checkpoint(tmp_path / "d.pt")
     assert payload["arch"]["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.3, 0.3, 0.3]}
     assert "test_accuracy" in payload["meta"]
+
+
+def test_train_with_adamw_takes_adamw_steps(tmp_path):
+    """`train --optimizer adamw`: the trained weights are one AdamW step from the initial ones, taken here by hand
+    on the same batch (the whole subset: its order does not change the mean loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgeshift.pruner.data import load_dataset
+    from edgeshift.pruner.models import get
+
+    args = ["train", "--arch", "vit_cifar", "--arch-kwargs", '{"dim": 16, "depth": 1, "num_heads": 2}']
+    args += ["--data", "generated", "--iterations", "1", "--batch-size", "64", "--train-samples", "64"]
+    args += ["--test-samples", "20", "--no-augment", "--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0.05"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "vit.pt")])
+    assert result.exit_code == 0, result.output
+    trained, _ = load_checkpoint(tmp_path / "vit.pt")
+    torch.manual_seed(0)  # the trainer's initialisation seed
+    model = get("vit_cifar", dim=16, depth=1, num_heads=2)
+    data = load_dataset("generated", "train", num_classes=10, size=32).subset(64)
+    x, y = torch.from_numpy(data.normalised()), torch.from_numpy(data.labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for (name, mine), theirs in zip(model.state_dict().items(), trained.state_dict().values()):
+        assert torch.allclose(mine, theirs, atol=1e-5), name
+    bad = runner.invoke(app, ["train", "--arch", "vit_cifar", "--data", "generated", "--optimizer", "adam", "-o", "x"])
+    assert bad.exit_code == 2 and "--optimizer" in bad.output and "sgd" in bad.output and "adamw" in bad.output

@@ -3,7 +3,7 @@
     [model]   arch = "resnet20"
     [data]    path = "generated"          # or an ImageFolder root / CIFAR-10 python folder
     [[methods]] name = "layerprune" ...   # one table per method (`edgeshift methods`), its own settings
-    [train]   epochs, batch_size, lr, warmup, weight_decay, seed
+    [train]   epochs, batch_size, lr, warmup, weight_decay, optimizer, seed
     [deploy]  profile, policy, trace, export_test_samples, latency_iterations, align, int8, calibration_*, cascade*
     [variants] targets = [0.75, 0.5]     # latency targets instead of the methods' variants (targets.py)
     [output]  dir = "out/pipeline"
@@ -29,6 +29,7 @@ from edgeshift.core.errors import InputFileError, UnknownNameError, require_file
 from edgeshift.pruner.layers.criteria import CRITERIA
 from edgeshift.pruner.methods import METHODS
 from edgeshift.pruner.methods.base import one_of
+from edgeshift.pruner.train import OPTIMIZERS
 
 from ..quantize import CALIBRATION_METHODS, CalibrationMethodName
 
@@ -127,6 +128,11 @@ class TrainSection:
     lr: float = setting(0.05, "peak learning rate")
     warmup: int = setting(20, "linear warm-up steps", minimum=0)
     weight_decay: float = setting(5e-4, "L2 penalty")
+    optimizer: str = setting(
+        "sgd",
+        "sgd (momentum 0.9) or adamw (what vision transformers train with, at a learning rate near 1e-3)",
+        check=lambda v: None if v in OPTIMIZERS else f"must be one of {', '.join(OPTIMIZERS)}",
+    )
     seed: int = setting(0, "data order, initialisation and pruning seeds")
 
 

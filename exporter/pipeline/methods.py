@@ -34,6 +34,7 @@ def train_config(cfg: PipelineConfig) -> TrainConfig:
         batch_size=t.batch_size,
         lr=t.lr,
         weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
         warmup_steps=t.warmup,
         seed=t.seed,
     )
