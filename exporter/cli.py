@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from edgeshift.core.commands import handle_errors
-from edgeshift.core.errors import require_file
+from edgeshift.core.errors import EdgeshiftError, require_file
 from edgeshift.core.lazy import lazy_module
 from edgeshift.device_profiles import load_profile
 from edgeshift.pruner.cli import ARCH_KWARGS_HELP, INPUT_SIZE_HELP, SOURCE_HELP, WEIGHTS_HELP, model_spec
@@ -250,10 +250,70 @@ def gate(
     typer.echo(f"next: edgeshift export {' '.join(str(p) for p in made)} -o portfolio.zip --data {data}")
 
 
+def exits(
+    dense: Optional[Path] = typer.Argument(
+        None, help="A trained ViT checkpoint to start from; or --arch, to train its initialisation with the exits."
+    ),
+    arch: Optional[str] = typer.Option(None, help="Model source to train from scratch: vit_cifar, timm/NAME, ..."),
+    arch_kwargs: Optional[str] = typer.Option(None, help="Its keyword arguments, as JSON: '{\"depth\": 8}'."),
+    input_size: int = typer.Option(0, min=0, help="Square input side (0: the source's)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the depth variants (a killed run resumes)."),
+    data: str = typer.Option(..., help="'generated', an ImageFolder root or a CIFAR-10 python folder."),
+    exits: int = typer.Option(4, min=2, help="Classifiers C, one after every depth/C blocks (the last the model's)."),
+    epochs: int = typer.Option(10, min=1),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (cosine after --warmup)."),
+    optimizer: str = typer.Option("adamw", help="adamw (what ViTs train with) or sgd."),
+    weight_decay: float = typer.Option(0.05),
+    warmup: int = typer.Option(0, min=0, help="Linear warm-up steps."),
+    teacher: Optional[Path] = typer.Option(
+        None, help="A trained checkpoint queried on the inputs the final classifier gets wrong (sec. 7.2.3)."
+    ),
+    batch_size: int = typer.Option(128, min=1),
+    train_samples: int = typer.Option(0, min=0, help="Stratified training subset (0: all)."),
+    test_samples: int = typer.Option(0, min=0, help="Stratified test subset (0: all)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Self-distilled exits (the pipeline method exits): one training of a vision transformer with C classifiers,
+    written as C depth variants (the blocks up to each exit, the exit as the head) for `edgeshift export`."""
+    if (dense is None) == (arch is None):
+        raise EdgeshiftError("give a trained checkpoint (DENSE) or --arch to train from scratch, not both or neither")
+    spec = model_spec(arch, arch_kwargs, None, input_size or None, None)  # bad JSON: one line, before any work
+    document: dict = {
+        "data": {"path": data, "train_samples": train_samples, "test_samples": test_samples},
+        "methods": [
+            {
+                "name": "exits",
+                "exits": exits,
+                "start": "scratch" if dense is None else "dense",
+                "teacher": str(teacher) if teacher else "",
+            }
+        ],
+        "train": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "optimizer": optimizer,
+            "weight_decay": weight_decay,
+            "warmup": warmup,
+            "seed": seed,
+        },
+        "output": {"dir": str(out)},
+    }
+    if dense is not None:
+        require_file(dense, "checkpoint to start from (DENSE)")
+        document["variants"] = {"dense": str(dense)}
+    else:
+        document["model"] = {"arch": arch, "kwargs": dict(spec.kwargs) if spec else {}, "input_size": input_size}
+    made = pipeline_lib.run_method(document, "edgeshift exits")
+    typer.echo(f"{len(made)} sources in {out / 'variants'}: " + ", ".join(p.name for p in made))
+    typer.echo(f"next: edgeshift export {' '.join(str(p) for p in made)} -o portfolio.zip --data {data}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("method")(handle_errors(method))
     app.command("nest")(handle_errors(nest))
     app.command("gate")(handle_errors(gate))
+    app.command("exits")(handle_errors(exits))
     app.command("export")(handle_errors(export))
     app.command("report")(handle_errors(report))
     app.command("pipeline")(handle_errors(pipeline))

@@ -58,6 +58,7 @@ SUBLAYERS = {
                 "nested",
                 "learned_masks",
                 "gating",
+                "exits",
                 "slim",
                 "pai",
                 "imp",

@@ -182,7 +182,7 @@ def test_edgeshift_method_runs_one_method_alone_with_its_settings_checked(tmp_pa
     for args, message in (
         (["layerprune", "--set", "remove=2"], "methods[0].remove must be a list of int, got int 2"),
         (["layerprune", "--set", "removes=[2]"], "unknown key 'methods[0].removes'; known in [methods[0]]: criterion"),
-        (["obd"], "unknown method 'obd'; known: gate, imp, layerprune"),
+        (["obd"], "unknown method 'obd'; known: exits, gate, imp, layerprune"),
         (["layerprune", "--set", "oops"], "--set takes KEY=VALUE"),
     ):
         refused = runner.invoke(app, ["method", *args, "-o", str(tmp_path / "refused"), *common])

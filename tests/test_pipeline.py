@@ -130,7 +130,7 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
         ({"train": {"epochs": "3"}}, "train.epochs must be int, got str '3'"),
         (
             {"methods": [{"name": "obd"}]},
-            "unknown method 'obd'; known: gate, imp, layerprune, magnitude, nest, pai, random, slim, synflow",
+            "unknown method 'obd'; known: exits, gate, imp, layerprune, magnitude, nest, pai, random, slim, synflow",
         ),
         ({"methods": [{"name": "layerprune", "remove": 2}]}, "methods[0].remove must be a list"),
         (
@@ -144,7 +144,7 @@ def test_pipeline_methods_pai_and_layerprune_build_their_variants(method, expect
         ({"methods": [{"remove": [2]}]}, "methods[0] lacks 'name'"),
         ({"methods": [{"name": "pai"}, {"name": "pai"}]}, "method 'pai' has two [[methods]] tables"),
         ({"methods": []}, "no [[methods]] table and no [variants] targets"),
-        ({"method": {"name": "obd"}}, "unknown method 'obd'; known: gate, imp, layerprune"),
+        ({"method": {"name": "obd"}}, "unknown method 'obd'; known: exits, gate, imp, layerprune"),
     ],
 )
 def test_config_errors_name_the_file_and_key(doc, message):

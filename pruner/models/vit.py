@@ -109,8 +109,12 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.norm(self.blocks(x))
 
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token's logits (timm's ``forward_head`` with ``global_pool="token"``)."""
+        return self.head(x[:, 0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x)[:, 0])
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model(
