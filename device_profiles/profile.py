@@ -36,7 +36,7 @@ A profile file::
     ladder_min_gain = 0.10        # each ladder step down is at least this much faster
 
     [quantization]                # INT8 variants built for this device (build side only)
-    format = "qdq"                # qoperator | qdq | auto (time both on this machine, keep the faster)
+    format = "qdq"                # qoperator | qdq | dynamic | auto (time them on this machine, keep the fastest)
     activations = "int8"          # uint8 | int8
     per_channel = true
     reduce_range = false          # 7-bit weights: x86 without VNNI, where u8 x s8 products can saturate
@@ -241,7 +241,7 @@ class BenchmarkSettings:
     )
 
 
-QuantFormat = Literal["qoperator", "qdq", "auto"]
+QuantFormat = Literal["qoperator", "qdq", "dynamic", "auto"]
 ActivationType = Literal["uint8", "int8"]
 
 
@@ -250,7 +250,8 @@ class QuantizationSettings:
     format: QuantFormat = setting(
         "qdq",
         "INT8 model format: qoperator (QLinearConv; fastest on x86 with VNNI), qdq (Quantize/DequantizeLinear "
-        "pairs; ORT's default, ARM and TensorRT), auto (build both, time them on this machine, keep the faster)",
+        "pairs; ORT's default, ARM and TensorRT), dynamic (MatMul weights only, activations quantized per call: "
+        "transformers), auto (build the candidates, time them on this machine, keep the fastest)",
     )
     activations: ActivationType = setting(
         "int8",

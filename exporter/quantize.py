@@ -1,13 +1,16 @@
 """INT8 variants through ``onnxruntime.quantization``: its pre-processing, then static quantization with
-per-channel int8 weights, calibrated on the user's training images. Build side only (onnx, onnxruntime, numpy).
+per-channel int8 weights, calibrated on the user's training images, or dynamic quantization of the weight
+MatMuls (activations quantized per call: what ONNX Runtime recommends for transformers). Build side only (onnx,
+onnxruntime, numpy).
 
 INT8 is not exact: each INT8 variant is checked (ONNX checker, an ORT session, the test images run) and reported
 against its FP32 source (top-1 agreement, largest logit deviation), never assumed faster: ``build_portfolio``
 times it against its source under the device profile and drops it when it is not.
 
 Which format is fast depends on the device (QOperator with uint8 activations is ONNX Runtime's fast path on x86
-with VNNI; QDQ with int8 activations is its guidance for ARM and TensorRT), so the device profile's
-``[quantization]`` table chooses, and ``format = "auto"`` builds both and keeps the one measured faster.
+with VNNI; QDQ with int8 activations is its guidance for ARM and TensorRT; dynamic for MatMul-heavy transformers),
+so the device profile's ``[quantization]`` table chooses, and ``format = "auto"`` builds the candidates (dynamic
+among them where the model has MatMuls with weights) and keeps the one measured faster.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgeshift.core.errors import EdgeshiftError
@@ -40,6 +43,7 @@ __all__ = [
     "fastest_int8",
     "quantize_onnx",
     "schemes_for",
+    "weight_matmuls",
 ]
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
@@ -71,7 +75,7 @@ class Calibration:
 class Int8Scheme:
     """One way to quantize: model format, activation type, and the weight options."""
 
-    format: Literal["qoperator", "qdq"]
+    format: Literal["qoperator", "qdq", "dynamic"]
     activations: Literal["uint8", "int8"]
     per_channel: bool = True
     reduce_range: bool = False
@@ -81,8 +85,9 @@ class Int8Scheme:
         return f"{self.format}/{self.activations}"
 
 
-def schemes_for(settings: QuantizationSettings) -> list[Int8Scheme]:
-    """The profile's scheme, or for ``format = "auto"`` the candidates to time against each other."""
+def schemes_for(settings: QuantizationSettings, weight_matmuls: bool = False) -> list[Int8Scheme]:
+    """The profile's scheme, or for ``format = "auto"`` the candidates to time against each other (dynamic too when
+    the model has ``weight_matmuls``: a transformer's linears)."""
     reduce_range = settings.reduce_range
     if isinstance(reduce_range, str):  # "auto": loading the profile resolves it for the machine that builds
         raise ValueError("reduce_range is still 'auto': quantize with a profile from load_profile")
@@ -90,7 +95,9 @@ def schemes_for(settings: QuantizationSettings) -> list[Int8Scheme]:
         return [
             Int8Scheme("qoperator", "uint8", settings.per_channel, reduce_range),
             Int8Scheme("qdq", "int8", settings.per_channel, reduce_range),
-        ]
+        ] + ([Int8Scheme("dynamic", "uint8", settings.per_channel, reduce_range)] if weight_matmuls else [])
+    if settings.format == "dynamic":  # activations are quantized per call to uint8: ORT's dynamic kernels
+        return [Int8Scheme("dynamic", "uint8", settings.per_channel, reduce_range)]
     return [Int8Scheme(settings.format, settings.activations, settings.per_channel, reduce_range)]
 
 
@@ -105,6 +112,30 @@ class _Reader:
 
     def rewind(self) -> None:  # not needed by static calibration, part of the interface
         pass
+
+
+def _quantize_static(
+    pre: str, out: str, input_name: str, calibration: Calibration, scheme: Int8Scheme, methods: dict
+) -> None:
+    quantize_static(
+        pre,
+        out,
+        _Reader(input_name, calibration.x.astype(np.float32)),
+        quant_format=QuantFormat.QOperator if scheme.format == "qoperator" else QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8 if scheme.activations == "uint8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=scheme.per_channel,
+        reduce_range=scheme.reduce_range,
+        calibrate_method=methods[calibration.method],
+        calibration_providers=["CPUExecutionProvider"],
+    )
+
+
+def weight_matmuls(fp32: bytes) -> bool:
+    """Whether the model multiplies activations by weights in MatMul nodes (a transformer's linears)."""
+    graph = onnx.load_model_from_string(fp32).graph
+    weights = {t.name for t in graph.initializer}
+    return any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights for n in graph.node)
 
 
 def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, name: str = "model") -> bytes:
@@ -126,18 +157,17 @@ def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, 
             # Symbolic shape inference is for dynamic transformer shapes; a CNN's come from ONNX's own inference,
             # and on failure ORT's symbolic pass leaves a file in the working directory.
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            quantize_static(
-                str(pre),
-                str(out),
-                _Reader(input_name, calibration.x.astype(np.float32)),
-                quant_format=QuantFormat.QOperator if scheme.format == "qoperator" else QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8 if scheme.activations == "uint8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=scheme.per_channel,
-                reduce_range=scheme.reduce_range,
-                calibrate_method=methods[calibration.method],
-                calibration_providers=["CPUExecutionProvider"],
-            )
+            if scheme.format == "dynamic":
+                quantize_dynamic(
+                    str(pre),
+                    str(out),
+                    weight_type=QuantType.QInt8,
+                    per_channel=scheme.per_channel,
+                    reduce_range=scheme.reduce_range,
+                    op_types_to_quantize=["MatMul"],  # ConvInteger is slower than float convs on ORT's CPU
+                )
+            else:
+                _quantize_static(str(pre), str(out), input_name, calibration, scheme, methods)
             data = out.read_bytes()
             onnx.checker.check_model(onnx.load_model_from_string(data), full_check=True)
             ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -170,7 +200,8 @@ def fastest_int8(
     and timed against the others (interleaved, under the profile, batch 1) and the one with the lowest p50 kept.
     The portfolio and the benchmarks choose through this one function, so they choose alike."""
 
-    built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes_for(profile.quantization)}
+    schemes = schemes_for(profile.quantization, weight_matmuls(fp32))
+    built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes}
     chosen, timed = next(iter(built)), None
     if len(built) > 1:
         stats = time_interleaved_models({label: data for label, (_, data) in built.items()}, feed, profile, batch=1)

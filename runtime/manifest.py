@@ -84,10 +84,11 @@ class Latency:
 
 @dataclass(frozen=True, kw_only=True)
 class Quantization:
-    """How an INT8 variant was made (``onnxruntime.quantization``, static) and how far it is from its source."""
+    """How an INT8 variant was made (``onnxruntime.quantization``, static or dynamic) and how far it is from its
+    source."""
 
     source: str  # the FP32 variant it was quantized from
-    format: Literal["qoperator", "qdq"]
+    format: Literal["qoperator", "qdq", "dynamic"]
     activations: Literal["uint8", "int8"]
     weights: Literal["int8"] = "int8"
     per_channel: bool = True

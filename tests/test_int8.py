@@ -28,6 +28,7 @@ from edgeshift.exporter.quantize import (
     fastest_int8,
     quantize_onnx,
     schemes_for,
+    weight_matmuls,
 )
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.runtime.manifest import SCHEMA_VERSION
@@ -91,6 +92,25 @@ def test_fastest_int8_times_every_auto_format_and_keeps_the_lowest_p50(resnet):
     fixed = fastest_int8(fp32, Calibration(x[:16]), qdq, feed, name="r20")
     assert fixed.candidates_p50_ms is None and fixed.scheme.label == "qdq/int8"  # the profile's format, not timed
     assert "DequantizeLinear" in _ops(fixed.data) and "QLinearConv" not in _ops(fixed.data)
+
+
+def test_a_transformer_gets_a_dynamic_candidate_with_integer_matmuls_that_stays_close(resnet):
+    """Dynamic INT8 for a ViT: every weight MatMul (qkv, proj, fc1, fc2 per block, the head) becomes an integer MatMul,
+    activations quantized per call; the CNN's graph has no weight MatMul, so auto does not offer it there."""
+    model = make("vit_cifar", {"dim": 32, "depth": 2, "num_heads": 2}, 32).eval()
+    x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    fp32 = onnx_bytes(model, inputs_for(32))
+    assert weight_matmuls(fp32) and not weight_matmuls(resnet[1])
+    auto = QuantizationSettings(format="auto")
+    assert [s.label for s in schemes_for(auto, weight_matmuls(fp32))][-1] == "dynamic/uint8"
+    int8 = quantize_onnx(fp32, Calibration(x[:8]), Int8Scheme("dynamic", "uint8"), name="vit")
+    ops = _ops(int8)
+    integer = ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0)
+    assert integer == 4 * 2 + 1 and not weight_matmuls(int8), ops  # and the head on the class token
+    ref = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    out = ort.InferenceSession(int8, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    agree, deviation = agreement(ref, out)
+    assert agree >= 0.8 and 0 < deviation < 0.5 * np.abs(ref).max()
 
 
 def test_a_model_ort_cannot_quantize_is_one_clear_error(tmp_path, monkeypatch):
