@@ -131,11 +131,54 @@ def _quantize_static(
     )
 
 
-def weight_matmuls(fp32: bytes) -> bool:
-    """Whether the model multiplies activations by weights in MatMul nodes (a transformer's linears)."""
-    graph = onnx.load_model_from_string(fp32).graph
+def _weight_products(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """MatMul and Gemm nodes whose second operand is a weight (an initializer)."""
     weights = {t.name for t in graph.initializer}
-    return any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights for n in graph.node)
+    return [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+
+
+def weight_matmuls(fp32: bytes) -> bool:
+    """Whether the model is MatMul-heavy, as a transformer is: more products with weights than convolutions."""
+    graph = onnx.load_model_from_string(fp32).graph
+    return len(_weight_products(graph)) > sum(n.op_type == "Conv" for n in graph.node)
+
+
+def _gemms_as_matmuls(path: Path) -> None:
+    """Rewrite, in place, each ``Gemm(A, W, b)`` with a weight W (alpha = beta = 1) as ``MatMul(A, W') + b``: ORT's
+    dynamic quantizer turns MatMuls into integer MatMuls and leaves Gemms in float, and onnxsim makes Gemms of
+    some of a transformer's linears."""
+    model = onnx.load_model(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    weighted = {p.output[0] for p in _weight_products(graph)}
+    nodes = []
+    for n in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if (
+            n.output[0] not in weighted
+            or n.op_type != "Gemm"
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            nodes.append(n)
+            continue
+        w = onnx.numpy_helper.to_array(inits[n.input[1]])
+        name = f"{n.input[1]}__matmul"
+        graph.initializer.append(
+            onnx.numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), name)
+        )
+        product = n.output[0] + "__product" if len(n.input) > 2 else n.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], name], [product], name=f"{n.name}_matmul"))
+        if len(n.input) > 2:
+            nodes.append(onnx.helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=f"{n.name}_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]  # the Gemms' own weights, now read by nobody, go
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save_model(model, str(path))
 
 
 def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, name: str = "model") -> bytes:
@@ -158,6 +201,7 @@ def quantize_onnx(fp32: bytes, calibration: Calibration, scheme: Int8Scheme, *, 
             # and on failure ORT's symbolic pass leaves a file in the working directory.
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             if scheme.format == "dynamic":
+                _gemms_as_matmuls(pre)
                 quantize_dynamic(
                     str(pre),
                     str(out),
