@@ -30,6 +30,7 @@ FAST = {  # appended to training commands: a few steps on a small subset
     "slim": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "nest": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     "gate": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
+    "exits": ["--batch-size", "32", "--train-samples", "128", "--test-samples", "50"],
     # profiling length, not behaviour; the generated test split (500 images) holds 100 measured and 300 held out
     "export": ["--iterations", "5", "--no-memory", "--test-samples", "100", "--cascade-samples", "300"],
 }
