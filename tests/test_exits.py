@@ -174,3 +174,21 @@ def test_edgeshift_exits_then_export_gives_one_variant_per_exit(tmp_path):
     with Portfolio.open(out) as pf:
         kept = set(pf.names) | {d.name for d in pf.manifest.dropped}
     assert kept == {p.stem for p in made}
+
+
+def test_exits_from_a_trained_checkpoint_keep_its_weights_below_the_first_exit(tmp_path):
+    """From DENSE, training starts at its weights: with a zero learning rate, the shallowest variant's blocks are
+    the checkpoint's, and the deepest variant is the checkpoint itself."""
+    model = small_vit()
+    save_checkpoint(model, tmp_path / "dense.pt")
+    common = ["--data", "generated", "--train-samples", "128", "--test-samples", "32", "--batch-size", "64"]
+    args = ["exits", str(tmp_path / "dense.pt"), "-o", str(tmp_path / "run"), "--exits", "2", "--lr", "0"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "1", *common])
+    assert result.exit_code == 0, result.output
+    shallow, _ = load_checkpoint(tmp_path / "run" / "variants" / "exit1of2-depth2-dense.pt")
+    deep, _ = load_checkpoint(tmp_path / "run" / "variants" / "exit2of2-depth4-dense.pt")
+    for name, value in model.state_dict().items():
+        assert torch.equal(deep.state_dict()[name], value), name
+        if name.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0.", "blocks.1.")):
+            assert torch.equal(shallow.state_dict()[name], value), name
+    assert not any(k.startswith("blocks.2.") for k in shallow.state_dict())  # cut after block 2
