@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,10 +29,12 @@ from edgeshift.runtime.measure import machine_label
 
 
 def run(cmd: list[str]) -> float:
-    """Run ``cmd``; its wall seconds."""
+    """Run ``cmd`` with this Python's scripts first on the PATH (cascade_cifar.py calls `edgeshift`); its wall
+    seconds."""
     print("+", " ".join(cmd), flush=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     return time.perf_counter() - t0
 
 
