@@ -41,9 +41,9 @@ __all__ = [
     "QuantizationError",
     "agreement",
     "fastest_int8",
+    "matmul_heavy",
     "quantize_onnx",
     "schemes_for",
-    "weight_matmuls",
 ]
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
@@ -85,9 +85,9 @@ class Int8Scheme:
         return f"{self.format}/{self.activations}"
 
 
-def schemes_for(settings: QuantizationSettings, weight_matmuls: bool = False) -> list[Int8Scheme]:
-    """The profile's scheme, or for ``format = "auto"`` the candidates to time against each other (dynamic too when
-    the model has ``weight_matmuls``: a transformer's linears)."""
+def schemes_for(settings: QuantizationSettings, transformer: bool = False) -> list[Int8Scheme]:
+    """The profile's scheme, or for ``format = "auto"`` the candidates to time against each other (dynamic too for a
+    ``transformer``: a MatMul-heavy model, see ``matmul_heavy``)."""
     reduce_range = settings.reduce_range
     if isinstance(reduce_range, str):  # "auto": loading the profile resolves it for the machine that builds
         raise ValueError("reduce_range is still 'auto': quantize with a profile from load_profile")
@@ -95,7 +95,7 @@ def schemes_for(settings: QuantizationSettings, weight_matmuls: bool = False) ->
         return [
             Int8Scheme("qoperator", "uint8", settings.per_channel, reduce_range),
             Int8Scheme("qdq", "int8", settings.per_channel, reduce_range),
-        ] + ([Int8Scheme("dynamic", "uint8", settings.per_channel, reduce_range)] if weight_matmuls else [])
+        ] + ([Int8Scheme("dynamic", "uint8", settings.per_channel, reduce_range)] if transformer else [])
     if settings.format == "dynamic":  # activations are quantized per call to uint8: ORT's dynamic kernels
         return [Int8Scheme("dynamic", "uint8", settings.per_channel, reduce_range)]
     return [Int8Scheme(settings.format, settings.activations, settings.per_channel, reduce_range)]
@@ -137,7 +137,7 @@ def _weight_products(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
 
 
-def weight_matmuls(fp32: bytes) -> bool:
+def matmul_heavy(fp32: bytes) -> bool:
     """Whether the model is MatMul-heavy, as a transformer is: more products with weights than convolutions."""
     graph = onnx.load_model_from_string(fp32).graph
     return len(_weight_products(graph)) > sum(n.op_type == "Conv" for n in graph.node)
@@ -164,14 +164,16 @@ def _gemms_as_matmuls(path: Path) -> None:
             nodes.append(n)
             continue
         w = onnx.numpy_helper.to_array(inits[n.input[1]])
-        name = f"{n.input[1]}__matmul"
-        graph.initializer.append(
-            onnx.numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), name)
-        )
+        name = f"{n.input[1]}__matmul" + ("_t" if attrs.get("transB", 0) else "")
+        if name not in inits:  # a weight two Gemms share is laid out once
+            inits[name] = onnx.numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), name)
+            graph.initializer.append(inits[name])
         product = n.output[0] + "__product" if len(n.input) > 2 else n.output[0]
-        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], name], [product], name=f"{n.name}_matmul"))
+        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], name], [product], name=f"{n.output[0]}__matmul"))
         if len(n.input) > 2:
-            nodes.append(onnx.helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=f"{n.name}_bias"))
+            nodes.append(
+                onnx.helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=f"{n.output[0]}__bias")
+            )
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
@@ -244,7 +246,7 @@ def fastest_int8(
     and timed against the others (interleaved, under the profile, batch 1) and the one with the lowest p50 kept.
     The portfolio and the benchmarks choose through this one function, so they choose alike."""
 
-    schemes = schemes_for(profile.quantization, weight_matmuls(fp32))
+    schemes = schemes_for(profile.quantization, matmul_heavy(fp32))
     built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes}
     chosen, timed = next(iter(built)), None
     if len(built) > 1:

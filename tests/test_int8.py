@@ -26,9 +26,9 @@ from edgeshift.exporter.quantize import (
     QuantizationError,
     agreement,
     fastest_int8,
+    matmul_heavy,
     quantize_onnx,
     schemes_for,
-    weight_matmuls,
 )
 from edgeshift.pruner.checkpoint import save_checkpoint
 from edgeshift.runtime.manifest import SCHEMA_VERSION
@@ -101,17 +101,47 @@ def test_a_transformer_gets_a_dynamic_candidate_with_integer_matmuls_that_stays_
     x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
     export_onnx(model, inputs_for(32), tmp_path / "vit.onnx")  # simplified as export makes it: some linears Gemms
     fp32 = (tmp_path / "vit.onnx").read_bytes()
-    assert weight_matmuls(fp32) and not weight_matmuls(resnet[1])
+    assert matmul_heavy(fp32) and not matmul_heavy(resnet[1])
     auto = QuantizationSettings(format="auto")
-    assert [s.label for s in schemes_for(auto, weight_matmuls(fp32))][-1] == "dynamic/uint8"
+    assert [s.label for s in schemes_for(auto, matmul_heavy(fp32))][-1] == "dynamic/uint8"
     int8 = quantize_onnx(fp32, Calibration(x[:8]), Int8Scheme("dynamic", "uint8"), name="vit")
     ops = _ops(int8)
     integer = ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0)
-    assert integer == 4 * 2 + 1 and not weight_matmuls(int8), ops  # and the head on the class token
+    assert integer == 4 * 2 + 1 and not matmul_heavy(int8), ops  # and the head on the class token
     ref = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     out = ort.InferenceSession(int8, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     agree, deviation = agreement(ref, out)
     assert agree >= 0.8 and 0 < deviation < 0.5 * np.abs(ref).max()
+
+
+def test_dynamic_int8_makes_integer_matmuls_of_gemms_even_when_they_share_a_weight():
+    """Two Gemms (transB, bias) reading one weight: both become integer MatMuls plus their bias, the weight laid
+    out once, and the numbers stay near the float graph's."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [16, 16], rng.standard_normal((16, 16)).astype(np.float32).ravel())
+    b1 = helper.make_tensor("b1", TensorProto.FLOAT, [16], rng.standard_normal(16).astype(np.float32))
+    b2 = helper.make_tensor("b2", TensorProto.FLOAT, [16], rng.standard_normal(16).astype(np.float32))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "w", "b1"], ["h"], transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w", "b2"], ["logits"], transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 16])],
+        [w, b1, b2],
+    )
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    assert matmul_heavy(fp32)  # two weight products, no conv
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    int8 = quantize_onnx(fp32, Calibration(x[:4]), Int8Scheme("dynamic", "uint8"), name="gemms")
+    ops = _ops(int8)
+    integer = ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0)
+    assert integer == 2 and "Gemm" not in ops, ops
+    ref = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    out = ort.InferenceSession(int8, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
 
 def test_a_model_ort_cannot_quantize_is_one_clear_error(tmp_path, monkeypatch):
