@@ -105,8 +105,11 @@ def test_int8_forms_of_nested_widths_are_stored_whole_beside_the_sliced_fp32_one
     )
     manifest, files = members(out)
     by_name = {v["name"]: v for v in manifest["variants"]}
-    assert by_name["nest-0.5"]["nested"]["base"] == "nest-1"  # FP32: still a slice of the widest
     dropped = {d["name"]: d["reason"] for d in manifest["dropped"]}
+    if "nest-0.5" in by_name:
+        assert by_name["nest-0.5"]["nested"]["base"] == "nest-1"  # FP32: still a slice of the widest
+    else:  # its INT8 form measured faster at the same top-1 (the untrained widths all score alike): dominated
+        assert dropped["nest-0.5"].startswith("beaten by "), dropped
     for source in ("nest-1", "nest-0.5"):
         name = f"{source}-int8"
         if name not in by_name:  # not faster than its source, or beaten by another variant (the post-processor)
