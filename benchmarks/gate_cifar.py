@@ -48,7 +48,8 @@ WARMUP = 30
 class Gathered(nn.Module):
     """A gated CIFAR VGG (conv-BN folded) computing, per input (batch 1), only the filters its gates keep: each conv
     on its weights' kept rows (its own gate) and columns (the gate before), the heads' softmax over every input
-    channel (a skipped one pooled to 0 counts exp(0)), the classifier on the kept columns."""
+    channel (a skipped one pooled to 0 counts exp(0)) or, standardised, the head with the running statistics folded
+    into its weights (a skipped channel, pooled to 0, then adds nothing), the classifier on the kept columns."""
 
     def __init__(self, fused: GatedNetwork, vgg: CifarVGG):
         super().__init__()
@@ -59,6 +60,15 @@ class Gathered(nn.Module):
         ]
         self.convs = [m for m in self.layers if isinstance(m, nn.Conv2d)]
         self.heads = [g.head for g in fused.gate_list()]
+        self.softmax = [g.head_input == "softmax" for g in fused.gate_list()]
+        self.folded: list[tuple[torch.Tensor, torch.Tensor]] = []  # a standardised head's (weight, bias), folded
+        for g in fused.gate_list():
+            w, b = g.head.weight.detach().flatten(1), cast(torch.Tensor, g.head.bias).detach()
+            if g.head_input == "standardised":
+                norm = cast(nn.BatchNorm2d, g.normalise)
+                scale = 1 / torch.sqrt(cast(torch.Tensor, norm.running_var) + norm.eps)
+                w, b = w * scale, b - w @ (cast(torch.Tensor, norm.running_mean) * scale)
+            self.folded.append((w, b))
         assert [b.conv for b in fused.blocks] == [
             f"features.{i}.0" for i, m in enumerate(vgg.features) if not isinstance(m, nn.MaxPool2d)
         ], "every conv of the VGG is gated"
@@ -72,11 +82,15 @@ class Gathered(nn.Module):
             if isinstance(layer, nn.MaxPool2d):
                 x = layer(x)
                 continue
-            conv, head = cast(nn.Conv2d, layer), self.heads[i]
+            conv, head, (w_folded, b_folded) = cast(nn.Conv2d, layer), self.heads[i], self.folded[i]
+            softmax = self.softmax[i]
             i += 1
             w_head = head.weight.flatten(1)  # (out, in)
             pooled = x.amax(dim=(2, 3))  # (1, kept in)
-            if kept is None:
+            if not softmax:
+                w = w_folded if kept is None else w_folded.index_select(1, kept)
+                logits = F.linear(pooled, w, b_folded)
+            elif kept is None:
                 logits = F.linear(torch.softmax(pooled, dim=1), w_head, head.bias)
             else:
                 e = pooled.exp()
@@ -104,6 +118,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.0)
     ap.add_argument("--flops-reduction", type=float, default=0.5)
     ap.add_argument("--mode", default="decoupled")
+    ap.add_argument("--head-input", default="standardised")
+    ap.add_argument("--head-lr-scale", type=float, default=10.0)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -119,6 +135,8 @@ def main() -> None:
                 "ratio": args.ratio,
                 "flops_reduction": args.flops_reduction,
                 "mode": args.mode,
+                "head_input": args.head_input,
+                "head_lr_scale": args.head_lr_scale,
                 "epochs": args.epochs,
                 "lr": args.lr,
             }

@@ -219,6 +219,10 @@ def gate(
     ),
     flops_reduction: float = typer.Option(0.5, help="With --ratio 0: the share of MACs to save (one-shot estimate)."),
     mode: str = typer.Option("decoupled", help="decoupled (heads and backbone apart) or joint (straight-through)."),
+    head_input: str = typer.Option(
+        "standardised", help="What a head reads of its pooled input: standardised, or softmax (the thesis's)."
+    ),
+    head_lr_scale: float = typer.Option(10.0, min=0, help="The heads' learning rate over the backbone's."),
     epochs: float = typer.Option(1.0, min=0, help="Epochs of training heads and backbone together."),
     lr: float = typer.Option(0.01, help="Peak learning rate of that training (cosine)."),
     batch_size: int = typer.Option(128, min=1),
@@ -237,6 +241,8 @@ def gate(
                 "ratio": ratio,
                 "flops_reduction": flops_reduction,
                 "mode": mode,
+                "head_input": head_input,
+                "head_lr_scale": head_lr_scale,
                 "epochs": epochs,
                 "lr": lr,
             }

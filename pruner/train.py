@@ -141,12 +141,20 @@ class Regulariser(Protocol):
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """The model's own parameter groups where it names them (a ``parameter_groups()`` method: decision heads that
+    learn faster than the backbone), else one group; a group's ``lr_scale`` multiplies the schedule's rate."""
+    groups = getattr(model, "parameter_groups", None)
+    return groups() if callable(groups) else [{"params": list(model.parameters())}]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD with momentum, or AdamW ("Decoupled Weight Decay Regularization"), as ``cfg.optimizer`` says."""
+    groups = parameter_groups(model)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
 
 
@@ -205,7 +213,7 @@ def train(
                 if world > 1:  # this rank's slice of the global batch
                     idx, x = idx[rank::world], x[rank::world]
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr_at(step, total)
+                    g["lr"] = cfg.lr_at(step, total) * g.get("lr_scale", 1.0)
                 out = net(x)
                 loss = F.cross_entropy(out, ys[idx])
                 if teacher is not None:

@@ -15,8 +15,17 @@ from typer.testing import CliRunner
 from edgeshift.cli import app
 from edgeshift.core.errors import EdgeshiftError
 from edgeshift.pruner.checkpoint import read_checkpoint
-from edgeshift.pruner.gating import GatedNetwork, estimated_reduction, find_blocks, mass_targets, ratio_for
+from edgeshift.pruner.data import generated_dataset
+from edgeshift.pruner.gating import (
+    GatedNetwork,
+    estimated_reduction,
+    find_blocks,
+    gated_network,
+    mass_targets,
+    ratio_for,
+)
 from edgeshift.pruner.metrics import count_macs
+from edgeshift.pruner.train import TrainConfig, train
 from edgeshift.runtime.portfolio import Portfolio
 
 
@@ -93,7 +102,8 @@ def test_macs_per_input_count_the_filters_kept_and_the_channels_they_feed():
         assert torch.allclose(gated(x), expected, atol=1e-6)
 
 
-def test_a_head_reads_its_block_input_as_masked_by_the_gate_before():
+@pytest.mark.parametrize("head_input", ["standardised", "softmax"])
+def test_a_head_reads_its_block_input_as_masked_by_the_gate_before(head_input):
     """The thesis's I^{l+1} = O^l * mask: the second head sees the first block's output with the skipped filters
     zero (else the skipped filters would have to be computed anyway, to decide)."""
     model = nn.Sequential(
@@ -101,14 +111,23 @@ def test_a_head_reads_its_block_input_as_masked_by_the_gate_before():
         nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
     ).eval()  # fmt: skip
     x = torch.randn(2, 3, 8, 8)
-    gated = GatedNetwork(model, x, ratio=0.9).eval()
+    gated = GatedNetwork(model, x, ratio=0.9, head_input=head_input).eval()
     _set_masks(gated, [[0, 1, 2], list(range(6))])
     second = gated.gate_list()[1]
     with torch.no_grad():
         torch.nn.init.normal_(second.head.weight)  # its logits now depend on what it reads
         h = torch.relu(model[1](model[0](x)))
         h[:, 3:] = 0
-        expected = second.head(torch.softmax(h.amax(dim=(2, 3), keepdim=True), dim=1)).flatten(1)
+        pooled = h.amax(dim=(2, 3), keepdim=True)
+        if head_input == "softmax":
+            seen_by_head = torch.softmax(pooled, dim=1)
+        else:  # standardised by the running statistics, here set by hand
+            second.normalise.running_mean.copy_(torch.arange(8.0))
+            second.normalise.running_var.copy_(torch.arange(1.0, 9.0))
+            seen_by_head = (pooled - torch.arange(8.0)[:, None, None]) / torch.sqrt(torch.arange(1.0, 9.0) + 1e-5)[
+                :, None, None
+            ]
+        expected = second.head(seen_by_head).flatten(1)
         seen = {}
         handle = second.head.register_forward_hook(lambda m, i, o: seen.update(logits=o.flatten(1)))
         gated(x)
@@ -150,10 +169,11 @@ def test_decoupled_heads_and_backbone_share_no_gradient_and_joint_ones_do():
     assert _grads(joint, F.cross_entropy(joint(x), y)) == (True, True)  # straight through the masks
 
 
-def test_training_moves_the_heads_toward_their_targets():
+@pytest.mark.parametrize("head_input", ["standardised", "softmax"])
+def test_training_moves_the_heads_toward_their_targets(head_input):
     torch.manual_seed(0)
     x = torch.randn(32, 3, 8, 8)
-    gated = GatedNetwork(Chain(), x, ratio=0.6).train()
+    gated = GatedNetwork(Chain(), x, ratio=0.6, head_input=head_input).train()
     optimiser = torch.optim.SGD([p for g in gated.gate_list() for p in g.parameters()], lr=1.0)
     gated(x)
     first, agreed = float(gated.loss().detach()), gated.log()["gate_agreement"]
@@ -165,6 +185,83 @@ def test_training_moves_the_heads_toward_their_targets():
     gated(x)
     assert float(gated.loss().detach()) < 0.6 * first  # from keeping every filter to near what the input tells
     assert gated.log()["gate_agreement"] > agreed + 0.02
+
+
+def test_standardised_heads_learn_masks_that_differ_per_input():
+    """Targets that follow the input (which of two channels is lit decides which filters carry the mass) are
+    learned by the standardised head as different masks per input; a head learning each filter's keep rate alone
+    (the failure behind a softmax on a real VGG-16) would give every input the same mask."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]])[:, :, None, None])
+        model[3].weight.copy_(
+            torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]])[:, :, None, None]
+        )
+    lit = torch.randint(0, 2, (64,))
+    x = torch.zeros(64, 2, 4, 4)
+    x[torch.arange(64), lit] = 1.0 + torch.rand(64, 4, 4)
+    gated = GatedNetwork(model, x[:2], ratio=0.9, mode="decoupled").train()  # keeps the two lit filters
+    for p in model.parameters():
+        p.requires_grad_(False)
+    optimiser = torch.optim.SGD([p for g in gated.gate_list() for p in g.parameters()], lr=0.5)
+    for _ in range(200):
+        optimiser.zero_grad()
+        gated(x)
+        gated.loss().backward()
+        optimiser.step()
+    seen = {}
+    handle = gated.gate_list()[1].head.register_forward_hook(lambda m, i, o: seen.update(logits=o.flatten(1)))
+    with torch.no_grad():
+        gated.eval()(x)
+    handle.remove()
+    masks = (seen["logits"] > 0).float()
+    expected = torch.stack([1.0 - lit, lit.float(), 1.0 - lit, lit.float()], dim=1)  # the lit channel's two filters
+    assert torch.equal(masks, expected)
+
+
+def test_the_heads_learn_at_their_own_rate_in_the_training_loop():
+    """The trainer applies the gated network's parameter groups: at a head learning-rate scale of 0 the heads do
+    not move and the backbone does; at 10 both move."""
+    data = generated_dataset(32, num_classes=4, size=8)
+    for scale, heads_move in ((0.0, False), (10.0, True)):
+        torch.manual_seed(0)
+        model = Chain()
+        gated = GatedNetwork(model, torch.randn(2, 3, 8, 8), ratio=0.6, head_lr_scale=scale)
+        heads = [p.detach().clone() for g in gated.gate_list() for p in g.head.parameters()]
+        backbone = [p.detach().clone() for p in model.parameters()]
+        cfg = TrainConfig(iterations=2, batch_size=16, lr=0.05, warmup_steps=0, augment=False)
+        train(gated, data, data, cfg, progress=False, regulariser=gated)
+        moved = [
+            not torch.equal(a, p) for a, p in zip(heads, (p for g in gated.gate_list() for p in g.head.parameters()))
+        ]
+        assert any(moved) == heads_move and all(moved) == heads_move
+        assert any(not torch.equal(a, p) for a, p in zip(backbone, model.parameters()))
+
+
+def test_a_training_batch_of_one_input_uses_the_running_statistics():
+    gated = GatedNetwork(Chain(), torch.randn(2, 3, 8, 8), ratio=0.6).train()
+    gated(torch.randn(1, 3, 8, 8))  # a batch norm of one value per channel would raise
+    assert gated.loss().isfinite()
+
+
+def test_a_gate_checkpoint_written_before_the_head_input_was_a_choice_loads_as_the_softmax_head():
+    x = torch.randn(4, 3, 8, 8)
+    old = GatedNetwork(Chain().eval(), x, ratio=0.7, head_input="softmax").eval()
+    for g in old.gate_list():
+        torch.nn.init.normal_(g.head.weight)
+    entry = {
+        "ratio": 0.7,
+        "mode": "decoupled",
+        "heads": {b.conv: dict(g.head.state_dict()) for b, g in zip(old.blocks, old.gate_list())},  # no "head."
+    }
+    loaded = gated_network(old.backbone, entry, x, "old.pt")
+    assert all(g.head_input == "softmax" for g in loaded.gate_list())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old(x))
+    with pytest.raises(EdgeshiftError, match="head_input one of standardised, softmax"):
+        gated_network(old.backbone, {**entry, "head_input": "sigmoid"}, x, "bad.pt")
 
 
 def test_the_one_shot_estimate_saves_more_as_the_ratio_falls_and_picks_the_largest_ratio_meeting_a_target():

@@ -17,7 +17,15 @@ from edgeshift.core.config import setting
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import model_splits
-from ..gating import MODES, GatedNetwork, estimated_reduction, find_blocks, ratio_for
+from ..gating import (
+    HEAD_INPUTS,
+    HEAD_LR_SCALE,
+    MODES,
+    GatedNetwork,
+    estimated_reduction,
+    find_blocks,
+    ratio_for,
+)
 from ..models.record import record_of
 from ..models.zoo import input_shape
 from ..train import evaluate, to_tensor, train
@@ -49,6 +57,15 @@ class GateSettings:
         "task under their masks); joint: the task loss reaches the heads through their sigmoids (straight-through)",
         check=lambda v: None if v in MODES else f"must be one of {', '.join(MODES)}",
     )
+    head_input: str = setting(
+        "standardised",
+        "what a head's 1x1 convolution reads of its pooled input: standardised (per channel, by running statistics; "
+        "its predictions follow the input) or softmax (the thesis's head)",
+        check=lambda v: None if v in HEAD_INPUTS else f"must be one of {', '.join(HEAD_INPUTS)}",
+    )
+    head_lr_scale: float = setting(
+        HEAD_LR_SCALE, "the heads' learning rate over the backbone's (the thesis: 0.1 against 1e-2)", minimum=0
+    )
     epochs: float = setting(1.0, "epochs of training the heads and the backbone together", minimum=0)
     lr: float = setting(0.01, "peak learning rate of that training (cosine); the thesis trains CIFAR at 1e-2")
     estimate_samples: int = setting(512, "training images the one-shot estimate runs on", minimum=1)
@@ -71,7 +88,9 @@ class ChannelGating:
         train_ds, test_ds = model_splits(
             d.path, record_of(model), train_samples=d.train_samples, test_samples=d.test_samples, seed=context.seed
         )
-        gated = GatedNetwork(model, example, settings.ratio or 1.0, settings.mode)
+        gated = GatedNetwork(
+            model, example, settings.ratio or 1.0, settings.mode, settings.head_input, settings.head_lr_scale
+        )
         ratio = settings.ratio
         if not ratio:
             images = to_tensor(train_ds)[0][: settings.estimate_samples]
@@ -101,6 +120,7 @@ class ChannelGating:
         summary = {
             "ratio": ratio,
             "mode": settings.mode,
+            "head_input": settings.head_input,
             "blocks": [b.conv for b in gated.blocks],
             "heads": gated.state_of_heads(),
             "dense_macs": gated.dense_macs,
