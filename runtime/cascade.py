@@ -41,6 +41,13 @@ def confidence(logits: np.ndarray) -> np.ndarray:
     return 1.0 / np.exp(z).sum(axis=1)  # exp(max - max) = 1 over the sum
 
 
+def top_probability(row: Sequence[float]) -> float:
+    """``confidence`` of one input's logits in plain floats: on the ten logits of a request numpy's per-call cost
+    is most of the work (measured 5 against 1 us, and up to 30 us beside ONNX Runtime's calls)."""
+    top = max(row)
+    return 1.0 / sum(math.exp(v - top) for v in row)
+
+
 def check_thresholds(thresholds: Sequence[float], steps: int) -> tuple[float, ...]:
     """``thresholds`` if they are one number in [0, 1] per step but the last (one alone stands for all of them);
     else a one-line error."""
@@ -79,6 +86,11 @@ def run_cascade(
     is a share of a small model's call on the device)."""
     n = len(batch)
     last = len(thresholds)
+    if n == 1:  # one input (the device's usual request): it leaves whole at one step
+        for k in range(last + 1):
+            logits = np.asarray(run_step(k, batch))
+            if k == last or top_probability(logits[0].ravel().tolist()) > thresholds[k]:
+                return logits, np.full(1, k, np.int64)
     pending: np.ndarray | None = None  # None: every item
     out: np.ndarray | None = None
     answered_by: np.ndarray | None = None

@@ -27,6 +27,7 @@ from edgeshift.runtime.cascade import (
     expected_latency,
     parse_thresholds,
     run_cascade,
+    top_probability,
 )
 from edgeshift.runtime.engine import Runtime
 from edgeshift.runtime.manifest import parse_manifest, variant_file
@@ -44,6 +45,11 @@ def test_confidence_is_the_top1_softmax_probability():
     logits = np.random.default_rng(0).standard_normal((50, 7)) * 10
     np.testing.assert_allclose(confidence(logits), softmax_top(logits), rtol=1e-12)
     assert confidence(np.array([[1e4, -1e4]]))[0] == 1.0  # no overflow
+    # one input's path (plain floats) gives the same, NaN and infinities included
+    rows = [*logits, [1e4, -1e4], [np.nan, 1.0], [1.0, np.nan], [np.inf, 1.0], [-np.inf, 1.0]]
+    for row in rows:
+        expected = confidence(np.array([row]))[0]
+        assert top_probability(list(row)) == pytest.approx(expected, rel=1e-12, nan_ok=True)
 
 
 @pytest.mark.parametrize(
