@@ -2,9 +2,14 @@
 
 Exports the given checkpoints (or run folders) with ``--cascade``: its thresholds are calibrated on
 ``--cascade-samples`` test-split images, and every figure here comes from the other ``--test-samples`` test images.
-Then, in one process under the profile, every measured image goes through the dense model alone and through the
-cascade (the runtime's cascade mode), one image per call, the order of the two alternating per image, warm-up
-excluded: top-1 of both, per-input latency (mean, p50, p95), where the inputs left, and the MACs per input.
+Then, in one process under the profile, every measured image goes through the dense model alone, through the best
+static variant (the fastest by the export's timing whose top-1 there is within the cascade's loss budget of the
+dense model's), and through the cascade (the runtime's cascade mode), one image per call, warm-up excluded: top-1 of
+each, per-input latency (mean, p50, p95), where the inputs left, and the MACs per input. Interleaved in rounds as the
+kit's timing is (``runtime.measure.time_interleaved``): each takes ``--round-images`` consecutive images in turn, the
+order rotating per round, so a drift of the machine lands on all alike while each serves as it would alone on a
+device; rotating per image instead (``--round-images 1``) makes every call start with the other models' weights in
+the caches (the ResNet-20's INT8 steps then cost twice their time in rounds).
 Resumable: an existing portfolio is reused.
 
     python benchmarks/cascade_cifar.py /tmp/nest-bench/resnet20/joint/variants/nest-*.pt --data \\
@@ -32,6 +37,20 @@ from edgeshift.runtime.portfolio import Portfolio
 WARMUP = 50
 
 
+def best_static(variants, loss_points: float) -> str | None:
+    """The fastest variant by the export's timing (p50) whose export-time top-1 is within ``loss_points`` of the
+    reference's: the one a static deployment under the same budget would ship. None when none is."""
+    ref = next(v for v in variants if v.reference)
+    if ref.top1 is None:
+        return None
+    fits = [
+        v
+        for v in variants
+        if not v.reference and v.top1 is not None and v.record.latency and v.top1 >= ref.top1 - loss_points / 100
+    ]
+    return min(fits, key=lambda v: v.record.latency.p50_ms).name if fits else None
+
+
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -47,6 +66,7 @@ def main() -> None:
     ap.add_argument("--cascade-loss", type=float, default=0.5, help="Points of top-1 the calibration may lose.")
     ap.add_argument("--int8", action="store_true", help="Export INT8 forms too (more candidate steps).")
     ap.add_argument("--profile", default="host")
+    ap.add_argument("--round-images", type=int, default=250, help="Consecutive images each model takes per turn.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     portfolio = args.out / "cascade.zip"
@@ -64,6 +84,7 @@ def main() -> None:
         manifest = pf.manifest
         reference = next(v.name for v in pf.variants if v.reference)
         macs = {v.name: v.macs for v in pf.variants}
+        static = best_static(pf.variants, args.cascade_loss)
     cascade = manifest.cascade
     assert cascade is not None, "the export calibrated no cascade (no variant measured faster than the reference)"
     size = manifest.preprocessing.size
@@ -74,35 +95,41 @@ def main() -> None:
 
     # the dense model served as the cascade's steps are (threads stop spinning when a run ends), so that neither
     # one's pool takes the cores from the other's next call
-    dense = Runtime(portfolio, profile=spin_stopping(profile), start=reference, preload_neighbours=False, vet=False)
+    alone = {"dense": reference, **({"static": static} if static else {})}
+    runtimes = {
+        which: Runtime(portfolio, profile=spin_stopping(profile), start=name, preload_neighbours=False, vet=False)
+        for which, name in alone.items()
+    }
     casc = Runtime(portfolio, profile=profile, cascade=True, vet=False)
+    order = [*runtimes, "cascade"]
     try:
         for i in range(WARMUP):
-            dense.predict(x[i : i + 1])
-            casc.predict(x[i : i + 1])
-        ms = {"dense": np.empty(len(y)), "cascade": np.empty(len(y))}
-        predicted = {"dense": np.empty(len(y), int), "cascade": np.empty(len(y), int)}
-        answered: list[str] = []
-        for i in range(len(y)):
-            item = x[i : i + 1]
-            for which in ("dense", "cascade") if i % 2 == 0 else ("cascade", "dense"):
-                t = time.perf_counter()
-                if which == "dense":
-                    out = dense.predict(item)
-                else:
-                    out, steps = casc.predict_cascade(item)
-                ms[which][i] = (time.perf_counter() - t) * 1e3
-                predicted[which][i] = int(out[0].argmax())
-                if which == "cascade":
-                    answered.append(steps[0])
+            for rt in (*runtimes.values(), casc):
+                rt.predict(x[i : i + 1])
+        ms = {which: np.empty(len(y)) for which in order}
+        predicted = {which: np.empty(len(y), int) for which in order}
+        answered: list[str] = ["" for _ in range(len(y))]
+        size = max(1, args.round_images)
+        for r, start in enumerate(range(0, len(y), size)):
+            for which in order[r % len(order) :] + order[: r % len(order)]:
+                for i in range(start, min(start + size, len(y))):
+                    item = x[i : i + 1]
+                    t = time.perf_counter()
+                    if which == "cascade":
+                        out, steps = casc.predict_cascade(item)
+                        answered[i] = steps[0]
+                    else:
+                        out = runtimes[which].predict(item)
+                    ms[which][i] = (time.perf_counter() - t) * 1e3
+                    predicted[which][i] = int(out[0].argmax())
     finally:
-        dense.close()
-        casc.close()
+        for rt in (*runtimes.values(), casc):
+            rt.close()
     exits = {s: answered.count(s) / len(answered) for s in cascade.steps}
     # the same from the timing process (every step and the dense model interleaved, one shared pool, spinning as
     # the profile says): an input answered at step k costs the p50s of steps 0..k
     with Portfolio.open(portfolio, profile.limits) as pf:
-        graphs = {n: pf.inflate(n) for n in {*cascade.steps, reference}}
+        graphs = {n: pf.inflate(n) for n in {*cascade.steps, *alone.values()}}
     p50 = {n: st.p50_ms for n, st in time_interleaved_models(graphs, {"input": x[:1]}, profile, batch=1).items()}
     expected = expected_latency([exits[s] for s in cascade.steps], [p50[s] for s in cascade.steps])
     ran = np.cumsum([macs[s] for s in cascade.steps])
@@ -124,9 +151,12 @@ def main() -> None:
         "thresholds": list(cascade.points[0].thresholds),
         "calibration": {"samples": cascade.samples, "top1": cascade.points[0].top1, "dense": cascade.reference_top1},
         "measured_images": len(y),
+        "round_images": args.round_images,
         "exits": exits,
         "macs_per_input": macs_per_input,
         "dense_macs": macs[reference],
+        "static_variant": static,
+        "static_macs": macs[static] if static else None,
         **figures,
         "timing_process": {"p50_ms": p50, "expected_mean_ms": expected.mean_ms, "expected_p95_ms": expected.p95_ms},
     }
@@ -138,6 +168,12 @@ def main() -> None:
         f"{d['p95_ms']:.3f} | {macs[reference]:,} |\n"
         f"| cascade | {100 * c['top1']:.2f}% | {c['mean_ms']:.3f} | {c['p50_ms']:.3f} | {c['p95_ms']:.3f} | "
         f"{macs_per_input:,.0f} |"
+        + (
+            f"\n| static ({static}) | {100 * figures['static']['top1']:.2f}% | {figures['static']['mean_ms']:.3f} | "
+            f"{figures['static']['p50_ms']:.3f} | {figures['static']['p95_ms']:.3f} | {macs[static]:,} |"
+            if static
+            else ""
+        )
     )
     print(
         f"cascade / dense: mean {c['mean_ms'] / d['mean_ms']:.2f}x, p95 {c['p95_ms'] / d['p95_ms']:.2f}x, MACs "
