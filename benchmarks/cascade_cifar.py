@@ -109,10 +109,10 @@ def main() -> None:
         ms = {which: np.empty(len(y)) for which in order}
         predicted = {which: np.empty(len(y), int) for which in order}
         answered: list[str] = ["" for _ in range(len(y))]
-        size = max(1, args.round_images)
-        for r, start in enumerate(range(0, len(y), size)):
+        turn = max(1, args.round_images)
+        for r, start in enumerate(range(0, len(y), turn)):
             for which in order[r % len(order) :] + order[: r % len(order)]:
-                for i in range(start, min(start + size, len(y))):
+                for i in range(start, min(start + turn, len(y))):
                     item = x[i : i + 1]
                     t = time.perf_counter()
                     if which == "cascade":
