@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeshift.core.atomic import atomic_path, write_text_atomic
+
 
 @dataclass(frozen=True)
 class Row:
@@ -142,9 +144,8 @@ def chart(rows: list[Row], path: Path) -> None:
     ax.set_title("Per-input dynamic inference on CIFAR-10 (dotted: 0.6x, -0.5 points)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -161,7 +162,7 @@ def main() -> None:
         rows += gate_rows(model, run)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    (args.out / "dynamic.md").write_text(table)
+    write_text_atomic(args.out / "dynamic.md", table)
     chart(rows, args.out / "dynamic.png")
     print(table)
     print(f"wrote {args.out / 'dynamic.md'} and {args.out / 'dynamic.png'}")

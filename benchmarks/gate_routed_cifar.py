@@ -29,6 +29,7 @@ image, threads stopping after each run as the cascade's, warm-up excluded): mean
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from edgeshift.exporter.onnx_export import onnx_bytes
 from edgeshift.pruner.checkpoint import load_checkpoint
 from edgeshift.pruner.data import load_dataset
 from edgeshift.pruner.distill import DistillConfig, Teacher
-from edgeshift.pruner.fuse import fuse_conv_bn
+from edgeshift.pruner.fuse import fold_bn_into_conv, fuse_conv_bn
 from edgeshift.pruner.gating import Gate, GatedNetwork, gated_network
 from edgeshift.pruner.metrics import count_macs
 from edgeshift.pruner.models.vgg import CifarVGG
@@ -57,13 +58,13 @@ WARMUP = 30
 BATCH = 250
 
 
+@torch.no_grad()
 def folded(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ConvBNReLU's conv weight and bias with its BatchNorm folded in (eval statistics)."""
-    conv, bn = cast(nn.Conv2d, block[0]), cast(nn.BatchNorm2d, block[1])
-    scale = cast(torch.Tensor, bn.weight) / torch.sqrt(cast(torch.Tensor, bn.running_var) + bn.eps)
-    weight = conv.weight * scale[:, None, None, None]
-    bias = cast(torch.Tensor, bn.bias) - cast(torch.Tensor, bn.running_mean) * scale
-    return weight.detach(), bias.detach()
+    """A ConvBNReLU's conv weight and bias with its BatchNorm folded in (eval statistics; ``fold_bn_into_conv`` on a
+    copy, the block left as it is)."""
+    conv = copy.deepcopy(cast(nn.Conv2d, block[0]))
+    fold_bn_into_conv(conv, cast(nn.BatchNorm2d, block[1]))
+    return conv.weight.detach(), cast(torch.Tensor, conv.bias).detach()
 
 
 class Sliced(nn.Module):
