@@ -107,12 +107,16 @@ class Gate(nn.Module):
         self.agreement: torch.Tensor | None = None  # share of (input, filter) decisions equal to the target
         self.kept: torch.Tensor | None = None
         self.forced = False  # the estimate of sec. 6.3.3: the target itself is the mask (what ideal heads predict)
+        self.fixed: torch.Tensor | None = None  # (N, C) masks set from outside (routed signatures): no head, no loss
 
     def logits(self, block_input: torch.Tensor) -> torch.Tensor:
         pooled = block_input.amax(dim=(2, 3), keepdim=True)  # global max pooling
         return self.head(self.normalise(pooled)).flatten(1)
 
     def forward(self, block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
+        if self.fixed is not None:
+            self.kept = self.fixed.sum(dim=1)
+            return block_output * self.fixed.to(block_output.dtype)[:, :, None, None]
         if self.forced:
             mask = mass_targets(block_output, self.ratio)
             self.kept = mask.sum(dim=1)
@@ -157,7 +161,7 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _blocks_in(graph: fx.GraphModule) -> list[tuple[Block, fx.Node, fx.Node]]:
+def block_nodes(graph: fx.GraphModule) -> list[tuple[Block, fx.Node, fx.Node]]:
     """(block, the conv's input node, the ReLU node) for every conv -> BatchNorm2d -> ReLU chain whose conv and
     norm feed nothing else."""
     modules = dict(graph.named_modules())
@@ -184,7 +188,7 @@ def _other_than(node: fx.Node) -> Callable[[fx.Node], bool]:
 
 def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
     """The model's conv-BN-ReLU blocks, in graph order; refused in one line when it has none."""
-    blocks = [b for b, _, _ in _blocks_in(trace(model, example))]
+    blocks = [b for b, _, _ in block_nodes(trace(model, example))]
     if not blocks:
         raise NoGatedBlocksError(
             f"{type(model).__name__} has no conv-BN-ReLU block (a Conv2d feeding only a BatchNorm2d feeding only a "
@@ -215,7 +219,7 @@ class GatedNetwork(nn.Module):
         # containers of its own, and a fuser or pruner must meet each layer once, by one path
         object.__setattr__(self, "backbone", model)
         graph = trace(model, example)
-        found = _blocks_in(graph)
+        found = block_nodes(graph)
         if not found:
             find_blocks(model, example)  # raises, naming what a block is
         self.blocks = [b for b, _, _ in found]

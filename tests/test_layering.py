@@ -58,6 +58,7 @@ SUBLAYERS = {
                 "nested",
                 "learned_masks",
                 "gating",
+                "routing",
                 "exits",
                 "slim",
                 "pai",
@@ -69,7 +70,10 @@ SUBLAYERS = {
         [P + "methods"],
     ],
     "exporter": [
-        [E + m for m in ("onnx_export", "nesting", "cascade", "profile", "quantize", "layer_prices", "report")],
+        [
+            E + m
+            for m in ("onnx_export", "nesting", "routing", "cascade", "profile", "quantize", "layer_prices", "report")
+        ],
         [E + m for m in ("portfolio", "export_cmd")],
     ],
 }
