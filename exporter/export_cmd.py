@@ -21,6 +21,7 @@ from edgeshift.pruner.gating import gated_network
 from edgeshift.pruner.models.record import ModelRecord, record_of
 from edgeshift.pruner.models.sources import ModelSpec
 from edgeshift.pruner.models.zoo import input_shape
+from edgeshift.pruner.routing import routed_network
 from edgeshift.pruner.structured import PruneReport, prune_zero_channels
 
 from .portfolio import BuildSettings, CascadeCalibration, NestedSource, VariantFacts, build_portfolio
@@ -164,7 +165,13 @@ def export_portfolio(
         recipes[s.name] = s.recipe
         x = torch.randn(input_shape(model, 2), generator=torch.Generator().manual_seed(0))
         gate = checkpoint.get("meta", {}).get("gate")
-        if gate is not None:  # the backbone with its trained heads, exported whole: masks are per input, not zeros
+        routing = checkpoint.get("meta", {}).get("routing")
+        if routing is not None:  # the router and its signatures, sliced from the fine-tuned backbone: one graph
+            model = routed_network(model, routing, x, str(s.checkpoint))
+            if model.prune_report is not None:  # each signature pruned exactly here: the worst deviation recorded
+                reports[s.name] = model.prune_report
+            gated.add(s.name)
+        elif gate is not None:  # the backbone with its trained heads, exported whole: masks are per input, not zeros
             model = gated_network(model, gate, x, str(s.checkpoint))
             gated.add(s.name)
         elif prune:

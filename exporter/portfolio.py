@@ -25,6 +25,7 @@ from edgeshift.device_profiles import DeviceProfile
 from edgeshift.device_profiles.profile import cross_built
 from edgeshift.pruner.data import CIFAR_MEAN, CIFAR_STD
 from edgeshift.pruner.metrics import count_params
+from edgeshift.pruner.routing import RoutedNetwork
 from edgeshift.runtime.cascade import describe
 from edgeshift.runtime.ladder import LadderPoint, build_ladder, is_faster, ladder_accuracy, not_faster_reason
 from edgeshift.runtime.manifest import (
@@ -65,6 +66,7 @@ from .profile import (
     timing_profile,
 )
 from .quantize import Calibration, agreement, fastest_int8
+from .routing import export_parts, export_routed, routed_int8
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,14 @@ def _int8_variants(
     test_data: TestData | None,
     feed: dict,
     say: Callable[[str], None],
+    routed: Mapping[str, list[bytes]] | None = None,
 ) -> tuple[dict[str, _Built], list[dict]]:
     """An INT8 variant of every FP32 one in the profile's format; with ``format = "auto"`` every candidate is
     timed against the others (interleaved, under the profile) and the fastest kept. One whose top-1 agrees with its
     source on less than ``quantization.min_agreement`` of the test images is made again with the other
     ``reduce_range`` (u8 x s8 products saturate on x86 without VNNI), and dropped, with the figures, if neither
-    reaches it. Returns (kept, dropped with reasons)."""
+    reaches it. A ``routed`` variant's router and signatures are quantized one by one in one scheme and composed
+    again (``routing.routed_int8``). Returns (kept, dropped with reasons)."""
     out, dropped = {}, []
     floor = profile.quantization.min_agreement
     for name, src in fp32.items():
@@ -220,7 +224,10 @@ def _int8_variants(
         ]
         measured = []
         for attempt in tries:
-            choice = fastest_int8(src.data, calibration, attempt, feed, name=name)
+            if routed and name in routed:
+                choice = routed_int8(routed[name], calibration, attempt, feed, name=name)
+            else:
+                choice = fastest_int8(src.data, calibration, attempt, feed, name=name)
             logits = top1 = top5 = agree = deviation = None
             if test_data is not None and len(test_data.y) and src.logits is not None:
                 logits = onnx_logits(choice.session, test_data.x)
@@ -374,11 +381,17 @@ def build_portfolio(
     reference = reference or max(variants, key=lambda n: count_params(variants[n]))
     channels = int(example_inputs.shape[1])
     built: dict[str, _Built] = {}
+    routed: dict[str, list[bytes]] = {}  # a routed variant's parts (router, signatures): quantized one by one
     num_classes = 0  # the variants' output width, from the first export
     with tempfile.TemporaryDirectory(prefix="edgeshift-export-") as tmp:
         for name, model in variants.items():
             path = Path(tmp) / f"{name}.onnx"
-            exp = export_onnx(model, example_inputs, path)
+            if isinstance(model, RoutedNetwork):  # router and signatures composed into one graph of If branches
+                parts = export_parts(model, example_inputs)
+                exp = export_routed(model, example_inputs, path, parts=parts)
+                routed[name] = [data for data, _ in parts]
+            else:
+                exp = export_onnx(model, example_inputs, path)
             data = path.read_bytes()
             session = create_session(data, timing)
             logits = top1 = top5 = None
@@ -425,7 +438,12 @@ def build_portfolio(
                 logits,
             )
         skeletons = _share_nested(built, facts.nested, np.asarray(example_inputs, np.float32), say)
-        x1 = np.random.default_rng(0).standard_normal((1, *example_inputs.shape[1:])).astype(np.float32)
+        # a real image where there are some: a routed variant's time depends on the signature its input takes
+        x1 = (
+            np.ascontiguousarray(test_data.x[:1], np.float32)
+            if test_data is not None and len(test_data.y)
+            else np.random.default_rng(0).standard_normal((1, *example_inputs.shape[1:])).astype(np.float32)
+        )
         feed = {INPUT_NAME: x1}
         dropped: list[dict] = []
         if int8 is not None:
@@ -433,7 +451,7 @@ def build_portfolio(
                 f"== INT8: {len(built)} variants, {len(int8.x)} calibration images ({int8.method}), format "
                 f"{timing.quantization.format} (profile {timing.name})"
             )
-            quantized, disagreeing = _int8_variants(dict(built), int8, timing, test_data, feed, say)
+            quantized, disagreeing = _int8_variants(dict(built), int8, timing, test_data, feed, say, routed)
             built.update(quantized)
             dropped += disagreeing
         say(
@@ -473,7 +491,7 @@ def build_portfolio(
             mine, dense = _point(built[name], stats[name]), _point(built[reference], stats[reference])
             if name != reference and not is_faster(mine, dense):
                 reason = not_faster_reason(mine, dense) + f" under profile {timing.name} ({threads_used} threads)"
-                dropped.append({"name": name, "reason": "gated " + reason})
+                dropped.append({"name": name, "reason": ("routed " if name in routed else "gated ") + reason})
                 del built[name]
         for name, b in built.items():
             b.session = None  # release before the memory probes

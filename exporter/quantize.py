@@ -19,7 +19,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import onnx
@@ -246,8 +246,19 @@ def fastest_int8(
     and timed against the others (interleaved, under the profile, batch 1) and the one with the lowest p50 kept.
     The portfolio and the benchmarks choose through this one function, so they choose alike."""
 
-    schemes = schemes_for(profile.quantization, matmul_heavy(fp32))
-    built = {s.label: (s, quantize_onnx(fp32, calibration, s, name=name)) for s in schemes}
+    return fastest_of(
+        schemes_for(profile.quantization, matmul_heavy(fp32)),
+        lambda scheme: quantize_onnx(fp32, calibration, scheme, name=name),
+        profile,
+        feed,
+    )
+
+
+def fastest_of(
+    schemes: list[Int8Scheme], quantize: Callable[[Int8Scheme], bytes], profile: DeviceProfile, feed: dict
+) -> Int8Choice:
+    """``quantize`` in each of ``schemes``; the one alone, or the one of lowest p50 timed against the others."""
+    built = {s.label: (s, quantize(s)) for s in schemes}
     chosen, timed = next(iter(built)), None
     if len(built) > 1:
         stats = time_interleaved_models({label: data for label, (_, data) in built.items()}, feed, profile, batch=1)
