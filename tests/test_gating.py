@@ -313,20 +313,30 @@ def test_edgeshift_gate_then_export_runs_the_gated_model_on_onnx_runtime(tmp_pat
     bad = CliRunner().invoke(app, ["gate", str(dense), "-o", str(tmp_path / "x"), "--ratio", "1.5", *common])
     assert bad.exit_code == 2 and "ratio" in bad.output and bad.output.count("\n") == 1
     args = ["gate", str(dense), "-o", str(tmp_path / "run"), "--flops-reduction", "0.3", "--epochs", "0.5"]
-    result = CliRunner().invoke(app, [*args, "--batch-size", "100", *common])
+    routing = ["--signatures", "2", "--route-samples", "100", "--route-epochs", "0.5"]
+    result = CliRunner().invoke(app, [*args, *routing, "--batch-size", "100", *common])
     assert result.exit_code == 0, result.output
-    assert "saves" in result.output and "MACs per input" in result.output
+    assert (
+        "saves" in result.output
+        and "MACs per input" in result.output
+        and "signatures sliced vs masked" in result.output
+    )
     made = sorted((tmp_path / "run" / "variants").glob("gate-*.pt"))
-    assert len(made) == 1
+    assert [p.name for p in made] == ["gate-r0.93-decoupled-routed2.pt", "gate-r0.93-decoupled.pt"], made
+    routed, made = made[0], made[1:]
+    assert len(read_checkpoint(routed)["meta"]["routing"]["signatures"]) == 2
     gate = read_checkpoint(made[0])["meta"]["gate"]
     assert gate["macs_mean"] < gate["dense_macs"] + sum(b.numel() for h in gate["heads"].values() for b in h.values())
     out = tmp_path / "gated.zip"
-    exported = CliRunner().invoke(app, ["export", str(dense), str(made[0]), "-o", str(out), "--no-memory"])
+    sources = [str(dense), str(made[0]), str(routed)]
+    exported = CliRunner().invoke(app, ["export", *sources, "-o", str(out), "--no-memory"])
     assert exported.exit_code == 0, exported.output  # the export's own check: ONNX Runtime computes the masks too
     name = made[0].stem
-    assert f"{name}: exported (2/2)" in exported.output  # through ONNX Runtime, its outputs checked against torch
+    assert f"{name}: exported (2/3)" in exported.output  # through ONNX Runtime, its outputs checked against torch
+    assert f"{routed.stem}: exported (3/3)" in exported.output  # one graph: router, then the chosen signature
     with Portfolio.open(out) as pf:
         assert [v.name for v in pf.manifest.variants if v.reference] == ["dense"]  # never the gated one (the largest)
-        # this form runs every filter and the heads besides: kept only if measured faster than dense, else dropped
+        # either form is kept only if measured faster than dense (every interleaved round), else dropped, saying so
         dropped = {d.name: d.reason for d in pf.manifest.dropped}
-        assert name in pf.names or dropped[name].startswith("gated not faster than dense"), dropped
+        assert name in pf.names or dropped[name].startswith("gated "), dropped
+        assert routed.stem in pf.names or dropped[routed.stem].startswith("routed "), dropped
