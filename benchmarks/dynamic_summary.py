@@ -95,6 +95,12 @@ def gate_rows(model: str, run: Path) -> list[Row]:
             Row(model, f"FTWT r={ratio:g}, routed ({r['signatures']} signatures)", r["top1"]["routed"],
                 r["top1"]["dense"], f["mean_ms"], f["p95_ms"], d["mean_ms"], r["routed_macs"], r["dense_macs"])
         )  # fmt: skip
+        if "routed_int8" in r["forms"]:  # gate_routed_cifar.py --int8: the INT8 forms, against the FP32 dense
+            q = r["forms"]["routed_int8"]
+            rows.append(
+                Row(model, f"FTWT r={ratio:g}, routed INT8 ({r['signatures']} signatures)", r["top1"]["routed_int8"],
+                    r["top1"]["dense"], q["mean_ms"], q["p95_ms"], d["mean_ms"], r["routed_macs"], r["dense_macs"])
+            )  # fmt: skip
     return rows
 
 
