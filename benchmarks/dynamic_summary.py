@@ -76,31 +76,39 @@ def cascade_rows(model: str, path: Path) -> list[Row]:
 
 
 def gate_rows(model: str, run: Path) -> list[Row]:
+    """The masked and gathered forms (``gate_result.json``) and the routed ones (``routed_result.json``), whichever
+    the run folder holds."""
     rows = []
-    g = json.loads((run / "gate_result.json").read_text())
-    forms, macs = g["forms"], g["macs"]
-    dense_ms = forms["dense"]["mean_ms"]
-    ratio = g["gate"]["ratio"]
-    for form in ("masked", "gathered"):
-        f = forms[form]
-        rows.append(
-            Row(model, f"FTWT r={ratio:g}, {form}", g["gated_top1"], g["dense_top1"], f["mean_ms"], f["p95_ms"],
-                dense_ms, macs[form], macs["dense"])
-        )  # fmt: skip
+    ratio = None
+    if (run / "gate_result.json").exists():
+        g = json.loads((run / "gate_result.json").read_text())
+        forms, macs = g["forms"], g["macs"]
+        dense_ms = forms["dense"]["mean_ms"]
+        ratio = g["gate"]["ratio"]
+        for form in ("masked", "gathered"):
+            f = forms[form]
+            rows.append(
+                Row(model, f"FTWT r={ratio:g}, {form}", g["gated_top1"], g["dense_top1"], f["mean_ms"], f["p95_ms"],
+                    dense_ms, macs[form], macs["dense"])
+            )  # fmt: skip
     routed = run / "routed_result.json"
     if routed.exists():
         r = json.loads(routed.read_text())
+        ratio = r.get("ratio", ratio)
+        label = "FTWT" if ratio is None else f"FTWT r={ratio:g}"
         f, d = r["forms"]["routed"], r["forms"]["dense"]
         rows.append(
-            Row(model, f"FTWT r={ratio:g}, routed ({r['signatures']} signatures)", r["top1"]["routed"],
+            Row(model, f"{label}, routed ({r['signatures']} signatures)", r["top1"]["routed"],
                 r["top1"]["dense"], f["mean_ms"], f["p95_ms"], d["mean_ms"], r["routed_macs"], r["dense_macs"])
         )  # fmt: skip
         if "routed_int8" in r["forms"]:  # gate_routed_cifar.py --int8: the INT8 forms, against the FP32 dense
             q = r["forms"]["routed_int8"]
             rows.append(
-                Row(model, f"FTWT r={ratio:g}, routed INT8 ({r['signatures']} signatures)", r["top1"]["routed_int8"],
+                Row(model, f"{label}, routed INT8 ({r['signatures']} signatures)", r["top1"]["routed_int8"],
                     r["top1"]["dense"], q["mean_ms"], q["p95_ms"], d["mean_ms"], r["routed_macs"], r["dense_macs"])
             )  # fmt: skip
+    if not rows:
+        raise SystemExit(f"{run}: neither gate_result.json nor routed_result.json; run the gating benchmarks first")
     return rows
 
 
@@ -158,7 +166,13 @@ def chart(rows: list[Row], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cascade", action="append", default=[], type=named, help="MODEL=cascade_cifar result.json")
-    ap.add_argument("--gate", action="append", default=[], type=named, help="MODEL=gate_cifar.py --out folder")
+    ap.add_argument(
+        "--gate",
+        action="append",
+        default=[],
+        type=named,
+        help="MODEL=gate_cifar.py / gate_routed_cifar.py --out folder",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     rows: list[Row] = []
@@ -166,6 +180,8 @@ def main() -> None:
         rows += cascade_rows(model, path)
     for model, run in args.gate:
         rows += gate_rows(model, run)
+    first = {r.model: i for i, r in reversed(list(enumerate(rows)))}
+    rows.sort(key=lambda r: first[r.model])  # each model's rows together, in the order models first came
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
     write_text_atomic(args.out / "dynamic.md", table)

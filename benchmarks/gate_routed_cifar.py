@@ -154,6 +154,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "checkpoint": str(args.routed),
         "signatures": k,
+        "ratio": checkpoint["meta"].get("gate", {}).get("ratio"),
         "vote": routing.get("vote"),
         "widths": [[len(rows) for rows in per] for per in routing["signatures"]],
         "signature_macs": signature_macs,
