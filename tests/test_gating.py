@@ -308,7 +308,7 @@ def test_gate_refuses_a_model_without_blocks_before_training_it(tmp_path, monkey
 def test_edgeshift_gate_then_export_runs_the_gated_model_on_onnx_runtime(tmp_path):
     common = ["--data", "generated", "--train-samples", "200", "--test-samples", "100"]
     dense = tmp_path / "dense.pt"
-    trained = CliRunner().invoke(app, ["train", "--arch", "vgg11", "--epochs", "1", "-o", str(dense), *common])
+    trained = CliRunner().invoke(app, ["train", "--arch", "resnet20", "--epochs", "1", "-o", str(dense), *common])
     assert trained.exit_code == 0, trained.output
     bad = CliRunner().invoke(app, ["gate", str(dense), "-o", str(tmp_path / "x"), "--ratio", "1.5", *common])
     assert bad.exit_code == 2 and "ratio" in bad.output and bad.output.count("\n") == 1
@@ -322,7 +322,7 @@ def test_edgeshift_gate_then_export_runs_the_gated_model_on_onnx_runtime(tmp_pat
         and "signatures sliced vs masked" in result.output
     )
     made = sorted((tmp_path / "run" / "variants").glob("gate-*.pt"))
-    assert [p.name for p in made] == ["gate-r0.93-decoupled-routed2.pt", "gate-r0.93-decoupled.pt"], made
+    assert len(made) == 2 and made[0].name == made[1].stem + "-routed2.pt", made
     routed, made = made[0], made[1:]
     assert len(read_checkpoint(routed)["meta"]["routing"]["signatures"]) == 2
     gate = read_checkpoint(made[0])["meta"]["gate"]
