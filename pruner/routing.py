@@ -22,6 +22,7 @@ signature chosen (``edgeshift.exporter.routing``).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -313,9 +314,16 @@ def routed_network(model: nn.Module, routing: object, example: torch.Tensor, whe
             f"{where}: its router needs a finite ({len(keep)}, {first.out_channels}) weight and {len(keep)} biases; "
             f"{fix}"
         )
-    shares = routing.get("shares", ())
-    if not isinstance(shares, list) or (shares and len(shares) != len(keep)):
-        shares = []
+    shares = routing.get("shares", [])  # of the test images routed to each; absent: the MACs weigh them evenly
+    if not isinstance(shares, list) or (
+        shares
+        and (
+            len(shares) != len(keep)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in shares)
+            or not all(math.isfinite(v) and 0 <= v <= 1 for v in shares)
+        )
+    ):
+        raise EdgeshiftError(f"{where}: its routing shares must be {len(keep)} fractions in [0, 1], one per signature")
     linear = nn.Linear(first.out_channels, len(keep))
     with torch.no_grad():
         linear.weight.copy_(weight)

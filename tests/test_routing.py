@@ -197,6 +197,9 @@ def _entry(**change) -> dict:
         (_entry(signatures=[[[0, 1], [0]], [[2]]]), "ascending filter indices"),
         (_entry(router_weight=torch.zeros(3, 8)), "router needs"),
         (_entry(router_bias=torch.tensor([0.0, float("nan")])), "router needs"),
+        (_entry(shares=[0.5, "half"]), "shares must be 2 fractions"),
+        (_entry(shares=[0.5, float("nan")]), "shares must be 2 fractions"),
+        (_entry(shares=[1.0]), "shares must be 2 fractions"),
     ],
 )
 def test_a_malformed_routing_entry_is_refused_in_one_line(entry, says):
